@@ -1,0 +1,239 @@
+"""The async face of the engine: submit a prompt, iterate its tokens; decoding runs in one thread.
+
+llama.cpp calls release the GIL, so the event loop keeps serving HTTP while a step decodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ContextOverflow, EngineStopped, InvalidRequest, Overloaded
+from .llama import ContextShape, LlamaModel
+from .params import GenerationParams
+from .scheduler import Scheduler, SchedulerLimits
+from .sequence import Finished, FinishReason, Sequence, Token
+
+log = logging.getLogger("servelet.engine")
+
+DEFAULT_MAX_NEW_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits and layout of one engine; every field is a setting (see servelet.settings)."""
+
+    max_batch_size: int = 32
+    max_model_len: int = 2048
+    max_waiting: int = 128
+    prefill_chunk: int = 128
+    max_prefill_wait: float = 2.0
+    # None: each sequence owns max_model_len cells (fast, never preempts). A number: one pool of that many
+    # cells shared by all sequences, which may then outgrow it; the youngest is preempted and recomputed.
+    kv_cache_tokens: int | None = None
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+
+class EventSink:
+    """Carries events from the engine thread to the coroutine that iterates them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, event) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def get(self):
+        return await self._queue.get()
+
+
+class Generation:
+    """Async iterator of Token events; afterwards `.result` holds the Finished event.
+
+    Leaving the iteration early (break, an exception, a cancelled task) cancels the sequence.
+    """
+
+    def __init__(self, engine: "Engine", seq: Sequence, sink: EventSink):
+        self._engine = engine
+        self._seq = seq
+        self._sink = sink
+        self.request_id = seq.request_id
+        self.prompt_tokens = len(seq.prompt_tokens)
+        self.result: Finished | None = None
+
+    def __aiter__(self) -> AsyncIterator[Token]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Token]:
+        try:
+            while self.result is None:
+                event = await self._sink.get()
+                if isinstance(event, Finished):
+                    self.result = event
+                    if event.reason is FinishReason.ERROR:
+                        raise EngineStopped(event.error or "generation failed")
+                    return
+                yield event
+        finally:
+            if self.result is None:
+                self.cancel()
+
+    def cancel(self) -> None:
+        self._engine.cancel(self._seq)
+
+    async def collect(self) -> tuple[list[Token], Finished]:
+        tokens = [t async for t in self]
+        assert self.result is not None
+        return tokens, self.result
+
+
+class Engine:
+    """Continuous-batching LLM engine over one llama.cpp context."""
+
+    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+        self.config = config = config or EngineConfig()
+        unified = config.kv_cache_tokens is not None
+        kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
+        self.model = LlamaModel(
+            model_path,
+            ContextShape(
+                n_seq_max=config.max_batch_size,
+                kv_cells=kv_cells,
+                n_batch=config.prefill_chunk + config.max_batch_size,
+                unified=unified,
+                n_threads=config.threads,
+            ),
+        )
+        self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
+        self.scheduler = Scheduler(
+            self.model,
+            SchedulerLimits(
+                max_batch_size=config.max_batch_size,
+                max_model_len=self.max_model_len,
+                max_waiting=config.max_waiting,
+                prefill_chunk=config.prefill_chunk,
+                max_prefill_wait=config.max_prefill_wait,
+            ),
+        )
+        self._ids = itertools.count(1)
+        self._inbox: list[Sequence] = []
+        self._wake = threading.Condition()
+        self._in_engine = 0  # sequences submitted and not finished, guarded by _wake
+        self._stopping = False
+        self._failure: str | None = None
+        self._thread = threading.Thread(target=self._run, name="servelet-engine", daemon=True)
+        self._thread.start()
+
+    # -- public API ---------------------------------------------------------------------------
+    def submit(self, prompt: str | list[int], params: GenerationParams | None = None, *, logprobs: bool = False) -> Generation:
+        """Queue a generation; raises InvalidRequest / ContextOverflow / Overloaded before it starts."""
+        params = params or GenerationParams()
+        if self._failure or self._stopping:
+            raise EngineStopped(self._failure or "the engine is shutting down")
+        tokens = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens or (isinstance(prompt, str) and not prompt):
+            raise InvalidRequest("inputs must not be empty")
+        max_new = self._max_new_tokens(len(tokens), params)
+        loop = asyncio.get_running_loop()
+        sink = EventSink(loop)
+        seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink)
+        with self._wake:
+            limit = self.config.max_batch_size + self.config.max_waiting
+            if self._in_engine >= limit:
+                raise Overloaded(
+                    f"overloaded: {self._in_engine} requests are running or waiting "
+                    f"(max batch {self.config.max_batch_size} + queue {self.config.max_waiting}); retry later"
+                )
+            self._in_engine += 1
+            self._inbox.append(seq)
+            self._wake.notify()
+        return Generation(self, seq, sink)
+
+    async def generate(self, prompt: str | list[int], params: GenerationParams | None = None) -> Finished:
+        _, result = await self.submit(prompt, params).collect()
+        return result
+
+    def cancel(self, seq: Sequence) -> None:
+        """Takes effect at the start of the next step (the engine thread frees the slot and cells)."""
+        with self._wake:
+            seq.cancelled = True
+            self._wake.notify()
+
+    def tokenize(self, text: str) -> list[int]:
+        return self.model.tokenize(text)
+
+    @property
+    def steps(self) -> int:
+        return self.scheduler.counters.steps
+
+    def load(self) -> dict:
+        """Running and waiting counts for metrics and health (read without locking; approximate)."""
+        return {
+            "running": len(self.scheduler.live),
+            "waiting": len(self.scheduler.waiting) + len(self._inbox),
+            "steps": self.scheduler.counters.steps,
+            "preemptions": self.scheduler.counters.preemptions,
+            "tokens_generated": self.scheduler.counters.tokens_generated,
+        }
+
+    def close(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+        self.model.close()
+
+    # -- internals ----------------------------------------------------------------------------
+    def _max_new_tokens(self, n_prompt: int, params: GenerationParams) -> int:
+        room = self.max_model_len - n_prompt
+        if params.max_new_tokens is None:
+            if room < 1:
+                raise ContextOverflow(
+                    f"the input has {n_prompt} tokens, which leaves no room to generate within the "
+                    f"context length of {self.max_model_len} tokens"
+                )
+            return min(DEFAULT_MAX_NEW_TOKENS, room)
+        if params.max_new_tokens > room:
+            raise ContextOverflow(
+                f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
+                f"{n_prompt + params.max_new_tokens} exceed the context length of {self.max_model_len} tokens"
+            )
+        return params.max_new_tokens
+
+    def _run(self) -> None:
+        scheduler = self.scheduler
+        while True:
+            with self._wake:
+                while not self._stopping and not self._inbox and not scheduler.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    scheduler.fail_all("the engine is shutting down")
+                    return
+                for seq in self._inbox:
+                    scheduler.add(seq)
+                self._inbox.clear()
+            done_before = scheduler.counters.finished
+            try:
+                scheduler.step()
+            except Exception as exc:  # a broken context cannot be trusted again: fail everything, loudly
+                log.exception("engine step failed")
+                self._failure = f"the engine failed: {exc}"
+                with self._wake:
+                    scheduler.fail_all(self._failure)
+                    for seq in self._inbox:
+                        scheduler.add(seq)
+                    self._inbox.clear()
+                    scheduler.fail_all(self._failure)
+                    self._in_engine = 0
+                return
+            finished = scheduler.counters.finished - done_before
+            if finished:
+                with self._wake:
+                    self._in_engine -= finished

@@ -1,0 +1,210 @@
+"""The only module that touches llama.cpp's C API: model, context, batch, logits, KV memory."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as C
+import numpy as np
+
+log = logging.getLogger("servelet.llama")
+
+_LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 3 = warn, 4 = error; the rest is chatter
+
+
+@C.llama_log_callback
+def _forward_log(level: int, text: bytes, _user_data) -> None:
+    if level in _LEVELS and text:
+        log.log(_LEVELS[level], text.decode("utf-8", "replace").rstrip())
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    """Once per process; the callback is module-level so it stays referenced (a freed one segfaults)."""
+    global _backend_ready
+    if not _backend_ready:
+        C.llama_log_set(_forward_log, None)
+        C.llama_backend_init()
+        _backend_ready = True
+
+
+@dataclass(frozen=True)
+class ContextShape:
+    """How the context is laid out: sequences, KV cells and the largest single decode call."""
+
+    n_seq_max: int
+    kv_cells: int
+    n_batch: int
+    unified: bool
+    n_threads: int
+
+
+class TokenBatch:
+    """A llama_batch over numpy arrays we own, so filling a step is vectorised, not a Python loop."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, dtype=np.int32)
+        self.pos = np.zeros(capacity, dtype=np.int32)
+        self.n_seq_id = np.ones(capacity, dtype=np.int32)
+        self.seq_id = np.zeros(capacity, dtype=np.int32)
+        self.logits = np.zeros(capacity, dtype=np.int8)
+        base = self.seq_id.ctypes.data
+        int_p = ctypes.POINTER(C.llama_seq_id)
+        # llama_batch wants one seq_id array per token; each points at its own slot of self.seq_id.
+        self._seq_ptrs = (int_p * capacity)(*[ctypes.cast(base + 4 * i, int_p) for i in range(capacity)])
+        self.size = 0
+
+    def clear(self) -> None:
+        self.size = 0
+
+    def add(self, tokens, start_pos: int, seq_id: int, want_last_logits: bool) -> int:
+        """Append a run of tokens of one sequence; returns the batch index of the run's last token."""
+        n = len(tokens)
+        i = self.size
+        if i + n > self.capacity:
+            raise ValueError(f"batch overflow: {i + n} > {self.capacity}")
+        self.token[i : i + n] = tokens
+        self.pos[i : i + n] = np.arange(start_pos, start_pos + n, dtype=np.int32)
+        self.seq_id[i : i + n] = seq_id
+        self.logits[i : i + n] = 0
+        if want_last_logits:
+            self.logits[i + n - 1] = 1
+        self.size = i + n
+        return i + n - 1
+
+    def as_llama_batch(self) -> C.llama_batch:
+        return C.llama_batch(
+            n_tokens=self.size,
+            token=self.token.ctypes.data_as(ctypes.POINTER(C.llama_token)),
+            embd=None,
+            pos=self.pos.ctypes.data_as(ctypes.POINTER(C.llama_pos)),
+            n_seq_id=self.n_seq_id.ctypes.data_as(ctypes.POINTER(ctypes.c_int32)),
+            seq_id=self._seq_ptrs,
+            logits=self.logits.ctypes.data_as(ctypes.POINTER(ctypes.c_int8)),
+        )
+
+
+class LlamaModel:
+    """A loaded GGUF model with one multi-sequence context (per-sequence or unified KV cells)."""
+
+    def __init__(self, path: str | Path, shape: ContextShape):
+        _init_backend()
+        self.path = str(path)
+        self.shape = shape
+        mparams = C.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = C.llama_model_load_from_file(self.path.encode(), mparams)
+        if not self._model:
+            raise RuntimeError(f"llama.cpp could not load the model file {self.path}")
+        self._vocab = C.llama_model_get_vocab(self._model)
+        self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
+        self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
+        self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
+
+        cparams = C.llama_context_default_params()
+        cparams.n_ctx = shape.kv_cells
+        cparams.n_batch = shape.n_batch
+        cparams.n_ubatch = min(shape.n_batch, 512)
+        cparams.n_seq_max = shape.n_seq_max
+        cparams.n_threads = shape.n_threads
+        cparams.n_threads_batch = shape.n_threads
+        cparams.kv_unified = shape.unified
+        # A unified pool is shared by all sequences, so sliding-window layers need the full size too:
+        # the default SWA cache (window + ubatch cells in all) cannot hold many sequences' windows.
+        cparams.swa_full = shape.unified
+        cparams.no_perf = True
+        self._ctx = C.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            C.llama_model_free(self._model)
+            raise RuntimeError("llama.cpp could not create a context (out of memory for the KV cache?)")
+        self._memory = C.llama_get_memory(self._ctx)
+        self.kv_cells_per_seq = C.llama_n_ctx_seq(self._ctx)
+        self.kv_cells = C.llama_n_ctx(self._ctx)
+        self.batch = TokenBatch(shape.n_batch)
+        self._piece_buf = ctypes.create_string_buffer(256)
+
+    # -- text <-> tokens -------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        raw = text.encode("utf-8")
+        room = len(raw) + 16
+        out = (C.llama_token * room)()
+        n = C.llama_tokenize(self._vocab, raw, len(raw), out, room, add_special and self.add_bos, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            room = -n
+            out = (C.llama_token * room)()
+            n = C.llama_tokenize(self._vocab, raw, len(raw), out, room, add_special and self.add_bos, True)
+        return list(out[:n])
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(C.llama_vocab_is_eog(self._vocab, token))
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token adds to the text (possibly part of a UTF-8 character); control tokens add none."""
+        n = C.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = C.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            return buf.raw[:n]
+        return self._piece_buf.raw[:n]
+
+    # -- decoding ---------------------------------------------------------------------------
+    def decode(self) -> int:
+        """Run the filled batch; 0 on success, 1 when no KV slot was found (see llama_decode)."""
+        return C.llama_decode(self._ctx, self.batch.as_llama_batch())
+
+    def logits_rows(self, n_rows: int) -> np.ndarray:
+        """The logits of the last decode, one row per requested output, in batch order (a view, no copy)."""
+        ptr = C.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab))
+
+    # -- KV memory --------------------------------------------------------------------------
+    def forget(self, seq_id: int) -> None:
+        """Free every KV cell of a sequence."""
+        C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def kv_extent(self, seq_id: int) -> int:
+        """Positions a sequence holds in the KV cache (0 when it holds none)."""
+        hi = C.llama_memory_seq_pos_max(self._memory, seq_id)
+        return 0 if hi < 0 else hi - C.llama_memory_seq_pos_min(self._memory, seq_id) + 1
+
+    # -- samplers (llama.cpp's own, for sampled or penalised requests) -----------------------
+    def new_sampler(self, *, temperature, top_k, top_p, repetition_penalty, seed, sampling, history):
+        chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
+        if repetition_penalty is not None and repetition_penalty != 1.0:
+            C.llama_sampler_chain_add(
+                chain, C.llama_sampler_init_penalties(self.kv_cells_per_seq, repetition_penalty, 0.0, 0.0)
+            )
+        if sampling:
+            if top_k:
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(top_k))
+            if top_p is not None and top_p < 1.0:
+                C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_p(top_p, 1))
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_temp(1.0 if temperature is None else temperature))
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_dist(seed))
+        else:
+            C.llama_sampler_chain_add(chain, C.llama_sampler_init_greedy())
+        for token in history:  # the penalty looks at the prompt too, as in transformers
+            C.llama_sampler_accept(chain, token)
+        return chain
+
+    def sample_with(self, sampler, batch_index: int) -> int:
+        """Sample from one output; takes the token's index in the batch, not the output ordinal."""
+        return C.llama_sampler_sample(sampler, self._ctx, batch_index)
+
+    @staticmethod
+    def free_sampler(sampler) -> None:
+        C.llama_sampler_free(sampler)
+
+    def close(self) -> None:
+        if self._ctx:
+            C.llama_free(self._ctx)
+            self._ctx = None
+        if self._model:
+            C.llama_model_free(self._model)
+            self._model = None

@@ -1,0 +1,58 @@
+"""Per-request generation parameters, validated once at the edge (LMI / TGI spelling)."""
+
+from __future__ import annotations
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+MAX_STOP_SEQUENCES = 16
+
+
+class GenerationParams(BaseModel):
+    """What a caller may ask of one generation; unknown names are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="Tokens to generate at most; defaults to what fits, capped at 256."
+    )
+    temperature: float | None = Field(None, ge=0.0, le=100.0, description="0 means greedy.")
+    top_k: int | None = Field(None, ge=0, description="0 disables top-k.")
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    do_sample: bool = False
+    seed: int | None = Field(None, ge=0, lt=2**32)
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=MAX_STOP_SEQUENCES,
+        validation_alias=AliasChoices("stop", "stop_sequences"),
+    )
+    details: bool = Field(False, description="Return finish reason, token counts and per-token log-probs.")
+    ignore_eos: bool = Field(False, validation_alias=AliasChoices("ignore_eos", "ignore_eos_token"))
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_as_list(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(s == "" for s in value):
+            raise ValueError("stop sequences must not be empty strings")
+        return value
+
+    @property
+    def sampling(self) -> bool:
+        """TGI's rule: sample when asked to, or when any warper changes the distribution; temperature 0 is greedy."""
+        if self.temperature == 0:
+            return False
+        warped = (
+            (self.temperature is not None and self.temperature != 1.0)
+            or bool(self.top_k)
+            or (self.top_p is not None and self.top_p < 1.0)
+        )
+        return self.do_sample or warped
+
+    @property
+    def penalised(self) -> bool:
+        return self.repetition_penalty is not None and self.repetition_penalty != 1.0

@@ -1,0 +1,220 @@
+"""Continuous batching: every step feeds all live sequences to one llama_decode call.
+
+A step holds one token for each decoding sequence plus up to `prefill_chunk` prompt tokens of the
+sequences being prefilled (shortest remaining prompt first, so most requests see their first token
+early; a prompt that waited too long goes first). Sequences join and leave between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .llama import LlamaModel
+from .sequence import Finished, FinishReason, Phase, Sequence
+
+log = logging.getLogger("servelet.engine")
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_batch_size: int  # sequences holding a slot at once (n_seq_max)
+    max_model_len: int  # prompt + generated tokens of one sequence
+    max_waiting: int  # queued sequences beyond the batch before new ones are refused
+    prefill_chunk: int  # prompt tokens fed per step, across all prefilling sequences
+    max_prefill_wait: float  # seconds after which a waiting prompt is prefilled before shorter ones
+
+
+@dataclass
+class SchedulerCounters:
+    steps: int = 0
+    preemptions: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    finished: int = 0
+
+
+class Scheduler:
+    """Owns the sequences and the KV accounting; runs in one thread (the engine's)."""
+
+    def __init__(self, model: LlamaModel, limits: SchedulerLimits):
+        self.model = model
+        self.limits = limits
+        self.waiting: deque[Sequence] = deque()
+        self.live: list[Sequence] = []  # in admission order: the youngest is last
+        self.free_slots = list(range(limits.max_batch_size - 1, -1, -1))
+        self.kv_free = model.kv_cells
+        self.counters = SchedulerCounters()
+        self.freed_at_step: dict[int, int] = {}  # request id -> step that freed it (for introspection)
+
+    # -- joining and leaving ----------------------------------------------------------------
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.live)
+
+    def drop_cancelled(self) -> None:
+        """Cancelled sequences leave before the step is built, so their cells are free for it."""
+        for seq in [s for s in self.live if s.cancelled]:
+            self._finish(seq, FinishReason.CANCELLED)
+        for seq in [s for s in self.waiting if s.cancelled]:
+            self.waiting.remove(seq)
+            self._finish(seq, FinishReason.CANCELLED)
+
+    def fail_all(self, message: str) -> None:
+        for seq in list(self.live) + list(self.waiting):
+            self._finish(seq, FinishReason.ERROR, error=message)
+        self.waiting.clear()
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        if seq.phase in (Phase.PREFILL, Phase.DECODE):
+            self._release(seq)
+            self.live.remove(seq)
+        seq.phase = Phase.DONE
+        self.counters.finished += 1
+        if seq.sampler is not None:
+            self.model.free_sampler(seq.sampler)
+            seq.sampler = None
+        self.freed_at_step[seq.request_id] = self.counters.steps
+        if len(self.freed_at_step) > 4096:
+            self.freed_at_step.pop(next(iter(self.freed_at_step)))
+        seq.sink.put(Finished(reason, seq.text, seq.stats(time.perf_counter()), error))
+
+    def _release(self, seq: Sequence) -> None:
+        self.model.forget(seq.slot)
+        self.kv_free += seq.n_cached
+        self.free_slots.append(seq.slot)
+        seq.slot = -1
+        seq.n_cached = 0
+
+    def _preempt_youngest(self) -> Sequence:
+        """Free the youngest live sequence's cells; it is recomputed from its tokens when room returns."""
+        seq = self.live.pop()
+        self._release(seq)
+        seq.phase = Phase.WAITING
+        seq.preemptions += 1
+        self.counters.preemptions += 1
+        self.waiting.appendleft(seq)
+        log.info("preempted request %d after %d tokens (KV cells exhausted)", seq.request_id, len(seq.generated))
+        return seq
+
+    def _admit(self) -> None:
+        """Give waiting sequences a slot while slots last; a preempted one comes back first."""
+        while self.waiting and self.free_slots:
+            seq = self.waiting[0]
+            # Leave room for one more token of every live sequence before taking a newcomer in.
+            if seq.pending + len(self.live) + 1 > self.kv_free and self.live:
+                break
+            self.waiting.popleft()
+            seq.slot = self.free_slots.pop()
+            seq.phase = Phase.PREFILL
+            if not seq.admitted:
+                seq.admitted = time.perf_counter()
+            if seq.sampler is None and (seq.params.sampling or seq.params.penalised):
+                seq.sampler = self._new_sampler(seq)
+            self.live.append(seq)
+
+    def _new_sampler(self, seq: Sequence):
+        p = seq.params
+        seed = p.seed if p.seed is not None else int.from_bytes(os.urandom(4), "little")
+        return self.model.new_sampler(
+            temperature=p.temperature,
+            top_k=p.top_k,
+            top_p=p.top_p,
+            repetition_penalty=p.repetition_penalty,
+            seed=seed,
+            sampling=p.sampling,
+            history=seq.prompt_tokens,
+        )
+
+    # -- one step -----------------------------------------------------------------------------
+    def _plan(self) -> list[tuple[Sequence, int]]:
+        """Choose (sequence, tokens to feed) for this step, preempting the youngest if cells run out."""
+        while True:
+            decoding = [s for s in self.live if s.phase is Phase.DECODE]
+            prefilling = [s for s in self.live if s.phase is Phase.PREFILL]
+            now = time.perf_counter()
+            prefilling.sort(key=lambda s: (now - s.arrived < self.limits.max_prefill_wait, s.pending))
+            plan = [(s, 1) for s in decoding]
+            budget = min(self.limits.prefill_chunk, self.model.batch.capacity - len(plan))
+            for s in prefilling:
+                if budget <= 0:
+                    break
+                n = min(s.pending, budget)
+                plan.append((s, n))
+                budget -= n
+            needed = sum(n for _, n in plan)
+            if needed <= self.kv_free or len(self.live) <= 1:
+                return plan
+            self._preempt_youngest()
+
+    def step(self) -> None:
+        self.drop_cancelled()
+        self._admit()
+        if not self.live:
+            return
+        plan = self._plan()
+        batch = self.model.batch
+        batch.clear()
+        outputs: list[tuple[Sequence, int]] = []  # sequences sampling this step, with their batch index
+        for seq, n in plan:
+            tokens = seq.all_tokens[seq.n_cached : seq.n_cached + n]
+            samples = n == seq.pending
+            index = batch.add(tokens, seq.n_cached, seq.slot, samples)
+            if samples:
+                outputs.append((seq, index))
+        rc = self.model.decode()
+        self.counters.steps += 1
+        if rc == 1:  # no KV slot even so (fragmentation): make room and retry next step
+            if len(self.live) > 1:
+                self._preempt_youngest()
+                return
+            self._finish(self.live[0], FinishReason.ERROR, error="the KV cache cannot hold this sequence")
+            return
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with status {rc}")
+        for seq, n in plan:
+            seq.n_cached += n
+            self.kv_free -= n
+        self.counters.prompt_tokens += sum(n for s, n in plan if s.phase is Phase.PREFILL)
+        self._sample(outputs)
+
+    def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
+        if not outputs:
+            return
+        logits = self.model.logits_rows(len(outputs))
+        greedy_rows = [r for r, (s, _) in enumerate(outputs) if s.sampler is None]
+        chosen = np.empty(len(outputs), dtype=np.int64)
+        if greedy_rows:
+            # One vectorised argmax over the greedy rows; per-sequence sampler chains cost more.
+            chosen[greedy_rows] = logits[greedy_rows].argmax(axis=1)
+        for r, (seq, index) in enumerate(outputs):
+            if seq.sampler is not None:
+                chosen[r] = self.model.sample_with(seq.sampler, index)
+        logprob_rows = [r for r, (s, _) in enumerate(outputs) if s.want_logprobs]
+        logprobs = {}
+        if logprob_rows:
+            rows = logits[logprob_rows]
+            peak = rows.max(axis=1, keepdims=True)
+            log_norm = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
+            for k, r in enumerate(logprob_rows):
+                logprobs[r] = float(rows[k, chosen[r]] - log_norm[k])
+        now = time.perf_counter()
+        for r, (seq, _) in enumerate(outputs):
+            token = int(chosen[r])
+            if seq.phase is Phase.PREFILL:
+                seq.phase = Phase.DECODE
+                if not seq.first_token_at:
+                    seq.first_token_at = now
+                    seq.prefill_seconds = now - seq.admitted
+            event, end = seq.accept(token, self.model.piece(token), logprobs.get(r), self.model.is_end_of_generation(token))
+            self.counters.tokens_generated += 1
+            seq.sink.put(event)
+            if end is not None:
+                self._finish(seq, end)
