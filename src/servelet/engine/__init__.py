@@ -1,7 +1,7 @@
 """Continuous-batching LLM engine over llama.cpp's C API."""
 
 from .engine import Engine, EngineConfig, Generation
-from .errors import ContextOverflow, EngineError, EngineStopped, InvalidRequest, Overloaded
+from .errors import ContextOverflow, EngineError, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
 from .params import GenerationParams
 from .sequence import Finished, FinishReason, GenerationStats, Token
 
@@ -16,6 +16,7 @@ __all__ = [
     "Generation",
     "GenerationParams",
     "GenerationStats",
+    "InvalidConfig",
     "InvalidRequest",
     "Overloaded",
     "Token",

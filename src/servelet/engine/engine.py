@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ContextOverflow, EngineStopped, InvalidRequest, Overloaded
+from .errors import ContextOverflow, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
 from .llama import ContextShape, LlamaModel
 from .params import GenerationParams
 from .scheduler import Scheduler, SchedulerLimits
@@ -55,7 +55,7 @@ class EventSink:
 
 
 class Generation:
-    """Async iterator of Token events; afterwards `.result` holds the Finished event.
+    """Async iterator of Token events; `.result` holds the Finished event from the last token on.
 
     Leaving the iteration early (break, an exception, a cancelled task) cancels the sequence.
     """
@@ -76,9 +76,11 @@ class Generation:
             while self.result is None:
                 event = await self._sink.get()
                 if isinstance(event, Finished):
-                    self.result = event
+                    self.result = event  # set before the last token, so a stream can tell it is the last
                     if event.reason is FinishReason.ERROR:
                         raise EngineStopped(event.error or "generation failed")
+                    if event.last is not None:
+                        yield event.last
                     return
                 yield event
         finally:
@@ -111,6 +113,12 @@ class Engine:
                 n_threads=config.threads,
             ),
         )
+        if config.max_model_len > self.model.n_ctx_train:
+            self.model.close()
+            raise InvalidConfig(
+                f"max_model_len {config.max_model_len} exceeds the model's training context of "
+                f"{self.model.n_ctx_train} tokens"
+            )
         self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
         self.scheduler = Scheduler(
             self.model,

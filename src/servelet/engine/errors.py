@@ -27,3 +27,7 @@ class EngineStopped(EngineError):
     """The engine is shutting down or its decode loop failed."""
 
     status_code = 503
+
+
+class InvalidConfig(EngineError):
+    """The engine's settings do not fit the model (refused at start)."""

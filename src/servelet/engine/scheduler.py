@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .llama import LlamaModel
-from .sequence import Finished, FinishReason, Phase, Sequence
+from .sequence import Finished, FinishReason, Phase, Sequence, Token
 
 log = logging.getLogger("servelet.engine")
 
@@ -72,7 +72,7 @@ class Scheduler:
             self._finish(seq, FinishReason.ERROR, error=message)
         self.waiting.clear()
 
-    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, last: Token | None = None) -> None:
         if seq.phase in (Phase.PREFILL, Phase.DECODE):
             self._release(seq)
             self.live.remove(seq)
@@ -84,7 +84,7 @@ class Scheduler:
         self.freed_at_step[seq.request_id] = self.counters.steps
         if len(self.freed_at_step) > 4096:
             self.freed_at_step.pop(next(iter(self.freed_at_step)))
-        seq.sink.put(Finished(reason, seq.text, seq.stats(time.perf_counter()), error))
+        seq.sink.put(Finished(reason, seq.text, seq.stats(time.perf_counter()), error, last))
 
     def _release(self, seq: Sequence) -> None:
         self.model.forget(seq.slot)
@@ -215,6 +215,7 @@ class Scheduler:
                     seq.prefill_seconds = now - seq.admitted
             event, end = seq.accept(token, self.model.piece(token), logprobs.get(r), self.model.is_end_of_generation(token))
             self.counters.tokens_generated += 1
-            seq.sink.put(event)
-            if end is not None:
-                self._finish(seq, end)
+            if end is None:
+                seq.sink.put(event)
+            else:
+                self._finish(seq, end, last=event)

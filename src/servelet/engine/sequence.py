@@ -52,6 +52,7 @@ class Finished:
     text: str
     stats: GenerationStats
     error: str | None = None
+    last: Token | None = None  # the token that ended it, delivered with the end so streams can merge them
 
 
 class StopMatcher:

@@ -1,0 +1,1 @@
+"""The instance: one worker process speaking the SageMaker hosting contract."""

