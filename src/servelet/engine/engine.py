@@ -48,7 +48,10 @@ class EventSink:
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, event) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
 
     async def get(self):
         return await self._queue.get()
@@ -103,22 +106,26 @@ class Engine:
         self.config = config = config or EngineConfig()
         unified = config.kv_cache_tokens is not None
         kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
-        self.model = LlamaModel(
-            model_path,
-            ContextShape(
-                n_seq_max=config.max_batch_size,
-                kv_cells=kv_cells,
-                n_batch=config.prefill_chunk + config.max_batch_size,
-                unified=unified,
-                n_threads=config.threads,
-            ),
-        )
+        self.model = LlamaModel(model_path)
         if config.max_model_len > self.model.n_ctx_train:
             self.model.close()
             raise InvalidConfig(
                 f"max_model_len {config.max_model_len} exceeds the model's training context of "
                 f"{self.model.n_ctx_train} tokens"
             )
+        try:
+            self.model.open_context(
+                ContextShape(
+                    n_seq_max=config.max_batch_size,
+                    kv_cells=kv_cells,
+                    n_batch=config.prefill_chunk + config.max_batch_size,
+                    unified=unified,
+                    n_threads=config.threads,
+                )
+            )
+        except Exception:
+            self.model.close()
+            raise
         self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
         self.scheduler = Scheduler(
             self.model,

@@ -93,10 +93,9 @@ class TokenBatch:
 class LlamaModel:
     """A loaded GGUF model with one multi-sequence context (per-sequence or unified KV cells)."""
 
-    def __init__(self, path: str | Path, shape: ContextShape):
+    def __init__(self, path: str | Path):
         _init_backend()
         self.path = str(path)
-        self.shape = shape
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = 0
         self._model = C.llama_model_load_from_file(self.path.encode(), mparams)
@@ -106,7 +105,11 @@ class LlamaModel:
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
+        self._ctx = None
 
+    def open_context(self, shape: ContextShape) -> None:
+        """Allocate the KV cells and compute buffers for `shape`; once per model."""
+        self.shape = shape
         cparams = C.llama_context_default_params()
         cparams.n_ctx = shape.kv_cells
         cparams.n_batch = shape.n_batch
@@ -121,7 +124,6 @@ class LlamaModel:
         cparams.no_perf = True
         self._ctx = C.llama_init_from_model(self._model, cparams)
         if not self._ctx:
-            C.llama_model_free(self._model)
             raise RuntimeError("llama.cpp could not create a context (out of memory for the KV cache?)")
         self._memory = C.llama_get_memory(self._ctx)
         self.kv_cells_per_seq = C.llama_n_ctx_seq(self._ctx)
@@ -178,7 +180,7 @@ class LlamaModel:
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
         if repetition_penalty is not None and repetition_penalty != 1.0:
             C.llama_sampler_chain_add(
-                chain, C.llama_sampler_init_penalties(self.kv_cells_per_seq, repetition_penalty, 0.0, 0.0)
+                chain, C.llama_sampler_init_penalties(self.n_vocab, self.kv_cells_per_seq, repetition_penalty, 0.0, 0.0)
             )
         if sampling:
             if top_k:

@@ -68,12 +68,18 @@ class Scheduler:
             self._finish(seq, FinishReason.CANCELLED)
 
     def fail_all(self, message: str) -> None:
+        """End every sequence with an error; each still gets its Finished event, whatever state it is in."""
         for seq in list(self.live) + list(self.waiting):
-            self._finish(seq, FinishReason.ERROR, error=message)
+            try:
+                self._finish(seq, FinishReason.ERROR, error=message)
+            except Exception:  # the context is broken: still tell the waiting client
+                log.exception("could not release request %d", seq.request_id)
+                seq.sink.put(Finished(FinishReason.ERROR, seq.text, seq.stats(time.perf_counter()), message))
+        self.live.clear()
         self.waiting.clear()
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, last: Token | None = None) -> None:
-        if seq.phase in (Phase.PREFILL, Phase.DECODE):
+        if seq in self.live:
             self._release(seq)
             self.live.remove(seq)
         seq.phase = Phase.DONE
@@ -111,13 +117,13 @@ class Scheduler:
             # Leave room for one more token of every live sequence before taking a newcomer in.
             if seq.pending + len(self.live) + 1 > self.kv_free and self.live:
                 break
+            if seq.sampler is None and (seq.params.sampling or seq.params.penalised):
+                seq.sampler = self._new_sampler(seq)
             self.waiting.popleft()
             seq.slot = self.free_slots.pop()
             seq.phase = Phase.PREFILL
             if not seq.admitted:
                 seq.admitted = time.perf_counter()
-            if seq.sampler is None and (seq.params.sampling or seq.params.penalised):
-                seq.sampler = self._new_sampler(seq)
             self.live.append(seq)
 
     def _new_sampler(self, seq: Sequence):

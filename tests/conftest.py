@@ -1,0 +1,98 @@
+"""Shared fixtures: the real default model, and real `servelet container` processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from servelet.artifacts import resolve_model
+from servelet.settings import DEFAULT_MODEL_URI
+
+SERVELET = str(Path(sys.executable).with_name("servelet"))
+START_TIMEOUT = 180.0
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return resolve_model(DEFAULT_MODEL_URI)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningInstance:
+    """A `servelet container` subprocess; `base_url` works for httpx, `address` for InstanceClient."""
+
+    def __init__(self, process: subprocess.Popen, address: str, log_path: Path):
+        self.process = process
+        self.address = address
+        self.log_path = log_path
+
+    @property
+    def base_url(self) -> str:
+        return self.address
+
+    def http(self, **kwargs) -> httpx.Client:
+        if self.address.startswith("unix:"):
+            transport = httpx.HTTPTransport(uds=self.address.removeprefix("unix:"))
+            return httpx.Client(transport=transport, base_url="http://instance", **kwargs)
+        return httpx.Client(base_url=self.address, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_instance(tmp_path: Path, env: dict[str, str] | None = None, unix_socket: bool = False) -> RunningInstance:
+    log_path = tmp_path / "instance.log"
+    args = [SERVELET, "container"]
+    if unix_socket:
+        sock = tmp_path / "instance.sock"
+        args += ["--socket", str(sock)]
+        address = f"unix:{sock}"
+    else:
+        port = free_port()
+        args += ["--port", str(port)]
+        address = f"http://127.0.0.1:{port}"
+    full_env = os.environ | {"SERVELET_THREADS": "2"} | (env or {})
+    process = subprocess.Popen(args, env=full_env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+    instance = RunningInstance(process, address, log_path)
+    deadline = time.monotonic() + START_TIMEOUT
+    with instance.http(timeout=5) as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"instance exited with {process.returncode}:\n{instance.log()}")
+            try:
+                if http.get("/ping").status_code == 200:
+                    return instance
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+    stop_instance(instance)
+    raise RuntimeError(f"instance not ready after {START_TIMEOUT}s:\n{instance.log()}")
+
+
+def stop_instance(instance: RunningInstance) -> None:
+    instance.process.terminate()
+    try:
+        instance.process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        instance.process.kill()
+        instance.process.wait()
+
+
+@pytest.fixture(scope="module")
+def container(tmp_path_factory, model_path):
+    """One instance with default settings, shared by a test module."""
+    instance = start_instance(tmp_path_factory.mktemp("container"))
+    yield instance
+    stop_instance(instance)

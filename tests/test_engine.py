@@ -1,0 +1,169 @@
+"""The continuous-batching engine, with the real default model through llama.cpp."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from servelet.engine import (
+    ContextOverflow,
+    Engine,
+    EngineConfig,
+    FinishReason,
+    GenerationParams,
+    InvalidConfig,
+    InvalidRequest,
+    Overloaded,
+)
+
+WORDS = [
+    "apple", "river", "guitar", "pencil", "tiger", "window", "candle", "rocket",
+    "banana", "mirror", "violin", "garden", "pepper", "castle", "dolphin", "blanket",
+]  # fmt: skip
+
+
+def repeat_prompt(word: str) -> str:
+    return f"{word}, {word}, {word}, {word}, {word}, {word}, {word}, {word},"
+
+
+@pytest.fixture(scope="module")
+def engine(model_path):
+    engine = Engine(model_path, EngineConfig(max_batch_size=16, max_model_len=1024, threads=2))
+    yield engine
+    engine.close()
+
+
+def assert_idle_and_empty(engine: Engine) -> None:
+    """No sequence left and no KV cell held, as llama.cpp itself reports."""
+    load = engine.load()
+    assert load["running"] == 0 and load["waiting"] == 0
+    assert all(engine.model.kv_extent(slot) == 0 for slot in range(engine.config.max_batch_size))
+
+
+async def test_sixteen_concurrent_requests_each_get_their_own_answer(engine):
+    params = GenerationParams(max_new_tokens=12)
+    results = await asyncio.gather(*(engine.generate(repeat_prompt(w), params) for w in WORDS))
+    for word, result in zip(WORDS, results):
+        assert result.reason is FinishReason.LENGTH and result.stats.generated_tokens == 12
+        assert word in result.text, f"{word!r} prompt answered {result.text!r}"
+        strangers = [w for w in WORDS if w != word and w in result.text]
+        assert not strangers, f"{word!r} prompt leaked {strangers}: {result.text!r}"
+    assert_idle_and_empty(engine)
+
+
+async def test_a_lone_greedy_request_is_reproducible(engine):
+    params = GenerationParams(max_new_tokens=24)
+    first = await engine.generate("The capital of France is", params)
+    second = await engine.generate("The capital of France is", params)
+    assert first.text == second.text and first.text.strip()
+
+
+async def test_seeded_sampling_is_reproducible(engine):
+    params = GenerationParams(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.95, top_k=50, seed=7)
+    first = await engine.generate("Once upon a time", params)
+    second = await engine.generate("Once upon a time", params)
+    other = await engine.generate("Once upon a time", params.model_copy(update={"seed": 8}))
+    assert first.text == second.text
+    assert other.text != first.text
+
+
+async def test_repetition_penalty_changes_a_repetitive_answer(engine):
+    plain = await engine.generate(repeat_prompt("apple"), GenerationParams(max_new_tokens=16))
+    penalised = await engine.generate(repeat_prompt("apple"), GenerationParams(max_new_tokens=16, repetition_penalty=3.0))
+    assert plain.text.count("apple") > penalised.text.count("apple")
+
+
+async def test_stop_sequences_end_the_text_before_them(engine):
+    gen = engine.submit("Count: 1, 2, 3,", GenerationParams(max_new_tokens=40, stop=[" 7"]))
+    tokens = [t async for t in gen]
+    assert gen.result.reason is FinishReason.STOP
+    assert gen.result.text.endswith("6,") and " 7" not in gen.result.text
+    assert "".join(t.text for t in tokens) == gen.result.text  # held-back text is never shown twice
+
+
+async def test_tokens_carry_logprobs_and_the_end_carries_stats(engine):
+    gen = engine.submit("The capital of France is", GenerationParams(max_new_tokens=8, details=True))
+    tokens = [t async for t in gen]
+    assert len(tokens) == 8 and all(t.logprob is not None and t.logprob <= 0 for t in tokens)
+    stats = gen.result.stats
+    assert stats.prompt_tokens == gen.prompt_tokens > 0 and stats.generated_tokens == 8
+    assert stats.time_to_first_token > 0 and stats.tokens_per_second > 0 and stats.prompt_tokens_per_second > 0
+
+
+async def test_cancelling_frees_the_slot_within_one_step(engine):
+    gen = engine.submit("Once upon a time", GenerationParams(max_new_tokens=500, ignore_eos=True))
+    received = 0
+    async for _ in gen:
+        received += 1
+        if received == 3:
+            step_at_cancel = engine.steps
+            break  # leaving the iteration cancels the sequence
+    for _ in range(200):  # bounded: 200 x 10 ms
+        if gen.request_id in engine.scheduler.freed_at_step:
+            break
+        await asyncio.sleep(0.01)
+    assert engine.scheduler.freed_at_step[gen.request_id] - step_at_cancel <= 1
+    assert gen.result is None or gen.result.reason is FinishReason.CANCELLED
+    assert_idle_and_empty(engine)
+
+
+async def test_long_prompts_are_prefilled_in_chunks_while_streams_flow(engine):
+    streaming = engine.submit("Once upon a time", GenerationParams(max_new_tokens=300, ignore_eos=True))
+    tokens = aiter(streaming)
+    await anext(tokens)  # the stream is running
+    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
+    long_gen = engine.submit(long_prompt, GenerationParams(max_new_tokens=1))
+    steps_before = engine.steps
+    long_done = asyncio.ensure_future(long_gen.collect())
+    tokens_meanwhile = 0
+    while not long_done.done():
+        await anext(tokens)
+        tokens_meanwhile += 1
+    await tokens.aclose()
+    steps_to_prefill = engine.steps - steps_before
+    assert long_gen.prompt_tokens > 4 * engine.config.prefill_chunk
+    assert steps_to_prefill >= long_gen.prompt_tokens // engine.config.prefill_chunk
+    assert tokens_meanwhile >= steps_to_prefill - 2  # the stream got a token in (nearly) every step
+
+
+async def test_limits_are_refused_with_clear_errors(engine):
+    with pytest.raises(ContextOverflow, match="exceed the context length of 1024"):
+        engine.submit("hello", GenerationParams(max_new_tokens=1024))
+    with pytest.raises(InvalidRequest, match="must not be empty"):
+        engine.submit("", GenerationParams(max_new_tokens=4))
+
+
+async def test_a_full_queue_answers_overloaded(model_path):
+    small = Engine(model_path, EngineConfig(max_batch_size=1, max_waiting=1, max_model_len=256, threads=2))
+    try:
+        params = GenerationParams(max_new_tokens=200, ignore_eos=True)
+        running, waiting = small.submit("one", params), small.submit("two", params)
+        with pytest.raises(Overloaded, match="overloaded"):
+            small.submit("three", params)
+        running.cancel()
+        waiting.cancel()
+    finally:
+        small.close()
+
+
+async def test_kv_exhaustion_preempts_the_youngest_and_recomputes_it(model_path):
+    # One shared pool of 512 cells for four sequences that need 4 x (prompt + 160) cells in all.
+    pooled = Engine(model_path, EngineConfig(max_batch_size=4, max_model_len=512, kv_cache_tokens=512, threads=2))
+    try:
+        params = GenerationParams(max_new_tokens=160, ignore_eos=True)
+        prompts = [repeat_prompt(w) for w in WORDS[:4]]
+        results = await asyncio.gather(*(pooled.generate(p, params) for p in prompts))
+        assert pooled.scheduler.counters.preemptions > 0
+        assert sum(r.stats.preemptions for r in results) == pooled.scheduler.counters.preemptions
+        for word, result in zip(WORDS, results):
+            assert result.reason is FinishReason.LENGTH and result.stats.generated_tokens == 160
+            assert word in result.text
+        assert_idle_and_empty(pooled)
+    finally:
+        pooled.close()
+
+
+def test_a_context_longer_than_the_model_was_trained_for_is_refused(model_path):
+    with pytest.raises(InvalidConfig, match="training context"):
+        Engine(model_path, EngineConfig(max_batch_size=1, max_model_len=10**6))
