@@ -7,6 +7,7 @@ early; a prompt that waited too long goes first). Sequences join and leave betwe
 
 from __future__ import annotations
 
+import heapq
 import logging
 import os
 import time
@@ -47,9 +48,11 @@ class Scheduler:
         self.limits = limits
         self.waiting: deque[Sequence] = deque()
         self.live: list[Sequence] = []  # in admission order: the youngest is last
-        self.free_slots = list(range(limits.max_batch_size - 1, -1, -1))
+        # A min-heap: the lowest free slot is taken first, keeping the live sequence ids dense (see _plan).
+        self.free_slots = list(range(limits.max_batch_size))
         self.kv_free = model.kv_cells
         self.counters = SchedulerCounters()
+        self._scratch: np.ndarray | None = None
         self.freed_at_step: dict[int, int] = {}  # request id -> step that freed it (for introspection)
 
     # -- joining and leaving ----------------------------------------------------------------
@@ -95,7 +98,7 @@ class Scheduler:
     def _release(self, seq: Sequence) -> None:
         self.model.forget(seq.slot)
         self.kv_free += seq.n_cached
-        self.free_slots.append(seq.slot)
+        heapq.heappush(self.free_slots, seq.slot)
         seq.slot = -1
         seq.n_cached = 0
 
@@ -120,7 +123,7 @@ class Scheduler:
             if seq.sampler is None and (seq.params.sampling or seq.params.penalised):
                 seq.sampler = self._new_sampler(seq)
             self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = heapq.heappop(self.free_slots)
             seq.phase = Phase.PREFILL
             if not seq.admitted:
                 seq.admitted = time.perf_counter()
@@ -157,7 +160,9 @@ class Scheduler:
                 budget -= n
             needed = sum(n for _, n in plan)
             if needed <= self.kv_free or len(self.live) <= 1:
-                return plan
+                # With per-sequence KV, llama.cpp puts only runs of consecutive, increasing sequence ids in one
+                # micro-batch: in slot order a decode step is one pass over the weights, out of order it is many.
+                return sorted(plan, key=lambda entry: entry[0].slot)
             self._preempt_youngest()
 
     def step(self) -> None:
@@ -191,6 +196,16 @@ class Scheduler:
         self.counters.prompt_tokens += sum(n for s, n in plan if s.phase is Phase.PREFILL)
         self._sample(outputs)
 
+    def _log_normalisers(self, rows: np.ndarray) -> np.ndarray:
+        """log(sum(exp(row))) per row, in place in a reused buffer (the vocabulary has 262k entries)."""
+        if self._scratch is None or self._scratch.shape[0] < rows.shape[0]:
+            self._scratch = np.empty((self.limits.max_batch_size, rows.shape[1]), dtype=np.float32)
+        buf = self._scratch[: rows.shape[0]]
+        peak = rows.max(axis=1, keepdims=True)
+        np.subtract(rows, peak, out=buf)
+        np.exp(buf, out=buf)
+        return peak[:, 0] + np.log(buf.sum(axis=1))
+
     def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
         if not outputs:
             return
@@ -206,9 +221,8 @@ class Scheduler:
         logprob_rows = [r for r, (s, _) in enumerate(outputs) if s.want_logprobs]
         logprobs = {}
         if logprob_rows:
-            rows = logits[logprob_rows]
-            peak = rows.max(axis=1, keepdims=True)
-            log_norm = peak[:, 0] + np.log(np.exp(rows - peak).sum(axis=1))
+            rows = logits if len(logprob_rows) == len(outputs) else logits[logprob_rows]
+            log_norm = self._log_normalisers(rows)
             for k, r in enumerate(logprob_rows):
                 logprobs[r] = float(rows[k, chosen[r]] - log_norm[k])
         now = time.perf_counter()
