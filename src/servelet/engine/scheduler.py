@@ -2,7 +2,7 @@
 
 A step holds one token for each decoding sequence plus up to `prefill_chunk` prompt tokens of the
 sequences being prefilled (shortest remaining prompt first, so most requests see their first token
-early; a prompt that waited too long goes first). Sequences join and leave between steps.
+early; a prompt that waited too long, or was preempted, goes first). Sequences join and leave between steps.
 """
 
 from __future__ import annotations
@@ -113,21 +113,32 @@ class Scheduler:
         log.info("preempted request %d after %d tokens (KV cells exhausted)", seq.request_id, len(seq.generated))
         return seq
 
+    def _prefill_order(self, now: float):
+        """Preempted sequences first, then prompts that waited too long, then the shortest remaining prompt."""
+        return lambda s: (s.preemptions == 0, now - s.arrived < self.limits.max_prefill_wait, s.pending)
+
     def _admit(self) -> None:
-        """Give waiting sequences a slot while slots last; a preempted one comes back first."""
-        while self.waiting and self.free_slots:
-            seq = self.waiting[0]
+        """Give slots to as many waiting sequences as this step's prefill budget can start.
+
+        A slot is taken only when prefill starts, and the lowest free one: sequences that decode together then
+        hold consecutive ids, which llama.cpp can run as one micro-batch.
+        """
+        budget = self.limits.prefill_chunk - sum(s.pending for s in self.live if s.phase is Phase.PREFILL)
+        for seq in sorted(self.waiting, key=self._prefill_order(time.perf_counter())):
+            if budget <= 0 or not self.free_slots:
+                break
             # Leave room for one more token of every live sequence before taking a newcomer in.
             if seq.pending + len(self.live) + 1 > self.kv_free and self.live:
                 break
             if seq.sampler is None and (seq.params.sampling or seq.params.penalised):
                 seq.sampler = self._new_sampler(seq)
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             seq.slot = heapq.heappop(self.free_slots)
             seq.phase = Phase.PREFILL
             if not seq.admitted:
                 seq.admitted = time.perf_counter()
             self.live.append(seq)
+            budget -= seq.pending
 
     def _new_sampler(self, seq: Sequence):
         p = seq.params
@@ -148,8 +159,7 @@ class Scheduler:
         while True:
             decoding = [s for s in self.live if s.phase is Phase.DECODE]
             prefilling = [s for s in self.live if s.phase is Phase.PREFILL]
-            now = time.perf_counter()
-            prefilling.sort(key=lambda s: (now - s.arrived < self.limits.max_prefill_wait, s.pending))
+            prefilling.sort(key=self._prefill_order(time.perf_counter()))
             plan = [(s, 1) for s in decoding]
             budget = min(self.limits.prefill_chunk, self.model.batch.capacity - len(plan))
             for s in prefilling:
