@@ -40,18 +40,42 @@ class EngineConfig:
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
 
-class EventSink:
-    """Carries events from the engine thread to the coroutine that iterates them."""
+class Outbox:
+    """Events made during a step, handed to each event loop in one wake-up rather than one per token.
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    Used only by the engine thread: sinks post into it, and the engine flushes it after every step.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event) -> None:
+        self._pending.setdefault(loop, []).append((queue, event))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for loop, items in pending.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: nobody is listening any more
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for queue, event in items:
+        queue.put_nowait(event)
+
+
+class EventSink:
+    """Carries one generation's events from the engine thread to the coroutine that iterates them."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, outbox: Outbox):
         self._loop = loop
+        self._outbox = outbox
         self._queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, event) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
+        self._outbox.post(self._loop, self._queue, event)
 
     async def get(self):
         return await self._queue.get()
@@ -138,6 +162,7 @@ class Engine:
             ),
         )
         self._ids = itertools.count(1)
+        self._outbox = Outbox()
         self._inbox: list[Sequence] = []
         self._wake = threading.Condition()
         self._in_engine = 0  # sequences submitted and not finished, guarded by _wake
@@ -157,7 +182,7 @@ class Engine:
             raise InvalidRequest("inputs must not be empty")
         max_new = self._max_new_tokens(len(tokens), params)
         loop = asyncio.get_running_loop()
-        sink = EventSink(loop)
+        sink = EventSink(loop, self._outbox)
         seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink)
         with self._wake:
             limit = self.config.max_batch_size + self.config.max_waiting
@@ -230,6 +255,7 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     scheduler.fail_all("the engine is shutting down")
+                    self._outbox.flush()
                     return
                 for seq in self._inbox:
                     scheduler.add(seq)
@@ -241,13 +267,14 @@ class Engine:
                 log.exception("engine step failed")
                 self._failure = f"the engine failed: {exc}"
                 with self._wake:
-                    scheduler.fail_all(self._failure)
                     for seq in self._inbox:
                         scheduler.add(seq)
                     self._inbox.clear()
                     scheduler.fail_all(self._failure)
                     self._in_engine = 0
+                self._outbox.flush()
                 return
+            self._outbox.flush()
             finished = scheduler.counters.finished - done_before
             if finished:
                 with self._wake:
