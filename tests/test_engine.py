@@ -36,7 +36,7 @@ def engine(model_path):
 
 def assert_idle_and_empty(engine: Engine) -> None:
     """No sequence left and no KV cell held, as llama.cpp itself reports."""
-    load = engine.load()
+    load = engine.occupancy()
     assert load["running"] == 0 and load["waiting"] == 0
     assert all(engine.model.kv_extent(slot) == 0 for slot in range(engine.config.max_batch_size))
 

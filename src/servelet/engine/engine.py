@@ -155,8 +155,6 @@ class Engine:
             self.model,
             SchedulerLimits(
                 max_batch_size=config.max_batch_size,
-                max_model_len=self.max_model_len,
-                max_waiting=config.max_waiting,
                 prefill_chunk=config.prefill_chunk,
                 max_prefill_wait=config.max_prefill_wait,
             ),
@@ -213,7 +211,7 @@ class Engine:
     def steps(self) -> int:
         return self.scheduler.counters.steps
 
-    def load(self) -> dict:
+    def occupancy(self) -> dict:
         """Running and waiting counts for metrics and health (read without locking; approximate)."""
         return {
             "running": len(self.scheduler.live),

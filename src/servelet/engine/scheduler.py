@@ -25,8 +25,6 @@ log = logging.getLogger("servelet.engine")
 @dataclass(frozen=True)
 class SchedulerLimits:
     max_batch_size: int  # sequences holding a slot at once (n_seq_max)
-    max_model_len: int  # prompt + generated tokens of one sequence
-    max_waiting: int  # queued sequences beyond the batch before new ones are refused
     prefill_chunk: int  # prompt tokens fed per step, across all prefilling sequences
     max_prefill_wait: float  # seconds after which a waiting prompt is prefilled before shorter ones
 
@@ -185,7 +183,7 @@ class Scheduler:
         batch.clear()
         outputs: list[tuple[Sequence, int]] = []  # sequences sampling this step, with their batch index
         for seq, n in plan:
-            tokens = seq.all_tokens[seq.n_cached : seq.n_cached + n]
+            tokens = seq.next_tokens(n)
             samples = n == seq.pending
             index = batch.add(tokens, seq.n_cached, seq.slot, samples)
             if samples:
@@ -222,7 +220,9 @@ class Scheduler:
         logits = self.model.logits_rows(len(outputs))
         greedy_rows = [r for r, (s, _) in enumerate(outputs) if s.sampler is None]
         chosen = np.empty(len(outputs), dtype=np.int64)
-        if greedy_rows:
+        if len(greedy_rows) == len(outputs):  # the common case: no copy of the logits
+            chosen[:] = logits.argmax(axis=1)
+        elif greedy_rows:
             # One vectorised argmax over the greedy rows; per-sequence sampler chains cost more.
             chosen[greedy_rows] = logits[greedy_rows].argmax(axis=1)
         for r, (seq, index) in enumerate(outputs):

@@ -109,9 +109,12 @@ class Sequence:
         self._stops = StopMatcher(self.params.stop)
 
     # -- what to feed next ------------------------------------------------------------------
-    @property
-    def all_tokens(self) -> list[int]:
-        return self.prompt_tokens + self.generated
+    def next_tokens(self, n: int) -> list[int]:
+        """The next n tokens to feed: prompt tokens first, then (after a preemption) generated ones."""
+        start, n_prompt = self.n_cached, len(self.prompt_tokens)
+        if start >= n_prompt:
+            return self.generated[start - n_prompt : start - n_prompt + n]
+        return (self.prompt_tokens[start : start + n] + self.generated[: max(0, start + n - n_prompt)])[:n]
 
     @property
     def pending(self) -> int:
