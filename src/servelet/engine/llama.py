@@ -105,11 +105,11 @@ class LlamaModel:
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
+        self._piece_buf = ctypes.create_string_buffer(256)  # used by the engine thread only
         self._ctx = None
 
     def open_context(self, shape: ContextShape) -> None:
         """Allocate the KV cells and compute buffers for `shape`; once per model."""
-        self.shape = shape
         cparams = C.llama_context_default_params()
         cparams.n_ctx = shape.kv_cells
         cparams.n_batch = shape.n_batch
@@ -129,7 +129,6 @@ class LlamaModel:
         self.kv_cells_per_seq = C.llama_n_ctx_seq(self._ctx)
         self.kv_cells = C.llama_n_ctx(self._ctx)
         self.batch = TokenBatch(shape.n_batch)
-        self._piece_buf = ctypes.create_string_buffer(256)
 
     # -- text <-> tokens -------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
