@@ -68,7 +68,6 @@ def create_app(settings: InstanceSettings, on_load_failure=None) -> FastAPI:
             state.engine.close()
 
     app = FastAPI(title="servelet instance", version=__version__, lifespan=lifespan)
-    app.state.instance = state
 
     @app.exception_handler(RequestError)
     async def _request_error(_req: Request, exc: RequestError):
