@@ -29,7 +29,9 @@ def repeat_prompt(word: str) -> str:
 
 @pytest.fixture(scope="module")
 def engine(model_path):
-    engine = Engine(model_path, EngineConfig(max_batch_size=16, max_model_len=1024, threads=2))
+    # Streams decode in every step here (no prefill-first pause), so step-counting tests read simply.
+    config = EngineConfig(max_batch_size=16, max_model_len=1024, threads=2, max_decode_stall=0)
+    engine = Engine(model_path, config)
     yield engine
     engine.close()
 
@@ -108,12 +110,15 @@ async def test_cancelling_frees_the_slot_within_one_step(engine):
     assert_idle_and_empty(engine)
 
 
-async def test_long_prompts_are_prefilled_in_chunks_while_streams_flow(engine):
+LONG_PROMPT = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)  # ~600 tokens
+
+
+async def stream_while_prefilling(engine: Engine) -> tuple[int, int, int]:
+    """Start a stream, then a long prompt; returns (its prompt tokens, steps its prefill took, stream tokens meanwhile)."""
     streaming = engine.submit("Once upon a time", GenerationParams(max_new_tokens=300, ignore_eos=True))
     tokens = aiter(streaming)
     await anext(tokens)  # the stream is running
-    long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 60)
-    long_gen = engine.submit(long_prompt, GenerationParams(max_new_tokens=1))
+    long_gen = engine.submit(LONG_PROMPT, GenerationParams(max_new_tokens=1))
     steps_before = engine.steps
     long_done = asyncio.ensure_future(long_gen.collect())
     tokens_meanwhile = 0
@@ -121,10 +126,25 @@ async def test_long_prompts_are_prefilled_in_chunks_while_streams_flow(engine):
         await anext(tokens)
         tokens_meanwhile += 1
     await tokens.aclose()
-    steps_to_prefill = engine.steps - steps_before
-    assert long_gen.prompt_tokens > 4 * engine.config.prefill_chunk
-    assert steps_to_prefill >= long_gen.prompt_tokens // engine.config.prefill_chunk
+    return long_gen.prompt_tokens, engine.steps - steps_before, tokens_meanwhile
+
+
+async def test_long_prompts_are_prefilled_in_chunks_while_streams_flow(engine):
+    prompt_tokens, steps_to_prefill, tokens_meanwhile = await stream_while_prefilling(engine)
+    assert prompt_tokens > 4 * engine.config.prefill_chunk
+    assert steps_to_prefill >= prompt_tokens // engine.config.prefill_chunk
     assert tokens_meanwhile >= steps_to_prefill - 2  # the stream got a token in (nearly) every step
+
+
+async def test_prefill_first_pauses_streams_for_at_most_the_stall_allowance(model_path):
+    patient = Engine(model_path, EngineConfig(max_batch_size=2, max_model_len=1024, threads=2, max_decode_stall=60))
+    try:
+        prompt_tokens, steps_to_prefill, tokens_meanwhile = await stream_while_prefilling(patient)
+        # Within the allowance the stream sits out the prefill steps: the long prompt goes first, whole.
+        assert steps_to_prefill >= prompt_tokens // patient.config.prefill_chunk
+        assert tokens_meanwhile <= 1
+    finally:
+        patient.close()
 
 
 async def test_limits_are_refused_with_clear_errors(engine):

@@ -43,6 +43,9 @@ class InstanceSettings(BaseSettings):
     max_waiting: int = Field(128, ge=0, description="Requests queued beyond the batch before 429 overloaded.")
     prefill_chunk: int = Field(128, ge=16, le=8192, description="Prompt tokens fed per engine step.")
     max_prefill_wait: float = Field(2.0, ge=0, description="Seconds before a long prompt goes ahead of short ones.")
+    max_decode_stall: float = Field(
+        1.0, ge=0, description="Seconds running streams may pause while new prompts are prefilled; 0 = never."
+    )
     kv_cache_tokens: int | None = Field(None, ge=256, description="Shared KV pool size; unset = per-sequence.")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     host: str = "127.0.0.1"
@@ -95,6 +98,7 @@ class InstanceSettings(BaseSettings):
             max_waiting=self.max_waiting,
             prefill_chunk=self.prefill_chunk,
             max_prefill_wait=self.max_prefill_wait,
+            max_decode_stall=self.max_decode_stall,
             kv_cache_tokens=self.kv_cache_tokens,
             threads=self.threads,
         )

@@ -34,6 +34,7 @@ class EngineConfig:
     max_waiting: int = 128
     prefill_chunk: int = 128
     max_prefill_wait: float = 2.0
+    max_decode_stall: float = 1.0  # 0: running streams get a token every step, even during a prefill burst
     # None: each sequence owns max_model_len cells (fast, never preempts). A number: one pool of that many
     # cells shared by all sequences, which may then outgrow it; the youngest is preempted and recomputed.
     kv_cache_tokens: int | None = None
@@ -157,6 +158,7 @@ class Engine:
                 max_batch_size=config.max_batch_size,
                 prefill_chunk=config.prefill_chunk,
                 max_prefill_wait=config.max_prefill_wait,
+                max_decode_stall=config.max_decode_stall,
             ),
         )
         self._ids = itertools.count(1)

@@ -2,7 +2,9 @@
 
 A step holds one token for each decoding sequence plus up to `prefill_chunk` prompt tokens of the
 sequences being prefilled (shortest remaining prompt first, so most requests see their first token
-early; a prompt that waited too long, or was preempted, goes first). Sequences join and leave between steps.
+early; a prompt that waited too long, or was preempted, goes first). While prompts are being prefilled,
+decoding sequences may sit out steps for up to `max_decode_stall` seconds. Sequences join and leave
+between steps.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class SchedulerLimits:
     max_batch_size: int  # sequences holding a slot at once (n_seq_max)
     prefill_chunk: int  # prompt tokens fed per step, across all prefilling sequences
     max_prefill_wait: float  # seconds after which a waiting prompt is prefilled before shorter ones
+    max_decode_stall: float  # seconds running streams may go without a token while prompts are prefilled
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Scheduler:
         self.kv_free = model.kv_cells
         self.counters = SchedulerCounters()
         self._scratch: np.ndarray | None = None
+        self._decoded_at = 0.0  # when running streams last got a token (or there were none to wait)
         self.freed_at_step: dict[int, int] = {}  # request id -> step that freed it (for introspection)
 
     # -- joining and leaving ----------------------------------------------------------------
@@ -157,8 +161,15 @@ class Scheduler:
         while True:
             decoding = [s for s in self.live if s.phase is Phase.DECODE]
             prefilling = [s for s in self.live if s.phase is Phase.PREFILL]
-            prefilling.sort(key=self._prefill_order(time.perf_counter()))
-            plan = [(s, 1) for s in decoding]
+            now = time.perf_counter()
+            prefilling.sort(key=self._prefill_order(now))
+            # Prefill first: while prompts wait, running streams sit out steps for up to max_decode_stall
+            # seconds, so the new requests' first tokens come sooner (and decode rows are not recomputed
+            # alongside every chunk); then they rejoin, so no stream stalls for longer than that.
+            stall = bool(prefilling) and now - self._decoded_at < self.limits.max_decode_stall
+            if not decoding or not stall:
+                self._decoded_at = now
+            plan = [] if stall else [(s, 1) for s in decoding]
             budget = min(self.limits.prefill_chunk, self.model.batch.capacity - len(plan))
             for s in prefilling:
                 if budget <= 0:
