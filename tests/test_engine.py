@@ -8,6 +8,7 @@ import pytest
 
 from servelet.engine import (
     ContextOverflow,
+    EngineStopped,
     Engine,
     EngineConfig,
     FinishReason,
@@ -188,3 +189,26 @@ async def test_kv_exhaustion_preempts_the_youngest_and_recomputes_it(model_path)
 def test_a_context_longer_than_the_model_was_trained_for_is_refused(model_path):
     with pytest.raises(InvalidConfig, match="training context"):
         Engine(model_path, EngineConfig(max_batch_size=1, max_model_len=10**6))
+
+
+async def test_a_failing_step_ends_every_request_with_an_error_instead_of_hanging(model_path):
+    broken = Engine(model_path, EngineConfig(max_batch_size=2, max_model_len=256, threads=2))
+    try:
+        params = GenerationParams(max_new_tokens=200, ignore_eos=True)
+        first, second = broken.submit("Once upon a time", params), broken.submit("Hello there", params)
+        tokens = aiter(first)
+        await anext(tokens)
+
+        def fail() -> int:
+            raise RuntimeError("simulated llama.cpp failure")
+
+        broken.model.decode = fail  # a mock of our own code, to break the decode loop on purpose
+        with pytest.raises(EngineStopped, match="simulated llama.cpp failure"):
+            async for _ in tokens:
+                pass
+        with pytest.raises(EngineStopped, match="simulated llama.cpp failure"):
+            await asyncio.wait_for(second.collect(), timeout=30)
+        with pytest.raises(EngineStopped, match="engine failed"):
+            broken.submit("anything", GenerationParams(max_new_tokens=1))
+    finally:
+        broken.close()
