@@ -92,6 +92,7 @@ async def test_tokens_carry_logprobs_and_the_end_carries_stats(engine):
     stats = gen.result.stats
     assert stats.prompt_tokens == gen.prompt_tokens > 0 and stats.generated_tokens == 8
     assert stats.time_to_first_token > 0 and stats.tokens_per_second > 0 and stats.prompt_tokens_per_second > 0
+    assert engine.occupancy()["prompt_tokens"] >= stats.prompt_tokens  # the engine-wide counter metrics will read
 
 
 async def test_cancelling_frees_the_slot_within_one_step(engine):

@@ -21,8 +21,12 @@ class SettingsError(ValueError):
     """Settings that cannot start an instance; the message names the variables to change."""
 
 
-def _env(*names: str) -> AliasChoices:
-    return AliasChoices(*names)
+def _one_of(value: str, accepted: tuple[str, ...], why: str) -> str:
+    """Normalise an LMI option and refuse values this backend cannot honour, saying why."""
+    value = value.strip().lower()
+    if value not in accepted:
+        raise ValueError(f"'{value}' {why} (accepted: {', '.join(accepted)})")
+    return value
 
 
 class InstanceSettings(BaseSettings):
@@ -30,15 +34,15 @@ class InstanceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="SERVELET_", extra="ignore", populate_by_name=True)
 
-    model: str = Field(DEFAULT_MODEL_URI, validation_alias=_env("SERVELET_MODEL", "OPTION_MODEL_ID", "HF_MODEL_ID"))
-    rolling_batch: str = Field("auto", validation_alias=_env("SERVELET_ROLLING_BATCH", "OPTION_ROLLING_BATCH"))
+    model: str = Field(DEFAULT_MODEL_URI, validation_alias=AliasChoices("SERVELET_MODEL", "OPTION_MODEL_ID", "HF_MODEL_ID"))
+    rolling_batch: str = Field("auto", validation_alias=AliasChoices("SERVELET_ROLLING_BATCH", "OPTION_ROLLING_BATCH"))
     max_batch_size: int = Field(
-        32, ge=1, le=256, validation_alias=_env("SERVELET_MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE")
+        32, ge=1, le=256, validation_alias=AliasChoices("SERVELET_MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE")
     )
-    max_model_len: int = Field(2048, ge=16, validation_alias=_env("SERVELET_MAX_MODEL_LEN", "OPTION_MAX_MODEL_LEN"))
-    dtype: str = Field("auto", validation_alias=_env("SERVELET_DTYPE", "OPTION_DTYPE"))
+    max_model_len: int = Field(2048, ge=16, validation_alias=AliasChoices("SERVELET_MAX_MODEL_LEN", "OPTION_MAX_MODEL_LEN"))
+    dtype: str = Field("auto", validation_alias=AliasChoices("SERVELET_DTYPE", "OPTION_DTYPE"))
     tensor_parallel_degree: str = Field(
-        "1", validation_alias=_env("SERVELET_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE")
+        "1", validation_alias=AliasChoices("SERVELET_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE")
     )
     max_waiting: int = Field(128, ge=0, description="Requests queued beyond the batch before 429 overloaded.")
     prefill_chunk: int = Field(128, ge=16, le=8192, description="Prompt tokens fed per engine step.")
@@ -49,38 +53,25 @@ class InstanceSettings(BaseSettings):
     kv_cache_tokens: int | None = Field(None, ge=256, description="Shared KV pool size; unset = per-sequence.")
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     host: str = "127.0.0.1"
-    port: int = Field(8080, ge=0, le=65535, validation_alias=_env("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
+    port: int = Field(8080, ge=0, le=65535, validation_alias=AliasChoices("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
     socket: Path | None = Field(None, description="Listen on this Unix socket instead of host:port.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
 
     @field_validator("rolling_batch")
     @classmethod
     def _backend_here(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value not in ROLLING_BATCH_BACKENDS:
-            raise ValueError(
-                f"'{value}' is not available on this backend; this instance batches continuously with "
-                f"llama.cpp (accepted: {', '.join(ROLLING_BATCH_BACKENDS)})"
-            )
-        return value
+        why = "is not available on this backend; this instance batches continuously with llama.cpp"
+        return _one_of(value, ROLLING_BATCH_BACKENDS, why)
 
     @field_validator("dtype")
     @classmethod
     def _dtype_from_file(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value != "auto":
-            raise ValueError(
-                f"'{value}' cannot apply: a GGUF file carries its own (quantized) weight types; leave it unset or 'auto'"
-            )
-        return value
+        return _one_of(value, ("auto",), "cannot apply: a GGUF file carries its own (quantized) weight types")
 
     @field_validator("tensor_parallel_degree")
     @classmethod
     def _one_device(cls, value: str) -> str:
-        value = value.strip().lower()
-        if value not in ("1", "max"):
-            raise ValueError(f"'{value}' cannot apply: llama.cpp on CPU runs the model on one device (use 1)")
-        return value
+        return _one_of(value, ("1", "max"), "cannot apply: llama.cpp on CPU runs the model on one device")
 
     @model_validator(mode="after")
     def _pool_holds_a_sequence(self):

@@ -221,6 +221,7 @@ class Engine:
             "steps": self.scheduler.counters.steps,
             "preemptions": self.scheduler.counters.preemptions,
             "tokens_generated": self.scheduler.counters.tokens_generated,
+            "prompt_tokens": self.scheduler.counters.prompt_tokens,
         }
 
     def close(self) -> None:
