@@ -96,3 +96,61 @@ def container(tmp_path_factory, model_path):
     instance = start_instance(tmp_path_factory.mktemp("container"))
     yield instance
     stop_instance(instance)
+
+
+class RunningGateway:
+    """A `servelet serve` subprocess on a free port with the endpoint `default` deployed."""
+
+    def __init__(self, process: subprocess.Popen, port: int, log_path: Path):
+        self.process = process
+        self.port = port
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log_path = log_path
+
+    def http(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, **kwargs)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> RunningGateway:
+    """Start `servelet serve` and wait until /health says the endpoint `default` is ready."""
+    port = free_port()
+    log_path = tmp_path / "gateway.log"
+    full_env = os.environ | {"SERVELET_THREADS": "2", "SERVELET_RUN_DIR": str(tmp_path)} | (env or {})
+    process = subprocess.Popen(
+        [SERVELET, "serve", "--port", str(port), *(args or [])],
+        env=full_env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,
+    )
+    gateway = RunningGateway(process, port, log_path)
+    deadline = time.monotonic() + START_TIMEOUT
+    with gateway.http(timeout=5) as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
+            try:
+                if http.get("/health").json()["endpoints"]["default"]["ready"]:
+                    return gateway
+            except (httpx.TransportError, KeyError):
+                pass
+            time.sleep(0.2)
+    stop_process(process)
+    raise RuntimeError(f"gateway not ready after {START_TIMEOUT}s:\n{gateway.log()}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, model_path):
+    """One `servelet serve` shared by a test module (the model loads once per module)."""
+    running = start_gateway(tmp_path_factory.mktemp("gateway"))
+    yield running
+    stop_process(running.process)

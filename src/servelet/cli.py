@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .settings import SettingsError, load_instance_settings
+from .settings import SettingsError, load_gateway_settings, load_instance_settings
 
 app = typer.Typer(help="servelet: model serving on one machine.", no_args_is_help=True, add_completion=False)
 
@@ -38,12 +38,21 @@ def container(
 
 @app.command()
 def serve(
-    model: Annotated[Optional[str], typer.Option(help="Model URI of the default endpoint.")] = None,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    model: Annotated[Optional[str], typer.Option(help="Model URI of the endpoint `default` (default: the Gemma 3 270M package).")] = None,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Port to listen on (default 8080).")] = None,
+    instances: Annotated[Optional[int], typer.Option(help="Instances of the endpoint `default`; 0 deploys none.")] = None,
 ):
-    """Serve the default model on host:port (the gateway and control plane build on this)."""
-    _start_instance(model=model, host=host, port=port)
+    """Run the gateway (every API family on one port) with the endpoint `default` deployed."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_gateway_settings(model=model, host=host, port=port, instances=instances)
+    except SettingsError as exc:
+        typer.echo(f"servelet: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from .gateway.server import run_gateway
+
+    raise typer.Exit(run_gateway(settings))
 
 
 if __name__ == "__main__":

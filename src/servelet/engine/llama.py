@@ -105,8 +105,25 @@ class LlamaModel:
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
         self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
+        self.name = self.metadata("general.name") or Path(self.path).stem
+        template = C.llama_model_chat_template(self._model, None)
+        self.chat_template = template.decode("utf-8", errors="replace") if template else None
+        self.bos_text = self._special_text(C.llama_vocab_bos(self._vocab))
+        self.eos_text = self._special_text(C.llama_vocab_eos(self._vocab))
         self._piece_buf = ctypes.create_string_buffer(256)  # used by the engine thread only
         self._ctx = None
+
+    def metadata(self, key: str) -> str | None:
+        """A GGUF metadata value as text, or None when the file does not have it."""
+        buf = ctypes.create_string_buffer(4096)
+        n = C.llama_model_meta_val_str(self._model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        text = C.llama_vocab_get_text(self._vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
 
     def open_context(self, shape: ContextShape) -> None:
         """Allocate the KV cells and compute buffers for `shape`; once per model."""

@@ -80,9 +80,26 @@ def create_app(settings: InstanceSettings, on_load_failure=None) -> FastAPI:
     @app.get("/ping")
     async def ping():
         if state.engine is not None:
-            return {"status": "healthy", "model": settings.model}
+            return {"status": "healthy", "model": settings.model} | state.engine.occupancy()
         status = "failed" if state.failure else "loading"
         return JSONResponse({"status": status, "error": state.failure}, status_code=503)
+
+    @app.get("/model")
+    async def model_facts():
+        """What a gateway needs to speak for this model: its name, limits and chat template."""
+        engine = state.engine
+        if engine is None:
+            raise RequestError(503, state.failure or "the model is still loading", "unavailable")
+        return {
+            "uri": settings.model,
+            "name": engine.model.name,
+            "runtime": "llamacpp",
+            "context_length": engine.max_model_len,
+            "max_batch_size": settings.max_batch_size,
+            "chat_template": engine.model.chat_template,
+            "bos_token": engine.model.bos_text,
+            "eos_token": engine.model.eos_text,
+        }
 
     @app.post("/invocations")
     async def invocations(request: Request):

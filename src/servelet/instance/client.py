@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 
@@ -54,6 +55,35 @@ class InstanceClient:
             return (await self._http.get("/ping")).status_code == 200
         except httpx.TransportError:
             return False
+
+    async def ping_status(self) -> dict | None:
+        """The /ping body when healthy (it carries running / waiting counts), else None."""
+        try:
+            response = await self._http.get("/ping")
+        except httpx.TransportError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    async def model_facts(self) -> dict | None:
+        try:
+            response = await self._http.get("/model")
+        except httpx.TransportError:
+            return None
+        return response.json() if response.status_code == 200 else None
+
+    async def post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        """Forward raw invocation bytes with their headers; the whole answer is read."""
+        return await self._http.post("/invocations", content=body, headers=headers)
+
+    @asynccontextmanager
+    async def open_stream(self, body: bytes, headers: dict[str, str]):
+        """Forward raw invocation bytes; yields the response with its body not yet read."""
+        request = self._http.build_request("POST", "/invocations", content=body, headers=headers)
+        response = await self._http.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
     async def invoke(self, body: dict) -> httpx.Response:
         return await self._http.post("/invocations", json=body)

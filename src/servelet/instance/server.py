@@ -28,10 +28,10 @@ def run_instance(settings: InstanceSettings) -> int:
     if settings.socket:
         if settings.socket.exists():
             os.unlink(settings.socket)
-        config = uvicorn.Config(app, uds=str(settings.socket), log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, uds=str(settings.socket), log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log)
         where = f"unix:{settings.socket}"
     else:
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log)
         where = f"http://{settings.host}:{settings.port}"
     server = uvicorn.Server(config)
     log.info("instance for %s listening on %s", settings.model, where)

@@ -1,0 +1,1 @@
+"""Control plane: endpoints, their variants and instances, and routing an invocation to one of them."""

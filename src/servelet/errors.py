@@ -1,0 +1,69 @@
+"""Errors a request can meet anywhere on its way (gateway, router, instance), independent of wire format."""
+
+from __future__ import annotations
+
+import json
+
+
+class GatewayError(Exception):
+    """A request that cannot be served: `status` is the HTTP status, `kind` a stable machine-readable name."""
+
+    status = 500
+    kind = "internal_error"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(GatewayError):
+    status, kind = 400, "validation"
+
+
+class NotFound(GatewayError):
+    status, kind = 404, "not_found"
+
+
+class PayloadTooLarge(GatewayError):
+    status, kind = 413, "payload_too_large"
+
+
+class UnsupportedMediaType(GatewayError):
+    status, kind = 415, "unsupported_media_type"
+
+
+class Unprocessable(GatewayError):
+    status, kind = 422, "validation"
+
+
+class Overloaded(GatewayError):
+    status, kind = 429, "overloaded"
+
+
+class Unavailable(GatewayError):
+    status, kind = 503, "unavailable"
+
+
+class ModelFailed(GatewayError):
+    """The instance answered an error of its own (SageMaker's ModelError carries its status and message)."""
+
+    status, kind = 424, "model_error"
+
+    def __init__(self, message: str, original_status: int):
+        super().__init__(message)
+        self.original_status = original_status
+
+
+def from_instance(status: int, body: bytes) -> GatewayError:
+    """Turn an instance's error answer (`{"code", "error_type", "error"}`) into the gateway's own error."""
+    try:
+        message = json.loads(body).get("error") or body.decode(errors="replace")
+    except (ValueError, AttributeError):
+        message = body.decode(errors="replace") or f"the instance answered {status}"
+    by_status: dict[int, type[GatewayError]] = {
+        400: BadRequest, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable,
+        429: Overloaded, 503: Unavailable,
+    }
+    if status in by_status:
+        return by_status[status](message)
+    return ModelFailed(message, status)

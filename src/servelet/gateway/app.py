@@ -1,0 +1,96 @@
+"""The gateway app: API families as routers over one fleet of instances; it never loads a model itself."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+
+from .. import __version__
+from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
+from ..control.router import Router
+from ..errors import GatewayError, Unprocessable
+from ..settings import GatewaySettings
+from . import metrics
+from .api import openai, qa, sagemaker, tgi, websocket
+from .disconnect import ClientGone
+from .errors import describe_validation, render
+from .services import Services
+from .textgen import TextGenerator
+
+log = logging.getLogger("servelet.gateway")
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+
+DESCRIPTION = """
+servelet serves models behind the wire formats clients already speak. Every family below forwards to the
+same instances: the SageMaker runtime API (`boto3`), the container contract, TGI, OpenAI, the QA routes and
+a WebSocket. `model` / `EndpointName` name an endpoint; `default` is the one `servelet serve` deploys.
+"""
+
+
+def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
+    fleet = fleet or Fleet(settings.run_dir)
+    router = Router(fleet)
+    services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router))
+    metrics.watch_fleet(fleet)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if settings.instances:
+            await fleet.deploy(DEFAULT_ENDPOINT, settings.model, settings.instances, settings.instance_start_timeout)
+        yield
+        await fleet.close()
+
+    app = FastAPI(title="servelet", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.services = services
+    app.add_middleware(metrics.RequestMetrics)
+
+    @app.exception_handler(GatewayError)
+    async def _gateway_error(request: Request, exc: GatewayError):
+        return render(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid_request(request: Request, exc: RequestValidationError):
+        return render(request, Unprocessable(describe_validation(exc)))
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_request: Request, _exc: ClientGone):
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+    @app.get("/", tags=["servelet"], summary="Hello, with the version and the endpoints served")
+    async def hello():
+        return {
+            "message": "hello world",
+            "service": "servelet",
+            "version": __version__,
+            "endpoints": sorted(fleet.endpoints),
+            "docs": "/docs",
+        }
+
+    @app.get("/health", tags=["servelet"], summary="Gateway liveness and each endpoint's readiness")
+    async def health():
+        return {
+            "status": "ok",
+            "endpoints": {
+                name: {
+                    "ready": endpoint.ready,
+                    "variants": {
+                        v.name: {"instances": len(v.instances), "ready": len(v.ready_instances())} for v in endpoint.variants
+                    },
+                }
+                for name, endpoint in fleet.endpoints.items()
+            },
+        }
+
+    @app.get("/metrics", tags=["servelet"], summary="Prometheus metrics", response_class=Response)
+    async def prometheus_metrics():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    for family in (sagemaker, tgi, qa, openai, websocket):
+        app.include_router(family.router)
+    return app

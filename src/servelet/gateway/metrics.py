@@ -1,0 +1,102 @@
+"""Prometheus metrics (`GET /metrics`): requests, latency, tokens, and the engine's running / waiting counts.
+
+Later capabilities (autoscaling, alarms, the cost meter) read their figures from here.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+REGISTRY = CollectorRegistry()
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+
+REQUESTS = Counter(
+    "servelet_requests", "Requests answered", ["endpoint", "variant", "route", "status"], registry=REGISTRY
+)
+REQUEST_LATENCY = Histogram(
+    "servelet_request_duration_seconds", "Time from request to the end of the answer (streams included)",
+    ["endpoint", "route"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "servelet_time_to_first_token_seconds", "Time from forwarding a generation to its first token",
+    ["endpoint"], buckets=TOKEN_BUCKETS, registry=REGISTRY,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "servelet_inter_token_latency_seconds", "Time between consecutive tokens of a stream",
+    ["endpoint"], buckets=TOKEN_BUCKETS, registry=REGISTRY,
+)
+PROMPT_TOKENS = Counter("servelet_prompt_tokens", "Prompt tokens evaluated", ["endpoint"], registry=REGISTRY)
+GENERATED_TOKENS = Counter("servelet_generated_tokens", "Tokens generated", ["endpoint"], registry=REGISTRY)
+
+
+class FleetCollector:
+    """Running and waiting sequences per instance, from each instance's last health poll."""
+
+    def __init__(self) -> None:
+        self.fleet = None
+
+    def collect(self):
+        running = GaugeMetricFamily("servelet_running_sequences", "Sequences decoding now", labels=["endpoint", "variant", "instance"])
+        waiting = GaugeMetricFamily("servelet_waiting_sequences", "Sequences queued for a slot", labels=["endpoint", "variant", "instance"])
+        ready = GaugeMetricFamily("servelet_instances_ready", "Instances answering /ping", labels=["endpoint", "variant"])
+        endpoints = self.fleet.endpoints.values() if self.fleet is not None else ()
+        for endpoint in endpoints:
+            for variant in endpoint.variants:
+                ready.add_metric([endpoint.name, variant.name], len(variant.ready_instances()))
+                for instance in variant.instances:
+                    labels = [endpoint.name, variant.name, instance.name]
+                    running.add_metric(labels, instance.occupancy.get("running", 0))
+                    waiting.add_metric(labels, instance.occupancy.get("waiting", 0))
+        yield from (running, waiting, ready)
+
+
+_fleet_collector = FleetCollector()
+REGISTRY.register(_fleet_collector)
+
+
+def watch_fleet(fleet) -> None:
+    _fleet_collector.fleet = fleet
+
+
+def exposition() -> tuple[bytes, str]:
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+class RequestMetrics:
+    """ASGI middleware: counts every HTTP request by endpoint, variant, route template and status, and times it.
+
+    Route handlers name the endpoint and variant in `request.state` (`endpoint`, `variant`) once they know them.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None)
+            if template and template != "/metrics":
+                state = scope.get("state", {})
+                endpoint = state.get("endpoint", "")
+                REQUESTS.labels(endpoint, state.get("variant", ""), template, str(status)).inc()
+                REQUEST_LATENCY.labels(endpoint, template).observe(time.perf_counter() - started)

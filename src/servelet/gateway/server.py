@@ -1,0 +1,20 @@
+"""Run the gateway under uvicorn."""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from ..settings import GatewaySettings
+from .app import create_gateway
+
+log = logging.getLogger("servelet.gateway")
+
+
+def run_gateway(settings: GatewaySettings) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request and health poll
+    app = create_gateway(settings)
+    log.info("gateway on http://%s:%d (docs at /docs)", settings.host, settings.port)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5, ws_ping_interval=20)
+    return 0

@@ -1,0 +1,96 @@
+"""Text generation on an endpoint, for the API families that speak in tokens (OpenAI, TGI, QA, WebSocket).
+
+It builds the LMI body the instance takes, forwards it through the router and reads the JSON-lines stream back,
+so every family shares one way to generate and one place to count tokens for metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ..control.invocation import Invocation
+from ..control.router import Router
+from ..errors import ModelFailed
+from ..instance.client import JsonLines
+from . import metrics
+
+
+@dataclass
+class Token:
+    id: int
+    text: str
+    logprob: float | None = None
+
+
+@dataclass
+class Completion:
+    """A finished generation: its text, why it stopped and the token counts (`usage`)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    generated_tokens: int
+    variant: str
+    tokens: list[Token] = field(default_factory=list)
+    time_to_first_token: float | None = None
+
+
+class TextGenerator:
+    def __init__(self, router: Router):
+        self.router = router
+
+    def facts(self, endpoint: str) -> dict:
+        """Model facts of the endpoint (name, context_length, chat_template, ...); {} while loading."""
+        return self.router.fleet.get(endpoint).facts() if endpoint in self.router.fleet.endpoints else {}
+
+    async def complete(self, endpoint: str, prompt: str, parameters: dict) -> Completion:
+        """Generate to the end; `tokens` carry log-probs."""
+        tokens: list[Token] = []
+        completion = None
+        async for item in self.stream(endpoint, prompt, parameters):
+            if isinstance(item, Token):
+                tokens.append(item)
+            else:
+                completion = item
+        assert completion is not None
+        completion.tokens = tokens
+        return completion
+
+    async def stream(self, endpoint: str, prompt: str, parameters: dict) -> AsyncIterator[Token | Completion]:
+        """Yield each Token as it is generated, then one Completion. Leaving early cancels the generation."""
+        body = json.dumps({"inputs": prompt, "parameters": parameters, "stream": True}).encode()
+        invocation = Invocation(endpoint=endpoint, body=body, content_type="application/json")
+        started = time.perf_counter()
+        first_at = last_at = None
+        async with self.router.stream(invocation) as answer:
+            lines = JsonLines()
+            async for chunk in answer.chunks:
+                for line in lines.feed(chunk):
+                    if "error" in line:
+                        raise ModelFailed(str(line["error"]), 500)
+                    now = time.perf_counter()
+                    if first_at is None:
+                        first_at = now
+                        metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(now - started)
+                    else:
+                        metrics.INTER_TOKEN_LATENCY.labels(endpoint).observe(now - last_at)
+                    last_at = now
+                    token = line["token"]
+                    yield Token(token["id"], token["text"], token.get("log_prob"))
+                    if "details" in line:
+                        details = line["details"]
+                        metrics.PROMPT_TOKENS.labels(endpoint).inc(details["prompt_tokens"])
+                        metrics.GENERATED_TOKENS.labels(endpoint).inc(details["generated_tokens"])
+                        yield Completion(
+                            text=line["generated_text"],
+                            finish_reason=details["finish_reason"],
+                            prompt_tokens=details["prompt_tokens"],
+                            generated_tokens=details["generated_tokens"],
+                            variant=answer.variant,
+                            time_to_first_token=None if first_at is None else first_at - started,
+                        )
+                        return
+        raise ModelFailed("the instance ended the stream without its final details", 500)
