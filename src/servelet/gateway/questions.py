@@ -1,0 +1,122 @@
+"""Extractive question answering on a generative model: the answer is a span of the context.
+
+A few-shot prompt asks the model to copy the answer from the context; the generated words are then located in
+the context (exactly, else the closest word span), so `start`/`end` are real offsets and `answer` is
+`context[start:end]`. `score` is the model's own confidence: the geometric-mean probability of the generated
+answer tokens, times how closely the span matches what it wrote.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass
+from difflib import SequenceMatcher
+
+from ..errors import Unprocessable
+from .textgen import Completion, TextGenerator, Token
+
+FEW_SHOT = (
+    "Extract the answer to the question from the context.\n\n"
+    "Context: The meeting was moved from Monday to Thursday afternoon.\n"
+    "Question: When is the meeting?\n"
+    "Answer: Thursday afternoon\n\n"
+    "Context: Anna bought three apples and a loaf of bread at the market.\n"
+    "Question: What did Anna buy besides apples?\n"
+    "Answer: a loaf of bread\n\n"
+)
+MAX_ANSWER_TOKENS = 24
+MAX_SPAN_WORDS_EXTRA = 3  # a fuzzy span may be a few words longer than what the model wrote
+MIN_FUZZY_MATCH = 0.5
+_EDGE_PUNCTUATION = " \t\n\"'`.,;:!?()[]{}"
+
+
+@dataclass
+class QuestionAnswer:
+    score: float
+    start: int
+    end: int
+    answer: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def prompt_for(question: str, context: str) -> str:
+    return FEW_SHOT + f"Context: {' '.join(context.split())}\nQuestion: {' '.join(question.split())}\nAnswer:"
+
+
+def check(question, context) -> tuple[str, str]:
+    """Both must be non-empty strings; the message names the one that is not."""
+    for name, value in (("question", question), ("context", context)):
+        if not isinstance(value, str):
+            raise Unprocessable(f"{name}: must be a string")
+        if not value.strip():
+            raise Unprocessable(f"{name}: must not be empty")
+    return question, context
+
+
+def locate(generated: str, context: str) -> tuple[int, int, float]:
+    """The span of `context` that best matches `generated`: (start, end, match quality in [0, 1])."""
+    wanted = generated.strip(_EDGE_PUNCTUATION)
+    if not wanted:
+        return 0, 0, 0.0
+    at = context.lower().find(wanted.lower())
+    if at >= 0:
+        return at, at + len(wanted), 1.0
+    words = [m.span() for m in re.finditer(r"\S+", context)]
+    longest = len(wanted.split()) + MAX_SPAN_WORDS_EXTRA
+    best = (0, 0, 0.0)
+    for i in range(len(words)):
+        for j in range(i, min(i + longest, len(words))):
+            start, end = _trim(context, words[i][0], words[j][1])
+            if start >= end:
+                continue
+            quality = SequenceMatcher(None, wanted.lower(), context[start:end].lower()).ratio()
+            if quality > best[2]:
+                best = (start, end, quality)
+    return best if best[2] >= MIN_FUZZY_MATCH else (0, 0, 0.0)
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    while start < end and text[start] in _EDGE_PUNCTUATION:
+        start += 1
+    while end > start and text[end - 1] in _EDGE_PUNCTUATION:
+        end -= 1
+    return start, end
+
+
+def _confidence(tokens: list[Token]) -> float:
+    logprobs = [t.logprob for t in tokens if t.logprob is not None and t.text.strip()]
+    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+
+
+def _answer(context: str, completion: Completion, tokens: list[Token]) -> QuestionAnswer:
+    start, end, quality = locate(completion.text, context)
+    score = min(1.0, max(0.0, _confidence(tokens) * quality))
+    return QuestionAnswer(score=round(score, 6), start=start, end=end, answer=context[start:end])
+
+
+async def stream_answer(
+    textgen: TextGenerator, endpoint: str, question: str, context: str
+) -> AsyncIterator[Token | QuestionAnswer]:
+    """Yield the generated answer's tokens as they come, then the located span."""
+    question, context = check(question, context)
+    parameters = {"max_new_tokens": MAX_ANSWER_TOKENS, "stop": ["\n"], "temperature": 0}
+    tokens: list[Token] = []
+    async for item in textgen.stream(endpoint, prompt_for(question, context), parameters):
+        if isinstance(item, Token):
+            tokens.append(item)
+            yield item
+        else:
+            yield _answer(context, item, tokens)
+
+
+async def answer_question(textgen: TextGenerator, endpoint: str, question: str, context: str) -> QuestionAnswer:
+    result = None
+    async for item in stream_answer(textgen, endpoint, question, context):
+        if isinstance(item, QuestionAnswer):
+            result = item
+    assert result is not None
+    return result

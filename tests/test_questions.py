@@ -1,0 +1,44 @@
+"""Locating a generated answer in its context: offsets are real, fuzzy matches are bounded, nothing is invented."""
+
+from __future__ import annotations
+
+import pytest
+
+from servelet.errors import Unprocessable
+from servelet.gateway.questions import check, locate, prompt_for
+
+CAR = "My car used to be blue but I painted red"
+
+
+def test_exact_answer_is_found_case_insensitively_with_real_offsets():
+    start, end, quality = locate(" Red", CAR)
+    assert CAR[start:end] == "red" and quality == 1.0
+
+
+def test_punctuation_around_the_generated_answer_is_not_part_of_the_span():
+    context = "My name is Wolfgang and I live in Berlin."
+    start, end, _ = locate(' "Berlin."', context)
+    assert context[start:end] == "Berlin"
+
+
+def test_a_misspelt_answer_maps_to_the_closest_span_of_the_context():
+    context = "The novel Dracula was written by Bram Stoker, an Irish author."
+    start, end, quality = locate("Bram Stokr", context)
+    assert context[start:end] == "Bram Stoker"
+    assert 0.5 < quality < 1.0
+
+
+def test_an_answer_unrelated_to_the_context_gives_an_empty_span():
+    assert locate("seventeen elephants", CAR) == (0, 0, 0.0)
+    assert locate("   ", CAR) == (0, 0, 0.0)
+
+
+def test_the_prompt_ends_where_the_model_writes_the_answer():
+    prompt = prompt_for("What is the color of my car now?", CAR)
+    assert prompt.endswith(f"Context: {CAR}\nQuestion: What is the color of my car now?\nAnswer:")
+
+
+@pytest.mark.parametrize("question, context, field", [("", CAR, "question"), ("Why?", "  ", "context"), ("Why?", 3, "context")])
+def test_empty_or_missing_fields_are_named(question, context, field):
+    with pytest.raises(Unprocessable, match=field):
+        check(question, context)
