@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench bench-engine bench-gateway clean
 
 install: $(STAMP)
 
@@ -23,8 +23,13 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: install
+bench: bench-engine bench-gateway
+
+bench-engine: install
 	$(BIN)/python bench/engine.py
+
+bench-gateway: install
+	$(BIN)/python bench/gateway.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

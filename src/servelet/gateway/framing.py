@@ -50,6 +50,7 @@ async def with_keepalive(
     finally:
         if pending is not None and not pending.done():
             pending.cancel()
+            await asyncio.wait({pending})  # the source must stop running before it can be closed
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()

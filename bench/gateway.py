@@ -1,0 +1,153 @@
+"""What the gateway costs: N concurrent streams through `servelet serve` against the same through the engine API alone.
+
+Engine alone: `servelet.engine.Engine` in this process, with the settings an instance uses (2 threads), requests
+submitted with the async API. Gateway: `servelet serve` (gateway + one instance over a Unix socket), the same
+requests streamed over HTTP on a route of your choice. Runs alternate (engine, gateway, engine, ...) so the
+machine's drift hits both alike; medians are reported. Then the gateway's added latency on a small
+non-streaming request: `POST /invocations` through the gateway against the same call on the instance's own socket.
+
+    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 3] [--route tgi|invocations] [--pings 50]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+import engine as engine_bench  # bench/engine.py: prompts, timings, the HTTP streaming client
+from servelet.artifacts import resolve_model
+from servelet.engine import Engine, GenerationParams
+from servelet.settings import InstanceSettings
+
+THREADS = engine_bench.THREADS
+
+
+def json_lines_tokens(line: str, tokens: int) -> int:
+    return engine_bench.servelet_tokens_after(line, tokens)
+
+
+def sse_tokens(line: str, tokens: int) -> int:
+    if not line.startswith("data:") or line.strip() == "data: [DONE]":
+        return tokens
+    event = json.loads(line.removeprefix("data:"))
+    if "error" in event:
+        raise RuntimeError(f"gateway: {event['error']}")
+    return tokens + (("token" in event) or bool(event.get("choices")))
+
+
+ROUTES = {
+    "invocations": engine_bench.StreamingApi(
+        "/invocations",
+        lambda p, n: {"inputs": p, "parameters": {"max_new_tokens": n, "ignore_eos": True}, "stream": True},
+        json_lines_tokens,
+    ),
+    "tgi": engine_bench.StreamingApi(
+        "/generate_stream",
+        lambda p, n: {"inputs": p, "parameters": {"max_new_tokens": n, "ignore_eos": True}},
+        sse_tokens,
+    ),
+}
+
+
+class EngineAlone:
+    """The engine API in this process: every request submitted at once, tokens timed as they arrive."""
+
+    def __init__(self, model: Path):
+        settings = InstanceSettings(threads=THREADS)
+        self.engine = Engine(model, settings.engine_config())
+
+    def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[engine_bench.RequestTiming]:
+        return asyncio.run(self._all(prompts, new_tokens))
+
+    async def _all(self, prompts, new_tokens):
+        return list(await asyncio.gather(*(self._one(p, new_tokens) for p in prompts)))
+
+    async def _one(self, prompt: str, new_tokens: int) -> engine_bench.RequestTiming:
+        submitted = time.perf_counter()
+        first = last = 0.0
+        tokens = 0
+        async for _ in self.engine.submit(prompt, GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)):
+            last = time.perf_counter()
+            first = first or last
+            tokens += 1
+        return engine_bench.RequestTiming(submitted, first, last, tokens)
+
+
+def small_request_latency(gateway_url: str, instance_socket: Path, pings: int) -> tuple[float, float]:
+    """p50 seconds of one small non-streaming request, through the gateway and straight to the instance (alternating)."""
+    body = {"inputs": "Hello", "parameters": {"max_new_tokens": 1}}
+    via_gateway, direct = [], []
+    with httpx.Client(base_url=gateway_url, timeout=60) as gateway, httpx.Client(
+        transport=httpx.HTTPTransport(uds=str(instance_socket)), base_url="http://instance", timeout=60
+    ) as instance:
+        for client in (gateway, instance):  # warm both connections
+            client.post("/invocations", json=body).raise_for_status()
+        for _ in range(pings):
+            for client, samples in ((gateway, via_gateway), (instance, direct)):
+                started = time.perf_counter()
+                client.post("/invocations", json=body).raise_for_status()
+                samples.append(time.perf_counter() - started)
+    return statistics.median(via_gateway), statistics.median(direct)
+
+
+def parse_options(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=16, help="concurrent streams")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians reported")
+    parser.add_argument("--route", choices=sorted(ROUTES), default="tgi", help="the gateway route streamed")
+    parser.add_argument("--pings", type=int, default=50, help="small requests per side for the latency figure")
+    options = parser.parse_args(argv)
+    if not 1 <= options.n <= len(engine_bench.PROMPTS):
+        parser.error(f"--n: 1 to {len(engine_bench.PROMPTS)}")
+    return options
+
+
+def main(argv=None) -> None:
+    options = parse_options(argv)
+    model = resolve_model(engine_bench.MODEL_URI)
+    prompts = engine_bench.PROMPTS[: options.n]
+    run_dir = Path(tempfile.mkdtemp(prefix="servelet-bench-"))
+    port = engine_bench.free_port()
+    command = [str(Path(sys.executable).with_name("servelet")), "serve", "--model", str(model), "--port", str(port)]
+    env = os.environ | {"SERVELET_THREADS": str(THREADS), "SERVELET_RUN_DIR": str(run_dir)}
+    print(f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
+          f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads")
+    alone = EngineAlone(model)
+    runs: dict[str, list[engine_bench.Measurement]] = {"engine": [], "gateway": []}
+    with engine_bench.server_process(command, f"http://127.0.0.1:{port}/ping", env):
+        through = engine_bench.ConcurrentClient(f"http://127.0.0.1:{port}", ROUTES[options.route])
+        alone.run_batch(prompts[:2], 4)  # warm-up, both sides
+        through.run_batch(prompts[:2], 4)
+        for repeat in range(options.repeats):
+            for side, runner in (("engine", alone), ("gateway", through)):
+                cell = engine_bench.measure(runner.run_batch(prompts, options.new_tokens))
+                runs[side].append(cell)
+                print(f"  run {repeat + 1} {side:8s} {cell.tokens_per_s:7.1f} tok/s  TTFT p50 {cell.ttft_p50_s:.3f} s")
+        gateway_p50, direct_p50 = small_request_latency(
+            f"http://127.0.0.1:{port}", run_dir / "default-AllTraffic-0.sock", options.pings
+        )
+    alone.engine.close()
+    engine, gateway = engine_bench.median(runs["engine"]), engine_bench.median(runs["gateway"])
+    print(
+        "\n| path | tokens/s (median) | TTFT p50 | TTFT p95 |\n| --- | ---: | ---: | ---: |\n"
+        f"| engine API alone | {engine.tokens_per_s:.1f} | {engine.ttft_p50_s:.3f} s | {engine.ttft_p95_s:.3f} s |\n"
+        f"| gateway `{ROUTES[options.route].path}` | {gateway.tokens_per_s:.1f} | {gateway.ttft_p50_s:.3f} s "
+        f"| {gateway.ttft_p95_s:.3f} s |\n"
+    )
+    print(f"gateway / engine tokens/s: {gateway.tokens_per_s / engine.tokens_per_s:.3f} (target >= 0.97)")
+    print(f"small request p50: {gateway_p50 * 1000:.1f} ms via gateway, {direct_p50 * 1000:.1f} ms direct; "
+          f"the gateway adds {(gateway_p50 - direct_p50) * 1000:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
