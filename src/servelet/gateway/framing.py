@@ -8,12 +8,30 @@ import struct
 import zlib
 from collections.abc import AsyncIterator
 
+from starlette.responses import StreamingResponse
+
 SSE = "text/event-stream"
 JSON_LINES = "application/jsonlines"
 EVENT_STREAM = "application/vnd.amazon.eventstream"
 # Headers that keep proxies (nginx, ALBs) from buffering a stream: tokens must reach the client as they come.
 UNBUFFERED = {"X-Accel-Buffering": "no", "Cache-Control": "no-cache"}
 KEEPALIVE_SECONDS = 15.0
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its stream however the response ends (done, client gone, error), cancelling the generation at once.
+
+    Starlette leaves a body iterator suspended at its last `yield` when the client goes away during a send;
+    it would be closed only when garbage-collected, keeping the engine slot busy until then.
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 # -- server-sent events ----------------------------------------------------------------------------

@@ -33,6 +33,10 @@ INTER_TOKEN_LATENCY = Histogram(
 )
 PROMPT_TOKENS = Counter("servelet_prompt_tokens", "Prompt tokens evaluated", ["endpoint"], registry=REGISTRY)
 GENERATED_TOKENS = Counter("servelet_generated_tokens", "Tokens generated", ["endpoint"], registry=REGISTRY)
+WEBSOCKET_REQUESTS = Counter(
+    "servelet_websocket_requests", "WebSocket requests by kind (question, generate, chat, invalid) and outcome",
+    ["endpoint", "kind", "outcome"], registry=REGISTRY,
+)
 
 
 class FleetCollector:

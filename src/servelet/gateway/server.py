@@ -16,5 +16,14 @@ def run_gateway(settings: GatewaySettings) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded request and health poll
     app = create_gateway(settings)
     log.info("gateway on http://%s:%d (docs at /docs)", settings.host, settings.port)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5, ws_ping_interval=20)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=5,
+        ws_ping_interval=20,
+        # Above our own limit, so an oversized WebSocket message gets our error frame rather than a closed socket.
+        ws_max_size=settings.max_payload_bytes + 64 * 1024,
+    )
     return 0

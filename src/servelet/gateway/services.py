@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 
 from ..control.endpoints import Fleet
 from ..control.router import Router
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge, Unprocessable
 from ..settings import GatewaySettings
+from .errors import describe_validation
 from .textgen import TextGenerator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass
@@ -56,3 +61,35 @@ async def read_json(request: Request, limit: int):
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+
+
+def parse(model: type[M], data) -> M:
+    """Validate a body read with `read_json`; a 422 names each field that is wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise Unprocessable(describe_validation(exc)) from None
+
+
+def json_body(*models: type[BaseModel]) -> dict:
+    """`openapi_extra` documenting a JSON body that routes read themselves (to enforce the size limit first);
+    several models document a body that may take any of their shapes."""
+    schemas = [_inline(m.model_json_schema()) for m in models]
+    schema = schemas[0] if len(schemas) == 1 else {"oneOf": schemas}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _inline(schema: dict) -> dict:
+    """Replace pydantic's local `$defs` references, which mean nothing inside an OpenAPI document."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node):
+        if isinstance(node, dict):
+            if "$ref" in node:
+                return resolve(defs[node["$ref"].rsplit("/", 1)[-1]])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    return resolve(schema)

@@ -23,6 +23,7 @@ class Token:
     id: int
     text: str
     logprob: float | None = None
+    last: bool = False  # the Completion follows at once (TGI sends both in one event)
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TextGenerator:
                         metrics.INTER_TOKEN_LATENCY.labels(endpoint).observe(now - last_at)
                     last_at = now
                     token = line["token"]
-                    yield Token(token["id"], token["text"], token.get("log_prob"))
+                    yield Token(token["id"], token["text"], token.get("log_prob"), last="details" in line)
                     if "details" in line:
                         details = line["details"]
                         metrics.PROMPT_TOKENS.labels(endpoint).inc(details["prompt_tokens"])
