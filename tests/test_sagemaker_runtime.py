@@ -272,3 +272,15 @@ def test_errors_hard_to_provoke_render_as_botocore_reads_them(client, error, cod
     )
     assert parsed["Error"] == {"Code": code, "Message": error.message}
     assert client.exceptions.from_code(code).__name__ == exception
+
+
+def test_invocations_alias_passes_a_stream_through_line_by_line(gateway):
+    """`"stream": true` on /invocations answers JSON lines as the container does, the first before the last is made."""
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 8}, "stream": True}
+    with gateway.http(timeout=60) as http, http.stream("POST", "/invocations", json=body) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("application/jsonlines")
+        lines = [json.loads(line) for line in answer.iter_lines() if line]
+    assert len(lines) == 8 and all("token" in line for line in lines)
+    assert lines[-1]["details"]["generated_tokens"] == 8
+    assert "".join(line["token"]["text"] for line in lines) == lines[-1]["generated_text"]

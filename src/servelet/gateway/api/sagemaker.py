@@ -229,12 +229,28 @@ async def ping(services: Services = Depends(services)):
 
 @runtime.post(
     "/invocations",
-    summary="The container contract's invocation, on the endpoint `default` (same as InvokeEndpoint)",
+    summary="The container contract's invocation, on the endpoint `default` (streams pass through as they come)",
     response_class=Response,
     openapi_extra=LMI_EXAMPLE,
 )
 async def invocations(request: Request, services: Services = Depends(services)):
-    return await invoke(request, services, DEFAULT_ENDPOINT)
+    """As the instance itself answers: with `"stream": true` its JSON lines reach the client token by token,
+    not buffered into one answer as InvokeEndpoint does."""
+    invocation = await read_invocation(request, services, DEFAULT_ENDPOINT, request.headers.get("accept"))
+    instance_stream = AsyncExitStack()
+    with model_errors():
+        answer = await instance_stream.enter_async_context(services.router.stream(invocation))
+    note_endpoint(request, DEFAULT_ENDPOINT, answer.variant)
+    headers = {"X-Amzn-Invoked-Production-Variant": answer.variant} | framing.UNBUFFERED
+    return framing.ClosingStreamingResponse(
+        passed_through(answer, instance_stream), media_type=answer.content_type, headers=headers
+    )
+
+
+async def passed_through(answer: ChunkStream, instance_stream: AsyncExitStack) -> AsyncIterator[bytes]:
+    async with instance_stream:
+        async for chunk in answer.chunks:
+            yield chunk
 
 
 router.include_router(runtime)

@@ -56,7 +56,9 @@ NEUTRAL: dict[str, tuple[tuple, str]] = {
     "adapter_id": ((None,), "adapters are not supported"),
 }
 # What the instance takes (LMI's names); it checks the ranges and names the parameter when one is out of range.
-FORWARDED = {"max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed", "stop"}
+FORWARDED = {
+    "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed", "stop", "ignore_eos",
+}
 
 
 class TGIParameters(BaseModel):
@@ -73,6 +75,7 @@ class TGIParameters(BaseModel):
     seed: int | None = Field(None, description="Makes sampling repeatable.")
     stop: list[str] = Field(default_factory=list, description=f"Up to {MAX_STOP_SEQUENCES} stop sequences.")
     details: bool = Field(False, description="Answer finish_reason, token counts and each token's log-prob.")
+    ignore_eos: bool = Field(False, description="Not TGI's: LMI's and vLLM's, to generate exactly max_new_tokens.")
     return_full_text: bool | None = Field(None, description="Prepend the prompt to generated_text.")
     truncate: int | None = Field(None, description="Not supported: null only.")
     watermark: bool | None = Field(False, description="Not supported: false only.")
