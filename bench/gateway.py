@@ -1,8 +1,9 @@
 """What the gateway costs: N concurrent streams through `servelet serve` against the same through the engine API alone.
 
 Engine alone: `servelet.engine.Engine` in this process, with the settings an instance uses (2 threads), requests
-submitted with the async API. Gateway: `servelet serve` (gateway + one instance over a Unix socket), the same
-requests streamed over HTTP on a route of your choice. Runs alternate (engine, gateway, engine, ...) so the
+submitted with the async API. Instance direct: the same streams over HTTP to the instance's own Unix socket (what
+a client pays for HTTP, without the gateway hop). Gateway: `servelet serve` (gateway + one instance over a Unix socket), the same
+requests streamed over HTTP on a route of your choice. Runs alternate (engine, instance, gateway, engine, ...) so the
 machine's drift hits both alike; medians are reported. Then the gateway's added latency on a small
 non-streaming request: `POST /invocations` through the gateway against the same call on the instance's own socket.
 
@@ -58,6 +59,21 @@ ROUTES = {
 }
 
 
+class InstanceDirect(engine_bench.ConcurrentClient):
+    """The same streams straight to the instance's Unix socket: HTTP and JSON lines, but no gateway hop."""
+
+    def __init__(self, socket_path: Path):
+        super().__init__("http://instance", ROUTES["invocations"])
+        self.socket_path = socket_path
+
+    async def _send_all(self, prompts, new_tokens):
+        transport = httpx.AsyncHTTPTransport(uds=str(self.socket_path))
+        async with httpx.AsyncClient(
+            base_url=self.base_url, transport=transport, timeout=engine_bench.REQUEST_TIMEOUT
+        ) as client:
+            return list(await asyncio.gather(*(self._send(client, p, new_tokens) for p in prompts)))
+
+
 class EngineAlone:
     """The engine API in this process: every request submitted at once, tokens timed as they arrive."""
 
@@ -80,6 +96,27 @@ class EngineAlone:
             first = first or last
             tokens += 1
         return engine_bench.RequestTiming(submitted, first, last, tokens)
+
+
+def serve_pid(port: int) -> int | None:
+    """The `servelet serve` process listening on `port` (found by its command line)."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"serve" in args and str(port).encode() in args:
+                return int(proc.name)
+    return None
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU time a process has used so far (Linux /proc), 0 where unknown."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def small_request_latency(gateway_url: str, instance_socket: Path, pings: int) -> tuple[float, float]:
@@ -123,28 +160,47 @@ def main(argv=None) -> None:
     print(f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
           f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads")
     alone = EngineAlone(model)
-    runs: dict[str, list[engine_bench.Measurement]] = {"engine": [], "gateway": []}
+    runs: dict[str, list[engine_bench.Measurement]] = {"engine": [], "instance": [], "gateway": []}
     with engine_bench.server_process(command, f"http://127.0.0.1:{port}/ping", env):
-        through = engine_bench.ConcurrentClient(f"http://127.0.0.1:{port}", ROUTES[options.route])
-        alone.run_batch(prompts[:2], 4)  # warm-up, both sides
-        through.run_batch(prompts[:2], 4)
+        sides = {
+            "engine": alone,
+            "instance": InstanceDirect(run_dir / "default-AllTraffic-0.sock"),
+            "gateway": engine_bench.ConcurrentClient(f"http://127.0.0.1:{port}", ROUTES[options.route]),
+        }
+        for runner in sides.values():
+            runner.run_batch(prompts[:2], 4)  # warm-up
+        gateway_pid = serve_pid(port)
+        gateway_cpu, gateway_tokens = 0.0, 0
         for repeat in range(options.repeats):
-            for side, runner in (("engine", alone), ("gateway", through)):
-                cell = engine_bench.measure(runner.run_batch(prompts, options.new_tokens))
+            for side, runner in sides.items():
+                cpu_before = cpu_seconds(gateway_pid)
+                timings = runner.run_batch(prompts, options.new_tokens)
+                if side == "gateway":
+                    gateway_cpu += cpu_seconds(gateway_pid) - cpu_before
+                    gateway_tokens += sum(t.tokens for t in timings)
+                cell = engine_bench.measure(timings)
                 runs[side].append(cell)
                 print(f"  run {repeat + 1} {side:8s} {cell.tokens_per_s:7.1f} tok/s  TTFT p50 {cell.ttft_p50_s:.3f} s")
         gateway_p50, direct_p50 = small_request_latency(
             f"http://127.0.0.1:{port}", run_dir / "default-AllTraffic-0.sock", options.pings
         )
     alone.engine.close()
-    engine, gateway = engine_bench.median(runs["engine"]), engine_bench.median(runs["gateway"])
-    print(
-        "\n| path | tokens/s (median) | TTFT p50 | TTFT p95 |\n| --- | ---: | ---: | ---: |\n"
-        f"| engine API alone | {engine.tokens_per_s:.1f} | {engine.ttft_p50_s:.3f} s | {engine.ttft_p95_s:.3f} s |\n"
-        f"| gateway `{ROUTES[options.route].path}` | {gateway.tokens_per_s:.1f} | {gateway.ttft_p50_s:.3f} s "
-        f"| {gateway.ttft_p95_s:.3f} s |\n"
-    )
-    print(f"gateway / engine tokens/s: {gateway.tokens_per_s / engine.tokens_per_s:.3f} (target >= 0.97)")
+    engine, instance, gateway = (engine_bench.median(runs[side]) for side in ("engine", "instance", "gateway"))
+    rows = [
+        ("engine API alone (in process)", engine),
+        ("instance direct (`/invocations`, Unix socket)", instance),
+        (f"gateway `{ROUTES[options.route].path}`", gateway),
+    ]
+    print("\n| path | tokens/s (median) | TTFT p50 | TTFT p95 |\n| --- | ---: | ---: | ---: |")
+    for name, cell in rows:
+        print(f"| {name} | {cell.tokens_per_s:.1f} | {cell.ttft_p50_s:.3f} s | {cell.ttft_p95_s:.3f} s |")
+    print(f"\ngateway / engine tokens/s: {gateway.tokens_per_s / engine.tokens_per_s:.3f} (target >= 0.97)")
+    print(f"gateway / instance direct tokens/s: {gateway.tokens_per_s / instance.tokens_per_s:.3f}")
+    paired = [g.tokens_per_s / e.tokens_per_s for g, e in zip(runs["gateway"], runs["engine"])]
+    print(f"per-run gateway / engine: {', '.join(f'{r:.3f}' for r in paired)}")
+    if gateway_tokens:
+        print(f"gateway process CPU: {gateway_cpu * 1000 / gateway_tokens:.2f} ms per streamed token "
+              f"({gateway_cpu:.1f} s over {gateway_tokens} tokens; the machine has {os.cpu_count()} cores)")
     print(f"small request p50: {gateway_p50 * 1000:.1f} ms via gateway, {direct_p50 * 1000:.1f} ms direct; "
           f"the gateway adds {(gateway_p50 - direct_p50) * 1000:.1f} ms")
 

@@ -44,3 +44,21 @@ def test_metrics_speak_prometheus_text(gateway):
     assert metrics.headers["content-type"].startswith("text/plain")
     assert 'servelet_requests_total{endpoint="",route="/health",status="200",variant=""}' in metrics.text
     assert "servelet_running_sequences" in metrics.text
+
+
+def test_metrics_count_requests_by_endpoint_variant_route_and_status_and_time_tokens(gateway):
+    body = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}}
+    with gateway.http(timeout=60) as http:
+        with http.stream("POST", "/generate_stream", json=body) as stream:
+            assert stream.status_code == 200
+            stream.read()
+        assert http.post("/generate", json={"inputs": "Hello", "parameters": {"top_p": 9}}).status_code == 422
+        text = http.get("/metrics").text
+    samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and line[0] != "#"}
+    assert samples['servelet_requests_total{endpoint="default",route="/generate_stream",status="200",variant="AllTraffic"}'] >= 1
+    assert samples['servelet_requests_total{endpoint="default",route="/generate",status="422",variant=""}'] >= 1
+    assert samples['servelet_time_to_first_token_seconds_count{endpoint="default"}'] >= 1
+    assert samples['servelet_inter_token_latency_seconds_count{endpoint="default"}'] >= 3
+    assert samples['servelet_generated_tokens_total{endpoint="default"}'] >= 4
+    assert samples['servelet_prompt_tokens_total{endpoint="default"}'] >= 1
+    assert 'servelet_waiting_sequences{endpoint="default",instance="default/AllTraffic/0",variant="AllTraffic"}' in samples

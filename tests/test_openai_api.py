@@ -101,6 +101,18 @@ def test_seeded_sampling_is_reproducible(client):
     assert sample() == sample()
 
 
+def test_penalties_stop_a_greedy_loop(client):
+    """A prompt the model would repeat greedily: frequency and presence penalties push it to other tokens."""
+    prompt = "red red red red red red red red"
+
+    def words(**penalties) -> list[str]:
+        answer = client.completions.create(model="default", prompt=prompt, max_tokens=8, temperature=0, **penalties)
+        return answer.choices[0].text.split()
+
+    assert words().count("red") >= 6
+    assert words(frequency_penalty=2.0, presence_penalty=2.0).count("red") <= 2
+
+
 # -- chat completions ------------------------------------------------------------------------------------------
 def test_chat_answers_the_question(client):
     answer = client.chat.completions.create(model="default", messages=QUESTION, max_tokens=16, temperature=0)
@@ -163,8 +175,8 @@ def test_a_client_that_leaves_a_stream_cancels_its_generation(gateway, client):
         (lambda c: c.completions.create(model="default", prompt=""), "prompt", "empty"),
         (lambda c: c.completions.create(model="default", prompt=["a", "b"]), "prompt", "one text prompt"),
         (
-            lambda c: c.completions.create(model="default", prompt=PROMPT, frequency_penalty=0.5),
-            "frequency_penalty", "not supported",
+            lambda c: c.completions.create(model="default", prompt=PROMPT, frequency_penalty=2.5),
+            "frequency_penalty", "less than or equal to 2",
         ),
         (
             lambda c: c.chat.completions.create(model="default", messages=[{"role": "tool", "content": "x"}]),

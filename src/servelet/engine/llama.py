@@ -192,12 +192,16 @@ class LlamaModel:
         return 0 if hi < 0 else hi - C.llama_memory_seq_pos_min(self._memory, seq_id) + 1
 
     # -- samplers (llama.cpp's own, for sampled or penalised requests) -----------------------
-    def new_sampler(self, *, temperature, top_k, top_p, repetition_penalty, seed, sampling, history):
+    def new_sampler(
+        self, *, temperature, top_k, top_p, repetition_penalty, frequency_penalty, presence_penalty, seed, sampling, history
+    ):
         chain = C.llama_sampler_chain_init(C.llama_sampler_chain_default_params())
-        if repetition_penalty is not None and repetition_penalty != 1.0:
-            C.llama_sampler_chain_add(
-                chain, C.llama_sampler_init_penalties(self.n_vocab, self.kv_cells_per_seq, repetition_penalty, 0.0, 0.0)
+        repeat = 1.0 if repetition_penalty is None else repetition_penalty
+        if repeat != 1.0 or frequency_penalty or presence_penalty:
+            penalties = C.llama_sampler_init_penalties(
+                self.n_vocab, self.kv_cells_per_seq, repeat, frequency_penalty, presence_penalty
             )
+            C.llama_sampler_chain_add(chain, penalties)
         if sampling:
             if top_k:
                 C.llama_sampler_chain_add(chain, C.llama_sampler_init_top_k(top_k))

@@ -19,6 +19,9 @@ class GenerationParams(BaseModel):
     top_k: int | None = Field(None, ge=0, description="0 disables top-k.")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    # OpenAI's and vLLM's additive penalties (llama.cpp applies them over the prompt and the output so far).
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Lowers a token's logit by this per use.")
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="Lowers a used token's logit by this once.")
     do_sample: bool = False
     seed: int | None = Field(None, ge=0, lt=2**32)
     stop: list[str] = Field(
@@ -55,4 +58,5 @@ class GenerationParams(BaseModel):
 
     @property
     def penalised(self) -> bool:
-        return self.repetition_penalty is not None and self.repetition_penalty != 1.0
+        repetition = self.repetition_penalty is not None and self.repetition_penalty != 1.0
+        return repetition or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0

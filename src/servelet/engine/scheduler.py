@@ -150,6 +150,8 @@ class Scheduler:
             top_k=p.top_k,
             top_p=p.top_p,
             repetition_penalty=p.repetition_penalty,
+            frequency_penalty=p.frequency_penalty,
+            presence_penalty=p.presence_penalty,
             seed=seed,
             sampling=p.sampling,
             history=seq.prompt_tokens,

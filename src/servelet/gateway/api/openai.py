@@ -114,9 +114,7 @@ class StreamOptions(BaseModel):
 
 
 # Fields OpenAI defines that this server cannot honour: accepted unset or at their neutral value, refused otherwise.
-UNSUPPORTED = (
-    "frequency_penalty", "presence_penalty", "logit_bias", "echo", "best_of", "suffix", "logprobs", "top_logprobs",
-)
+UNSUPPORTED = ("logit_bias", "echo", "best_of", "suffix", "logprobs", "top_logprobs")
 NEUTRAL = {"best_of": 1}
 
 
@@ -136,8 +134,10 @@ class GenerationRequest(BaseModel):
     n: int = Field(1, ge=1, description="Choices to generate; only 1 is supported.")
     stream: bool = Field(False, description="Answer server-sent events, one chunk per token, ending with `[DONE]`.")
     stream_options: StreamOptions | None = None
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
+    frequency_penalty: float | None = Field(
+        None, ge=-2, le=2, description="Lowers a token's logit by this for each time it already appears."
+    )
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Lowers a token's logit by this once it appears.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; leave unset or empty.")
     user: str | None = Field(None, description="Accepted and ignored.")
 
@@ -172,6 +172,9 @@ class GenerationRequest(BaseModel):
         params: dict = {"stop": [*(self.stop or []), *stop]}
         if max_tokens is not None:
             params["max_new_tokens"] = max_tokens
+        for penalty in ("frequency_penalty", "presence_penalty"):
+            if value := getattr(self, penalty):
+                params[penalty] = value
         if temperature == 0 or top_p == 0:
             return params | {"do_sample": False}
         params |= {"do_sample": True, "temperature": temperature}
@@ -353,7 +356,7 @@ async def completions(request: Request, svc: Services = Depends(services)):
     reply = Reply("cmpl", model)
     if body.stream:
         items = await start_stream(request, svc, model, body.prompt, parameters)
-        return sse_response(completion_chunks(reply, items, body.include_usage, request))
+        return sse_response(completion_chunks(reply, items, body.include_usage, request), svc.settings.keepalive_seconds)
     completion = await unless_disconnected(request, svc.textgen.complete(model, body.prompt, parameters))
     note_endpoint(request, model, completion.variant)
     return CompletionResponse(
@@ -392,7 +395,7 @@ async def chat_completions(request: Request, svc: Services = Depends(services)):
     reply = Reply("chatcmpl", model)
     if body.stream:
         items = await start_stream(request, svc, model, prompt.text, parameters)
-        return sse_response(chat_chunks(reply, items, body.include_usage, request))
+        return sse_response(chat_chunks(reply, items, body.include_usage, request), svc.settings.keepalive_seconds)
     completion = await unless_disconnected(request, svc.textgen.complete(model, prompt.text, parameters))
     note_endpoint(request, model, completion.variant)
     return ChatCompletionResponse(
@@ -485,6 +488,6 @@ async def _sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     yield sse("[DONE]")
 
 
-def sse_response(chunks: AsyncIterator[dict]) -> StreamingResponse:
-    events = with_keepalive(_sse_events(chunks), SSE_KEEPALIVE)
+def sse_response(chunks: AsyncIterator[dict], keepalive_seconds: float) -> StreamingResponse:
+    events = with_keepalive(_sse_events(chunks), SSE_KEEPALIVE, keepalive_seconds)
     return ClosingStreamingResponse(events, media_type=SSE, headers=UNBUFFERED)

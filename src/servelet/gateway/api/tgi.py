@@ -51,13 +51,13 @@ NEUTRAL: dict[str, tuple[tuple, str]] = {
     "decoder_input_details": ((False, None), "prompt-token details (prefill) are not reported"),
     "top_n_tokens": ((None, 0), "the most likely alternative tokens are not reported"),
     "typical_p": ((None, 1.0), "typical sampling is not supported; use top_p or top_k"),
-    "frequency_penalty": ((None, 0.0), "frequency_penalty is not supported; use repetition_penalty"),
     "grammar": ((None,), "constrained generation (grammar) is not supported"),
     "adapter_id": ((None,), "adapters are not supported"),
 }
 # What the instance takes (LMI's names); it checks the ranges and names the parameter when one is out of range.
 FORWARDED = {
-    "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "do_sample", "seed", "stop", "ignore_eos",
+    "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "frequency_penalty", "do_sample", "seed",
+    "stop", "ignore_eos",
 }
 
 
@@ -83,7 +83,7 @@ class TGIParameters(BaseModel):
     decoder_input_details: bool | None = Field(False, description="Not supported: false only.")
     top_n_tokens: int | None = Field(None, description="null or 0.")
     typical_p: float | None = Field(None, description="null or 1.0.")
-    frequency_penalty: float | None = Field(None, description="null or 0.")
+    frequency_penalty: float | None = Field(None, description="Lowers a token's logit by this per earlier use.")
     grammar: dict | None = Field(None, description="Not supported: null only.")
     adapter_id: str | None = Field(None, description="Not supported: null only.")
 
@@ -240,7 +240,9 @@ async def _prepend(first, rest: AsyncIterator) -> AsyncIterator:
             yield item
 
 
-async def stream_events(items: AsyncIterator[Token | Completion], body: TGIRequest) -> AsyncIterator[bytes]:
+async def stream_events(
+    items: AsyncIterator[Token | Completion], body: TGIRequest, request: Request
+) -> AsyncIterator[bytes]:
     """TGI's server-sent events; the last token is held until its Completion, which follows at once."""
     index, last = 0, None
     async with aclosing(items):
@@ -253,6 +255,7 @@ async def stream_events(items: AsyncIterator[Token | Completion], body: TGIReque
                     else:
                         yield framing.sse(StreamResponse(index=index, token=_token(item)).model_dump())
                 else:
+                    note_endpoint(request, DEFAULT_ENDPOINT, item.variant)
                     yield framing.sse(final_event(index, last, body, item).model_dump())
         except GatewayError as exc:
             yield framing.sse(tgi_error(exc))  # after the stream started, TGI sends a failure as one last event
@@ -272,7 +275,7 @@ async def stream_text(request: Request, hub: Services, body: TGIRequest) -> Resp
     note_endpoint(request, DEFAULT_ENDPOINT)
     items = hub.textgen.stream(DEFAULT_ENDPOINT, body.inputs, body.parameters.for_instance())
     first = await unless_disconnected(request, items.__anext__())
-    events = stream_events(_prepend(first, items), body)
+    events = stream_events(_prepend(first, items), body, request)
     keepalive = framing.with_keepalive(events, framing.SSE_KEEPALIVE, hub.settings.keepalive_seconds)
     return EventStream(keepalive, headers=framing.UNBUFFERED)
 
