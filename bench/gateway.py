@@ -1,7 +1,8 @@
 """What the gateway costs: N concurrent streams through `servelet serve` against the same through the engine API alone.
 
 Engine alone: `servelet.engine.Engine` in this process, with the settings an instance uses (2 threads), requests
-submitted with the async API. Instance direct: the same streams over HTTP to the instance's own Unix socket (what
+submitted with the async API, asking for each token's log-prob as both gateway routes carry it (the same work
+for the same answer; `--engine-without-logprobs` drops that). Instance direct: the same streams over HTTP to the instance's own Unix socket (what
 a client pays for HTTP, without the gateway hop). Gateway: `servelet serve` (gateway + one instance over a Unix socket), the same
 requests streamed over HTTP on a route of your choice. Runs alternate (engine, instance, gateway, engine, ...) so the
 machine's drift hits both alike; medians are reported. Then the gateway's added latency on a small
@@ -77,9 +78,10 @@ class InstanceDirect(engine_bench.ConcurrentClient):
 class EngineAlone:
     """The engine API in this process: every request submitted at once, tokens timed as they arrive."""
 
-    def __init__(self, model: Path):
+    def __init__(self, model: Path, logprobs: bool):
         settings = InstanceSettings(threads=THREADS)
         self.engine = Engine(model, settings.engine_config())
+        self.logprobs = logprobs
 
     def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[engine_bench.RequestTiming]:
         return asyncio.run(self._all(prompts, new_tokens))
@@ -91,7 +93,8 @@ class EngineAlone:
         submitted = time.perf_counter()
         first = last = 0.0
         tokens = 0
-        async for _ in self.engine.submit(prompt, GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)):
+        params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+        async for _ in self.engine.submit(prompt, params, logprobs=self.logprobs):
             last = time.perf_counter()
             first = first or last
             tokens += 1
@@ -143,6 +146,9 @@ def parse_options(argv):
     parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians reported")
     parser.add_argument("--route", choices=sorted(ROUTES), default="tgi", help="the gateway route streamed")
     parser.add_argument("--pings", type=int, default=50, help="small requests per side for the latency figure")
+    parser.add_argument(
+        "--engine-without-logprobs", action="store_true", help="the engine side skips the log-probs the routes carry"
+    )
     options = parser.parse_args(argv)
     if not 1 <= options.n <= len(engine_bench.PROMPTS):
         parser.error(f"--n: 1 to {len(engine_bench.PROMPTS)}")
@@ -159,7 +165,7 @@ def main(argv=None) -> None:
     env = os.environ | {"SERVELET_THREADS": str(THREADS), "SERVELET_RUN_DIR": str(run_dir)}
     print(f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
           f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads")
-    alone = EngineAlone(model)
+    alone = EngineAlone(model, logprobs=not options.engine_without_logprobs)
     runs: dict[str, list[engine_bench.Measurement]] = {"engine": [], "instance": [], "gateway": []}
     with engine_bench.server_process(command, f"http://127.0.0.1:{port}/ping", env):
         sides = {
@@ -187,7 +193,7 @@ def main(argv=None) -> None:
     alone.engine.close()
     engine, instance, gateway = (engine_bench.median(runs[side]) for side in ("engine", "instance", "gateway"))
     rows = [
-        ("engine API alone (in process)", engine),
+        (f"engine API alone (in process, log-probs {'off' if options.engine_without_logprobs else 'on'})", engine),
         ("instance direct (`/invocations`, Unix socket)", instance),
         (f"gateway `{ROUTES[options.route].path}`", gateway),
     ]

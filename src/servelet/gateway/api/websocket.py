@@ -208,6 +208,8 @@ class Connection:
         try:
             async with aclosing(self.generate(request)) as items:
                 async for item in items:
+                    if isinstance(item, Token) and not item.text:
+                        continue  # a token that shows nothing yet (a stop sequence, half a character)
                     await self.send(self.frame(request.id, item))
             return "ok"
         except CLIENT_GONE:
