@@ -162,7 +162,7 @@ def main(argv=None) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="servelet-bench-"))
     port = engine_bench.free_port()
     command = [str(Path(sys.executable).with_name("servelet")), "serve", "--model", str(model), "--port", str(port)]
-    env = os.environ | {"SERVELET_THREADS": str(THREADS), "SERVELET_RUN_DIR": str(run_dir)}
+    env = os.environ | {"SERVELET_THREADS": str(THREADS), "SERVELET_RUN_DIR": str(run_dir), "SERVELET_DATA_DIR": str(run_dir)}
     print(f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
           f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads")
     alone = EngineAlone(model, logprobs=not options.engine_without_logprobs)

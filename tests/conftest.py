@@ -24,6 +24,16 @@ def model_path() -> Path:
     return resolve_model(DEFAULT_MODEL_URI)
 
 
+def wait_for(condition, seconds: float, poll: float = 0.1) -> bool:
+    """Poll `condition` until it holds (True) or `seconds` pass (False): bounded, never a bare sleep."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(poll)
+    return bool(condition())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,7 +128,8 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
     """Start `servelet serve` and wait until /health says the endpoint `default` is ready."""
     port = free_port()
     log_path = tmp_path / "gateway.log"
-    full_env = os.environ | {"SERVELET_THREADS": "2", "SERVELET_RUN_DIR": str(tmp_path)} | (env or {})
+    own_folders = {"SERVELET_RUN_DIR": str(tmp_path), "SERVELET_DATA_DIR": str(tmp_path / "data")}
+    full_env = os.environ | {"SERVELET_THREADS": "2"} | own_folders | (env or {})
     process = subprocess.Popen(
         [SERVELET, "serve", "--port", str(port), *(args or [])],
         env=full_env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT,

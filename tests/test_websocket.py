@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
+from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
@@ -78,14 +78,6 @@ async def eventually_counted(gateway, name: str, **labels) -> float:
 def running_sequences(gateway) -> float:
     return metric(gateway, "servelet_running_sequences")
 
-
-def wait_until(check, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 async def test_welcome_names_the_version_endpoints_and_formats(gateway):
@@ -246,12 +238,12 @@ async def test_cancel_stops_one_request(gateway):
 
 
 async def test_a_disconnect_mid_generation_frees_the_engine_slot(gateway):
-    assert wait_until(lambda: running_sequences(gateway) == 0, timeout=30)
+    assert wait_for(lambda: running_sequences(gateway) == 0, 30)
     cancelled = metric(gateway, "servelet_websocket_requests_total", kind="generate", outcome="cancelled")
     async with connect(url(gateway)) as ws:
         await opened(ws)
         await ws.send(json.dumps({"id": "long", "inputs": "Once upon a time", "parameters": {"max_new_tokens": 1500, "ignore_eos": True}}))
         assert (await receive(ws))["type"] == "token"
-        assert await asyncio.to_thread(wait_until, lambda: running_sequences(gateway) > 0, 10)
-    assert await asyncio.to_thread(wait_until, lambda: running_sequences(gateway) == 0, 10), "the generation still runs"
+        assert await asyncio.to_thread(wait_for, lambda: running_sequences(gateway) > 0, 10)
+    assert await asyncio.to_thread(wait_for, lambda: running_sequences(gateway) == 0, 10), "the generation still runs"
     assert metric(gateway, "servelet_websocket_requests_total", kind="generate", outcome="cancelled") == cancelled + 1

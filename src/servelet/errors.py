@@ -67,3 +67,24 @@ def from_instance(status: int, body: bytes) -> GatewayError:
     if status in by_status:
         return by_status[status](message)
     return ModelFailed(message, status)
+
+
+# -- control plane: resource definitions and their lifecycle (SageMaker answers these as ValidationException) ----
+class ResourceInvalid(GatewayError):
+    """A definition that cannot work, e.g. a variant naming a model that does not exist."""
+
+    status, kind = 400, "resource_invalid"
+
+
+class ResourceMissing(GatewayError):
+    status, kind = 400, "resource_missing"
+
+
+class ResourceExists(GatewayError):
+    status, kind = 400, "resource_exists"
+
+
+class ResourceInUse(GatewayError):
+    """A model or endpoint config that an endpoint still uses."""
+
+    status, kind = 400, "resource_in_use"

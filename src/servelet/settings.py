@@ -138,6 +138,29 @@ class GatewaySettings(BaseSettings):
     instance_start_timeout: float = Field(600.0, gt=0, description="Seconds an instance may take to load its model.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
     keepalive_seconds: float = Field(15.0, gt=0, description="Silence after which a stream sends a keep-alive.")
+    data_dir: Path = Field(default_factory=lambda: default_data_dir(), description="Where servelet keeps its state.")
+    database_url: str | None = Field(
+        None, description="SQLAlchemy URL of the control-plane store (postgresql+psycopg://...); unset: SQLite in data_dir."
+    )
+
+    @field_validator("data_dir")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser()
+
+
+def default_data_dir() -> Path:
+    """`$XDG_DATA_HOME/servelet`, that is `~/.local/share/servelet` unless the user moved their data home."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "servelet"
+
+
+def database_url(settings: GatewaySettings) -> str:
+    """The store's URL: SERVELET_DATABASE_URL when set, else a SQLite file in the data folder."""
+    if settings.database_url:
+        return settings.database_url
+    from .control.store import Store  # SQLAlchemy loads only where a store is opened
+
+    return Store.default_url(settings.data_dir)
 
 
 def load_gateway_settings(**overrides) -> GatewaySettings:

@@ -45,8 +45,15 @@ class Instance:
         self.facts: dict = {}  # GET /model: name, context_length, chat_template, ...
         self.occupancy: dict = {}  # the last /ping: running, waiting, ...
         self.failure: str | None = None
+        self.ever_ready = False
+        self.stopping = False
 
     async def start(self) -> None:
+        """Start the process (again, for a replacement: with a fresh client, old connections died with it)."""
+        if self.process is not None:
+            await self.client.aclose()
+            self.client = InstanceClient(f"unix:{self.socket_path}", timeout=None)
+            self.failure = None
         if self.socket_path.exists():
             self.socket_path.unlink()
         args = [sys.executable, "-m", "servelet.cli", "container", "--model", self.model_uri, "--socket", str(self.socket_path)]
@@ -62,7 +69,7 @@ class Instance:
                 raise InstanceFailed(self.failure)
             if self.socket_path.exists() and await self.client.ping():
                 self.facts = (await self.client.model_facts()) or {}
-                self.ready = True
+                self.ready = self.ever_ready = True
                 log.info("instance %s ready: %s", self.name, self.facts.get("name"))
                 return
             await asyncio.sleep(0.2)
@@ -83,6 +90,7 @@ class Instance:
 
     async def stop(self, grace: float = 10.0) -> None:
         self.ready = False
+        self.stopping = True
         await self.client.aclose()
         if self.process is None or self.process.returncode is not None:
             return

@@ -34,7 +34,7 @@ class Router:
         try:
             response = await instance.client.post(invocation.body, invocation.instance_headers())
         except httpx.TransportError as exc:
-            raise ModelFailed(f"instance {instance.name} failed while answering: {exc!r}", 500) from None
+            raise _instance_failed(instance, exc) from None
         if response.status_code != 200:
             raise from_instance(response.status_code, response.content)
         return Answer(
@@ -53,17 +53,23 @@ class Router:
                 if response.status_code != 200:
                     raise from_instance(response.status_code, await response.aread())
                 yield ChunkStream(
-                    chunks=_chunks(response, instance.name),
+                    chunks=_chunks(response, instance),
                     content_type=response.headers.get("content-type", "application/octet-stream"),
                     variant=variant,
                 )
         except httpx.TransportError as exc:
-            raise ModelFailed(f"instance {instance.name} failed while answering: {exc!r}", 500) from None
+            raise _instance_failed(instance, exc) from None
 
 
-async def _chunks(response: httpx.Response, instance: str) -> AsyncIterator[bytes]:
+def _instance_failed(instance: Instance, exc: Exception, when: str = "while answering") -> ModelFailed:
+    """The connection broke: route around the instance until its health poll sees it answer again."""
+    instance.ready = False
+    return ModelFailed(f"instance {instance.name} failed {when}: {exc!r}", 500)
+
+
+async def _chunks(response: httpx.Response, instance: Instance) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk
     except httpx.TransportError as exc:
-        raise ModelFailed(f"instance {instance} failed mid-stream: {exc!r}", 500) from None
+        raise _instance_failed(instance, exc, "mid-stream") from None

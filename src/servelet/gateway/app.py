@@ -11,11 +11,13 @@ from fastapi.responses import Response
 
 from .. import __version__
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
+from ..control.plane import ControlPlane
 from ..control.router import Router
+from ..control.store import Store
 from ..errors import GatewayError, Unprocessable
-from ..settings import GatewaySettings
+from ..settings import GatewaySettings, database_url
 from . import metrics
-from .api import openai, qa, sagemaker, tgi, websocket
+from .api import openai, qa, sagemaker, sagemaker_control, tgi, websocket
 from .disconnect import ClientGone
 from .errors import describe_validation, render
 from .services import Services
@@ -35,15 +37,20 @@ a WebSocket. `model` / `EndpointName` name an endpoint; `default` is the one `se
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
     fleet = fleet or Fleet(settings.run_dir)
     router = Router(fleet)
-    services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router))
+    store = Store(database_url(settings))
+    plane = ControlPlane(store, fleet, settings.instance_start_timeout)
+    services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if settings.instances:
-            await fleet.deploy(DEFAULT_ENDPOINT, settings.model, settings.instances, settings.instance_start_timeout)
+            await plane.declare(DEFAULT_ENDPOINT, settings.model, settings.instances)
+        await plane.restore()
         yield
+        await plane.close()
         await fleet.close()
+        store.close()
 
     app = FastAPI(title="servelet", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.services = services
@@ -91,6 +98,6 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
-    for family in (sagemaker, tgi, qa, openai, websocket):
+    for family in (sagemaker, sagemaker_control, tgi, qa, openai, websocket):
         app.include_router(family.router)
     return app

@@ -9,6 +9,7 @@ from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
 from ..control.endpoints import Fleet
+from ..control.plane import ControlPlane
 from ..control.router import Router
 from ..errors import BadRequest, PayloadTooLarge, Unprocessable
 from ..settings import GatewaySettings
@@ -24,6 +25,7 @@ class Services:
     fleet: Fleet
     router: Router
     textgen: TextGenerator
+    plane: ControlPlane
 
 
 def services(request: Request) -> Services:

@@ -38,7 +38,8 @@ def render_tgi_error(error: GatewayError) -> Response:
     return JSONResponse(tgi_error(error), status_code=error.status)
 
 
-router = APIRouter(tags=["TGI"], dependencies=[Depends(error_format("tgi", render_tgi_error))])
+as_tgi = error_format("tgi", render_tgi_error)  # also called by POST /, which it shares with the SageMaker control API
+router = APIRouter(tags=["TGI"], dependencies=[Depends(as_tgi)])
 
 
 # -- requests -------------------------------------------------------------------------------------
@@ -302,14 +303,9 @@ async def generate(request: Request, hub: Services = Depends(services)):
     return await generate_text(request, hub, body)
 
 
-@router.post(
-    "/",
-    summary="TGI's compat route: generate, or stream when the body says `stream: true`",
-    description="What `huggingface_hub.InferenceClient(model=<this server's URL>)` posts to.",
-    response_model=GenerateResponse,
-    openapi_extra=json_body(TGIRequest),
-)
-async def compat_generate(request: Request, hub: Services = Depends(services)):
+async def compat_generate(request: Request, hub: Services) -> Response:
+    """TGI's compat route `POST /` (what `huggingface_hub.InferenceClient(model=<URL>)` posts to): generate, or
+    stream when the body says `stream: true`. The route is `sagemaker_control.post_root`, which shares the path."""
     body = parse(TGIRequest, await read_json(request, hub.settings.max_payload_bytes))
     return await (stream_text if body.stream else generate_text)(request, hub, body)
 

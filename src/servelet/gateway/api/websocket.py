@@ -101,6 +101,7 @@ class Connection:
         self.websocket = websocket
         self.services = services
         self.in_flight: dict[RequestId, asyncio.Task] = {}
+        self.outcomes: dict[RequestId, str] = {}  # ok / error, once the request's last frame is sent
         self.sending = asyncio.Lock()
         self.numbers = itertools.count(1)
 
@@ -193,33 +194,36 @@ class Connection:
 
     async def answer(self, request: _Request) -> None:
         """One request's task: its frames, then its removal from those in flight and its count in the metrics."""
-        outcome = "cancelled"
         try:
-            outcome = await self.respond(request)
+            await self.respond(request)
         except CLIENT_GONE:
             pass  # the client left mid-answer; the receive loop cancels whatever else it had running
         finally:
             self.in_flight.pop(request.id, None)
             kind = type(request).__name__.removesuffix("Request").lower()
+            outcome = self.outcomes.pop(request.id, "cancelled")
             metrics.WEBSOCKET_REQUESTS.labels(request.endpoint, kind, outcome).inc()
 
-    async def respond(self, request: _Request) -> str:
-        """Stream the tokens and the final answer; a failure becomes an error frame for the request's id."""
+    async def respond(self, request: _Request) -> None:
+        """Stream the tokens and the final answer; a failure becomes an error frame for the request's id.
+        The outcome is noted as soon as the last frame is sent: closing the stream afterwards is not part of it."""
         try:
             async with aclosing(self.generate(request)) as items:
                 async for item in items:
                     if isinstance(item, Token) and not item.text:
                         continue  # a token that shows nothing yet (a stop sequence, half a character)
                     await self.send(self.frame(request.id, item))
-            return "ok"
+                    if not isinstance(item, Token):
+                        self.outcomes[request.id] = "ok"
         except CLIENT_GONE:
             raise
         except GatewayError as error:
             await self.send_error(error.message, request.id, error)
+            self.outcomes[request.id] = "error"
         except Exception as exc:  # noqa: BLE001 - one request's failure must not close the others' connection
             log.exception("websocket request %r failed", request.id)
             await self.send_error(f"the request failed: {exc!r}", request.id)
-        return "error"
+            self.outcomes[request.id] = "error"
 
     def generate(self, request: _Request) -> AsyncIterator[Token | Completion | QuestionAnswer]:
         textgen = self.services.textgen

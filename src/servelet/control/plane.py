@@ -1,0 +1,244 @@
+"""The control plane: resources kept in the store, endpoints reconciled onto the fleet of instances.
+
+The store says what should run; the fleet is what runs. Creating an endpoint records it as `Creating`, starts its
+instances and marks it `InService` once every instance answers `/ping` (or `Failed`, saying why). A restart
+brings every stored endpoint back; a crashed instance is replaced by the fleet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
+from .endpoints import Fleet, VariantPlan
+from .resources import (
+    ContainerSpec,
+    EndpointConfigSpec,
+    EndpointRecord,
+    EndpointStatus,
+    ModelSpec,
+    ProductionVariant,
+    VariantState,
+    arn,
+)
+from .store import AlreadyExists, Store
+
+log = logging.getLogger("servelet.control")
+
+
+class ControlPlane:
+    def __init__(self, store: Store, fleet: Fleet, start_timeout: float = 600.0):
+        self.store = store
+        self.fleet = fleet
+        self.start_timeout = start_timeout
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- models ---------------------------------------------------------------------------------------------
+    async def create_model(self, spec: ModelSpec) -> ModelSpec:
+        if not spec.uri:
+            raise ResourceInvalid(
+                f"model {spec.model_name!r} has no artifact: set PrimaryContainer.ModelDataUrl "
+                "(a path, file://, s3://, http(s):// or package:// URI)"
+            )
+        try:
+            self.store.add_model(spec)
+        except AlreadyExists:
+            raise ResourceExists(f'Cannot create already existing model "{arn("model", spec.model_name)}".') from None
+        return spec
+
+    async def describe_model(self, name: str) -> ModelSpec:
+        model = self.store.get_model(name)
+        if model is None:
+            raise ResourceMissing(f'Could not find model "{arn("model", name)}".')
+        return model
+
+    async def list_models(self, name_contains: str | None = None) -> list[ModelSpec]:
+        return [m for m in self.store.list_models() if _contains(m.model_name, name_contains)]
+
+    async def delete_model(self, name: str) -> None:
+        await self.describe_model(name)
+        users = [c.endpoint_config_name for c in self.store.list_endpoint_configs()
+                 if any(v.model_name == name for v in c.production_variants)
+                 and any(e.endpoint_config_name == c.endpoint_config_name for e in self.store.list_endpoints())]
+        if users:
+            raise ResourceInUse(f"model {name!r} is used by endpoint configs in service: {', '.join(users)}")
+        self.store.delete_model(name)
+
+    # -- endpoint configs -----------------------------------------------------------------------------------
+    async def create_endpoint_config(self, spec: EndpointConfigSpec) -> EndpointConfigSpec:
+        missing = [v.model_name for v in spec.production_variants if self.store.get_model(v.model_name) is None]
+        if missing:
+            raise ResourceInvalid(f"Could not find model(s) {', '.join(map(repr, missing))}: create them first")
+        try:
+            self.store.add_endpoint_config(spec)
+        except AlreadyExists:
+            name = arn("endpoint-config", spec.endpoint_config_name)
+            raise ResourceExists(f'Cannot create already existing endpoint configuration "{name}".') from None
+        return spec
+
+    async def describe_endpoint_config(self, name: str) -> EndpointConfigSpec:
+        config = self.store.get_endpoint_config(name)
+        if config is None:
+            raise ResourceMissing(f'Could not find endpoint configuration "{arn("endpoint-config", name)}".')
+        return config
+
+    async def list_endpoint_configs(self, name_contains: str | None = None) -> list[EndpointConfigSpec]:
+        return [c for c in self.store.list_endpoint_configs() if _contains(c.endpoint_config_name, name_contains)]
+
+    async def delete_endpoint_config(self, name: str) -> None:
+        await self.describe_endpoint_config(name)
+        # SageMaker lets a config be deleted under a running endpoint; the endpoint keeps what it runs.
+        self.store.delete_endpoint_config(name)
+
+    # -- endpoints ------------------------------------------------------------------------------------------
+    async def create_endpoint(self, name: str, config_name: str) -> EndpointRecord:
+        config = await self.describe_endpoint_config(config_name)
+        plans = self._plans(config)
+        record = EndpointRecord(
+            endpoint_name=name,
+            endpoint_config_name=config_name,
+            production_variants=[
+                VariantState(
+                    variant_name=v.variant_name,
+                    current_weight=v.initial_variant_weight,
+                    desired_weight=v.initial_variant_weight,
+                    desired_instance_count=v.initial_instance_count,
+                )
+                for v in config.production_variants
+            ],
+        )
+        try:
+            self.store.add_endpoint(record)
+        except AlreadyExists:
+            raise ResourceExists(f'Cannot create already existing endpoint "{arn("endpoint", name)}".') from None
+        await self._start(record, plans)
+        return record
+
+    async def describe_endpoint(self, name: str) -> EndpointRecord:
+        record = self.store.get_endpoint(name)
+        if record is None:
+            raise ResourceMissing(f'Could not find endpoint "{arn("endpoint", name)}".')
+        return self._with_live_counts(record)
+
+    async def list_endpoints(self, name_contains: str | None = None, status: str | None = None) -> list[EndpointRecord]:
+        return [
+            self._with_live_counts(e) for e in self.store.list_endpoints()
+            if _contains(e.endpoint_name, name_contains) and (status is None or e.endpoint_status.value == status)
+        ]
+
+    async def delete_endpoint(self, name: str) -> None:
+        record = await self.describe_endpoint(name)
+        record.endpoint_status = EndpointStatus.DELETING
+        self.store.save_endpoint(record)
+        await self.fleet.remove(name)
+        self.store.delete_endpoint(name)
+
+    async def declare(self, name: str, model_uri: str, instances: int = 1, variant: str = "AllTraffic") -> None:
+        """Make endpoint `name` serve `model_uri` on `instances` instances, through a model and config of the same
+        name: kept if the store already says so (a restart), replaced if it says something else."""
+        model = self.store.get_model(name)
+        config = self.store.get_endpoint_config(name)
+        record = self.store.get_endpoint(name)
+        wanted = [(variant, name, instances)]
+        if (
+            record is not None and record.endpoint_status is not EndpointStatus.FAILED
+            and model is not None and model.uri == model_uri
+            and config is not None and record.endpoint_config_name == name
+            and [(v.variant_name, v.model_name, v.initial_instance_count) for v in config.production_variants] == wanted
+        ):
+            return
+        if record is not None:
+            await self.fleet.remove(name)
+            self.store.delete_endpoint(name)
+        self.store.delete_endpoint_config(name)
+        self.store.delete_model(name)
+        await self.create_model(ModelSpec(model_name=name, primary_container=ContainerSpec(model_data_url=model_uri)))
+        await self.create_endpoint_config(EndpointConfigSpec(
+            endpoint_config_name=name,
+            production_variants=[ProductionVariant(variant_name=variant, model_name=name, initial_instance_count=instances)],
+        ))
+        await self.create_endpoint(name, name)
+
+    # -- reconciling ----------------------------------------------------------------------------------------
+    async def restore(self) -> None:
+        """Bring back every stored endpoint (after a restart); finish deletions that were under way."""
+        for record in self.store.list_endpoints():
+            if record.endpoint_status is EndpointStatus.DELETING:
+                self.store.delete_endpoint(record.endpoint_name)
+                continue
+            if record.endpoint_status is EndpointStatus.FAILED or record.endpoint_name in self.fleet.endpoints:
+                continue
+            config = self.store.get_endpoint_config(record.endpoint_config_name)
+            try:
+                plans = self._plans(config) if config else None
+            except ResourceInvalid as exc:
+                plans, reason = None, exc.message
+            else:
+                reason = f"its endpoint config {record.endpoint_config_name!r} no longer exists"
+            if plans is None:
+                self._fail(record, f"cannot restore the endpoint: {reason}")
+                continue
+            log.info("restoring endpoint %s", record.endpoint_name)
+            await self._start(record, plans)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _plans(self, config: EndpointConfigSpec) -> list[VariantPlan]:
+        plans = []
+        for variant in config.production_variants:
+            model = self.store.get_model(variant.model_name)
+            if model is None:
+                raise ResourceInvalid(
+                    f"variant {variant.variant_name!r} names model {variant.model_name!r}, which does not exist"
+                )
+            plans.append(VariantPlan(
+                name=variant.variant_name,
+                model_uri=model.uri,
+                instances=variant.initial_instance_count,
+                weight=variant.initial_variant_weight,
+                env=dict(model.primary_container.environment),
+            ))
+        return plans
+
+    async def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
+        await self.fleet.deploy_variants(record.endpoint_name, plans, self.start_timeout)
+        task = asyncio.create_task(self._await_service(record.endpoint_name))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _await_service(self, name: str) -> None:
+        failure = await self.fleet.wait_ready(name, self.start_timeout)
+        record = self.store.get_endpoint(name)
+        if record is None or record.endpoint_status is EndpointStatus.DELETING:
+            return
+        if failure:
+            await self.fleet.remove(name)
+            self._fail(record, failure)
+            return
+        if record.endpoint_status is EndpointStatus.CREATING:
+            record.endpoint_status = EndpointStatus.IN_SERVICE
+            self.store.save_endpoint(record)
+            log.info("endpoint %s is InService", name)
+
+    def _fail(self, record: EndpointRecord, reason: str) -> None:
+        record.endpoint_status = EndpointStatus.FAILED
+        record.failure_reason = reason
+        self.store.save_endpoint(record)
+        log.error("endpoint %s failed: %s", record.endpoint_name, reason)
+
+    def _with_live_counts(self, record: EndpointRecord) -> EndpointRecord:
+        endpoint = self.fleet.endpoints.get(record.endpoint_name)
+        live = {v.name: len(v.ready_instances()) for v in endpoint.variants} if endpoint else {}
+        record = record.model_copy(deep=True)
+        for variant in record.production_variants:
+            variant.current_instance_count = live.get(variant.variant_name, 0)
+        return record
+
+
+def _contains(name: str, fragment: str | None) -> bool:
+    return fragment is None or fragment.lower() in name.lower()
+

@@ -1,0 +1,142 @@
+"""The control plane's resources in SageMaker's terms: Model, EndpointConfig, Endpoint.
+
+Field names are snake_case in Python and SageMaker's PascalCase on the wire (`by_alias=True`), so the
+SageMaker control API, the store, the CLI and the YAML config all read and write the same models.
+Validation messages are written for the user who sent the definition.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from datetime import datetime, timezone
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_pascal
+
+# SageMaker's resource-name rule: letters, digits and hyphens, at most 63, starting with a letter or digit.
+NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
+MAX_INSTANCES_PER_VARIANT = 64
+URI_SCHEMES = ("package://", "file://", "s3://", "http://", "https://")
+RUNTIMES = ("llamacpp",)  # issue 5 adds transformers, handler, vllm
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Resource(BaseModel):
+    model_config = ConfigDict(alias_generator=to_pascal, populate_by_name=True, extra="ignore")
+
+
+class ContainerSpec(Resource):
+    """Where the model comes from and how its instances are configured (SageMaker's ContainerDefinition)."""
+
+    image: str | None = Field(None, description="Accepted for compatibility; servelet runs its own runtime.")
+    model_data_url: str | None = Field(None, description="Model URI: a path, file://, s3://, http(s)://, package://.")
+    environment: dict[str, str] = Field(default_factory=dict, description="Passed to the instances (LMI OPTION_*, ...).")
+    mode: str = Field("SingleModel", description="SingleModel, or MultiModel (issue 5).")
+
+    @field_validator("model_data_url")
+    @classmethod
+    def _known_scheme(cls, uri: str | None) -> str | None:
+        if uri is None:
+            return uri
+        if "://" in uri and not uri.startswith(URI_SCHEMES):
+            raise ValueError(f"ModelDataUrl {uri!r}: the scheme is not supported (use {', '.join(URI_SCHEMES)} or a path)")
+        if not uri.strip():
+            raise ValueError("ModelDataUrl must not be empty")
+        return uri
+
+
+class ModelSpec(Resource):
+    """A deployable model: a name and its container (artifact URI, environment, runtime)."""
+
+    model_name: str = Field(pattern=NAME_PATTERN)
+    primary_container: ContainerSpec = Field(default_factory=ContainerSpec)
+    execution_role_arn: str | None = None
+    runtime: str = Field("llamacpp", description="Which runtime serves it.")
+    creation_time: datetime = Field(default_factory=now)
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_here(cls, runtime: str) -> str:
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime {runtime!r} is not available (available: {', '.join(RUNTIMES)})")
+        return runtime
+
+    @property
+    def uri(self) -> str | None:
+        """The artifact URI; the container's ModelDataUrl, else the LMI environment names (HF_MODEL_ID, ...)."""
+        env = self.primary_container.environment
+        return self.primary_container.model_data_url or env.get("SERVELET_MODEL") or env.get("OPTION_MODEL_ID") or env.get("HF_MODEL_ID")
+
+
+class ServerlessConfig(Resource):
+    memory_size_in_mb: int = Field(2048, ge=1024, le=6144, alias="MemorySizeInMB")
+    max_concurrency: int = Field(20, ge=1, le=200)
+    provisioned_concurrency: int | None = Field(None, ge=1, le=200)
+
+
+class ProductionVariant(Resource):
+    variant_name: str = Field(pattern=NAME_PATTERN)
+    model_name: str = Field(pattern=NAME_PATTERN)
+    initial_instance_count: int = Field(1, ge=0, le=MAX_INSTANCES_PER_VARIANT)
+    initial_variant_weight: float = Field(1.0, ge=0.0)
+    instance_type: str | None = Field(None, description="Accepted for compatibility; instances run on this machine.")
+    serverless_config: ServerlessConfig | None = None
+
+
+class EndpointConfigSpec(Resource):
+    endpoint_config_name: str = Field(pattern=NAME_PATTERN)
+    production_variants: list[ProductionVariant] = Field(min_length=1, max_length=10)
+    async_inference_config: dict | None = None
+    creation_time: datetime = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _variants_make_sense(self):
+        names = [v.variant_name for v in self.production_variants]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"ProductionVariants: variant names must be unique; repeated: {', '.join(duplicates)}")
+        if sum(v.initial_variant_weight for v in self.production_variants) <= 0:
+            raise ValueError("ProductionVariants: the InitialVariantWeight values sum to 0, so no variant would get traffic")
+        return self
+
+
+class EndpointStatus(str, enum.Enum):
+    CREATING = "Creating"
+    IN_SERVICE = "InService"
+    UPDATING = "Updating"
+    ROLLING_BACK = "RollingBack"
+    FAILED = "Failed"
+    DELETING = "Deleting"
+
+
+class VariantState(Resource):
+    """What DescribeEndpoint reports per variant (SageMaker's ProductionVariantSummary)."""
+
+    variant_name: str
+    current_weight: float
+    desired_weight: float
+    current_instance_count: int = 0
+    desired_instance_count: int
+
+
+class EndpointRecord(Resource):
+    endpoint_name: str = Field(pattern=NAME_PATTERN)
+    endpoint_config_name: str
+    endpoint_status: EndpointStatus = EndpointStatus.CREATING
+    failure_reason: str | None = None
+    production_variants: list[VariantState] = Field(default_factory=list)
+    creation_time: datetime = Field(default_factory=now)
+    last_modified_time: datetime = Field(default_factory=now)
+
+
+def arn(kind: str, name: str) -> str:
+    """A SageMaker-shaped ARN for a local resource (region `local`, account 000000000000)."""
+    return f"arn:aws:sagemaker:local:000000000000:{kind}/{name.lower()}"
+
+
+def valid_name(name: str) -> bool:
+    return re.fullmatch(NAME_PATTERN, name) is not None

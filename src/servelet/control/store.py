@@ -1,0 +1,207 @@
+"""Where the control plane's resources live: models, endpoint configs and endpoints, through SQLAlchemy.
+
+A SQLite file in servelet's data folder by default, so that `servelet serve` and a CLI process share it;
+any SQLAlchemy URL otherwise (`postgresql+psycopg://...`). Each resource is kept as its pydantic model's
+JSON, beside the few columns we query by, so a new resource field needs no migration.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, create_engine, event, func, insert, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.pool import StaticPool
+
+from .resources import EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, now
+
+DATABASE_FILE = "servelet.db"
+# How long a writer waits for another process's write lock on a SQLite file before giving up.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+
+metadata = MetaData()
+
+
+def _table(name: str, *extra: Column) -> Table:
+    return Table(
+        name,
+        metadata,
+        Column("name", String(63), primary_key=True),
+        Column("creation_time", DateTime(timezone=True), nullable=False, index=True),
+        *extra,
+        Column("spec", JSON, nullable=False),
+    )
+
+
+models = _table("models")
+endpoint_configs = _table("endpoint_configs")
+endpoints = _table(
+    "endpoints",
+    Column("status", String(16), nullable=False, index=True),
+    Column("last_modified_time", DateTime(timezone=True), nullable=False),
+)
+
+Spec = TypeVar("Spec", bound=BaseModel)
+
+
+class AlreadyExists(Exception):
+    """A create for a name the store already holds; `kind` is the resource kind (model, endpoint, ...)."""
+
+    def __init__(self, kind: str, name: str):
+        super().__init__(f"{kind} {name!r} already exists")
+        self.kind = kind
+        self.name = name
+
+
+def _utc(moment: datetime) -> datetime:
+    # SQLite keeps no time zone: store UTC everywhere so that ordering by creation time holds on both backends.
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+class Store:
+    """The resources of one servelet installation; every method is one short transaction."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = _engine(url)
+        metadata.create_all(self.engine)
+
+    @staticmethod
+    def default_url(data_dir: Path) -> str:
+        return f"sqlite:///{Path(data_dir).expanduser().resolve() / DATABASE_FILE}"
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # Models
+
+    def add_model(self, spec: ModelSpec) -> None:
+        self._add(models, "model", spec.model_name, spec)
+
+    def get_model(self, name: str) -> ModelSpec | None:
+        return self._get(models, ModelSpec, name)
+
+    def list_models(self, name_contains: str | None = None) -> list[ModelSpec]:
+        return self._list(models, ModelSpec, name_contains)
+
+    def delete_model(self, name: str) -> bool:
+        return self._delete(models, name)
+
+    # Endpoint configs
+
+    def add_endpoint_config(self, spec: EndpointConfigSpec) -> None:
+        self._add(endpoint_configs, "endpoint config", spec.endpoint_config_name, spec)
+
+    def get_endpoint_config(self, name: str) -> EndpointConfigSpec | None:
+        return self._get(endpoint_configs, EndpointConfigSpec, name)
+
+    def list_endpoint_configs(self, name_contains: str | None = None) -> list[EndpointConfigSpec]:
+        return self._list(endpoint_configs, EndpointConfigSpec, name_contains)
+
+    def delete_endpoint_config(self, name: str) -> bool:
+        return self._delete(endpoint_configs, name)
+
+    # Endpoints
+
+    def add_endpoint(self, record: EndpointRecord) -> None:
+        self._add(endpoints, "endpoint", record.endpoint_name, record, **_endpoint_columns(record))
+
+    def get_endpoint(self, name: str) -> EndpointRecord | None:
+        return self._get(endpoints, EndpointRecord, name)
+
+    def list_endpoints(
+        self, name_contains: str | None = None, status: EndpointStatus | str | None = None
+    ) -> list[EndpointRecord]:
+        where = [] if status is None else [endpoints.c.status == EndpointStatus(status).value]
+        return self._list(endpoints, EndpointRecord, name_contains, *where)
+
+    def save_endpoint(self, record: EndpointRecord) -> EndpointRecord:
+        """Insert or replace the endpoint; stamps `record.last_modified_time` (in place) and returns it."""
+        record.last_modified_time = now()
+        row = {"name": record.endpoint_name, "spec": record.model_dump(mode="json"), **_endpoint_columns(record)}
+        # One statement, not read-then-write: two SQLite writers never deadlock upgrading their locks.
+        statement = _upsert(self.engine).values(row)
+        statement = statement.on_conflict_do_update(
+            index_elements=[endpoints.c.name],
+            set_={key: statement.excluded[key] for key in row if key != "name"},
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+        return record
+
+    def delete_endpoint(self, name: str) -> bool:
+        return self._delete(endpoints, name)
+
+    # The same four operations for every table
+
+    def _add(self, table: Table, kind: str, name: str, spec: BaseModel, **columns: Any) -> None:
+        row = {"name": name, "creation_time": _utc(spec.creation_time), "spec": spec.model_dump(mode="json"), **columns}
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(insert(table).values(row))
+        except IntegrityError:
+            raise AlreadyExists(kind, name) from None
+
+    def _get(self, table: Table, spec_type: type[Spec], name: str) -> Spec | None:
+        with self.engine.connect() as connection:
+            spec = connection.execute(select(table.c.spec).where(table.c.name == name)).scalar_one_or_none()
+        return None if spec is None else spec_type.model_validate(spec)
+
+    def _list(self, table: Table, spec_type: type[Spec], name_contains: str | None, *where) -> list[Spec]:
+        query = select(table.c.spec).where(*where).order_by(table.c.creation_time, table.c.name)
+        if name_contains:
+            # SageMaker's NameContains ignores case.
+            query = query.where(func.lower(table.c.name).contains(name_contains.lower(), autoescape=True))
+        with self.engine.connect() as connection:
+            return [spec_type.model_validate(spec) for spec in connection.execute(query).scalars()]
+
+    def _delete(self, table: Table, name: str) -> bool:
+        with self.engine.begin() as connection:
+            return connection.execute(table.delete().where(table.c.name == name)).rowcount > 0
+
+
+def _endpoint_columns(record: EndpointRecord) -> dict[str, Any]:
+    return {
+        "creation_time": _utc(record.creation_time),
+        "status": EndpointStatus(record.endpoint_status).value,
+        "last_modified_time": _utc(record.last_modified_time),
+    }
+
+
+def _upsert(engine: Engine):
+    """INSERT ... ON CONFLICT for the engine's dialect (both SQLite and PostgreSQL have it)."""
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    elif engine.dialect.name == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    else:
+        raise ValueError(f"servelet's store supports SQLite and PostgreSQL, not {engine.dialect.name}")
+    return dialect_insert(endpoints)
+
+
+def _engine(url: str) -> Engine:
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite":
+        # pool_pre_ping: a PostgreSQL restart must not leave the gateway holding dead connections.
+        return create_engine(url, pool_pre_ping=True)
+    if parsed.database in (None, "", ":memory:"):
+        # One shared connection, or each thread would see its own empty in-memory database.
+        return create_engine(url, poolclass=StaticPool, connect_args={"check_same_thread": False})
+    Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_S})
+
+    @event.listens_for(engine, "connect")
+    def _share_the_file(dbapi_connection, _record):
+        # WAL lets the gateway read while a CLI process writes; the busy timeout makes writers wait, not fail.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.close()
+
+    return engine

@@ -1,0 +1,401 @@
+"""The SageMaker control API as boto3's `sagemaker` client sends it: AWS JSON 1.1 over the control plane.
+
+botocore posts every operation to `/` with `X-Amz-Target: SageMaker.<Operation>` and a JSON body, and reads an
+error's code from `__type` and its text from `message`. `POST /` without that header is TGI's compat route, so
+this module owns the path and hands such requests to `tgi.compat_generate`.
+Each operation reads its input shape, calls the `ControlPlane` and answers the service model's output shape.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import AfterValidator, BaseModel, Field, ValidationError
+from pydantic.alias_generators import to_pascal
+
+from ...control.plane import ControlPlane
+from ...control.resources import NAME_PATTERN, EndpointConfigSpec, EndpointRecord, ModelSpec, Resource, arn
+from ...errors import GatewayError, ResourceInUse, ResourceMissing
+from ..services import Services, json_body, read_body, services
+from . import tgi
+
+log = logging.getLogger("servelet.gateway")
+
+TARGET_HEADER = "x-amz-target"
+TARGET_PREFIX = "SageMaker."
+AMZ_JSON = "application/x-amz-json-1.1"
+NAME_RULE = "use letters, digits and hyphens (at most 63), starting with a letter or digit"
+
+
+# -- errors: {"__type": code, "message": text}, as botocore's JSON parser reads them ------------------------
+class ControlError(Exception):
+    """An error in the control API's own terms: a code botocore raises as ClientError, and an HTTP status."""
+
+    def __init__(self, code: str, message: str, status: int = 400):
+        super().__init__(message)
+        self.code, self.message, self.status = code, message, status
+
+
+def invalid(message: str) -> ControlError:
+    return ControlError("ValidationException", message)
+
+
+def control_error(exc: Exception, raises: tuple[str, ...] = ()) -> ControlError:
+    """SageMaker answers most refusals with ValidationException (the boto3 waiters rely on it for a missing
+    endpoint); ResourceNotFound only where the service model says the operation raises it."""
+    if isinstance(exc, ControlError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return invalid(describe(exc))
+    if isinstance(exc, ResourceInUse):
+        return ControlError("ResourceInUse", exc.message)
+    if isinstance(exc, ResourceMissing) and "ResourceNotFound" in raises:
+        return ControlError("ResourceNotFound", exc.message)
+    if isinstance(exc, GatewayError) and exc.status < 500:
+        return invalid(exc.message)
+    message = exc.message if isinstance(exc, GatewayError) else f"the control plane failed: {type(exc).__name__}: {exc}"
+    return ControlError("InternalFailure", message, 500)
+
+
+def describe(exc: ValidationError) -> str:
+    """One line per problem, naming the field as the user wrote it (`ProductionVariants.0.InitialInstanceCount`)."""
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        message = err.get("msg", "invalid").removeprefix("Value error, ")
+        if err.get("type") == "missing":
+            message = "required"
+        elif err.get("type") == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
+            message = f"{err.get('input')!r} is not a valid name: {NAME_RULE}"
+        lines.append(f"{where}: {message}" if where else message)
+    return "; ".join(lines) or "the request is not valid"
+
+
+def render_control_error(error: ControlError) -> Response:
+    return answer({"__type": error.code, "message": error.message}, error.status)
+
+
+def answer(body: dict, status: int = 200) -> Response:
+    return JSONResponse(body, status_code=status, media_type=AMZ_JSON, headers={"x-amzn-RequestId": str(uuid.uuid4())})
+
+
+# -- input shapes: PascalCase like the resources; members servelet does not read are ignored -------------
+# A ValidationError from any of them (or from the resources) answers ValidationException naming the field.
+class ModelNameInput(Resource):
+    model_name: str
+
+
+class EndpointConfigNameInput(Resource):
+    endpoint_config_name: str
+
+
+class EndpointNameInput(Resource):
+    endpoint_name: str
+
+
+class CreateEndpointInput(Resource):
+    endpoint_name: str = Field(pattern=NAME_PATTERN)
+    endpoint_config_name: str
+    deployment_config: dict | None = Field(None, description="Accepted; blue/green updates come with UpdateEndpoint.")
+
+
+def aware(moment: datetime) -> datetime:
+    """Times without a zone (as some stores hand them back) are UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+Moment = Annotated[datetime, AfterValidator(aware)]  # botocore sends epoch seconds
+SageMakerStatus = Literal[
+    "OutOfService", "Creating", "Updating", "SystemUpdating", "RollingBack", "InService", "Deleting", "Failed",
+    "UpdateRollbackFailed",
+]
+
+
+class ListInput(Resource):
+    name_contains: str | None = None
+    sort_by: Literal["Name", "CreationTime"] = "CreationTime"
+    sort_order: Literal["Ascending", "Descending"] = "Descending"
+    max_results: int = Field(10, ge=1, le=100)
+    next_token: str | None = None
+    creation_time_before: Moment | None = None
+    creation_time_after: Moment | None = None
+
+
+class ListEndpointsInput(ListInput):
+    sort_by: Literal["Name", "CreationTime", "Status"] = "CreationTime"
+    status_equals: SageMakerStatus | None = None
+    last_modified_time_before: Moment | None = None
+    last_modified_time_after: Moment | None = None
+
+
+# -- output helpers -------------------------------------------------------------------------------------------
+def epoch(moment: datetime) -> float:
+    """botocore's JSON protocol sends and parses timestamps as epoch seconds."""
+    return aware(moment).timestamp()
+
+
+def wire(resource: BaseModel, *times: str) -> dict:
+    """A resource in PascalCase, its timestamps as epoch seconds."""
+    body = resource.model_dump(by_alias=True, mode="json", exclude_none=True, exclude=set(times))
+    return body | {to_pascal(t): epoch(getattr(resource, t)) for t in times}
+
+
+def page(items: list, args: ListInput, name_field: str) -> tuple[list, str | None]:
+    """Filter by time, sort, and cut one page; the NextToken says where the next page starts."""
+    for field in ("creation_time", "last_modified_time"):
+        after, before = getattr(args, f"{field}_after", None), getattr(args, f"{field}_before", None)
+        if after or before:
+            items = [i for i in items if within(aware(getattr(i, field)), after, before)]
+    keys = {
+        "Name": lambda i: getattr(i, name_field),
+        "CreationTime": lambda i: aware(i.creation_time),
+        "Status": lambda i: i.endpoint_status.value,
+    }
+    items = sorted(items, key=keys[args.sort_by], reverse=args.sort_order == "Descending")
+    start = read_token(args.next_token)
+    end = start + args.max_results
+    return items[start:end], (make_token(end) if end < len(items) else None)
+
+
+def within(moment: datetime, after: datetime | None, before: datetime | None) -> bool:
+    return (after is None or moment > after) and (before is None or moment < before)
+
+
+def make_token(offset: int) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"offset": offset}).encode()).decode()
+
+
+def read_token(token: str | None) -> int:
+    if not token:
+        return 0
+    try:
+        offset = json.loads(base64.urlsafe_b64decode(token.encode()))["offset"]
+        if isinstance(offset, int) and offset >= 0:
+            return offset
+    except (ValueError, TypeError, KeyError):
+        pass
+    raise invalid("NextToken: not a token this server gave; list again without it")
+
+
+# -- operations -----------------------------------------------------------------------------------------------
+Run = Callable[[ControlPlane, dict], Awaitable[dict]]
+
+
+@dataclass
+class Operation:
+    name: str
+    run: Run
+    input: type[BaseModel]  # documents the body in OpenAPI
+    raises: tuple[str, ...] = ()  # the error shapes the service model lists for it
+
+
+OPERATIONS: dict[str, Operation] = {}
+
+
+def operation(name: str, input: type[BaseModel], raises: tuple[str, ...] = ()):
+    def register(run: Run) -> Run:
+        OPERATIONS[name] = Operation(name, run, input, raises)
+        return run
+
+    return register
+
+
+@operation("CreateModel", ModelSpec, raises=("ResourceLimitExceeded",))
+async def create_model(plane: ControlPlane, body: dict) -> dict:
+    body = {k: v for k, v in body.items() if k != "CreationTime"}
+    containers = body.pop("Containers", None)
+    if containers and "PrimaryContainer" not in body:
+        if len(containers) > 1:
+            raise invalid("Containers: inference pipelines (more than one container) are not supported; send one")
+        body["PrimaryContainer"] = containers[0]
+    spec = await plane.create_model(ModelSpec.model_validate(body))
+    return {"ModelArn": arn("model", spec.model_name)}
+
+
+@operation("DescribeModel", ModelNameInput)
+async def describe_model(plane: ControlPlane, body: dict) -> dict:
+    spec = await plane.describe_model(ModelNameInput.model_validate(body).model_name)
+    return wire(spec, "creation_time") | {"ModelArn": arn("model", spec.model_name)}
+
+
+@operation("ListModels", ListInput)
+async def list_models(plane: ControlPlane, body: dict) -> dict:
+    args = ListInput.model_validate(body)
+    shown, token = page(await plane.list_models(args.name_contains), args, "model_name")
+    summaries = [
+        {"ModelName": m.model_name, "ModelArn": arn("model", m.model_name), "CreationTime": epoch(m.creation_time)}
+        for m in shown
+    ]
+    return {"Models": summaries} | ({"NextToken": token} if token else {})
+
+
+@operation("DeleteModel", ModelNameInput)
+async def delete_model(plane: ControlPlane, body: dict) -> dict:
+    await plane.delete_model(ModelNameInput.model_validate(body).model_name)
+    return {}
+
+
+@operation("CreateEndpointConfig", EndpointConfigSpec, raises=("ResourceLimitExceeded",))
+async def create_endpoint_config(plane: ControlPlane, body: dict) -> dict:
+    body = {k: v for k, v in body.items() if k != "CreationTime"}
+    spec = await plane.create_endpoint_config(EndpointConfigSpec.model_validate(body))
+    return {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
+
+
+@operation("DescribeEndpointConfig", EndpointConfigNameInput)
+async def describe_endpoint_config(plane: ControlPlane, body: dict) -> dict:
+    spec = await plane.describe_endpoint_config(EndpointConfigNameInput.model_validate(body).endpoint_config_name)
+    return wire(spec, "creation_time") | {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
+
+
+@operation("ListEndpointConfigs", ListInput)
+async def list_endpoint_configs(plane: ControlPlane, body: dict) -> dict:
+    args = ListInput.model_validate(body)
+    shown, token = page(await plane.list_endpoint_configs(args.name_contains), args, "endpoint_config_name")
+    summaries = [
+        {
+            "EndpointConfigName": c.endpoint_config_name,
+            "EndpointConfigArn": arn("endpoint-config", c.endpoint_config_name),
+            "CreationTime": epoch(c.creation_time),
+        }
+        for c in shown
+    ]
+    return {"EndpointConfigs": summaries} | ({"NextToken": token} if token else {})
+
+
+@operation("DeleteEndpointConfig", EndpointConfigNameInput)
+async def delete_endpoint_config(plane: ControlPlane, body: dict) -> dict:
+    await plane.delete_endpoint_config(EndpointConfigNameInput.model_validate(body).endpoint_config_name)
+    return {}
+
+
+@operation("CreateEndpoint", CreateEndpointInput, raises=("ResourceLimitExceeded",))
+async def create_endpoint(plane: ControlPlane, body: dict) -> dict:
+    args = CreateEndpointInput.model_validate(body)
+    record = await plane.create_endpoint(args.endpoint_name, args.endpoint_config_name)
+    return {"EndpointArn": arn("endpoint", record.endpoint_name)}
+
+
+def endpoint_wire(record: EndpointRecord) -> dict:
+    return wire(record, "creation_time", "last_modified_time") | {"EndpointArn": arn("endpoint", record.endpoint_name)}
+
+
+@operation("DescribeEndpoint", EndpointNameInput)
+async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
+    return endpoint_wire(await plane.describe_endpoint(EndpointNameInput.model_validate(body).endpoint_name))
+
+
+@operation("ListEndpoints", ListEndpointsInput)
+async def list_endpoints(plane: ControlPlane, body: dict) -> dict:
+    args = ListEndpointsInput.model_validate(body)
+    # Filtered here rather than by the plane: SageMaker's statuses include some servelet never reports.
+    records = [
+        r for r in await plane.list_endpoints(args.name_contains)
+        if args.status_equals is None or r.endpoint_status.value == args.status_equals
+    ]
+    shown, token = page(records, args, "endpoint_name")
+    fields = ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime", "EndpointStatus")
+    summaries = [{k: v for k, v in endpoint_wire(r).items() if k in fields} for r in shown]
+    return {"Endpoints": summaries} | ({"NextToken": token} if token else {})
+
+
+@operation("DeleteEndpoint", EndpointNameInput)
+async def delete_endpoint(plane: ControlPlane, body: dict) -> dict:
+    await plane.delete_endpoint(EndpointNameInput.model_validate(body).endpoint_name)
+    return {}
+
+
+# -- the route ------------------------------------------------------------------------------------------------
+def find_operation(target: str) -> Operation:
+    name = target.removeprefix(TARGET_PREFIX) if target.startswith(TARGET_PREFIX) else None
+    if name not in OPERATIONS:
+        supported = ", ".join(OPERATIONS)
+        raise ControlError("UnknownOperationException", f"Operation {target!r} is not supported (supported: {supported})")
+    return OPERATIONS[name]
+
+
+async def read_input(request: Request, limit: int) -> dict:
+    body = await read_body(request, limit)
+    if not body.strip():
+        return {}  # AWS JSON services take an empty body as no input
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ControlError("SerializationException", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise ControlError("SerializationException", f"the request body must be a JSON object, not a {kind}")
+    return data
+
+
+async def call(request: Request, hub: Services) -> Response:
+    """Run the operation `X-Amz-Target` names; every failure answers in the control API's error shape."""
+    target = request.headers[TARGET_HEADER]
+    op = None
+    try:
+        op = find_operation(target)
+        body = await read_input(request, hub.settings.max_payload_bytes)
+        return answer(await op.run(hub.plane, body))
+    except Exception as exc:  # noqa: BLE001 - botocore must always get an error it can parse
+        error = control_error(exc, op.raises if op else ())
+        if error.status >= 500:
+            log.exception("SageMaker control operation %s failed", target)
+        return render_control_error(error)
+
+
+router = APIRouter()
+
+DESCRIPTION = f"""Two APIs share this path, told apart by the `X-Amz-Target` header.
+
+**SageMaker control API** (`boto3.client("sagemaker", endpoint_url=...)`): `X-Amz-Target: SageMaker.<Operation>`
+with a JSON body (`{AMZ_JSON}`); supported: {", ".join(OPERATIONS)}. Errors answer
+`{{"__type": "ValidationException" | "ResourceInUse" | ..., "message": "..."}}`.
+
+**TGI's compat route** (what `huggingface_hub.InferenceClient(model=<this server's URL>)` posts to) when there
+is no `X-Amz-Target`: generate, or stream server-sent events when the body says `stream: true`."""
+
+
+def _openapi() -> dict:
+    extra = json_body(tgi.TGIRequest)
+    inputs = json_body(*(op.input for op in OPERATIONS.values()))["requestBody"]["content"]["application/json"]
+    for schema, name in zip(inputs["schema"]["oneOf"], OPERATIONS):
+        schema["title"] = name
+    extra["requestBody"]["content"][AMZ_JSON] = inputs
+    extra["parameters"] = [{
+        "name": "X-Amz-Target", "in": "header", "required": False,
+        "description": "`SageMaker.<Operation>` for the control API; absent for TGI.",
+        "schema": {"type": "string", "enum": [TARGET_PREFIX + name for name in OPERATIONS]},
+    }]
+    return extra
+
+
+OUTPUT = {"schema": {"type": "object", "description": "The operation's output shape (botocore's service model)."}}
+ERROR = {"example": {"__type": "ValidationException", "message": 'Could not find endpoint "..."'}}
+
+
+@router.post(
+    "/",
+    tags=["SageMaker control", "TGI"],
+    summary="SageMaker control API (with X-Amz-Target), or TGI's compat route (without)",
+    description=DESCRIPTION,
+    response_model=tgi.GenerateResponse,
+    responses={
+        200: {"content": {AMZ_JSON: OUTPUT}},
+        400: {"description": "A control API error", "content": {AMZ_JSON: ERROR}},
+    },
+    openapi_extra=_openapi(),
+)
+async def post_root(request: Request, hub: Services = Depends(services)):
+    if TARGET_HEADER in request.headers:
+        return await call(request, hub)
+    tgi.as_tgi(request)  # errors from here on render as TGI's
+    return await tgi.compat_generate(request, hub)
