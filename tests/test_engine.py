@@ -213,3 +213,22 @@ async def test_a_failing_step_ends_every_request_with_an_error_instead_of_hangin
             broken.submit("anything", GenerationParams(max_new_tokens=1))
     finally:
         broken.close()
+
+
+def test_log_normalisers_split_over_threads_match_one_thread():
+    """The log-softmax normaliser is computed on row slices in parallel; it must equal the one-thread result."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from servelet.engine.scheduler import Scheduler, SchedulerLimits
+
+    rows = (np.random.default_rng(7).standard_normal((5, 262_144)) * 4).astype(np.float32)
+    model = SimpleNamespace(kv_cells=1024)  # the scheduler only reads the KV size when it is built
+    limits = dict(max_batch_size=8, prefill_chunk=16, max_prefill_wait=1.0, max_decode_stall=1.0)
+    one = Scheduler(model, SchedulerLimits(**limits, threads=1))._log_normalisers(rows)
+    split = Scheduler(model, SchedulerLimits(**limits, threads=3))._log_normalisers(rows)
+    exact = np.log(np.exp(rows.astype(np.float64)).sum(axis=1))
+    assert split.shape == (5,)
+    np.testing.assert_allclose(split, one, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(split, exact, rtol=0, atol=1e-4)

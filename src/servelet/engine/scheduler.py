@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,7 @@ class SchedulerLimits:
     prefill_chunk: int  # prompt tokens fed per step, across all prefilling sequences
     max_prefill_wait: float  # seconds after which a waiting prompt is prefilled before shorter ones
     max_decode_stall: float  # seconds running streams may go without a token while prompts are prefilled
+    threads: int = 1  # CPU threads for the per-step numpy work (log-probs); llama.cpp is idle meanwhile
 
 
 @dataclass
@@ -54,6 +56,8 @@ class Scheduler:
         self.kv_free = model.kv_cells
         self.counters = SchedulerCounters()
         self._scratch: np.ndarray | None = None
+        # numpy releases the GIL in exp/sum, so rows split over threads run in parallel between decode calls.
+        self._row_pool = ThreadPoolExecutor(limits.threads, "servelet-logprobs") if limits.threads > 1 else None
         self._decoded_at = 0.0  # when running streams last got a token (or there were none to wait)
         self.freed_at_step: dict[int, int] = {}  # request id -> step that freed it (for introspection)
 
@@ -217,15 +221,25 @@ class Scheduler:
         self.counters.prompt_tokens += sum(n for s, n in plan if s.phase is Phase.PREFILL)
         self._sample(outputs)
 
+    def close(self) -> None:
+        if self._row_pool is not None:
+            self._row_pool.shutdown(wait=False)
+
     def _log_normalisers(self, rows: np.ndarray) -> np.ndarray:
-        """log(sum(exp(row))) per row, in place in a reused buffer (the vocabulary has 262k entries)."""
+        """log(sum(exp(row))) per row, in place in a reused buffer (the vocabulary has 262k entries).
+
+        About 0.3 ms per row on one core: at 16 rows, 5% of a step, so the rows are split over the threads."""
         if self._scratch is None or self._scratch.shape[0] < rows.shape[0]:
             self._scratch = np.empty((self.limits.max_batch_size, rows.shape[1]), dtype=np.float32)
         buf = self._scratch[: rows.shape[0]]
-        peak = rows.max(axis=1, keepdims=True)
-        np.subtract(rows, peak, out=buf)
-        np.exp(buf, out=buf)
-        return peak[:, 0] + np.log(buf.sum(axis=1))
+        if self._row_pool is None or rows.shape[0] < 2:
+            return _log_normalisers_into(rows, buf)
+        bounds = np.linspace(0, rows.shape[0], min(self.limits.threads, rows.shape[0]) + 1, dtype=int)
+        parts = [
+            self._row_pool.submit(_log_normalisers_into, rows[lo:hi], buf[lo:hi])
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+        return np.concatenate([p.result() for p in parts])
 
     def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
         if not outputs:
@@ -262,3 +276,10 @@ class Scheduler:
                 seq.sink.put(event)
             else:
                 self._finish(seq, end, last=event)
+
+
+def _log_normalisers_into(rows: np.ndarray, buf: np.ndarray) -> np.ndarray:
+    peak = rows.max(axis=1, keepdims=True)
+    np.subtract(rows, peak, out=buf)
+    np.exp(buf, out=buf)
+    return peak[:, 0] + np.log(buf.sum(axis=1))
