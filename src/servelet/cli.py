@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
+from .client import DEFAULT_URL, Client, ServeletError
 from .settings import SettingsError, load_gateway_settings, load_instance_settings
 
 app = typer.Typer(help="servelet: model serving on one machine.", no_args_is_help=True, add_completion=False)
+endpoints_app = typer.Typer(help="List, describe and delete endpoints.", no_args_is_help=True)
+app.add_typer(endpoints_app, name="endpoints")
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
 
 
 def _start_instance(**overrides) -> None:
@@ -42,17 +56,363 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Address to bind (default 127.0.0.1).")] = None,
     port: Annotated[Optional[int], typer.Option(help="Port to listen on (default 8080).")] = None,
     instances: Annotated[Optional[int], typer.Option(help="Instances of the endpoint `default`; 0 deploys none.")] = None,
-):
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help="YAML file of models and endpoints to deploy ($SERVELET_CONFIG). With it, `default` is "
+        "deployed only if the file declares it or --model/--instances ask for it.")] = None,
+) -> None:
     """Run the gateway (every API family on one port) with the endpoint `default` deployed."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = load_gateway_settings(model=model, host=host, port=port, instances=instances)
+        settings = load_gateway_settings(model=model, host=host, port=port, instances=instances, config=config)
     except SettingsError as exc:
         typer.echo(f"servelet: {exc}", err=True)
         raise typer.Exit(2) from None
+    if settings.config:
+        from .config import ConfigError, load_config
+
+        try:
+            load_config(settings.config)  # every problem in the file, before anything starts
+        except ConfigError as exc:
+            typer.echo(f"servelet: {exc}", err=True)
+            raise typer.Exit(2) from None
+        if not settings.model_fields_set & {"model", "instances"}:
+            settings.instances = 0
     from .gateway.server import run_gateway
 
     raise typer.Exit(run_gateway(settings))
+
+
+# -- talking to a running gateway ---------------------------------------------------------------------------
+Url = Annotated[str, typer.Option("--url", envvar="SERVELET_URL", help="The gateway's address.")]
+Timeout = Annotated[float, typer.Option(help="Seconds to wait before giving up (the work goes on in the gateway).")]
+
+
+def say(message: str) -> None:
+    """A line of plain text: no markup, never wrapped (scripts grep it)."""
+    out.print(message, markup=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"servelet: {message}", markup=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def gateway(url: str) -> Iterator[Client]:
+    """A client of the gateway at `url`; whatever the server refuses ends the command with its message."""
+    try:
+        with Client(url) as client:
+            yield client
+    except ServeletError as exc:
+        fail(exc.message)
+
+
+def when(epoch: float | None) -> str:
+    return datetime.fromtimestamp(epoch).strftime("%Y-%m-%d %H:%M:%S") if epoch else "-"
+
+
+def number(value: float) -> str:
+    return f"{value:g}"
+
+
+def instance_counts(described: dict) -> tuple[int, int]:
+    variants = described.get("ProductionVariants", [])
+    return sum(v.get("CurrentInstanceCount", 0) for v in variants), sum(v.get("DesiredInstanceCount", 0) for v in variants)
+
+
+def wait_in_service(client: Client, name: str, timeout: float) -> dict:
+    """Poll DescribeEndpoint with a spinner until InService; a Failed endpoint ends the command with its reason."""
+    start = time.monotonic()
+    with err.status(f"{name}: starting") as status:
+        while True:
+            described = client.describe_endpoint(name)
+            if described is None:
+                fail(f"endpoint {name!r} disappeared while starting (deleted meanwhile?)")
+            state = described["EndpointStatus"]
+            if state == "InService":
+                return described
+            if state == "Failed":
+                fail(f"endpoint {name!r} failed: {described.get('FailureReason') or 'no reason given'}\n"
+                     f"  delete it with `servelet endpoints delete {name}`")
+            elapsed = time.monotonic() - start
+            if elapsed > timeout:
+                fail(f"endpoint {name!r} is still {state} after {timeout:g}s; it keeps starting in the gateway "
+                     f"(follow it with `servelet endpoints describe {name}`)")
+            ready, desired = instance_counts(described)
+            status.update(f"{name}: {state}, {ready}/{desired} instances ready ({elapsed:.0f}s)")
+            time.sleep(0.5)
+
+
+# -- deploy ---------------------------------------------------------------------------------------------------
+@app.command()
+def deploy(
+    model_uri: Annotated[str, typer.Argument(help="The model: package://, file://, s3://, http(s):// or a path.")],
+    name: Annotated[str, typer.Option("--name", "-n", help="The endpoint's name (its model and config get it too).")],
+    runtime: Annotated[str, typer.Option(help="The runtime that serves it.")] = "llamacpp",
+    instances: Annotated[int, typer.Option(help="Instances to start.")] = 1,
+    env: Annotated[Optional[list[str]], typer.Option("--env", "-e", help="KEY=VALUE for the instances (repeatable).")] = None,
+    wait: Annotated[bool, typer.Option(help="Wait until the endpoint is InService.")] = True,
+    timeout: Timeout = 600.0,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Deploy a model as an endpoint: CreateModel, CreateEndpointConfig (variant AllTraffic), CreateEndpoint."""
+    environment = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            fail(f"--env {item!r}: write KEY=VALUE", 2)
+        environment[key] = value
+    if "://" not in model_uri and Path(model_uri).exists():
+        model_uri = str(Path(model_uri).resolve())  # the gateway runs elsewhere in the file system
+    with gateway(url) as client:
+        if client.describe_endpoint(name) is not None:
+            fail(f"endpoint {name!r} already exists: delete it first (`servelet endpoints delete {name}`) or pick another --name")
+        container = {"ModelDataUrl": model_uri} | ({"Environment": environment} if environment else {})
+        variant = {"VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": instances, "InitialVariantWeight": 1.0}
+        steps = [
+            ("CreateModel", {"ModelName": name, "PrimaryContainer": container, "Runtime": runtime}, ("DeleteModel", "ModelName")),
+            ("CreateEndpointConfig", {"EndpointConfigName": name, "ProductionVariants": [variant]},
+             ("DeleteEndpointConfig", "EndpointConfigName")),
+            ("CreateEndpoint", {"EndpointName": name, "EndpointConfigName": name}, None),
+        ]
+        done: list[tuple[str, str]] = []
+        for operation, body, undo in steps:
+            try:
+                client.control(operation, **body)
+            except ServeletError:
+                for undo_operation, key in reversed(done):  # leave nothing half-made behind: a retry must work
+                    try:
+                        client.control(undo_operation, **{key: name})
+                    except ServeletError:
+                        pass
+                raise
+            if undo:
+                done.append(undo)
+        if not wait:
+            say(f"endpoint {name} is Creating; follow it with `servelet endpoints describe {name}`")
+            return
+        start = time.monotonic()
+        described = wait_in_service(client, name, timeout)
+        ready, _ = instance_counts(described)
+        say(f"endpoint {name} is InService: {ready} instance(s) of {model_uri} ({time.monotonic() - start:.0f}s)")
+
+
+# -- endpoints list | describe | delete -------------------------------------------------------------------------
+@endpoints_app.command("list")
+def list_endpoints(url: Url = DEFAULT_URL) -> None:
+    """A table of the endpoints: status, variants with their weights and instances, creation time."""
+    with gateway(url) as client:
+        summaries = client.list_all("ListEndpoints", "Endpoints", SortBy="Name", SortOrder="Ascending")
+        if not summaries:
+            say("no endpoints (deploy one with `servelet deploy MODEL_URI --name NAME`)")
+            return
+        table = Table("Name", "Status", "Variants", "Created", highlight=False)
+        for summary in summaries:
+            described = client.describe_endpoint(summary["EndpointName"]) or summary
+            variants = "\n".join(
+                f"{v['VariantName']}: weight {number(v.get('CurrentWeight', 0))}, "
+                f"{v.get('CurrentInstanceCount', 0)}/{v.get('DesiredInstanceCount', 0)} instances"
+                for v in described.get("ProductionVariants", [])
+            )
+            table.add_row(summary["EndpointName"], summary["EndpointStatus"], variants or "-", when(summary.get("CreationTime")))
+        out.print(table)
+
+
+@endpoints_app.command("describe")
+def describe_endpoint(
+    name: Annotated[str, typer.Argument(help="The endpoint.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print DescribeEndpoint's answer as it came.")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """The endpoint's status, why it failed if it did, and each variant's model, weight and instances."""
+    with gateway(url) as client:
+        described = client.describe_endpoint(name)
+        if described is None:
+            fail(f"no endpoint named {name!r} (see `servelet endpoints list`)")
+        if as_json:
+            typer.echo(json.dumps(described, indent=2))
+            return
+        models = variant_models(client, described["EndpointConfigName"])
+    fields = [
+        ("Endpoint", described["EndpointName"]), ("ARN", described.get("EndpointArn", "-")),
+        ("Status", described["EndpointStatus"]), ("Config", described["EndpointConfigName"]),
+        ("Created", when(described.get("CreationTime"))), ("Modified", when(described.get("LastModifiedTime"))),
+    ]
+    if described.get("FailureReason"):
+        fields.append(("Failure", described["FailureReason"]))
+    for label, value in fields:
+        say(f"{label + ':':<10}{value}")
+    say("Variants:")
+    for v in described.get("ProductionVariants", []):
+        say(f"  {v['VariantName']}: model {models.get(v['VariantName'], '-')}")
+        say(f"    weight {number(v.get('CurrentWeight', 0))} (desired {number(v.get('DesiredWeight', 0))}), "
+            f"instances {v.get('CurrentInstanceCount', 0)} ready of {v.get('DesiredInstanceCount', 0)}")
+
+
+def variant_models(client: Client, config_name: str) -> dict[str, str]:
+    """Variant name -> "model (uri)", from the endpoint's config; empty where it is gone."""
+    try:
+        config = client.control("DescribeEndpointConfig", EndpointConfigName=config_name)
+    except ServeletError:
+        return {}
+    shown = {}
+    for variant in config.get("ProductionVariants", []):
+        model = variant["ModelName"]
+        try:
+            uri = client.control("DescribeModel", ModelName=model).get("PrimaryContainer", {}).get("ModelDataUrl")
+        except ServeletError:
+            uri = None
+        shown[variant["VariantName"]] = f"{model} ({uri})" if uri else model
+    return shown
+
+
+@endpoints_app.command("delete")
+def delete_endpoint(
+    name: Annotated[str, typer.Argument(help="The endpoint.")],
+    wait: Annotated[bool, typer.Option(help="Wait until the endpoint is gone.")] = True,
+    keep_resources: Annotated[bool, typer.Option(
+        "--keep-resources", help="Keep the model and endpoint config named as the endpoint (deploy's).")] = False,
+    timeout: Timeout = 120.0,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Delete an endpoint, then the model and endpoint config `deploy` made for it when nothing else uses them."""
+    with gateway(url) as client:
+        described = client.describe_endpoint(name)
+        if described is None:
+            fail(f"no endpoint named {name!r} (see `servelet endpoints list`)")
+        client.control("DeleteEndpoint", EndpointName=name)
+        gone = client.describe_endpoint(name) is None
+        if wait and not gone:
+            start = time.monotonic()
+            with err.status(f"{name}: deleting"):
+                while not gone and time.monotonic() - start < timeout:
+                    time.sleep(0.5)
+                    gone = client.describe_endpoint(name) is None
+            if not gone:
+                fail(f"endpoint {name!r} is still being deleted after {timeout:g}s")
+        say(f"deleted endpoint {name}" if gone else f"endpoint {name} is being deleted")
+        if keep_resources:
+            return
+        if not gone:
+            say("kept its model and endpoint config: the endpoint still uses them (use --wait)")
+            return
+        for line in delete_deploy_resources(client, name, described["EndpointConfigName"]):
+            say(line)
+
+
+def delete_deploy_resources(client: Client, name: str, config_name: str) -> list[str]:
+    """The config and model named as the endpoint (as `deploy` names them), each unless something else uses it."""
+    if config_name != name:
+        return []
+    said = []
+    others = [e["EndpointName"] for e in client.list_all("ListEndpoints", "Endpoints")]
+    users = [e for e in others if (client.describe_endpoint(e) or {}).get("EndpointConfigName") == name]
+    try:
+        config = client.control("DescribeEndpointConfig", EndpointConfigName=name)
+    except ServeletError:
+        config = None
+    if config is not None:
+        if users:
+            return [f"kept endpoint config {name}: endpoint(s) {', '.join(users)} use it"]
+        client.control("DeleteEndpointConfig", EndpointConfigName=name)
+        said.append(f"deleted endpoint config {name}")
+    if not config or not any(v["ModelName"] == name for v in config.get("ProductionVariants", [])):
+        return said
+    configs = [c["EndpointConfigName"] for c in client.list_all("ListEndpointConfigs", "EndpointConfigs")]
+    model_users = [
+        c for c in configs
+        if any(v["ModelName"] == name for v in client.control("DescribeEndpointConfig", EndpointConfigName=c)["ProductionVariants"])
+    ]
+    if model_users:
+        said.append(f"kept model {name}: endpoint config(s) {', '.join(model_users)} use it")
+    else:
+        client.control("DeleteModel", ModelName=name)
+        said.append(f"deleted model {name}")
+    return said
+
+
+# -- invoke -----------------------------------------------------------------------------------------------------
+@app.command()
+def invoke(
+    name: Annotated[str, typer.Argument(help="The endpoint.")],
+    body: Annotated[Optional[str], typer.Argument(
+        help="JSON, or plain text (sent as {\"inputs\": TEXT}); - or nothing reads stdin.")] = None,
+    file: Annotated[Optional[Path], typer.Option("--file", "-f", help="Read the body from this file.")] = None,
+    content_type: Annotated[Optional[str], typer.Option(help="Send the body as is with this content type.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Set parameters.max_new_tokens.")] = None,
+    stream: Annotated[bool, typer.Option(help="Print tokens as they come (asks the model to stream: \"stream\": true).")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Invoke an endpoint (InvokeEndpoint) and print its answer."""
+    raw = read_body(body, file)
+    if content_type and content_type.split(";")[0].strip() != "application/json":
+        if max_new_tokens is not None or stream:
+            fail("--max-new-tokens and --stream need a JSON body", 2)
+        payload = raw
+    else:
+        request = lmi_request(raw, max_new_tokens)
+        if stream and isinstance(request, dict):
+            request.setdefault("stream", True)  # LMI streams token by token only when the body asks
+        payload = json.dumps(request).encode()
+        content_type = "application/json"
+    with gateway(url) as client:
+        if not stream:
+            answer = client.invoke(name, payload, content_type)
+            sys.stdout.buffer.write(answer.body if answer.body.endswith(b"\n") else answer.body + b"\n")
+            return
+        for part in client.invoke_stream(name, payload, content_type):
+            sys.stdout.write(token_text(part))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def read_body(body: str | None, file: Path | None) -> bytes:
+    if body is not None and file is not None:
+        fail("give the body once: as an argument or with --file", 2)
+    if file is not None:
+        if str(file) == "-":
+            return sys.stdin.buffer.read()
+        try:
+            return file.read_bytes()
+        except OSError as exc:
+            fail(f"--file {file}: {exc.strerror or exc}", 2)
+    if body is not None and body != "-":
+        return body.encode()
+    if body is None and sys.stdin.isatty():
+        fail("no body: give it as an argument, with --file PATH, or on stdin (-)", 2)
+    return sys.stdin.buffer.read()
+
+
+def lmi_request(raw: bytes, max_new_tokens: int | None) -> object:
+    """JSON as written; anything else is a prompt: {"inputs": TEXT}, TEXT without the newline `echo` adds."""
+    try:
+        payload = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        payload = None
+    if not isinstance(payload, (dict, list)):
+        try:
+            payload = {"inputs": raw.decode().removesuffix("\n")}
+        except UnicodeDecodeError:
+            fail("the body is neither JSON nor UTF-8 text; give --content-type to send it as is", 2)
+    if max_new_tokens is not None:
+        if not isinstance(payload, dict):
+            fail("--max-new-tokens needs a JSON object body", 2)
+        parameters = payload.setdefault("parameters", {})
+        if not isinstance(parameters, dict):
+            fail("--max-new-tokens: the body's `parameters` is not an object", 2)
+        parameters["max_new_tokens"] = max_new_tokens
+    return payload
+
+
+def token_text(part: bytes) -> str:
+    """A JSON line's token text (LMI's `{"token": {"text": ...}}`); other parts print as they came."""
+    try:
+        line = json.loads(part)
+    except (ValueError, UnicodeDecodeError):
+        return part.decode(errors="replace")
+    if isinstance(line, dict) and isinstance(line.get("token"), dict):
+        return str(line["token"].get("text", ""))
+    return part.decode(errors="replace")
 
 
 if __name__ == "__main__":

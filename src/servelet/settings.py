@@ -142,6 +142,7 @@ class GatewaySettings(BaseSettings):
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the control-plane store (postgresql+psycopg://...); unset: SQLite in data_dir."
     )
+    config: Path | None = Field(None, description="A YAML file of models and endpoints to deploy at start (`--config`).")
 
     @field_validator("data_dir")
     @classmethod

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
 from .. import __version__
+from ..config import apply_config, load_config
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
 from ..control.plane import ControlPlane
 from ..control.router import Router
@@ -44,8 +45,12 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if settings.instances:
+        config = load_config(settings.config) if settings.config else None
+        # A file that declares `default` itself takes it over from --model/--instances.
+        if settings.instances and not (config and config.declares(DEFAULT_ENDPOINT)):
             await plane.declare(DEFAULT_ENDPOINT, settings.model, settings.instances)
+        if config:
+            await apply_config(plane, config)
         await plane.restore()
         yield
         await plane.close()

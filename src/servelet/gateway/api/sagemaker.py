@@ -131,19 +131,29 @@ def ask_to_stream(body: bytes, content_type: str) -> bytes:
 
 # -- InvokeEndpoint -----------------------------------------------------------------------------------
 async def invoke(request: Request, services: Services, endpoint: str) -> Response:
+    """Forward the body and answer as the instance answers: a whole body as it is, and with `"stream": true` its
+    JSON lines as they come (SageMaker buffers them; boto3 reads the whole body either way, httpx can stream)."""
     invocation = await read_invocation(request, services, endpoint, request.headers.get("accept"))
+    instance_stream = AsyncExitStack()
     with model_errors():
-        answer = await unless_disconnected(request, services.router.invoke(invocation))
+        opening = instance_stream.enter_async_context(services.router.stream(invocation))
+        answer = await unless_disconnected(request, opening)
     note_endpoint(request, endpoint, answer.variant)
-    headers = {"X-Amzn-Invoked-Production-Variant": answer.variant}
-    if answer.custom_attributes:
-        headers["X-Amzn-SageMaker-Custom-Attributes"] = answer.custom_attributes
-    return Response(answer.body, media_type=answer.content_type, headers=headers)
+    headers = {"X-Amzn-Invoked-Production-Variant": answer.variant} | framing.UNBUFFERED | answer.headers
+    return framing.ClosingStreamingResponse(
+        passed_through(answer, instance_stream), media_type=answer.content_type, headers=headers
+    )
+
+
+async def passed_through(answer: ChunkStream, instance_stream: AsyncExitStack) -> AsyncIterator[bytes]:
+    async with instance_stream:
+        async for chunk in answer.chunks:
+            yield chunk
 
 
 @runtime.post(
     "/endpoints/{EndpointName}/invocations",
-    summary="InvokeEndpoint: the model's whole answer",
+    summary="InvokeEndpoint: the model's answer (a stream's JSON lines pass through as they come)",
     response_class=Response,
     openapi_extra=LMI_EXAMPLE,
 )
@@ -234,23 +244,7 @@ async def ping(services: Services = Depends(services)):
     openapi_extra=LMI_EXAMPLE,
 )
 async def invocations(request: Request, services: Services = Depends(services)):
-    """As the instance itself answers: with `"stream": true` its JSON lines reach the client token by token,
-    not buffered into one answer as InvokeEndpoint does."""
-    invocation = await read_invocation(request, services, DEFAULT_ENDPOINT, request.headers.get("accept"))
-    instance_stream = AsyncExitStack()
-    with model_errors():
-        answer = await instance_stream.enter_async_context(services.router.stream(invocation))
-    note_endpoint(request, DEFAULT_ENDPOINT, answer.variant)
-    headers = {"X-Amzn-Invoked-Production-Variant": answer.variant} | framing.UNBUFFERED
-    return framing.ClosingStreamingResponse(
-        passed_through(answer, instance_stream), media_type=answer.content_type, headers=headers
-    )
-
-
-async def passed_through(answer: ChunkStream, instance_stream: AsyncExitStack) -> AsyncIterator[bytes]:
-    async with instance_stream:
-        async for chunk in answer.chunks:
-            yield chunk
+    return await invoke(request, services, DEFAULT_ENDPOINT)
 
 
 router.include_router(runtime)

@@ -1,0 +1,162 @@
+"""A small client of a running gateway: its SageMaker control API and runtime API, over httpx.
+
+The CLI talks to the gateway through this, as any other client would, so it never imports the model or the store:
+what the CLI shows is what the server says.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8080"  # `servelet serve`'s address; the CLI reads --url / SERVELET_URL
+AMZ_JSON = "application/x-amz-json-1.1"
+
+
+class ServeletError(Exception):
+    """An answer the user should read: the server's error code (when it gave one) and its message."""
+
+    def __init__(self, message: str, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class GatewayUnreachable(ServeletError):
+    """Nothing answers at the URL: the gateway is not running there."""
+
+
+@dataclass
+class Answer:
+    body: bytes
+    content_type: str
+    variant: str | None
+
+
+class Client:
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 300.0):
+        self.url = url.rstrip("/")
+        # Generations can take a while; connecting must not, so a stopped gateway is reported at once.
+        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.close()
+
+    # -- the control API (what boto3's `sagemaker` client sends) ------------------------------------------
+    def control(self, operation: str, **body) -> dict:
+        """Run one SageMaker control operation; its error comes back as ServeletError(message, code)."""
+        response = self._send(
+            "POST", "/", content=json.dumps(body),
+            headers={"X-Amz-Target": f"SageMaker.{operation}", "Content-Type": AMZ_JSON},
+        )
+        data = _json(response)
+        if response.is_success:
+            return data if isinstance(data, dict) else {}
+        code = str(data.get("__type", "")).rsplit("#", 1)[-1] if isinstance(data, dict) else ""
+        message = (data.get("message") or data.get("Message")) if isinstance(data, dict) else None
+        raise ServeletError(message or _text(response), code or None)
+
+    def describe_endpoint(self, name: str) -> dict | None:
+        """DescribeEndpoint, or None where the endpoint does not exist."""
+        try:
+            return self.control("DescribeEndpoint", EndpointName=name)
+        except ServeletError as exc:
+            if exc.code == "ValidationException" and "Could not find" in exc.message:
+                return None
+            raise
+
+    def list_all(self, operation: str, key: str, **body) -> list[dict]:
+        """Every page of a List* operation."""
+        items, token = [], None
+        while True:
+            page = self.control(operation, MaxResults=100, **body, **({"NextToken": token} if token else {}))
+            items += page.get(key, [])
+            token = page.get("NextToken")
+            if not token:
+                return items
+
+    # -- the runtime API (what boto3's `sagemaker-runtime` client sends) --------------------------------------
+    def invoke(self, endpoint: str, body: bytes, content_type: str = "application/json") -> Answer:
+        response = self._send(
+            "POST", f"/endpoints/{endpoint}/invocations", content=body, headers={"Content-Type": content_type}
+        )
+        if not response.is_success:
+            raise _runtime_error(response)
+        return Answer(response.content, response.headers.get("content-type", ""), _variant(response))
+
+    def invoke_stream(self, endpoint: str, body: bytes, content_type: str = "application/json") -> Iterator[bytes]:
+        """Each JSON line of a streamed answer (`"stream": true` in an LMI body) as the gateway passes it on."""
+        path = f"/endpoints/{endpoint}/invocations"
+        try:
+            with self.http.stream("POST", path, content=body, headers={"Content-Type": content_type}) as response:
+                if not response.is_success:
+                    response.read()
+                    raise _runtime_error(response)
+                for line in response.iter_lines():
+                    if line.strip():
+                        _raise_if_error_line(line)
+                        yield line.encode()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    # -- plumbing ---------------------------------------------------------------------------------------------
+    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        try:
+            return self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+
+    def _unreachable(self, exc: httpx.TransportError) -> ServeletError:
+        if isinstance(exc, httpx.ConnectError):
+            return GatewayUnreachable(f"gateway not running at {self.url} (start it with `servelet serve`, or set --url)")
+        if isinstance(exc, httpx.TimeoutException):
+            return ServeletError(f"the gateway at {self.url} did not answer in time ({type(exc).__name__})")
+        return ServeletError(f"the connection to {self.url} failed: {exc or type(exc).__name__}")
+
+
+def _json(response: httpx.Response):
+    return _loads(response.content)
+
+
+def _loads(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _text(response: httpx.Response) -> str:
+    return response.text.strip() or f"the gateway answered HTTP {response.status_code}"
+
+
+def _variant(response: httpx.Response) -> str | None:
+    return response.headers.get("x-amzn-invoked-production-variant")
+
+
+def _runtime_error(response: httpx.Response) -> ServeletError:
+    """The runtime API's error: the code in `x-amzn-errortype`, the model's own message for a ModelError."""
+    data = _json(response)
+    code = response.headers.get("x-amzn-errortype", "").split(":", 1)[0] or None
+    if isinstance(data, dict):
+        message = data.get("OriginalMessage") or data.get("Message") or data.get("message") or data.get("error")
+        if message:
+            return ServeletError(str(message), code)
+    return ServeletError(_text(response), code)
+
+
+def _raise_if_error_line(line: str) -> None:
+    """An instance that fails mid-stream ends it with `{"error": ...}` (the HTTP status was already sent)."""
+    if '"error"' not in line:
+        return
+    data = _loads(line.encode())
+    if isinstance(data, dict) and "error" in data and "token" not in data:
+        raise ServeletError(str(data["error"]), data.get("error_type"))
