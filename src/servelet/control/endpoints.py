@@ -1,11 +1,19 @@
-"""Endpoints, their production variants and instances; `serve` deploys the endpoint `default`."""
+"""Endpoints, their production variants and instances; `serve` deploys the endpoint `default`.
+
+An endpoint serves from its `blue` deployment (the variants of its endpoint config); during an update a `green`
+deployment (the new config's variants) runs beside it and takes `green_share` of the traffic.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import math
 import random
 import tempfile
+import time
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +38,41 @@ class VariantPlan:
     env: dict[str, str] = field(default_factory=dict)
 
 
+class Outcomes:
+    """Each forwarded request's outcome and latency over the last `seconds`: what update alarms read."""
+
+    def __init__(self, seconds: float = 60.0):
+        self.seconds = seconds
+        self._events: deque[tuple[float, bool, float]] = deque()  # (when, failed, latency)
+
+    def record(self, failed: bool, latency: float) -> None:
+        self._events.append((time.monotonic(), failed, latency))
+        self._forget()
+
+    def _forget(self) -> None:
+        horizon = time.monotonic() - self.seconds
+        while self._events and self._events[0][0] < horizon:
+            self._events.popleft()
+
+    @property
+    def count(self) -> int:
+        self._forget()
+        return len(self._events)
+
+    @property
+    def error_rate(self) -> float | None:
+        """Failed / all requests in the window; None without requests."""
+        self._forget()
+        return sum(f for _, f, _ in self._events) / len(self._events) if self._events else None
+
+    @property
+    def p99_latency(self) -> float | None:
+        """Seconds; None without requests."""
+        self._forget()
+        latencies = sorted(latency for _, _, latency in self._events)
+        return latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)] if latencies else None
+
+
 class EndpointNotFound(LookupError):
     pass
 
@@ -44,6 +87,8 @@ class Variant:
     model_uri: str
     weight: float = 1.0
     instances: list[Instance] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # the model's, to start more instances like these
+    in_flight: Counter = field(default_factory=Counter)  # instance name -> requests it is answering now
     _next: int = 0
 
     def ready_instances(self) -> list[Instance]:
@@ -59,26 +104,72 @@ class Variant:
 
 
 @dataclass
-class Endpoint:
-    name: str
-    variants: list[Variant]
+class Deployment:
+    """One fleet of an endpoint: the variants of one endpoint config, and how its requests went."""
 
-    @property
+    variants: list[Variant]
+    config_name: str | None = None
+    outcomes: Outcomes = field(default_factory=Outcomes)
+
+    def instances(self) -> list[Instance]:
+        return [i for v in self.variants for i in v.instances]
+
     def ready(self) -> bool:
         return any(v.ready_instances() for v in self.variants)
 
-    def variant(self, name: str) -> Variant:
-        for v in self.variants:
-            if v.name == name:
-                return v
-        raise VariantNotFound(
-            f"variant {name!r} is not on endpoint {self.name!r} (it has: {', '.join(v.name for v in self.variants)})"
-        )
+    def busy(self) -> int:
+        """Requests its instances are answering now."""
+        return sum(sum(v.in_flight.values()) for v in self.variants)
+
+    def find(self, name: str) -> Variant | None:
+        return next((v for v in self.variants if v.name == name), None)
 
     def pick_variant(self) -> Variant:
         """By weight among variants with a ready instance (all variants while none is ready)."""
         candidates = [v for v in self.variants if v.ready_instances() and v.weight > 0] or self.variants
         return random.choices(candidates, weights=[max(v.weight, 1e-9) for v in candidates])[0]
+
+
+@dataclass
+class Endpoint:
+    name: str
+    blue: Deployment
+    green: Deployment | None = None
+    green_share: float = 0.0  # of requests that go to green, while an update shifts traffic
+
+    @property
+    def variants(self) -> list[Variant]:
+        """Every variant running, blue then green."""
+        return self.blue.variants + (self.green.variants if self.green else [])
+
+    @property
+    def ready(self) -> bool:
+        return any(v.ready_instances() for v in self.variants)
+
+    def serving(self) -> list[Deployment]:
+        """The deployments that may take traffic, the one to prefer first."""
+        if self.green is None or self.green_share <= 0:
+            return [self.blue]
+        if self.green_share >= 1:
+            return [self.green, self.blue]
+        first = self.green if random.random() < self.green_share else self.blue
+        return [first, self.blue if first is self.green else self.green]
+
+    def route(self, variant_name: str | None = None) -> tuple[Deployment, Variant]:
+        """The deployment and variant for one request: by traffic share then weight, or the variant named
+        (the green one of that name while green takes traffic). A deployment with no ready instance is skipped."""
+        if variant_name:
+            order = [self.green, self.blue] if self.green is not None and self.green_share > 0 else [self.blue]
+            found = [(d, d.find(variant_name)) for d in order if d.find(variant_name)]
+            if not found:
+                raise VariantNotFound(
+                    f"variant {variant_name!r} is not on endpoint {self.name!r} "
+                    f"(it has: {', '.join(sorted({v.name for d in order for v in d.variants}))})"
+                )
+            return next(((d, v) for d, v in found if v.ready_instances()), found[0])
+        order = self.serving()
+        deployment = next((d for d in order if d.ready()), order[0])
+        return deployment, deployment.pick_variant()
 
     def facts(self) -> dict:
         """The model facts of the first ready instance (name, context length, chat template)."""
@@ -96,6 +187,7 @@ class Fleet:
         # The gateway logs every request itself; instances would log each health poll too.
         self.instance_env = {"SERVELET_ACCESS_LOG": "false"} | (instance_env or {})
         self.endpoints: dict[str, Endpoint] = {}
+        self._serials: dict[str, dict[str, itertools.count]] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def get(self, name: str) -> Endpoint:
@@ -109,40 +201,99 @@ class Fleet:
         """One variant (`AllTraffic`) of `instances` instances of `model_uri`."""
         return await self.deploy_variants(name, [VariantPlan(DEFAULT_VARIANT, model_uri, instances)], start_timeout)
 
-    async def deploy_variants(self, name: str, plans: list["VariantPlan"], start_timeout: float = 600.0) -> Endpoint:
+    async def deploy_variants(
+        self, name: str, plans: list["VariantPlan"], start_timeout: float = 600.0, config_name: str | None = None
+    ) -> Endpoint:
         """Start every variant's instances; the endpoint serves as soon as one is ready (readiness is awaited in
         the background, and an instance that dies after it was ready is replaced)."""
+        self._serials.pop(name, None)
+        endpoint = Endpoint(name, Deployment(self._variants(name, plans), config_name))
+        self.endpoints[name] = endpoint
+        await self._start_all(endpoint, endpoint.blue.instances(), start_timeout)
+        return endpoint
+
+    async def deploy_green(
+        self, name: str, plans: list["VariantPlan"], start_timeout: float, config_name: str | None = None
+    ) -> Deployment:
+        """Start an update's new fleet beside the endpoint's current one; it takes no traffic until told."""
+        endpoint = self.get(name)
+        endpoint.green, endpoint.green_share = Deployment(self._variants(name, plans), config_name), 0.0
+        await self._start_all(endpoint, endpoint.green.instances(), start_timeout)
+        return endpoint.green
+
+    def _variants(self, name: str, plans: list["VariantPlan"]) -> list[Variant]:
         variants = []
         for plan in plans:
-            variant = Variant(plan.name, plan.model_uri, plan.weight)
-            for n in range(plan.instances):
-                socket_path = self.run_dir / f"{name}-{plan.name}-{n}.sock"
-                env = self.instance_env | plan.env
-                variant.instances.append(Instance(f"{name}/{plan.name}/{n}", plan.model_uri, socket_path, env))
+            variant = Variant(plan.name, plan.model_uri, plan.weight, env=plan.env)
+            variant.instances = [self._instance(name, plan.name, plan.model_uri, plan.env) for _ in range(plan.instances)]
             variants.append(variant)
-        endpoint = Endpoint(name, variants)
-        self.endpoints[name] = endpoint
-        for variant in variants:
-            for instance in variant.instances:
-                await instance.start()
-                self._spawn(self._keep_running(endpoint, instance, start_timeout))
-        return endpoint
+        return variants
+
+    def _instance(self, endpoint: str, variant: str, model_uri: str, env: dict[str, str]) -> Instance:
+        # Numbered per endpoint and variant name, so that a green variant named like a blue one gets its own socket.
+        n = next(self._serials.setdefault(endpoint, {}).setdefault(variant, itertools.count()))
+        socket_path = self.run_dir / f"{endpoint}-{variant}-{n}.sock"
+        return Instance(f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env)
+
+    async def _start_all(self, endpoint: Endpoint, instances: list[Instance], start_timeout: float) -> None:
+        for instance in instances:
+            await instance.start()
+            self._spawn(self._keep_running(endpoint, instance, start_timeout))
 
     async def wait_ready(self, name: str, timeout: float) -> str | None:
         """Wait until every instance of the endpoint is ready: None, or why it cannot be."""
+        def instances() -> list[Instance] | None:
+            endpoint = self.endpoints.get(name)
+            return None if endpoint is None else [i for v in endpoint.variants for i in v.instances]
+
+        return await self._wait_instances(instances, timeout, f"the instances of {name!r}")
+
+    async def wait_instances_ready(self, instances: list[Instance], timeout: float) -> str | None:
+        return await self._wait_instances(lambda: instances, timeout, "the new instances")
+
+    async def _wait_instances(self, instances, timeout: float, what: str) -> str | None:
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
-            endpoint = self.endpoints.get(name)
-            if endpoint is None:
-                return f"endpoint {name!r} was removed while starting"
-            instances = [i for v in endpoint.variants for i in v.instances]
-            failed = [i.failure for i in instances if i.failure and not i.ever_ready]
+            current = instances()
+            if current is None:
+                return f"{what} were removed while starting"
+            failed = [i.failure for i in current if i.failure and not i.ever_ready]
             if failed:
                 return failed[0]
-            if all(i.ready for i in instances):
+            if all(i.ready for i in current):
                 return None
             await asyncio.sleep(0.2)
-        return f"the instances of {name!r} were not all ready after {timeout:.0f} s"
+        return f"{what} were not all ready after {timeout:.0f} s"
+
+    async def retire(self, deployment: Deployment, drain_timeout: float) -> None:
+        """Stop a deployment that no longer takes traffic, once its in-flight requests are answered."""
+        for instance in deployment.instances():
+            instance.stopping = True  # no replacement if it exits while draining
+        await _until(lambda: deployment.busy() == 0, drain_timeout)
+        await asyncio.gather(*(i.stop() for i in deployment.instances()), return_exceptions=True)
+
+    async def scale(self, name: str, variant_name: str, count: int, start_timeout: float, drain_timeout: float) -> list[Instance]:
+        """Add instances to a blue variant, or remove some (they take no new requests, finish theirs, then stop).
+        Returns the instances added."""
+        endpoint = self.get(name)
+        variant = endpoint.blue.find(variant_name)
+        if variant is None:
+            raise VariantNotFound(f"variant {variant_name!r} is not on endpoint {name!r}")
+        if count >= len(variant.instances):
+            added = [self._instance(name, variant.name, variant.model_uri, variant.env)
+                     for _ in range(count - len(variant.instances))]
+            variant.instances.extend(added)
+            await self._start_all(endpoint, added, start_timeout)
+            return added
+        # Keep the ready ones: remove instances still loading first.
+        keep = sorted(variant.instances, key=lambda i: not i.ready)[:count]
+        removed = [i for i in variant.instances if i not in keep]
+        variant.instances = keep
+        for instance in removed:
+            instance.stopping = True
+        await _until(lambda: all(variant.in_flight[i.name] == 0 for i in removed), drain_timeout)
+        await asyncio.gather(*(i.stop() for i in removed), return_exceptions=True)
+        return []
 
     async def remove(self, name: str) -> None:
         """Stop the endpoint's instances and forget it."""
@@ -185,3 +336,13 @@ class Fleet:
             *(i.stop() for e in self.endpoints.values() for v in e.variants for i in v.instances),
             return_exceptions=True,
         )
+
+
+async def _until(condition, timeout: float, poll: float = 0.05) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(poll)
+    return True

@@ -78,13 +78,13 @@ class Instance:
 
     async def watch(self) -> None:
         """Keep `occupancy` fresh for metrics and notice an exit (replacing it is the control plane's job)."""
-        while self.process is not None and self.process.returncode is None:
+        while self.process is not None and self.process.returncode is None and not self.stopping:
             status = await self.client.ping_status()
             self.ready = status is not None
             self.occupancy = status or {}
             await asyncio.sleep(HEALTH_POLL_SECONDS)
         self.ready = False
-        if self.process is not None:
+        if self.process is not None and not self.stopping:  # a stop we asked for is no failure
             self.failure = f"instance {self.name} exited with status {self.process.returncode}"
             log.error(self.failure)
 

@@ -2,7 +2,8 @@
 
 The store says what should run; the fleet is what runs. Creating an endpoint records it as `Creating`, starts its
 instances and marks it `InService` once every instance answers `/ping` (or `Failed`, saying why). A restart
-brings every stored endpoint back; a crashed instance is replaced by the fleet.
+brings every stored endpoint back; a crashed instance is replaced by the fleet. Updates (blue/green, weights and
+instance counts) are the deployer's (`deployer.py`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import asyncio
 import logging
 
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
+from .deployer import Deployer
 from .endpoints import Fleet, VariantPlan
 from .resources import (
     ContainerSpec,
+    DeploymentConfig,
+    DesiredWeightAndCapacity,
     EndpointConfigSpec,
     EndpointRecord,
     EndpointStatus,
@@ -33,6 +37,7 @@ class ControlPlane:
         self.fleet = fleet
         self.start_timeout = start_timeout
         self._tasks: set[asyncio.Task] = set()
+        self.deployer = Deployer(self)
 
     # -- models ---------------------------------------------------------------------------------------------
     async def create_model(self, spec: ModelSpec) -> ModelSpec:
@@ -127,8 +132,25 @@ class ControlPlane:
             if _contains(e.endpoint_name, name_contains) and (status is None or e.endpoint_status.value == status)
         ]
 
+    async def update_endpoint(
+        self,
+        name: str,
+        config_name: str,
+        deployment: DeploymentConfig | None = None,
+        retain_variant_properties: set[str] = frozenset(),
+        retain_deployment_config: bool = False,
+    ) -> EndpointRecord:
+        """Move the endpoint to another config, blue/green: status Updating, then InService on the new config, or
+        (rolled back) on the old one with a FailureReason."""
+        return await self.deployer.update(name, config_name, deployment, retain_variant_properties, retain_deployment_config)
+
+    async def update_weights_and_capacities(self, name: str, desired: list[DesiredWeightAndCapacity]) -> EndpointRecord:
+        """New variant weights at once; instances added (Updating until ready) or removed (after they drain)."""
+        return await self.deployer.change_weights_and_capacities(name, desired)
+
     async def delete_endpoint(self, name: str) -> None:
         record = await self.describe_endpoint(name)
+        await self.deployer.cancel(name)
         record.endpoint_status = EndpointStatus.DELETING
         self.store.save_endpoint(record)
         await self.fleet.remove(name)
@@ -169,9 +191,19 @@ class ControlPlane:
                 continue
             if record.endpoint_status is EndpointStatus.FAILED or record.endpoint_name in self.fleet.endpoints:
                 continue
+            if record.endpoint_status in (EndpointStatus.UPDATING, EndpointStatus.ROLLING_BACK):
+                # An update cut short by the restart: the endpoint comes back on the config it had.
+                pending = record.pending_deployment_summary
+                record.endpoint_status = EndpointStatus.IN_SERVICE
+                record.failure_reason = (
+                    f"the update to endpoint config {pending.endpoint_config_name!r} was interrupted by a restart"
+                    if pending else record.failure_reason
+                )
+                record.pending_deployment_summary = None
+                self.store.save_endpoint(record)
             config = self.store.get_endpoint_config(record.endpoint_config_name)
             try:
-                plans = self._plans(config) if config else None
+                plans = self._plans(config, record) if config else None
             except ResourceInvalid as exc:
                 plans, reason = None, exc.message
             else:
@@ -183,11 +215,14 @@ class ControlPlane:
             await self._start(record, plans)
 
     async def close(self) -> None:
+        await self.deployer.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _plans(self, config: EndpointConfigSpec) -> list[VariantPlan]:
+    def _plans(self, config: EndpointConfigSpec, record: EndpointRecord | None = None) -> list[VariantPlan]:
+        """What to run for `config`; with `record`, the weights and instance counts it was changed to since."""
+        changed = {v.variant_name: v for v in record.production_variants} if record else {}
         plans = []
         for variant in config.production_variants:
             model = self.store.get_model(variant.model_name)
@@ -202,10 +237,13 @@ class ControlPlane:
                 weight=variant.initial_variant_weight,
                 env=dict(model.primary_container.environment),
             ))
+            if variant.variant_name in changed:
+                plans[-1].weight = changed[variant.variant_name].desired_weight
+                plans[-1].instances = changed[variant.variant_name].desired_instance_count
         return plans
 
     async def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
-        await self.fleet.deploy_variants(record.endpoint_name, plans, self.start_timeout)
+        await self.fleet.deploy_variants(record.endpoint_name, plans, self.start_timeout, record.endpoint_config_name)
         task = asyncio.create_task(self._await_service(record.endpoint_name))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -232,10 +270,16 @@ class ControlPlane:
 
     def _with_live_counts(self, record: EndpointRecord) -> EndpointRecord:
         endpoint = self.fleet.endpoints.get(record.endpoint_name)
-        live = {v.name: len(v.ready_instances()) for v in endpoint.variants} if endpoint else {}
         record = record.model_copy(deep=True)
+        blue = {v.name: len(v.ready_instances()) for v in endpoint.blue.variants} if endpoint else {}
         for variant in record.production_variants:
-            variant.current_instance_count = live.get(variant.variant_name, 0)
+            variant.current_instance_count = blue.get(variant.variant_name, 0)
+        pending = record.pending_deployment_summary
+        if pending is not None:
+            green = endpoint.green if endpoint else None
+            live = {v.name: len(v.ready_instances()) for v in green.variants} if green else {}
+            for variant in pending.production_variants:
+                variant.current_instance_count = live.get(variant.variant_name, 0)
         return record
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import re
 from datetime import datetime, timezone
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic.alias_generators import to_pascal
@@ -113,6 +114,14 @@ class EndpointStatus(str, enum.Enum):
     DELETING = "Deleting"
 
 
+class VariantStep(Resource):
+    """Where a variant of an update stands (SageMaker's ProductionVariantStatus)."""
+
+    status: Literal["Creating", "Updating", "Deleting", "ActivatingTraffic", "Baking"]
+    status_message: str | None = None
+    start_time: datetime = Field(default_factory=now)
+
+
 class VariantState(Resource):
     """What DescribeEndpoint reports per variant (SageMaker's ProductionVariantSummary)."""
 
@@ -121,6 +130,82 @@ class VariantState(Resource):
     desired_weight: float
     current_instance_count: int = 0
     desired_instance_count: int
+    variant_status: list[VariantStep] | None = None
+
+
+# -- updates: UpdateEndpoint's DeploymentConfig and UpdateEndpointWeightsAndCapacities ------------------------
+class CapacitySize(Resource):
+    type: Literal["INSTANCE_COUNT", "CAPACITY_PERCENT"]
+    value: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _a_percentage(self):
+        if self.type == "CAPACITY_PERCENT" and self.value > 100:
+            raise ValueError(f"CAPACITY_PERCENT is a percentage of the new fleet: {self.value} is more than 100")
+        return self
+
+
+class TrafficRoutingConfig(Resource):
+    type: Literal["ALL_AT_ONCE", "CANARY", "LINEAR"]
+    wait_interval_in_seconds: int = Field(ge=0, le=3600)
+    canary_size: CapacitySize | None = None
+    linear_step_size: CapacitySize | None = None
+
+    @model_validator(mode="after")
+    def _sized(self):
+        if self.type == "CANARY" and self.canary_size is None:
+            raise ValueError("Type CANARY needs a CanarySize (INSTANCE_COUNT or CAPACITY_PERCENT, and a Value)")
+        if self.type == "LINEAR" and self.linear_step_size is None:
+            raise ValueError("Type LINEAR needs a LinearStepSize (INSTANCE_COUNT or CAPACITY_PERCENT, and a Value)")
+        return self
+
+
+class BlueGreenUpdatePolicy(Resource):
+    traffic_routing_configuration: TrafficRoutingConfig
+    termination_wait_in_seconds: int = Field(0, ge=0, le=3600)
+    maximum_execution_timeout_in_seconds: int = Field(3600, ge=600, le=28800)
+
+
+class AlarmRef(Resource):
+    alarm_name: str = Field(min_length=1, max_length=255)
+
+
+class AutoRollbackConfig(Resource):
+    alarms: list[AlarmRef] = Field(default_factory=list, max_length=10)
+
+
+class DeploymentConfig(Resource):
+    """How UpdateEndpoint moves traffic to the new config (servelet runs blue/green updates only)."""
+
+    blue_green_update_policy: BlueGreenUpdatePolicy | None = None
+    rolling_update_policy: dict | None = None
+    auto_rollback_configuration: AutoRollbackConfig | None = None
+
+    @model_validator(mode="after")
+    def _blue_green(self):
+        if self.rolling_update_policy is not None:
+            raise ValueError("RollingUpdatePolicy is not supported: servelet updates blue/green (send BlueGreenUpdatePolicy)")
+        return self
+
+
+class DesiredWeightAndCapacity(Resource):
+    variant_name: str
+    desired_weight: float | None = Field(None, ge=0.0)
+    desired_instance_count: int | None = Field(None, ge=0, le=MAX_INSTANCES_PER_VARIANT)
+
+    @model_validator(mode="after")
+    def _something(self):
+        if self.desired_weight is None and self.desired_instance_count is None:
+            raise ValueError(f"variant {self.variant_name!r}: give a DesiredWeight, a DesiredInstanceCount or both")
+        return self
+
+
+class PendingDeployment(Resource):
+    """The config an update is moving to, while it runs (SageMaker's PendingDeploymentSummary)."""
+
+    endpoint_config_name: str
+    production_variants: list[VariantState] = Field(default_factory=list)
+    start_time: datetime = Field(default_factory=now)
 
 
 class EndpointRecord(Resource):
@@ -131,6 +216,8 @@ class EndpointRecord(Resource):
     production_variants: list[VariantState] = Field(default_factory=list)
     creation_time: datetime = Field(default_factory=now)
     last_modified_time: datetime = Field(default_factory=now)
+    last_deployment_config: DeploymentConfig | None = None
+    pending_deployment_summary: PendingDeployment | None = None
 
 
 def arn(kind: str, name: str) -> str:

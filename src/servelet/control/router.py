@@ -1,64 +1,113 @@
-"""Routing an invocation: endpoint → variant (by weight, or pinned) → ready instance, and forwarding to it."""
+"""Routing an invocation: endpoint → deployment (blue or green, by the update's traffic share) → variant (by
+weight, or pinned) → ready instance, and forwarding to it. Each forwarded request is counted in flight while it
+runs (so a fleet can drain before it stops) and its outcome is recorded for the update alarms."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 
 import httpx
 
-from ..errors import ModelFailed, NotFound, Unavailable, from_instance
-from .endpoints import EndpointNotFound, Fleet, VariantNotFound
+from ..errors import (
+    BadRequest, GatewayError, ModelFailed, NotFound, PayloadTooLarge, Unavailable, Unprocessable, UnsupportedMediaType, from_instance,
+)
+from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
+
+# The caller's mistakes: they say nothing about the fleet's health, so alarms do not count them.
+CLIENT_ERRORS = (BadRequest, PayloadTooLarge, UnsupportedMediaType, Unprocessable)
+
+
+@dataclass
+class Route:
+    deployment: Deployment
+    variant: Variant
+    instance: Instance
+
+    @contextmanager
+    def serving(self) -> Iterator[dict]:
+        """Count the request in flight on its instance; record its outcome and latency (until `first_byte`
+        is set, for streams) for the alarms. Only the fleet's own errors count as failures; a request the client
+        abandoned is no outcome."""
+        in_flight = self.variant.in_flight
+        in_flight[self.instance.name] += 1
+        started = time.monotonic()
+        timing: dict = {}
+        failed = True
+        try:
+            yield timing
+            failed = False
+        except CLIENT_ERRORS:
+            failed = False
+            raise
+        except GatewayError:
+            raise
+        except BaseException:  # cancelled, or the client left
+            failed = None
+            raise
+        finally:
+            in_flight[self.instance.name] -= 1
+            if in_flight[self.instance.name] <= 0:
+                del in_flight[self.instance.name]
+            if failed is not None:
+                self.deployment.outcomes.record(failed, timing.get("first_byte", time.monotonic()) - started)
 
 
 class Router:
     def __init__(self, fleet: Fleet):
         self.fleet = fleet
 
-    def choose(self, invocation: Invocation) -> tuple[str, Instance]:
-        """The variant name and instance that will serve `invocation`; NotFound / Unavailable otherwise."""
+    def route(self, invocation: Invocation) -> Route:
+        """The deployment, variant and instance that will serve `invocation`; NotFound / Unavailable otherwise."""
         try:
-            endpoint = self.fleet.get(invocation.endpoint)
-            variant = endpoint.variant(invocation.target_variant) if invocation.target_variant else endpoint.pick_variant()
+            deployment, variant = self.fleet.get(invocation.endpoint).route(invocation.target_variant)
         except (EndpointNotFound, VariantNotFound) as exc:
             raise NotFound(str(exc)) from None
         instance = variant.pick_instance()
         if instance is None:
             raise Unavailable(f"endpoint {invocation.endpoint!r} has no ready instance yet (its model may still be loading)")
-        return variant.name, instance
+        return Route(deployment, variant, instance)
 
     async def invoke(self, invocation: Invocation) -> Answer:
-        variant, instance = self.choose(invocation)
-        try:
-            response = await instance.client.post(invocation.body, invocation.instance_headers())
-        except httpx.TransportError as exc:
-            raise _instance_failed(instance, exc) from None
-        if response.status_code != 200:
-            raise from_instance(response.status_code, response.content)
+        route = self.route(invocation)
+        instance = route.instance
+        with route.serving():
+            try:
+                response = await instance.client.post(invocation.body, invocation.instance_headers())
+            except httpx.TransportError as exc:
+                raise _instance_failed(instance, exc) from None
+            if response.status_code != 200:
+                raise from_instance(response.status_code, response.content)
         return Answer(
             body=response.content,
             content_type=response.headers.get("content-type", "application/json"),
-            variant=variant,
+            variant=route.variant.name,
             custom_attributes=response.headers.get("x-amzn-sagemaker-custom-attributes"),
         )
 
     @asynccontextmanager
     async def stream(self, invocation: Invocation) -> AsyncIterator[ChunkStream]:
         """Open a streamed answer; errors before the first byte raise here, so routes can still answer 4xx/5xx."""
-        variant, instance = self.choose(invocation)
-        try:
-            async with instance.client.open_stream(invocation.body, invocation.instance_headers()) as response:
-                if response.status_code != 200:
-                    raise from_instance(response.status_code, await response.aread())
-                yield ChunkStream(
-                    chunks=_chunks(response, instance),
-                    content_type=response.headers.get("content-type", "application/octet-stream"),
-                    variant=variant,
-                )
-        except httpx.TransportError as exc:
-            raise _instance_failed(instance, exc) from None
+        route = self.route(invocation)
+        instance = route.instance
+        with route.serving() as timing:
+            try:
+                async with instance.client.open_stream(invocation.body, invocation.instance_headers()) as response:
+                    if response.status_code != 200:
+                        raise from_instance(response.status_code, await response.aread())
+                    # A stream's latency, for alarms, is the time to its answer's start: its length is the caller's.
+                    timing["first_byte"] = time.monotonic()
+                    yield ChunkStream(
+                        chunks=_chunks(response, instance),
+                        content_type=response.headers.get("content-type", "application/octet-stream"),
+                        variant=route.variant.name,
+                    )
+            except httpx.TransportError as exc:
+                raise _instance_failed(instance, exc) from None
 
 
 def _instance_failed(instance: Instance, exc: Exception, when: str = "while answering") -> ModelFailed:

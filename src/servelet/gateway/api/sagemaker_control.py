@@ -23,7 +23,16 @@ from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from pydantic.alias_generators import to_pascal
 
 from ...control.plane import ControlPlane
-from ...control.resources import NAME_PATTERN, EndpointConfigSpec, EndpointRecord, ModelSpec, Resource, arn
+from ...control.resources import (
+    NAME_PATTERN,
+    DeploymentConfig,
+    DesiredWeightAndCapacity,
+    EndpointConfigSpec,
+    EndpointRecord,
+    ModelSpec,
+    Resource,
+    arn,
+)
 from ...errors import GatewayError, ResourceInUse, ResourceMissing
 from ..services import Services, json_body, read_body, services
 from . import tgi
@@ -106,6 +115,27 @@ class CreateEndpointInput(Resource):
     endpoint_name: str = Field(pattern=NAME_PATTERN)
     endpoint_config_name: str
     deployment_config: dict | None = Field(None, description="Accepted; blue/green updates come with UpdateEndpoint.")
+
+
+class VariantProperty(Resource):
+    variant_property_type: Literal["DesiredInstanceCount", "DesiredWeight", "DataCaptureConfig"]
+
+
+class UpdateEndpointInput(Resource):
+    endpoint_name: str
+    endpoint_config_name: str
+    deployment_config: DeploymentConfig | None = Field(
+        None, description="BlueGreenUpdatePolicy and AutoRollbackConfiguration; alarms are servelet's own "
+        "(AlarmName `servelet:error-rate>0.05` or `servelet:p99-latency>2.5`)."
+    )
+    retain_all_variant_properties: bool = False
+    exclude_retained_variant_properties: list[VariantProperty] = Field(default_factory=list)
+    retain_deployment_config: bool = False
+
+
+class UpdateEndpointWeightsAndCapacitiesInput(Resource):
+    endpoint_name: str
+    desired_weights_and_capacities: list[DesiredWeightAndCapacity] = Field(min_length=1)
 
 
 def aware(moment: datetime) -> datetime:
@@ -306,6 +336,25 @@ async def list_endpoints(plane: ControlPlane, body: dict) -> dict:
     fields = ("EndpointName", "EndpointArn", "CreationTime", "LastModifiedTime", "EndpointStatus")
     summaries = [{k: v for k, v in endpoint_wire(r).items() if k in fields} for r in shown]
     return {"Endpoints": summaries} | ({"NextToken": token} if token else {})
+
+
+@operation("UpdateEndpoint", UpdateEndpointInput, raises=("ResourceLimitExceeded",))
+async def update_endpoint(plane: ControlPlane, body: dict) -> dict:
+    args = UpdateEndpointInput.model_validate(body)
+    retained = set()
+    if args.retain_all_variant_properties:
+        retained = {"DesiredInstanceCount", "DesiredWeight"} - {p.variant_property_type for p in args.exclude_retained_variant_properties}
+    record = await plane.update_endpoint(
+        args.endpoint_name, args.endpoint_config_name, args.deployment_config, retained, args.retain_deployment_config
+    )
+    return {"EndpointArn": arn("endpoint", record.endpoint_name)}
+
+
+@operation("UpdateEndpointWeightsAndCapacities", UpdateEndpointWeightsAndCapacitiesInput, raises=("ResourceLimitExceeded",))
+async def update_endpoint_weights_and_capacities(plane: ControlPlane, body: dict) -> dict:
+    args = UpdateEndpointWeightsAndCapacitiesInput.model_validate(body)
+    record = await plane.update_weights_and_capacities(args.endpoint_name, args.desired_weights_and_capacities)
+    return {"EndpointArn": arn("endpoint", record.endpoint_name)}
 
 
 @operation("DeleteEndpoint", EndpointNameInput)
