@@ -7,6 +7,7 @@ deployment (the new config's variants) runs beside it and takes `green_share` of
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import math
@@ -22,6 +23,8 @@ from .instances import Instance
 log = logging.getLogger("servelet.control")
 
 DEFAULT_ENDPOINT = "default"
+# A Unix socket's path must fit sun_path (108 bytes on Linux, with its terminating NUL).
+MAX_SOCKET_PATH_BYTES = 100
 DEFAULT_VARIANT = "AllTraffic"  # the name SageMaker's console gives a single variant
 RESTART_BACKOFF_SECONDS = 1.0
 MAX_RESTART_BACKOFF_SECONDS = 30.0
@@ -233,6 +236,9 @@ class Fleet:
         # Numbered per endpoint and variant name, so that a green variant named like a blue one gets its own socket.
         n = next(self._serials.setdefault(endpoint, {}).setdefault(variant, itertools.count()))
         socket_path = self.run_dir / f"{endpoint}-{variant}-{n}.sock"
+        if len(bytes(socket_path)) > MAX_SOCKET_PATH_BYTES:  # long names: a short, still unique, file name
+            digest = hashlib.sha256(f"{endpoint}/{variant}/{n}".encode()).hexdigest()[:16]
+            socket_path = self.run_dir / f"{digest}.sock"
         return Instance(f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env)
 
     async def _start_all(self, endpoint: Endpoint, instances: list[Instance], start_timeout: float) -> None:
