@@ -233,6 +233,7 @@ def describe_endpoint(
             typer.echo(json.dumps(described, indent=2))
             return
         models = variant_models(client, described["EndpointConfigName"])
+        scaling = scaling_policies(client, name)
     fields = [
         ("Endpoint", described["EndpointName"]), ("ARN", described.get("EndpointArn", "-")),
         ("Status", described["EndpointStatus"]), ("Config", described["EndpointConfigName"]),
@@ -247,6 +248,47 @@ def describe_endpoint(
         say(f"  {v['VariantName']}: model {models.get(v['VariantName'], '-')}")
         say(f"    weight {number(v.get('CurrentWeight', 0))} (desired {number(v.get('DesiredWeight', 0))}), "
             f"instances {v.get('CurrentInstanceCount', 0)} ready of {v.get('DesiredInstanceCount', 0)}")
+        if v["VariantName"] in scaling:
+            say(f"    autoscaling: {scaling[v['VariantName']]}")
+    events = described.get("ScalingEvents", [])
+    if events:
+        say("Scaling events:")
+        for e in events:
+            say(f"  {when(e['Time'])} {e['Variant']}: {e['From']} -> {e['To']} instances ({e['Reason']})"
+                + ("" if e.get("Status", "Successful") == "Successful" else f" [{e['Status']}]"))
+
+
+METRIC_WORDS = {
+    "SageMakerVariantConcurrentRequestsPerModelHighResolution": "concurrent requests per instance",
+    "SageMakerVariantInvocationsPerInstance": "invocations per instance per minute",
+}
+
+
+def scaling_policies(client: Client, endpoint: str) -> dict[str, str]:
+    """Variant name -> its autoscaling bounds and policy, in words."""
+    prefix = f"endpoint/{endpoint}/variant/"
+    try:
+        targets = client.autoscaling("DescribeScalableTargets")["ScalableTargets"]
+        policies = client.autoscaling("DescribeScalingPolicies")["ScalingPolicies"]
+    except ServeletError:
+        return {}
+    by_id = {p["ResourceId"]: p for p in policies}
+    shown = {}
+    for target in targets:
+        if not target["ResourceId"].startswith(prefix):
+            continue
+        text = f"{target['MinCapacity']}..{target['MaxCapacity']} instances"
+        policy = by_id.get(target["ResourceId"])
+        if policy:
+            tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+            metric = tracking["PredefinedMetricSpecification"]["PredefinedMetricType"]
+            text += (f", target {number(tracking['TargetValue'])} {METRIC_WORDS.get(metric, metric)}, cooldowns "
+                     f"out {tracking.get('ScaleOutCooldown', 300)} s / in {tracking.get('ScaleInCooldown', 300)} s "
+                     f"(policy {policy['PolicyName']})")
+        else:
+            text += ", no policy"
+        shown[target["ResourceId"].removeprefix(prefix)] = text
+    return shown
 
 
 def variant_models(client: Client, config_name: str) -> dict[str, str]:
@@ -329,6 +371,61 @@ def delete_deploy_resources(client: Client, name: str, config_name: str) -> list
         client.control("DeleteModel", ModelName=name)
         said.append(f"deleted model {name}")
     return said
+
+
+# -- autoscale --------------------------------------------------------------------------------------------------
+CLI_POLICY = "servelet-cli"
+
+
+@app.command()
+def autoscale(
+    name: Annotated[str, typer.Argument(help="The endpoint.")],
+    variant: Annotated[str, typer.Option("--variant", help="The production variant to scale.")] = "AllTraffic",
+    min_instances: Annotated[Optional[int], typer.Option("--min", help="Fewest instances.")] = None,
+    max_instances: Annotated[Optional[int], typer.Option("--max", help="Most instances.")] = None,
+    target_concurrency: Annotated[Optional[float], typer.Option(
+        help="Target concurrent requests per instance.")] = None,
+    target_invocations_per_minute: Annotated[Optional[float], typer.Option(
+        help="Target invocations per instance per minute.")] = None,
+    scale_out_cooldown: Annotated[int, typer.Option(help="Seconds between two scale-outs.")] = 60,
+    scale_in_cooldown: Annotated[int, typer.Option(help="Seconds after any scaling before a scale-in.")] = 300,
+    off: Annotated[bool, typer.Option("--off", help="Stop autoscaling the variant (its instances stay as they are).")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Scale a variant with the load: target tracking between --min and --max instances (Application Auto Scaling)."""
+    resource = f"endpoint/{name}/variant/{variant}"
+    dimension = {"ResourceId": resource, "ScalableDimension": "sagemaker:variant:DesiredInstanceCount"}
+    if off:
+        with gateway(url) as client:
+            try:
+                client.autoscaling("DeregisterScalableTarget", **dimension)
+            except ServeletError as exc:
+                if exc.code != "ObjectNotFoundException":
+                    raise
+                fail(f"endpoint {name!r} variant {variant!r} is not autoscaled")
+        say(f"autoscaling of endpoint {name} variant {variant} is off; its instances stay as they are")
+        return
+    if (target_concurrency is None) == (target_invocations_per_minute is None):
+        fail("give one target: --target-concurrency X or --target-invocations-per-minute Y (or --off)", 2)
+    if min_instances is None or max_instances is None:
+        fail("give --min and --max instances", 2)
+    if target_concurrency is not None:
+        metric, value = "SageMakerVariantConcurrentRequestsPerModelHighResolution", target_concurrency
+    else:
+        metric, value = "SageMakerVariantInvocationsPerInstance", target_invocations_per_minute
+    with gateway(url) as client:
+        client.autoscaling("RegisterScalableTarget", **dimension, MinCapacity=min_instances, MaxCapacity=max_instances)
+        existing = [p["PolicyName"] for p in client.autoscaling("DescribeScalingPolicies", ResourceId=resource)["ScalingPolicies"]]
+        for policy in existing:  # the CLI's policy replaces whatever tracked this variant before
+            if policy != CLI_POLICY:
+                client.autoscaling("DeleteScalingPolicy", **dimension, PolicyName=policy)
+        client.autoscaling("PutScalingPolicy", **dimension, PolicyName=CLI_POLICY, PolicyType="TargetTrackingScaling",
+                           TargetTrackingScalingPolicyConfiguration={
+                               "TargetValue": value, "PredefinedMetricSpecification": {"PredefinedMetricType": metric},
+                               "ScaleOutCooldown": scale_out_cooldown, "ScaleInCooldown": scale_in_cooldown,
+                           })
+    say(f"endpoint {name} variant {variant} autoscales between {min_instances} and {max_instances} instances, "
+        f"target {number(value)} {METRIC_WORDS[metric]}")
 
 
 # -- invoke -----------------------------------------------------------------------------------------------------

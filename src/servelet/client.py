@@ -52,11 +52,11 @@ class Client:
         self.close()
 
     # -- the control API (what boto3's `sagemaker` client sends) ------------------------------------------
-    def control(self, operation: str, **body) -> dict:
+    def control(self, operation: str, _service: str = "SageMaker", **body) -> dict:
         """Run one SageMaker control operation; its error comes back as ServeletError(message, code)."""
         response = self._send(
             "POST", "/", content=json.dumps(body),
-            headers={"X-Amz-Target": f"SageMaker.{operation}", "Content-Type": AMZ_JSON},
+            headers={"X-Amz-Target": f"{_service}.{operation}", "Content-Type": AMZ_JSON},
         )
         data = _json(response)
         if response.is_success:
@@ -64,6 +64,10 @@ class Client:
         code = str(data.get("__type", "")).rsplit("#", 1)[-1] if isinstance(data, dict) else ""
         message = (data.get("message") or data.get("Message")) if isinstance(data, dict) else None
         raise ServeletError(message or _text(response), code or None)
+
+    def autoscaling(self, operation: str, **body) -> dict:
+        """Run one Application Auto Scaling operation (what boto3's `application-autoscaling` client sends)."""
+        return self.control(operation, _service="AnyScaleFrontendService", ServiceNamespace="sagemaker", **body)
 
     def describe_endpoint(self, name: str) -> dict | None:
         """DescribeEndpoint, or None where the endpoint does not exist."""

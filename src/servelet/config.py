@@ -26,7 +26,7 @@ from .control.resources import (
     ProductionVariant,
     ServerlessConfig,
 )
-from .errors import ResourceMissing
+from .errors import ResourceInvalid, ResourceMissing
 
 log = logging.getLogger("servelet.config")
 
@@ -88,9 +88,9 @@ class Serverless(Entry):
 
 
 class Autoscaling(Entry):
-    """Target tracking for one variant: validated now, applied by the autoscaler when it lands."""
+    """Target tracking for one variant (registered as the policy `servelet-config`; see control/autoscaler.py)."""
 
-    min_instances: int = Field(1, ge=0, le=MAX_INSTANCES_PER_VARIANT)
+    min_instances: int = Field(1, ge=1, le=MAX_INSTANCES_PER_VARIANT)
     max_instances: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
     target_concurrent_requests_per_instance: float | None = Field(None, gt=0)
     target_invocations_per_instance_per_minute: float | None = Field(None, gt=0)
@@ -309,10 +309,38 @@ async def apply_config(plane, config: ServeConfig) -> dict[str, str]:
     for entry in config.endpoints:
         log.info("config: endpoint %s %s", entry.name, outcome[entry.name])
         for variant in entry.variants:
-            if variant.autoscaling:
-                log.warning("config: endpoint %s variant %s: autoscaling is validated but not applied yet",
-                            entry.name, variant.name)
+            await _apply_autoscaling(plane, entry.name, variant)
     return outcome
+
+
+async def _apply_autoscaling(plane, endpoint: str, variant: VariantEntry) -> None:
+    """Register the variant's `autoscaling` block; a block removed from the file removes the policy it made."""
+    from .control.autoscaler import CONCURRENCY, CONFIG_POLICY, INVOCATIONS, ScalingPolicy, resource_id
+
+    scaler = plane.autoscaler
+    scaling = variant.autoscaling
+    if scaling is None:
+        existing = plane.store.get_scaling_target(resource_id(endpoint, variant.name))
+        if existing is not None and existing.policy is not None and existing.policy.policy_name == CONFIG_POLICY:
+            await scaler.deregister(endpoint, variant.name)
+            log.info("config: endpoint %s variant %s: autoscaling removed", endpoint, variant.name)
+        return
+    if scaling.target_concurrent_requests_per_instance is not None:
+        metric, target = CONCURRENCY, scaling.target_concurrent_requests_per_instance
+    else:
+        metric, target = INVOCATIONS, scaling.target_invocations_per_instance_per_minute
+    policy = ScalingPolicy(
+        policy_name=CONFIG_POLICY, metric=metric, target_value=target,
+        scale_out_cooldown=round(scaling.scale_out_cooldown_s), scale_in_cooldown=round(scaling.scale_in_cooldown_s),
+    )
+    await scaler.register_target(endpoint, variant.name, scaling.min_instances, scaling.max_instances)
+    try:
+        await scaler.put_policy(endpoint, variant.name, policy)
+    except ResourceInvalid as exc:  # a policy registered through the API is left as it is
+        log.warning("config: endpoint %s variant %s: autoscaling not applied: %s", endpoint, variant.name, exc.message)
+        return
+    log.info("config: endpoint %s variant %s: autoscaling %d..%d instances, %s = %g",
+             endpoint, variant.name, scaling.min_instances, scaling.max_instances, metric, target)
 
 
 async def _described(call):

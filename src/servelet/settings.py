@@ -143,6 +143,7 @@ class GatewaySettings(BaseSettings):
         None, description="SQLAlchemy URL of the control-plane store (postgresql+psycopg://...); unset: SQLite in data_dir."
     )
     config: Path | None = Field(None, description="A YAML file of models and endpoints to deploy at start (`--config`).")
+    autoscale_interval: float = Field(5.0, gt=0, description="Seconds between two checks of the scaling policies.")
 
     @field_validator("data_dir")
     @classmethod

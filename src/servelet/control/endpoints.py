@@ -92,6 +92,7 @@ class Variant:
     instances: list[Instance] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # the model's, to start more instances like these
     in_flight: Counter = field(default_factory=Counter)  # instance name -> requests it is answering now
+    served: Outcomes = field(default_factory=Outcomes)  # its requests over the last minute (autoscaling reads it)
     _next: int = 0
 
     def ready_instances(self) -> list[Instance]:

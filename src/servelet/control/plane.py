@@ -12,6 +12,7 @@ import asyncio
 import logging
 
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
+from .autoscaler import Autoscaler
 from .deployer import Deployer
 from .endpoints import Fleet, VariantPlan
 from .resources import (
@@ -32,12 +33,13 @@ log = logging.getLogger("servelet.control")
 
 
 class ControlPlane:
-    def __init__(self, store: Store, fleet: Fleet, start_timeout: float = 600.0):
+    def __init__(self, store: Store, fleet: Fleet, start_timeout: float = 600.0, autoscale_interval: float = 5.0):
         self.store = store
         self.fleet = fleet
         self.start_timeout = start_timeout
         self._tasks: set[asyncio.Task] = set()
         self.deployer = Deployer(self)
+        self.autoscaler = Autoscaler(self, autoscale_interval)
 
     # -- models ---------------------------------------------------------------------------------------------
     async def create_model(self, spec: ModelSpec) -> ModelSpec:
@@ -155,6 +157,7 @@ class ControlPlane:
         self.store.save_endpoint(record)
         await self.fleet.remove(name)
         self.store.delete_endpoint(name)
+        self.store.delete_scaling_targets(name)
 
     async def declare(self, name: str, model_uri: str, instances: int = 1, variant: str = "AllTraffic") -> None:
         """Make endpoint `name` serve `model_uri` on `instances` instances, through a model and config of the same
@@ -173,6 +176,7 @@ class ControlPlane:
         if record is not None:
             await self.fleet.remove(name)
             self.store.delete_endpoint(name)
+            self.store.delete_scaling_targets(name)
         self.store.delete_endpoint_config(name)
         self.store.delete_model(name)
         await self.create_model(ModelSpec(model_name=name, primary_container=ContainerSpec(model_data_url=model_uri)))
@@ -215,6 +219,7 @@ class ControlPlane:
             await self._start(record, plans)
 
     async def close(self) -> None:
+        await self.autoscaler.close()
         await self.deployer.close()
         for task in list(self._tasks):
             task.cancel()

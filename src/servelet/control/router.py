@@ -54,7 +54,9 @@ class Route:
             if in_flight[self.instance.name] <= 0:
                 del in_flight[self.instance.name]
             if failed is not None:
-                self.deployment.outcomes.record(failed, timing.get("first_byte", time.monotonic()) - started)
+                latency = timing.get("first_byte", time.monotonic()) - started
+                self.deployment.outcomes.record(failed, latency)
+                self.variant.served.record(failed, latency)
 
 
 class Router:

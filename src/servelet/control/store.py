@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, create_engine, event, func, insert, select
@@ -18,6 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from .resources import EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, now
+
+if TYPE_CHECKING:
+    from .autoscaler import ScalableTarget
 
 DATABASE_FILE = "servelet.db"
 # How long a writer waits for another process's write lock on a SQLite file before giving up.
@@ -43,6 +46,15 @@ endpoints = _table(
     "endpoints",
     Column("status", String(16), nullable=False, index=True),
     Column("last_modified_time", DateTime(timezone=True), nullable=False),
+)
+# Autoscaling: one row per variant registered (its ResourceId `endpoint/E/variant/V`), with its policy and events.
+scaling_targets = Table(
+    "scaling_targets",
+    metadata,
+    Column("name", String(300), primary_key=True),
+    Column("endpoint", String(63), nullable=False, index=True),
+    Column("creation_time", DateTime(timezone=True), nullable=False),
+    Column("spec", JSON, nullable=False),
 )
 
 Spec = TypeVar("Spec", bound=BaseModel)
@@ -138,6 +150,39 @@ class Store:
     def delete_endpoint(self, name: str) -> bool:
         return self._delete(endpoints, name)
 
+    # Autoscaling targets
+
+    def save_scaling_target(self, target: "ScalableTarget") -> None:
+        row = {
+            "name": target.resource_id, "endpoint": target.endpoint_name,
+            "creation_time": _utc(target.creation_time), "spec": target.model_dump(mode="json"),
+        }
+        statement = _upsert(self.engine, scaling_targets).values(row)
+        statement = statement.on_conflict_do_update(
+            index_elements=[scaling_targets.c.name], set_={"spec": statement.excluded.spec}
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def get_scaling_target(self, resource_id: str) -> "ScalableTarget | None":
+        from .autoscaler import ScalableTarget
+
+        return self._get(scaling_targets, ScalableTarget, resource_id)
+
+    def list_scaling_targets(self, endpoint: str | None = None) -> list["ScalableTarget"]:
+        from .autoscaler import ScalableTarget
+
+        where = [] if endpoint is None else [scaling_targets.c.endpoint == endpoint]
+        return self._list(scaling_targets, ScalableTarget, None, *where)
+
+    def delete_scaling_target(self, resource_id: str) -> bool:
+        return self._delete(scaling_targets, resource_id)
+
+    def delete_scaling_targets(self, endpoint: str) -> int:
+        """Every target of the endpoint (it is being deleted)."""
+        with self.engine.begin() as connection:
+            return connection.execute(scaling_targets.delete().where(scaling_targets.c.endpoint == endpoint)).rowcount
+
     # The same four operations for every table
 
     def _add(self, table: Table, kind: str, name: str, spec: BaseModel, **columns: Any) -> None:
@@ -174,7 +219,7 @@ def _endpoint_columns(record: EndpointRecord) -> dict[str, Any]:
     }
 
 
-def _upsert(engine: Engine):
+def _upsert(engine: Engine, table: Table = endpoints):
     """INSERT ... ON CONFLICT for the engine's dialect (both SQLite and PostgreSQL have it)."""
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
@@ -182,7 +227,7 @@ def _upsert(engine: Engine):
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     else:
         raise ValueError(f"servelet's store supports SQLite and PostgreSQL, not {engine.dialect.name}")
-    return dialect_insert(endpoints)
+    return dialect_insert(table)
 
 
 def _engine(url: str) -> Engine:

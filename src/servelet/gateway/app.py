@@ -18,6 +18,7 @@ from ..control.store import Store
 from ..errors import GatewayError, Unprocessable
 from ..settings import GatewaySettings, database_url
 from . import metrics
+from .api import autoscaling
 from .api import openai, qa, sagemaker, sagemaker_control, tgi, websocket
 from .disconnect import ClientGone
 from .errors import describe_validation, render
@@ -39,7 +40,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     fleet = fleet or Fleet(settings.run_dir)
     router = Router(fleet)
     store = Store(database_url(settings))
-    plane = ControlPlane(store, fleet, settings.instance_start_timeout)
+    plane = ControlPlane(store, fleet, settings.instance_start_timeout, settings.autoscale_interval)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
 
@@ -52,6 +53,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         if config:
             await apply_config(plane, config)
         await plane.restore()
+        plane.autoscaler.start()
         yield
         await plane.close()
         await fleet.close()
@@ -103,6 +105,8 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
+    # Application Auto Scaling shares the control route: AWS JSON 1.1 on `POST /`, its own X-Amz-Target prefix.
+    sagemaker_control.add_service(autoscaling.TARGET_PREFIX, autoscaling.OPERATIONS)
     for family in (sagemaker, sagemaker_control, tgi, qa, openai, websocket):
         app.include_router(family.router)
     return app

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,6 +36,18 @@ GENERATED_TOKENS = Counter("servelet_generated_tokens", "Tokens generated", ["en
 WEBSOCKET_REQUESTS = Counter(
     "servelet_websocket_requests", "WebSocket requests by kind (question, generate, chat, invalid) and outcome",
     ["endpoint", "kind", "outcome"], registry=REGISTRY,
+)
+SCALING_EVENTS = Counter(
+    "servelet_scaling_events", "Instance count changes made by autoscaling (direction: out or in)",
+    ["endpoint", "variant", "direction"], registry=REGISTRY,
+)
+DESIRED_INSTANCES = Gauge(
+    "servelet_autoscaling_desired_instances", "Instances the variant's scaling policy asks for at its last check",
+    ["endpoint", "variant"], registry=REGISTRY,
+)
+AUTOSCALING_METRIC = Gauge(
+    "servelet_autoscaling_metric", "The scaling policy's metric at its last check (per instance)",
+    ["endpoint", "variant"], registry=REGISTRY,
 )
 
 

@@ -67,8 +67,10 @@ def control_error(exc: Exception, raises: tuple[str, ...] = ()) -> ControlError:
         return invalid(describe(exc))
     if isinstance(exc, ResourceInUse):
         return ControlError("ResourceInUse", exc.message)
-    if isinstance(exc, ResourceMissing) and "ResourceNotFound" in raises:
-        return ControlError("ResourceNotFound", exc.message)
+    if isinstance(exc, ResourceMissing):
+        for code in ("ResourceNotFound", "ObjectNotFoundException"):
+            if code in raises:
+                return ControlError(code, exc.message)
     if isinstance(exc, GatewayError) and exc.status < 500:
         return invalid(exc.message)
     message = exc.message if isinstance(exc, GatewayError) else f"the control plane failed: {type(exc).__name__}: {exc}"
@@ -229,11 +231,18 @@ class Operation:
 
 
 OPERATIONS: dict[str, Operation] = {}
+# Every AWS JSON service this path answers, by its X-Amz-Target prefix (autoscaling.py adds its own).
+SERVICES: dict[str, dict[str, Operation]] = {TARGET_PREFIX: OPERATIONS}
 
 
-def operation(name: str, input: type[BaseModel], raises: tuple[str, ...] = ()):
+def add_service(target_prefix: str, operations: dict[str, Operation]) -> None:
+    """Serve another AWS JSON 1.1 service on `POST /`, told apart by its `X-Amz-Target` prefix."""
+    SERVICES[target_prefix] = operations
+
+
+def operation(name: str, input: type[BaseModel], raises: tuple[str, ...] = (), registry: dict[str, Operation] = OPERATIONS):
     def register(run: Run) -> Run:
-        OPERATIONS[name] = Operation(name, run, input, raises)
+        registry[name] = Operation(name, run, input, raises)
         return run
 
     return register
@@ -321,7 +330,14 @@ def endpoint_wire(record: EndpointRecord) -> dict:
 
 @operation("DescribeEndpoint", EndpointNameInput)
 async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
-    return endpoint_wire(await plane.describe_endpoint(EndpointNameInput.model_validate(body).endpoint_name))
+    record = await plane.describe_endpoint(EndpointNameInput.model_validate(body).endpoint_name)
+    # A servelet extension (botocore drops members its model does not know; servelet's CLI reads it).
+    events = [
+        {"Time": epoch(e.time), "Variant": e.variant, "From": e.from_count, "To": e.to_count, "Reason": e.reason,
+         "Status": e.status}
+        for e in plane.autoscaler.events(record.endpoint_name)
+    ]
+    return endpoint_wire(record) | ({"ScalingEvents": events} if events else {})
 
 
 @operation("ListEndpoints", ListEndpointsInput)
@@ -365,11 +381,12 @@ async def delete_endpoint(plane: ControlPlane, body: dict) -> dict:
 
 # -- the route ------------------------------------------------------------------------------------------------
 def find_operation(target: str) -> Operation:
-    name = target.removeprefix(TARGET_PREFIX) if target.startswith(TARGET_PREFIX) else None
-    if name not in OPERATIONS:
-        supported = ", ".join(OPERATIONS)
+    prefix, _, name = target.rpartition(".")
+    operations = SERVICES.get(prefix + ".", {})
+    if name not in operations:
+        supported = ", ".join(p + n for p, ops in SERVICES.items() for n in ops)
         raise ControlError("UnknownOperationException", f"Operation {target!r} is not supported (supported: {supported})")
-    return OPERATIONS[name]
+    return operations[name]
 
 
 async def read_input(request: Request, limit: int) -> dict:
@@ -397,7 +414,7 @@ async def call(request: Request, hub: Services) -> Response:
     except Exception as exc:  # noqa: BLE001 - botocore must always get an error it can parse
         error = control_error(exc, op.raises if op else ())
         if error.status >= 500:
-            log.exception("SageMaker control operation %s failed", target)
+            log.exception("control operation %s failed", target)
         return render_control_error(error)
 
 

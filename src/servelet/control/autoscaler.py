@@ -1,0 +1,319 @@
+"""Autoscaling: target tracking per production variant, as Application Auto Scaling does it for SageMaker.
+
+A variant is registered as a *scalable target* (min and max instances) and given one target-tracking *policy*:
+a target value for one metric per instance, and cooldowns. Both are kept in the store (one row per variant,
+with its last scaling events), so they survive a restart and go when the endpoint is deleted.
+
+The loop, every `interval` seconds, per variant with a policy:
+
+    metric   concurrency: requests in flight per ready instance, averaged over the last `window` seconds
+             invocations: requests answered in the last 60 s per ready instance
+    desired  ceil(instances x metric / target), within [min, max]
+    out      when desired > instances, at most once per ScaleOutCooldown, straight to desired
+    in       when desired < instances, one instance at a time, at most once per ScaleInCooldown after any
+             scaling (conservative: a short lull does not undo a scale-out)
+
+Nothing scales while the endpoint is not InService (Creating, Updating, RollingBack, ...). A change goes through
+UpdateEndpointWeightsAndCapacities: new instances start (the endpoint is Updating until they are ready),
+removed ones finish their requests first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import deque
+from datetime import datetime
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from ..errors import GatewayError, ResourceInvalid, ResourceMissing
+from .resources import MAX_INSTANCES_PER_VARIANT, DesiredWeightAndCapacity, EndpointStatus, Resource, arn, now
+
+if TYPE_CHECKING:
+    from .plane import ControlPlane
+
+log = logging.getLogger("servelet.autoscaling")
+
+CONCURRENCY = "SageMakerVariantConcurrentRequestsPerModelHighResolution"
+INVOCATIONS = "SageMakerVariantInvocationsPerInstance"
+METRICS = {CONCURRENCY: "concurrent requests per instance", INVOCATIONS: "invocations per instance per minute"}
+NAMESPACE = "sagemaker"
+DIMENSION = "sagemaker:variant:DesiredInstanceCount"
+DEFAULT_COOLDOWN_S = 300  # Application Auto Scaling's default for SageMaker variants
+EVENTS_KEPT = 20
+CONFIG_POLICY = "servelet-config"  # the policy a config file's `autoscaling` block registers
+
+
+def resource_id(endpoint: str, variant: str) -> str:
+    return f"endpoint/{endpoint}/variant/{variant}"
+
+
+def parse_resource_id(value: str) -> tuple[str, str]:
+    parts = value.split("/")
+    if len(parts) != 4 or parts[0] != "endpoint" or parts[2] != "variant" or not parts[1] or not parts[3]:
+        raise ResourceInvalid(f"ResourceId {value!r}: write endpoint/ENDPOINT_NAME/variant/VARIANT_NAME")
+    return parts[1], parts[3]
+
+
+class ScalingPolicy(Resource):
+    """One target-tracking policy (Application Auto Scaling's TargetTrackingScalingPolicyConfiguration)."""
+
+    policy_name: str = Field(min_length=1, max_length=256)
+    metric: str
+    target_value: float = Field(gt=0)
+    scale_out_cooldown: int = Field(DEFAULT_COOLDOWN_S, ge=0)
+    scale_in_cooldown: int = Field(DEFAULT_COOLDOWN_S, ge=0)
+    disable_scale_in: bool = False
+    creation_time: datetime = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _known_metric(self):
+        if self.metric not in METRICS:
+            known = ", ".join(f"{m} ({what})" for m, what in METRICS.items())
+            raise ValueError(f"PredefinedMetricType {self.metric!r} is not one servelet measures; use {known}")
+        return self
+
+
+class ScalingEvent(Resource):
+    activity_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    time: datetime = Field(default_factory=now)
+    variant: str
+    from_count: int = Field(alias="From")
+    to_count: int = Field(alias="To")
+    reason: str
+    status: Literal["Successful", "Failed"] = "Successful"
+
+
+class ScalableTarget(Resource):
+    """A variant whose instance count autoscaling may change, within [min, max]; its policy and last events."""
+
+    endpoint_name: str
+    variant_name: str
+    min_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
+    max_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
+    policy: ScalingPolicy | None = None
+    events: list[ScalingEvent] = Field(default_factory=list)
+    creation_time: datetime = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_capacity > self.max_capacity:
+            raise ValueError(f"MinCapacity ({self.min_capacity}) is above MaxCapacity ({self.max_capacity})")
+        return self
+
+    @property
+    def resource_id(self) -> str:
+        return resource_id(self.endpoint_name, self.variant_name)
+
+
+def target_errors(min_capacity: int | None, max_capacity: int | None) -> str | None:
+    """A readable refusal for capacities out of range, before pydantic words it."""
+    for label, value in (("MinCapacity", min_capacity), ("MaxCapacity", max_capacity)):
+        if value is not None and value < 1:
+            return f"{label} must be at least 1 (a variant with no instance has no load to measure)"
+        if value is not None and value > MAX_INSTANCES_PER_VARIANT:
+            return f"{label} ({value}) is above the limit of {MAX_INSTANCES_PER_VARIANT} instances per variant"
+    if min_capacity is not None and max_capacity is not None and min_capacity > max_capacity:
+        return f"MinCapacity ({min_capacity}) is above MaxCapacity ({max_capacity})"
+    return None
+
+
+class Autoscaler:
+    """Registers targets and policies (in the store) and runs the loop that applies them to the fleet."""
+
+    def __init__(self, plane: "ControlPlane", interval: float = 5.0):
+        self.plane = plane
+        self.interval = interval
+        # Concurrency is averaged over this long: SageMaker's high-resolution metric is per 10 s at 5 s ticks.
+        self.window = max(2 * interval, 1.0)
+        self._samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
+        self._last_out: dict[tuple[str, str], float] = {}
+        self._last_any: dict[tuple[str, str], float] = {}
+        self._task: asyncio.Task | None = None
+
+    @property
+    def store(self):
+        return self.plane.store
+
+    # -- registration ------------------------------------------------------------------------------------------
+    async def register_target(self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None) -> ScalableTarget:
+        """RegisterScalableTarget: new, or new bounds for one already registered (a bound not given is kept)."""
+        record = self.store.get_endpoint(endpoint)
+        if record is None:
+            raise ResourceInvalid(f'Could not find endpoint "{arn("endpoint", endpoint)}": create it before registering it for autoscaling')
+        variants = [v.variant_name for v in record.production_variants]
+        if variant not in variants:
+            raise ResourceInvalid(f"endpoint {endpoint!r} has no variant {variant!r} (it has: {', '.join(variants)})")
+        existing = self.store.get_scaling_target(resource_id(endpoint, variant))
+        if existing is None and (min_capacity is None or max_capacity is None):
+            raise ResourceInvalid("MinCapacity and MaxCapacity are required to register a new scalable target")
+        low = min_capacity if min_capacity is not None else existing.min_capacity
+        high = max_capacity if max_capacity is not None else existing.max_capacity
+        problem = target_errors(low, high)
+        if problem:
+            raise ResourceInvalid(problem)
+        target = existing or ScalableTarget(endpoint_name=endpoint, variant_name=variant, min_capacity=low, max_capacity=high)
+        target.min_capacity, target.max_capacity = low, high
+        self.store.save_scaling_target(target)
+        log.info("autoscaling: %s registered, %d..%d instances", target.resource_id, low, high)
+        return target
+
+    async def put_policy(self, endpoint: str, variant: str, policy: ScalingPolicy) -> ScalableTarget:
+        """PutScalingPolicy: one target-tracking policy per variant; the same name replaces it."""
+        target = self.target(endpoint, variant)
+        if target.policy is not None and target.policy.policy_name != policy.policy_name:
+            raise ResourceInvalid(
+                f"{target.resource_id} already has the scaling policy {target.policy.policy_name!r}; servelet tracks one "
+                "target per variant: delete that policy first, or put it again under its name to change it"
+            )
+        if target.policy is not None:
+            policy.creation_time = target.policy.creation_time
+        target.policy = policy
+        self.store.save_scaling_target(target)
+        log.info("autoscaling: %s tracks %s = %g", target.resource_id, policy.metric, policy.target_value)
+        return target
+
+    async def delete_policy(self, endpoint: str, variant: str, policy_name: str) -> None:
+        target = self.store.get_scaling_target(resource_id(endpoint, variant))
+        if target is None or target.policy is None or target.policy.policy_name != policy_name:
+            raise ResourceMissing(f"No scaling policy found for service namespace: sagemaker, resource ID: "
+                                  f"{resource_id(endpoint, variant)}, policy name: {policy_name}")
+        target.policy = None
+        self.store.save_scaling_target(target)
+
+    async def deregister(self, endpoint: str, variant: str) -> None:
+        """DeregisterScalableTarget: the target and its policy go; the instances stay as they are."""
+        if not self.store.delete_scaling_target(resource_id(endpoint, variant)):
+            raise ResourceMissing(f"No scalable target found for service namespace: sagemaker, resource ID: "
+                                  f"{resource_id(endpoint, variant)}, scalable dimension: {DIMENSION}")
+
+    def target(self, endpoint: str, variant: str) -> ScalableTarget:
+        target = self.store.get_scaling_target(resource_id(endpoint, variant))
+        if target is None:
+            raise ResourceMissing(f"No scalable target registered for service namespace: sagemaker, resource ID: "
+                                  f"{resource_id(endpoint, variant)}, scalable dimension: {DIMENSION}; register it first")
+        return target
+
+    def events(self, endpoint: str, last: int = 10) -> list[ScalingEvent]:
+        """The endpoint's last scaling events, over all its variants, oldest first."""
+        events = [e for t in self.store.list_scaling_targets(endpoint) for e in t.events]
+        return sorted(events, key=lambda e: e.time)[-last:]
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        step = max(min(self.interval / 5, 1.0), 0.05)  # concurrency is sampled more often than it is acted on
+        next_check = time.monotonic() + self.interval
+        while True:
+            await asyncio.sleep(step)
+            try:
+                targets = [t for t in self.store.list_scaling_targets() if t.policy is not None]
+                for target in targets:
+                    self._sample(target)
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + self.interval
+                    for target in targets:
+                        await self.check(target)
+            except Exception:  # noqa: BLE001 - a bad tick must not end autoscaling for good
+                log.exception("autoscaling: the check failed")
+
+    def _variant(self, target: ScalableTarget):
+        endpoint = self.plane.fleet.endpoints.get(target.endpoint_name)
+        return endpoint.blue.find(target.variant_name) if endpoint else None
+
+    def _sample(self, target: ScalableTarget) -> None:
+        variant = self._variant(target)
+        if variant is None:
+            return
+        ready = len(variant.ready_instances())
+        samples = self._samples.setdefault((target.endpoint_name, target.variant_name), deque())
+        moment = time.monotonic()
+        if ready:
+            samples.append((moment, sum(variant.in_flight.values()) / ready))
+        while samples and samples[0][0] < moment - self.window:
+            samples.popleft()
+
+    def measure(self, target: ScalableTarget) -> float | None:
+        """The policy's metric for the variant now; None when it cannot be read (no ready instance, no samples)."""
+        variant = self._variant(target)
+        if variant is None or not variant.ready_instances():
+            return None
+        if target.policy.metric == INVOCATIONS:
+            return variant.served.count / len(variant.ready_instances())
+        samples = self._samples.get((target.endpoint_name, target.variant_name))
+        return sum(s for _, s in samples) / len(samples) if samples else None
+
+    async def check(self, target: ScalableTarget) -> None:
+        """One evaluation of one variant's policy; scales it if the policy says so and the cooldowns allow."""
+        from ..gateway import metrics  # the gateway owns the registry; the control plane only reports to it
+
+        record = self.store.get_endpoint(target.endpoint_name)
+        variant = self._variant(target)
+        if (record is None or variant is None or record.endpoint_status is not EndpointStatus.IN_SERVICE
+                or self.plane.deployer.updating(target.endpoint_name)
+                or self.plane.fleet.endpoints[target.endpoint_name].green is not None):
+            return
+        policy, key = target.policy, (target.endpoint_name, target.variant_name)
+        current = len(variant.instances)
+        value = self.measure(target)
+        # Without a reading (no ready instance yet) only the bounds can move the count.
+        wanted = current if value is None else math.ceil(current * value / policy.target_value - 1e-9)
+        desired = max(target.min_capacity, min(target.max_capacity, wanted))
+        if value is not None:
+            metrics.AUTOSCALING_METRIC.labels(target.endpoint_name, target.variant_name).set(value)
+        metrics.DESIRED_INSTANCES.labels(target.endpoint_name, target.variant_name).set(desired)
+        moment = time.monotonic()
+        measured = f"{METRICS[policy.metric]} was {value:.3g}, target {policy.target_value:g}" if value is not None else ""
+        if desired > current:
+            if current < target.min_capacity:
+                reason = f"below MinCapacity {target.min_capacity}"
+            elif moment - self._last_out.get(key, -math.inf) < policy.scale_out_cooldown:
+                return
+            else:
+                reason = measured
+        elif desired < current:
+            if current > target.max_capacity:
+                reason = f"above MaxCapacity {target.max_capacity}"
+            elif policy.disable_scale_in or moment - self._last_any.get(key, -math.inf) < policy.scale_in_cooldown:
+                return
+            else:
+                desired, reason = current - 1, measured  # one step at a time
+        else:
+            return
+        await self._scale(target, current, desired, reason)
+        self._last_any[key] = moment
+        if desired > current:
+            self._last_out[key] = moment
+
+    async def _scale(self, target: ScalableTarget, current: int, desired: int, reason: str) -> None:
+        from ..gateway import metrics
+
+        direction = "out" if desired > current else "in"
+        status = "Successful"
+        try:
+            await self.plane.update_weights_and_capacities(
+                target.endpoint_name, [DesiredWeightAndCapacity(variant_name=target.variant_name, desired_instance_count=desired)]
+            )
+        except GatewayError as exc:
+            status, reason = "Failed", f"{reason}; the change was refused: {exc.message}"
+        event = ScalingEvent(variant=target.variant_name, from_count=current, to_count=desired, reason=reason, status=status)
+        log.info("autoscaling: endpoint %s variant %s scales %s from %d to %d instances: %s",
+                 target.endpoint_name, target.variant_name, direction, current, desired, reason)
+        if status == "Successful":
+            metrics.SCALING_EVENTS.labels(target.endpoint_name, target.variant_name, direction).inc()
+        stored = self.store.get_scaling_target(target.resource_id)  # as it is now: an API call may have changed it
+        if stored is not None:
+            stored.events = (stored.events + [event])[-EVENTS_KEPT:]
+            self.store.save_scaling_target(stored)
