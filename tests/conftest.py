@@ -15,6 +15,9 @@ import pytest
 from servelet.artifacts import resolve_model
 from servelet.settings import DEFAULT_MODEL_URI
 
+# The session's private PostgreSQL server (fixture `postgres`), for the tests that need a real one.
+pytest_plugins = ["postgres"]
+
 SERVELET = str(Path(sys.executable).with_name("servelet"))
 START_TIMEOUT = 180.0
 
@@ -124,8 +127,11 @@ class RunningGateway:
         return self.log_path.read_text(errors="replace")
 
 
-def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> RunningGateway:
-    """Start `servelet serve` and wait until /health says the endpoint `default` is ready."""
+def start_gateway(
+    tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None, ready: str | None = "default"
+) -> RunningGateway:
+    """Start `servelet serve` and wait until /health says the endpoint `ready` is ready (None: the gateway answers)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = tmp_path / "gateway.log"
     own_folders = {"SERVELET_RUN_DIR": str(tmp_path), "SERVELET_DATA_DIR": str(tmp_path / "data")}
@@ -141,7 +147,8 @@ def start_gateway(tmp_path: Path, env: dict[str, str] | None = None, args: list[
             if process.poll() is not None:
                 raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
             try:
-                if http.get("/health").json()["endpoints"]["default"]["ready"]:
+                health = http.get("/health").json()
+                if ready is None or health["endpoints"][ready]["ready"]:
                     return gateway
             except (httpx.TransportError, KeyError):
                 pass
