@@ -117,6 +117,8 @@ def test_a_model_that_cannot_load_fails_the_deploy_with_the_reason(gateway, tmp_
     broken.write_bytes(b"not a model")
     failed = servelet("deploy", str(broken), "--name", "broken", url=gateway.url)
     refused(failed, "endpoint 'broken' failed: ")
+    # The reason is the instance's own: llama.cpp could not load that file.
+    assert "could not load the model" in failed.stderr and "broken.gguf" in failed.stderr
     assert "Failed" in servelet("endpoints", "list", url=gateway.url).stdout
     assert "Failure:" in servelet("endpoints", "describe", "broken", url=gateway.url).stdout
     assert servelet("endpoints", "delete", "broken", url=gateway.url).returncode == 0

@@ -11,7 +11,8 @@ The loop, every `interval` seconds, per variant with a policy:
     desired  ceil(instances x metric / target), within [min, max]
     out      when desired > instances, at most once per ScaleOutCooldown, straight to desired
     in       when desired < instances, one instance at a time, at most once per ScaleInCooldown after any
-             scaling (conservative: a short lull does not undo a scale-out)
+             scaling, and only if the load sampled over the whole cooldown never needed the current count
+             (conservative: a lull between requests does not undo a scale-out)
 
 Nothing scales while the endpoint is not InService (Creating, Updating, RollingBack, ...). A change goes through
 UpdateEndpointWeightsAndCapacities: new instances start (the endpoint is Updating until they are ready),
@@ -46,6 +47,7 @@ NAMESPACE = "sagemaker"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
 DEFAULT_COOLDOWN_S = 300  # Application Auto Scaling's default for SageMaker variants
 EVENTS_KEPT = 20
+MAX_SCALE_IN_MEMORY_S = 3600  # samples kept for the scale-in decision, at most
 CONFIG_POLICY = "servelet-config"  # the policy a config file's `autoscaling` block registers
 
 
@@ -242,7 +244,9 @@ class Autoscaler:
         moment = time.monotonic()
         if ready:
             samples.append((moment, sum(variant.in_flight.values()) / ready))
-        while samples and samples[0][0] < moment - self.window:
+        # Kept for the scale-in cooldown too: scaling in needs the load to have stayed low that long.
+        keep = max(self.window, min(target.policy.scale_in_cooldown, MAX_SCALE_IN_MEMORY_S)) if target.policy else self.window
+        while samples and samples[0][0] < moment - keep:
             samples.popleft()
 
     def measure(self, target: ScalableTarget) -> float | None:
@@ -253,7 +257,16 @@ class Autoscaler:
         if target.policy.metric == INVOCATIONS:
             return variant.served.count / len(variant.ready_instances())
         samples = self._samples.get((target.endpoint_name, target.variant_name))
-        return sum(s for _, s in samples) / len(samples) if samples else None
+        recent = [value for moment, value in samples or () if moment >= time.monotonic() - self.window]
+        return sum(recent) / len(recent) if recent else None
+
+    def peak(self, target: ScalableTarget, seconds: float) -> float | None:
+        """The highest concurrency sampled over the last `seconds` (invocations: the per-minute count itself)."""
+        if target.policy.metric == INVOCATIONS:
+            return self.measure(target)
+        samples = self._samples.get((target.endpoint_name, target.variant_name))
+        values = [value for moment, value in samples or () if moment >= time.monotonic() - seconds]
+        return max(values) if values else None
 
     async def check(self, target: ScalableTarget) -> None:
         """One evaluation of one variant's policy; scales it if the policy says so and the cooldowns allow."""
@@ -288,6 +301,8 @@ class Autoscaler:
                 reason = f"above MaxCapacity {target.max_capacity}"
             elif policy.disable_scale_in or moment - self._last_any.get(key, -math.inf) < policy.scale_in_cooldown:
                 return
+            elif self._busy_lately(target, current):
+                return  # a lull between requests is not a drop in load: it must last the whole cooldown
             else:
                 desired, reason = current - 1, measured  # one step at a time
         else:
@@ -296,6 +311,11 @@ class Autoscaler:
         self._last_any[key] = moment
         if desired > current:
             self._last_out[key] = moment
+
+    def _busy_lately(self, target: ScalableTarget, current: int) -> bool:
+        """Whether the load at any sample of the scale-in cooldown still needed `current` instances."""
+        peak = self.peak(target, max(target.policy.scale_in_cooldown, self.window))
+        return peak is not None and math.ceil(current * peak / target.policy.target_value - 1e-9) >= current
 
     async def _scale(self, target: ScalableTarget, current: int, desired: int, reason: str) -> None:
         from ..gateway import metrics

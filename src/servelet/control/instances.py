@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections import deque
 from pathlib import Path
 
 from ..instance.client import InstanceClient
@@ -16,6 +17,7 @@ from ..instance.client import InstanceClient
 log = logging.getLogger("servelet.control")
 
 HEALTH_POLL_SECONDS = 1.0
+LOG_TAIL_LINES = 40  # kept per instance, to say why it failed
 
 
 def _die_with_parent() -> None:
@@ -47,6 +49,8 @@ class Instance:
         self.failure: str | None = None
         self.ever_ready = False
         self.stopping = False
+        self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self._relay: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Start the process (again, for a replacement: with a fresh client, old connections died with it)."""
@@ -57,7 +61,12 @@ class Instance:
         if self.socket_path.exists():
             self.socket_path.unlink()
         args = [sys.executable, "-m", "servelet.cli", "container", "--model", self.model_uri, "--socket", str(self.socket_path)]
-        self.process = await asyncio.create_subprocess_exec(*args, env=os.environ | self.env, preexec_fn=_die_with_parent)
+        self.process = await asyncio.create_subprocess_exec(
+            *args, env=os.environ | self.env, preexec_fn=_die_with_parent,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        self.log_tail.clear()
+        self._relay = asyncio.create_task(self._relay_output(self.process.stdout))
         log.info("instance %s started (pid %d) for %s", self.name, self.process.pid, self.model_uri)
 
     async def wait_ready(self, timeout: float) -> None:
@@ -66,6 +75,8 @@ class Instance:
         while time.monotonic() < deadline:
             if self.process is not None and self.process.returncode is not None:
                 self.failure = f"instance {self.name} exited with status {self.process.returncode} while loading"
+                if why := await self._last_error():
+                    self.failure += f": {why}"
                 raise InstanceFailed(self.failure)
             if self.socket_path.exists() and await self.client.ping():
                 self.facts = (await self.client.model_facts()) or {}
@@ -75,6 +86,23 @@ class Instance:
             await asyncio.sleep(0.2)
         self.failure = f"instance {self.name} was not ready after {timeout:.0f} s"
         raise InstanceFailed(self.failure)
+
+    async def _relay_output(self, output: asyncio.StreamReader) -> None:
+        """Pass the instance's log on to the gateway's stderr, keeping its last lines to explain a failure."""
+        while line := await output.readline():
+            text = line.decode(errors="replace")
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            self.log_tail.append(text.rstrip())
+
+    async def _last_error(self) -> str | None:
+        """The instance's last ERROR log line (the reason it gives), else its last line."""
+        if self._relay is not None:
+            await asyncio.wait({self._relay}, timeout=2.0)  # the rest of its output, now that it has exited
+        lines = [line for line in self.log_tail if line.strip()]
+        errors = [line for line in lines if " ERROR " in line]
+        last = (errors or lines or [None])[-1]
+        return last.split(": ", 1)[-1] if last and " ERROR " in last else last
 
     async def watch(self) -> None:
         """Keep `occupancy` fresh for metrics and notice an exit (replacing it is the control plane's job)."""
