@@ -18,6 +18,8 @@ log = logging.getLogger("servelet.control")
 
 HEALTH_POLL_SECONDS = 1.0
 LOG_TAIL_LINES = 40  # kept per instance, to say why it failed
+MAX_KEPT_LINE_CHARS = 2000
+RELAY_CHUNK_BYTES = 64 * 1024
 
 
 def _die_with_parent() -> None:
@@ -88,12 +90,20 @@ class Instance:
         raise InstanceFailed(self.failure)
 
     async def _relay_output(self, output: asyncio.StreamReader) -> None:
-        """Pass the instance's log on to the gateway's stderr, keeping its last lines to explain a failure."""
-        while line := await output.readline():
-            text = line.decode(errors="replace")
-            sys.stderr.write(text)
-            sys.stderr.flush()
-            self.log_tail.append(text.rstrip())
+        """Pass the instance's log on to the gateway's stderr, keeping its last lines to explain a failure.
+
+        Read in chunks, not lines: a line longer than the reader's limit must not stop the draining, or the
+        instance would block on its next log line."""
+        pending = b""
+        while chunk := await output.read(RELAY_CHUNK_BYTES):
+            try:
+                sys.stderr.write(chunk.decode(errors="replace"))
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass  # our stderr is gone: keep draining all the same
+            *lines, pending = (pending + chunk).split(b"\n")
+            pending = pending[-RELAY_CHUNK_BYTES:]
+            self.log_tail.extend(line.decode(errors="replace").rstrip()[:MAX_KEPT_LINE_CHARS] for line in lines)
 
     async def _last_error(self) -> str | None:
         """The instance's last ERROR log line (the reason it gives), else its last line."""
