@@ -37,6 +37,17 @@ def wait_for(condition, seconds: float, poll: float = 0.1) -> bool:
     return bool(condition())
 
 
+def boto(service: str, base_url: str, **config):
+    """A boto3 client of `service` on a gateway, with any credentials (botocore `Config` options as keywords)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        service, endpoint_url=base_url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
+        config=Config(**config),
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,12 +9,10 @@ import textwrap
 import threading
 import time
 
-import boto3
 import httpx
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import start_gateway, stop_process, wait_for
+from conftest import boto, start_gateway, stop_process, wait_for
 from test_cli import servelet
 
 from servelet.control.autoscaler import CONCURRENCY, INVOCATIONS, ScalableTarget, ScalingPolicy
@@ -30,12 +28,6 @@ TARGET = {"ServiceNamespace": "sagemaker", "ResourceId": RESOURCE, "ScalableDime
 # Long enough that three callers keep one instance busy; ignore_eos so that each takes as long.
 LONG_PROMPT = json.dumps({"inputs": "Tell me a story.", "parameters": {"max_new_tokens": 64, "ignore_eos": True}})
 
-
-def boto(service: str, base_url: str, **config):
-    return boto3.client(
-        service, endpoint_url=base_url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
-        config=Config(**config),
-    )
 
 
 @pytest.fixture(scope="module")

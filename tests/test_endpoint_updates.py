@@ -8,11 +8,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import boto3
 import pytest
-from botocore.config import Config
 from botocore.exceptions import ClientError
-from conftest import start_gateway, stop_process, wait_for
+from conftest import boto, start_gateway, stop_process, wait_for
 
 from servelet.control.deployer import Alarm, Policy
 from servelet.control.endpoints import Deployment, Endpoint, Outcomes, Variant
@@ -24,19 +22,6 @@ PROMPT = json.dumps({"inputs": "The capital of France is", "parameters": {"max_n
 WAIT = {"Delay": 1, "MaxAttempts": 120}
 
 
-def boto(service: str, base_url: str, **config):
-    return boto3.client(
-        service, endpoint_url=base_url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x",
-        config=Config(**config),
-    )
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, model_path):
-    tmp_path = tmp_path_factory.mktemp("updates")
-    running = start_gateway(tmp_path, env={"SERVELET_DATA_DIR": str(tmp_path / "data")})
-    yield running
-    stop_process(running.process)
 
 
 @pytest.fixture(scope="module")

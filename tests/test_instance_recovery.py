@@ -33,6 +33,14 @@ def instance_pids(gateway_pid: int) -> list[int]:
 
 
 
+def running(pid: int) -> bool:
+    """Whether the process still runs (an exited child that nobody reaped yet does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def ready(http: httpx.Client) -> bool:
     return http.get("/health").json()["endpoints"]["default"]["ready"]
 
@@ -61,8 +69,9 @@ def test_a_restarted_gateway_brings_its_endpoints_back(tmp_path):
     first = start_gateway(tmp_path)
     with first.http(timeout=60) as http:
         before = http.post("/invocations", json=SHORT).json()
+    [pid] = instance_pids(first.process.pid)
     stop_process(first.process)
-    assert not instance_pids(first.process.pid)
+    assert wait_for(lambda: not running(pid), 30), "the instance outlived its gateway"
 
     second = start_gateway(tmp_path, args=["--instances", "0"])
     try:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 from datetime import datetime, timedelta, timezone
 
-import boto3
 import botocore.parsers
 import pytest
 from botocore.exceptions import ClientError
-from conftest import start_gateway, stop_process
+from conftest import boto
 from pydantic import ValidationError
 
 from servelet.control.resources import EndpointConfigSpec, ModelSpec
@@ -20,19 +19,6 @@ from servelet.settings import DEFAULT_MODEL_URI
 PROMPT = {"inputs": "The capital of France is", "parameters": {"max_new_tokens": 4}}
 
 
-def boto(service: str, base_url: str):
-    return boto3.client(
-        service, endpoint_url=base_url, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
-
-
-@pytest.fixture(scope="module")
-def gateway(tmp_path_factory, model_path):
-    """A gateway with its own store, so the resources here are the ones this module creates (and `default`)."""
-    tmp_path = tmp_path_factory.mktemp("control")
-    running = start_gateway(tmp_path, env={"SERVELET_DATA_DIR": str(tmp_path / "data")})
-    yield running
-    stop_process(running.process)
 
 
 @pytest.fixture(scope="module")

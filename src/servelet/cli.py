@@ -226,9 +226,7 @@ def describe_endpoint(
 ) -> None:
     """The endpoint's status, why it failed if it did, and each variant's model, weight and instances."""
     with gateway(url) as client:
-        described = client.describe_endpoint(name)
-        if described is None:
-            fail(f"no endpoint named {name!r} (see `servelet endpoints list`)")
+        described = existing_endpoint(client, name)
         if as_json:
             typer.echo(json.dumps(described, indent=2))
             return
@@ -319,9 +317,7 @@ def delete_endpoint(
 ) -> None:
     """Delete an endpoint, then the model and endpoint config `deploy` made for it when nothing else uses them."""
     with gateway(url) as client:
-        described = client.describe_endpoint(name)
-        if described is None:
-            fail(f"no endpoint named {name!r} (see `servelet endpoints list`)")
+        described = existing_endpoint(client, name)
         client.control("DeleteEndpoint", EndpointName=name)
         gone = client.describe_endpoint(name) is None
         if wait and not gone:
@@ -461,6 +457,14 @@ def invoke(
             sys.stdout.write(token_text(part))
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def existing_endpoint(client: Client, name: str) -> dict:
+    """DescribeEndpoint's answer, or the one-line error a user sees when there is no such endpoint."""
+    described = client.describe_endpoint(name)
+    if described is None:
+        fail(f"no endpoint named {name!r} (see `servelet endpoints list`)")
+    return described
 
 
 def read_body(body: str | None, file: Path | None) -> bytes:

@@ -19,12 +19,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .control.resources import (
     MAX_INSTANCES_PER_VARIANT,
     NAME_PATTERN,
-    RUNTIMES,
     ContainerSpec,
     EndpointConfigSpec,
     ModelSpec,
     ProductionVariant,
     ServerlessConfig,
+    available_runtime,
 )
 from .errors import ResourceInvalid, ResourceMissing
 
@@ -70,9 +70,7 @@ class ModelEntry(Entry):
     @field_validator("runtime")
     @classmethod
     def _runtime_here(cls, runtime: str) -> str:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime {runtime!r} is not available (available: {', '.join(RUNTIMES)})")
-        return runtime
+        return available_runtime(runtime)
 
     def spec(self) -> ModelSpec:
         container = ContainerSpec(model_data_url=self.uri, environment=self.environment)

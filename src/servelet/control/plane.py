@@ -65,9 +65,9 @@ class ControlPlane:
 
     async def delete_model(self, name: str) -> None:
         await self.describe_model(name)
+        in_service = {e.endpoint_config_name for e in self.store.list_endpoints()}
         users = [c.endpoint_config_name for c in self.store.list_endpoint_configs()
-                 if any(v.model_name == name for v in c.production_variants)
-                 and any(e.endpoint_config_name == c.endpoint_config_name for e in self.store.list_endpoints())]
+                 if c.endpoint_config_name in in_service and any(v.model_name == name for v in c.production_variants)]
         if users:
             raise ResourceInUse(f"model {name!r} is used by endpoint configs in service: {', '.join(users)}")
         self.store.delete_model(name)

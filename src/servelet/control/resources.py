@@ -22,6 +22,13 @@ URI_SCHEMES = ("package://", "file://", "s3://", "http://", "https://")
 RUNTIMES = ("llamacpp",)  # issue 5 adds transformers, handler, vllm
 
 
+def available_runtime(runtime: str) -> str:
+    """`runtime` if this installation has it; a message listing those it has otherwise."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r} is not available (available: {', '.join(RUNTIMES)})")
+    return runtime
+
+
 def now() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -62,9 +69,7 @@ class ModelSpec(Resource):
     @field_validator("runtime")
     @classmethod
     def _runtime_here(cls, runtime: str) -> str:
-        if runtime not in RUNTIMES:
-            raise ValueError(f"runtime {runtime!r} is not available (available: {', '.join(RUNTIMES)})")
-        return runtime
+        return available_runtime(runtime)
 
     @property
     def uri(self) -> str | None:

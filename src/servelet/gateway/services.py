@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -54,8 +55,6 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 async def read_json(request: Request, limit: int):
     """The body as JSON, with a 400 that says what is wrong when it is not."""
-    import json
-
     body = await read_body(request, limit)
     if not body.strip():
         raise BadRequest("the request body is empty; send a JSON object")
