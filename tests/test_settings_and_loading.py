@@ -8,7 +8,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
-import servelet.instance.app as instance_app
+import servelet.artifacts as artifacts
 from servelet.instance.app import create_app
 from servelet.settings import DEFAULT_MODEL_URI, SettingsError, load_instance_settings
 
@@ -38,9 +38,10 @@ def test_servelet_names_win_over_lmi_names_and_defaults_hold(monkeypatch):
 @pytest.mark.parametrize(
     "variable, value, message",
     [
-        ("OPTION_ROLLING_BATCH", "lmi-dist", "not available on this backend"),
-        ("OPTION_DTYPE", "bf16", "GGUF file carries its own"),
-        ("TENSOR_PARALLEL_DEGREE", "2", "one device"),
+        ("OPTION_ROLLING_BATCH", "lmi-dist", "not a rolling-batch backend"),
+        ("OPTION_DTYPE", "int3", "not a data type"),
+        ("TENSOR_PARALLEL_DEGREE", "two", "not a device count"),
+        ("SERVELET_RUNTIME", "onnx", "not a runtime"),
         ("OPTION_MAX_ROLLING_BATCH_SIZE", "0", "greater than or equal to 1"),
         ("SERVELET_KV_CACHE_TOKENS", "512", "smaller than the context length"),
     ],
@@ -59,7 +60,7 @@ def test_ping_is_503_while_the_model_loads_then_200(monkeypatch, model_path):
         release.wait(timeout=60)
         return model_path
 
-    monkeypatch.setattr(instance_app, "resolve_model", slow_resolve)
+    monkeypatch.setattr(artifacts, "resolve_model", slow_resolve)
     app = create_app(load_instance_settings(max_batch_size=2, max_model_len=256))
     with TestClient(app) as client:
         assert client.get("/ping").status_code == 503

@@ -148,7 +148,7 @@ def wait_in_service(client: Client, name: str, timeout: float) -> dict:
 def deploy(
     model_uri: Annotated[str, typer.Argument(help="The model: package://, file://, s3://, http(s):// or a path.")],
     name: Annotated[str, typer.Option("--name", "-n", help="The endpoint's name (its model and config get it too).")],
-    runtime: Annotated[str, typer.Option(help="The runtime that serves it.")] = "llamacpp",
+    runtime: Annotated[str, typer.Option(help="The runtime that serves it (auto: told by the artifact).")] = "auto",
     instances: Annotated[int, typer.Option(help="Instances to start.")] = 1,
     env: Annotated[Optional[list[str]], typer.Option("--env", "-e", help="KEY=VALUE for the instances (repeatable).")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the endpoint is InService.")] = True,

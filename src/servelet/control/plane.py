@@ -240,7 +240,7 @@ class ControlPlane:
                 model_uri=model.uri,
                 instances=variant.initial_instance_count,
                 weight=variant.initial_variant_weight,
-                env=dict(model.primary_container.environment),
+                env=model.instance_environment(),
             ))
             if variant.variant_name in changed:
                 plans[-1].weight = changed[variant.variant_name].desired_weight

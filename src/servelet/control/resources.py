@@ -8,6 +8,7 @@ Validation messages are written for the user who sent the definition.
 from __future__ import annotations
 
 import enum
+import importlib.util
 import re
 from datetime import datetime, timezone
 from typing import Literal
@@ -19,13 +20,20 @@ from pydantic.alias_generators import to_pascal
 NAME_PATTERN = r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$"
 MAX_INSTANCES_PER_VARIANT = 64
 URI_SCHEMES = ("package://", "file://", "s3://", "http://", "https://")
-RUNTIMES = ("llamacpp",)  # issue 5 adds transformers, handler, vllm
+# Each runtime and the Python package it needs in this installation (None: always there).
+RUNTIME_PACKAGES = {"auto": None, "llamacpp": "llama_cpp", "transformers": "transformers", "handler": None, "vllm": "vllm"}
+MODEL_MODES = ("SingleModel", "MultiModel")
+
+
+def installed_runtimes() -> list[str]:
+    return [name for name, package in RUNTIME_PACKAGES.items() if package is None or importlib.util.find_spec(package)]
 
 
 def available_runtime(runtime: str) -> str:
     """`runtime` if this installation has it; a message listing those it has otherwise."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"runtime {runtime!r} is not available (available: {', '.join(RUNTIMES)})")
+    if runtime not in installed_runtimes():
+        extra = f" (pip install 'servelet[{runtime}]')" if runtime in RUNTIME_PACKAGES else ""
+        raise ValueError(f"runtime {runtime!r} is not available{extra}; available: {', '.join(installed_runtimes())}")
     return runtime
 
 
@@ -43,7 +51,14 @@ class ContainerSpec(Resource):
     image: str | None = Field(None, description="Accepted for compatibility; servelet runs its own runtime.")
     model_data_url: str | None = Field(None, description="Model URI: a path, file://, s3://, http(s)://, package://.")
     environment: dict[str, str] = Field(default_factory=dict, description="Passed to the instances (LMI OPTION_*, ...).")
-    mode: str = Field("SingleModel", description="SingleModel, or MultiModel (issue 5).")
+    mode: str = Field("SingleModel", description="SingleModel, or MultiModel: ModelDataUrl is a prefix of models.")
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        if mode not in MODEL_MODES:
+            raise ValueError(f"Mode {mode!r} is not one of {', '.join(MODEL_MODES)}")
+        return mode
 
     @field_validator("model_data_url")
     @classmethod
@@ -63,7 +78,7 @@ class ModelSpec(Resource):
     model_name: str = Field(pattern=NAME_PATTERN)
     primary_container: ContainerSpec = Field(default_factory=ContainerSpec)
     execution_role_arn: str | None = None
-    runtime: str = Field("llamacpp", description="Which runtime serves it.")
+    runtime: str = Field("auto", description="Which runtime serves it; auto: told by the artifact's shape.")
     creation_time: datetime = Field(default_factory=now)
 
     @field_validator("runtime")
@@ -76,6 +91,15 @@ class ModelSpec(Resource):
         """The artifact URI; the container's ModelDataUrl, else the LMI environment names (HF_MODEL_ID, ...)."""
         env = self.primary_container.environment
         return self.primary_container.model_data_url or env.get("SERVELET_MODEL") or env.get("OPTION_MODEL_ID") or env.get("HF_MODEL_ID")
+
+    def instance_environment(self) -> dict[str, str]:
+        """The environment its instances start with: the container's, plus the runtime and mode it was created with."""
+        env = dict(self.primary_container.environment)
+        if self.runtime != "auto":
+            env["SERVELET_RUNTIME"] = self.runtime
+        if self.primary_container.mode == "MultiModel":
+            env["SERVELET_MULTI_MODEL"] = "true"
+        return env
 
 
 class ServerlessConfig(Resource):

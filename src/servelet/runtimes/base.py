@@ -1,0 +1,71 @@
+"""The seam between the instance process and what serves a model.
+
+The instance (`servelet container`) owns the hosting contract: `/ping`, `/invocations`, `/model`, body limits,
+disconnects. A runtime owns one loaded model and answers an invocation: the llama.cpp engine, a Hugging Face
+pipeline, a user's `inference.py`, vLLM, or a multi-model cache of any of those. Runtimes never see FastAPI's
+request object, so the Ray executor can drive them the same way.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from starlette.responses import Response
+
+
+class InvocationError(Exception):
+    """A request this runtime cannot answer; `status` and `kind` travel to the client (4xx: the caller's fault).
+
+    `kind` names the error family the gateway maps: "validation", "unsupported_media_type", "payload_too_large",
+    "unavailable", "overloaded", "model_error" (the user's model or handler failed: SageMaker's ModelError)."""
+
+    def __init__(self, status: int, message: str, kind: str = "validation"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+
+@dataclass
+class Call:
+    """One `/invocations` request as a runtime sees it: the body bytes and the SageMaker headers."""
+
+    body: bytes
+    content_type: str = "application/json"
+    accept: str | None = None
+    custom_attributes: str | None = None
+    target_model: str | None = None
+    is_disconnected: Callable[[], Awaitable[bool]] = field(default=lambda: _never())
+
+    @property
+    def media_type(self) -> str:
+        """The content type without parameters, lower case ("application/json; charset=utf-8" → "application/json")."""
+        return self.content_type.split(";")[0].strip().lower()
+
+
+async def _never() -> bool:
+    return False
+
+
+class Runtime(ABC):
+    """A loaded model behind `/invocations`."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    async def invoke(self, call: Call) -> Response:
+        """Answer one invocation (whole or streamed); raise InvocationError for what the caller got wrong."""
+
+    def facts(self) -> dict:
+        """What the gateway needs to speak for this model (`GET /model`): at least `runtime` and `task`.
+
+        Text-generation runtimes add `context_length`, `max_batch_size`, `chat_template`, `bos_token`, `eos_token`."""
+        return {"runtime": self.name, "task": None}
+
+    def occupancy(self) -> dict:
+        """Load figures merged into `/ping` (running, waiting, ...); the gateway's metrics and autoscaler read them."""
+        return {}
+
+    def close(self) -> None:
+        """Free the model; the process is about to exit."""

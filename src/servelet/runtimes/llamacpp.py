@@ -1,0 +1,49 @@
+"""GGUF models on llama.cpp, through servelet's continuous-batching engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..settings import InstanceSettings, SettingsError
+from .lmi import TextGenerationRuntime
+
+
+class LlamaCppRuntime(TextGenerationRuntime):
+    name = "llamacpp"
+
+    def __init__(self, path: Path, settings: InstanceSettings):
+        refuse_options_llamacpp_cannot_apply(settings)
+        from ..engine import Engine  # loads llama.cpp: only in an instance that serves a GGUF
+
+        super().__init__(Engine(path, settings.engine_config()))
+        self.settings = settings
+
+    def facts(self) -> dict:
+        model = self.engine.model
+        return super().facts() | {
+            "name": model.name,
+            "context_length": self.engine.max_model_len,
+            "max_batch_size": self.settings.max_batch_size,
+            "chat_template": model.chat_template,
+            "bos_token": model.bos_text,
+            "eos_token": model.eos_text,
+        }
+
+
+def refuse_options_llamacpp_cannot_apply(settings: InstanceSettings) -> None:
+    """LMI options that mean something to other backends but not to llama.cpp on CPU: refused, naming each."""
+    problems = []
+    if settings.rolling_batch not in ("auto", "llamacpp"):
+        problems.append(f"OPTION_ROLLING_BATCH: '{settings.rolling_batch}' cannot serve a GGUF file (accepted: auto, llamacpp)")
+    if settings.dtype != "auto":
+        problems.append(f"OPTION_DTYPE: '{settings.dtype}' cannot apply: a GGUF file carries its own (quantized) weight types (accepted: auto)")
+    if settings.tensor_parallel_degree not in ("1", "max"):
+        problems.append(
+            f"TENSOR_PARALLEL_DEGREE: '{settings.tensor_parallel_degree}' cannot apply: llama.cpp on CPU runs the model on one device (accepted: 1, max)"
+        )
+    if problems:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
+
+
+def load(path: Path, settings: InstanceSettings) -> LlamaCppRuntime:
+    return LlamaCppRuntime(path, settings)

@@ -1,0 +1,157 @@
+"""LMI's text-generation contract over any token engine: `{"inputs", "parameters", "stream"}` in,
+`{"generated_text"}` or JSON lines of tokens out.
+
+The llama.cpp engine, the transformers text-generation runtime and vLLM all answer through this one module;
+each provides a `TokenEngine`: `submit(prompt, params, logprobs=...)` returning an async iterator of `Token`
+whose `.result` is the `Finished` event from the last token on, with `.cancel()` and `.collect()` (the shape of
+`servelet.engine.Generation`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Protocol
+
+from pydantic import ValidationError
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from ..engine import EngineError, Finished, GenerationParams, Token
+from .base import Call, InvocationError, Runtime
+from .lmi_schemas import InvocationRequest, describe
+
+JSON_LINES = "application/jsonlines"
+DISCONNECT_POLL_SECONDS = 0.25
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
+JSON_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded", "")
+
+
+class TokenEngine(Protocol):
+    def submit(self, prompt: str, params: GenerationParams, *, logprobs: bool = False): ...
+    def occupancy(self) -> dict: ...
+    def close(self) -> None: ...
+
+
+class TextGenerationRuntime(Runtime):
+    """A runtime whose model generates text token by token; subclasses build `engine` and say their facts."""
+
+    task = "text-generation"
+
+    def __init__(self, engine: TokenEngine):
+        self.engine = engine
+
+    def facts(self) -> dict:
+        return {"runtime": self.name, "task": self.task}
+
+    def occupancy(self) -> dict:
+        return self.engine.occupancy()
+
+    def close(self) -> None:
+        self.engine.close()
+
+    async def invoke(self, call: Call) -> Response:
+        invocation = parse_invocation(call)
+        prompts = [invocation.inputs] if isinstance(invocation.inputs, str) else invocation.inputs
+        if invocation.stream and len(prompts) != 1:
+            raise InvocationError(422, "inputs: stream takes a single input, not a list")
+        generations = submit_all(self.engine, prompts, invocation)
+        if invocation.stream:
+            return StreamingResponse(
+                json_lines(generations[0], prompts[0]),
+                media_type=JSON_LINES,
+                headers={"X-Accel-Buffering": "no", "Cache-Control": "no-cache"},
+            )
+        results = await until_disconnect(call, collect_all(generations), generations)
+        if results is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        answers = [answer(p, tokens, end, invocation.parameters.details) for p, (tokens, end) in zip(prompts, results)]
+        return JSONResponse(answers[0] if isinstance(invocation.inputs, str) else answers)
+
+
+def parse_invocation(call: Call) -> InvocationRequest:
+    # curl -d sends form encoding by default; its body is still the JSON the user typed.
+    if call.media_type not in JSON_TYPES:
+        raise InvocationError(
+            415, f"Content-Type {call.media_type!r} is not supported; send application/json", "unsupported_media_type"
+        )
+    if not call.body:
+        raise InvocationError(400, "the request body is empty; send JSON like {\"inputs\": \"...\"}")
+    try:
+        body = json.loads(call.body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvocationError(400, f"the request body is not valid JSON: {exc}") from None
+    try:
+        return InvocationRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InvocationError(422, describe(exc)) from None
+
+
+def submit_all(engine: TokenEngine, prompts: list[str], invocation: InvocationRequest) -> list:
+    """Submit every prompt or none: if one is refused, the ones already queued are cancelled."""
+    generations = []
+    try:
+        for prompt in prompts:
+            generations.append(engine.submit(prompt, invocation.parameters, logprobs=invocation.stream))
+    except EngineError:
+        for g in generations:
+            g.cancel()
+        raise
+    return generations
+
+
+async def collect_all(generations: list):
+    return await asyncio.gather(*(g.collect() for g in generations))
+
+
+async def until_disconnect(call: Call, work, generations: list):
+    """Await `work`; None (and the generations cancelled) if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await call.is_disconnected():
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            for g in generations:
+                g.cancel()
+
+
+def token_json(token: Token) -> dict:
+    return {"id": token.id, "text": token.text, "log_prob": token.logprob}
+
+
+def details(prompt: str, end: Finished) -> dict:
+    s = end.stats
+    return {
+        "finish_reason": end.reason.value,
+        "generated_tokens": s.generated_tokens,
+        "inputs": prompt,
+        "prompt_tokens": s.prompt_tokens,
+        "time_to_first_token": round(s.time_to_first_token, 6),
+        "tokens_per_second": round(s.tokens_per_second, 3),
+    }
+
+
+def answer(prompt: str, tokens: list[Token], end: Finished, with_details: bool) -> dict:
+    result: dict = {"generated_text": end.text}
+    if with_details:
+        result["details"] = details(prompt, end) | {"tokens": [token_json(t) for t in tokens]}
+    return result
+
+
+async def json_lines(generation, prompt: str):
+    """One line per token; the last line also carries generated_text and details (LMI's format)."""
+    try:
+        async for token in generation:
+            line: dict = {"token": token_json(token)}
+            end = generation.result
+            if end is not None:
+                line["generated_text"] = end.text
+                line["details"] = details(prompt, end)
+            yield json.dumps(line) + "\n"
+    except EngineError as exc:
+        yield json.dumps({"error": str(exc), "error_type": type(exc).__name__}) + "\n"
