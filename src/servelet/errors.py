@@ -61,7 +61,7 @@ def from_instance(status: int, body: bytes) -> GatewayError:
     except (ValueError, AttributeError):
         message = body.decode(errors="replace") or f"the instance answered {status}"
     by_status: dict[int, type[GatewayError]] = {
-        400: BadRequest, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable,
+        400: BadRequest, 404: NotFound, 413: PayloadTooLarge, 415: UnsupportedMediaType, 422: Unprocessable,
         429: Overloaded, 503: Unavailable,
     }
     if status in by_status:

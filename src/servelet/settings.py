@@ -50,6 +50,10 @@ class InstanceSettings(BaseSettings):
     model_cache_bytes: int = Field(
         2 * 1024**3, ge=1, description="Multi-model endpoints: the memory budget of loaded models, evicted LRU."
     )
+    install_requirements: bool = Field(
+        False, description="Handler models: pip-install code/requirements.txt into this environment at load, "
+        "as SageMaker's containers do; off: they must be installed already."
+    )
     rolling_batch: str = Field("auto", validation_alias=AliasChoices("SERVELET_ROLLING_BATCH", "OPTION_ROLLING_BATCH"))
     max_batch_size: int = Field(
         32, ge=1, le=256, validation_alias=AliasChoices("SERVELET_MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE")
@@ -58,6 +62,10 @@ class InstanceSettings(BaseSettings):
     dtype: str = Field("auto", validation_alias=AliasChoices("SERVELET_DTYPE", "OPTION_DTYPE"))
     tensor_parallel_degree: str = Field(
         "1", validation_alias=AliasChoices("SERVELET_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE")
+    )
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, validation_alias=AliasChoices("SERVELET_GPU_MEMORY_UTILIZATION", "OPTION_GPU_MEMORY_UTILIZATION"),
+        description="vLLM: the share of GPU memory for weights and KV cache; unset: vLLM's default.",
     )
     max_waiting: int = Field(128, ge=0, description="Requests queued beyond the batch before 429 overloaded.")
     prefill_chunk: int = Field(128, ge=16, le=8192, description="Prompt tokens fed per engine step.")

@@ -18,6 +18,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..artifacts import ArtifactError, Materialized, materialize, shared_in_memory
 from .instances import Instance
 
 log = logging.getLogger("servelet.control")
@@ -193,6 +194,9 @@ class Fleet:
         self.endpoints: dict[str, Endpoint] = {}
         self._serials: dict[str, dict[str, itertools.count]] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Remote model files fetched once into memory, by URI: every instance of them inherits the one copy.
+        self._models: dict[str, Materialized] = {}
+        self._fetching = asyncio.Lock()
 
     def get(self, name: str) -> Endpoint:
         try:
@@ -211,6 +215,7 @@ class Fleet:
         """Start every variant's instances; the endpoint serves as soon as one is ready (readiness is awaited in
         the background, and an instance that dies after it was ready is replaced)."""
         self._serials.pop(name, None)
+        await self._materialize(plans)
         endpoint = Endpoint(name, Deployment(self._variants(name, plans), config_name))
         self.endpoints[name] = endpoint
         await self._start_all(endpoint, endpoint.blue.instances(), start_timeout)
@@ -221,6 +226,7 @@ class Fleet:
     ) -> Deployment:
         """Start an update's new fleet beside the endpoint's current one; it takes no traffic until told."""
         endpoint = self.get(name)
+        await self._materialize(plans)
         endpoint.green, endpoint.green_share = Deployment(self._variants(name, plans), config_name), 0.0
         await self._start_all(endpoint, endpoint.green.instances(), start_timeout)
         return endpoint.green
@@ -240,7 +246,26 @@ class Fleet:
         if len(bytes(socket_path)) > MAX_SOCKET_PATH_BYTES:  # long names: a short, still unique, file name
             digest = hashlib.sha256(f"{endpoint}/{variant}/{n}".encode()).hexdigest()[:16]
             socket_path = self.run_dir / f"{digest}.sock"
-        return Instance(f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env)
+        model_file = self._models.get(model_uri)
+        return Instance(f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env, model_file)
+
+    async def _materialize(self, plans: list["VariantPlan"]) -> None:
+        """Fetch each remote model file into memory once, here, rather than once per instance."""
+        async with self._fetching:
+            for plan in plans:
+                uri, multi_model = plan.model_uri, plan.env.get("SERVELET_MULTI_MODEL", "").lower() in ("true", "1")
+                if uri in self._models or multi_model or not shared_in_memory(uri):
+                    continue  # a multi-model URI is a prefix: its instance fetches each model when asked for it
+                try:
+                    self._models[uri] = await asyncio.to_thread(materialize, uri)
+                except ArtifactError as exc:  # its instances resolve it themselves, and fail saying why
+                    log.error("%s", exc)
+
+    def _release_models(self) -> None:
+        """Close the in-memory models no variant uses any more (running instances keep their inherited copy)."""
+        in_use = {v.model_uri for e in self.endpoints.values() for v in e.variants}
+        for uri in set(self._models) - in_use:
+            self._models.pop(uri).close()
 
     async def _start_all(self, endpoint: Endpoint, instances: list[Instance], start_timeout: float) -> None:
         for instance in instances:
@@ -278,6 +303,7 @@ class Fleet:
             instance.stopping = True  # no replacement if it exits while draining
         await _until(lambda: deployment.busy() == 0, drain_timeout)
         await asyncio.gather(*(i.stop() for i in deployment.instances()), return_exceptions=True)
+        self._release_models()
 
     async def scale(self, name: str, variant_name: str, count: int, start_timeout: float, drain_timeout: float) -> list[Instance]:
         """Add instances to a blue variant, or remove some (they take no new requests, finish theirs, then stop).
@@ -308,6 +334,7 @@ class Fleet:
         if endpoint is None:
             return
         await asyncio.gather(*(i.stop() for v in endpoint.variants for i in v.instances), return_exceptions=True)
+        self._release_models()
 
     async def _keep_running(self, endpoint: Endpoint, instance: Instance, timeout: float) -> None:
         """Bring the instance up; if it dies after it was ready, start a new one (with backoff) while the endpoint exists."""
@@ -343,6 +370,9 @@ class Fleet:
             *(i.stop() for e in self.endpoints.values() for v in e.variants for i in v.instances),
             return_exceptions=True,
         )
+        for model in self._models.values():
+            model.close()
+        self._models.clear()
 
 
 async def _until(condition, timeout: float, poll: float = 0.05) -> bool:

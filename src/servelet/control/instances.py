@@ -11,8 +11,12 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..instance.client import InstanceClient
+
+if TYPE_CHECKING:
+    from ..artifacts import Materialized
 
 log = logging.getLogger("servelet.control")
 
@@ -38,9 +42,13 @@ class InstanceFailed(RuntimeError):
 class Instance:
     """A worker process; the gateway reaches it only through `client` (never by importing the model)."""
 
-    def __init__(self, name: str, model_uri: str, socket_path: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, name: str, model_uri: str, socket_path: Path, env: dict[str, str] | None = None,
+        model_file: Materialized | None = None,
+    ):
         self.name = name
         self.model_uri = model_uri
+        self.model_file = model_file  # the model in the gateway's memory, which the process inherits
         self.socket_path = socket_path
         self.env = env or {}
         self.client = InstanceClient(f"unix:{socket_path}", timeout=None)
@@ -62,9 +70,11 @@ class Instance:
             self.failure = None
         if self.socket_path.exists():
             self.socket_path.unlink()
-        args = [sys.executable, "-m", "servelet.cli", "container", "--model", self.model_uri, "--socket", str(self.socket_path)]
+        shared = self.model_file if self.model_file is not None and self.model_file.fds else None
+        model = shared.path if shared else self.model_uri  # /proc/self/fd/N: the inherited file, same number
+        args = [sys.executable, "-m", "servelet.cli", "container", "--model", model, "--socket", str(self.socket_path)]
         self.process = await asyncio.create_subprocess_exec(
-            *args, env=os.environ | self.env, preexec_fn=_die_with_parent,
+            *args, env=os.environ | self.env, preexec_fn=_die_with_parent, pass_fds=shared.fds if shared else (),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         self.log_tail.clear()

@@ -19,7 +19,7 @@ from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
 
 # The caller's mistakes: they say nothing about the fleet's health, so alarms do not count them.
-CLIENT_ERRORS = (BadRequest, PayloadTooLarge, UnsupportedMediaType, Unprocessable)
+CLIENT_ERRORS = (BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, Unprocessable)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REGISTRY = CollectorRegistry()
@@ -51,6 +51,16 @@ AUTOSCALING_METRIC = Gauge(
 )
 
 
+# A multi-model instance's cache figures in its /ping (runtimes/multimodel.py), exposed as counters per instance.
+MODEL_CACHE_COUNTERS = {
+    "model_loads": "Target models a multi-model instance loaded",
+    "model_evictions": "Target models evicted (least recently used) to stay within the model cache",
+    "model_hits": "Multi-model requests whose target model was loaded already",
+    "model_misses": "Multi-model requests that waited for their target model to load",
+    "model_load_seconds": "Seconds spent loading target models",
+}
+
+
 class FleetCollector:
     """Running and waiting sequences per instance, from each instance's last health poll."""
 
@@ -61,6 +71,9 @@ class FleetCollector:
         running = GaugeMetricFamily("servelet_running_sequences", "Sequences decoding now", labels=["endpoint", "variant", "instance"])
         waiting = GaugeMetricFamily("servelet_waiting_sequences", "Sequences queued for a slot", labels=["endpoint", "variant", "instance"])
         ready = GaugeMetricFamily("servelet_instances_ready", "Instances answering /ping", labels=["endpoint", "variant"])
+        instance_labels = ["endpoint", "variant", "instance"]
+        loaded = GaugeMetricFamily("servelet_models_loaded", "Target models a multi-model instance holds", labels=instance_labels)
+        cache = {key: CounterMetricFamily(f"servelet_{key}", text, labels=instance_labels) for key, text in MODEL_CACHE_COUNTERS.items()}
         endpoints = self.fleet.endpoints.values() if self.fleet is not None else ()
         for endpoint in endpoints:
             for variant in endpoint.variants:
@@ -69,7 +82,11 @@ class FleetCollector:
                     labels = [endpoint.name, variant.name, instance.name]
                     running.add_metric(labels, instance.occupancy.get("running", 0))
                     waiting.add_metric(labels, instance.occupancy.get("waiting", 0))
-        yield from (running, waiting, ready)
+                    if "models_loaded" in instance.occupancy:
+                        loaded.add_metric(labels, instance.occupancy["models_loaded"])
+                        for key, family in cache.items():
+                            family.add_metric(labels, instance.occupancy.get(key, 0))
+        yield from (running, waiting, ready, loaded, *cache.values())
 
 
 _fleet_collector = FleetCollector()

@@ -4,17 +4,22 @@ A few-shot prompt asks the model to copy the answer from the context; the genera
 the context (exactly, else the closest word span), so `start`/`end` are real offsets and `answer` is
 `context[start:end]`. `score` is the model's own confidence: the geometric-mean probability of the generated
 answer tokens, times how closely the span matches what it wrote.
+
+An endpoint whose model is an extractive one (task question-answering) finds the span itself: the pair is
+forwarded to it and its answer returned as it is.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from difflib import SequenceMatcher
 
-from ..errors import Unprocessable
+from ..control.invocation import Invocation
+from ..errors import ModelFailed, Unprocessable
 from .textgen import Completion, TextGenerator, Token
 
 FEW_SHOT = (
@@ -101,8 +106,11 @@ def _answer(context: str, completion: Completion, tokens: list[Token]) -> Questi
 async def stream_answer(
     textgen: TextGenerator, endpoint: str, question: str, context: str
 ) -> AsyncIterator[Token | QuestionAnswer]:
-    """Yield the generated answer's tokens as they come, then the located span."""
+    """Yield the generated answer's tokens as they come, then the located span (an extractive model: the span)."""
     question, context = check(question, context)
+    if textgen.facts(endpoint).get("task") == "question-answering":
+        yield await ask_extractive_model(textgen, endpoint, question, context)
+        return
     parameters = {"max_new_tokens": MAX_ANSWER_TOKENS, "stop": ["\n"], "temperature": 0}
     tokens: list[Token] = []
     async for item in textgen.stream(endpoint, prompt_for(question, context), parameters):
@@ -120,3 +128,13 @@ async def answer_question(textgen: TextGenerator, endpoint: str, question: str, 
             result = item
     assert result is not None
     return result
+
+
+async def ask_extractive_model(textgen: TextGenerator, endpoint: str, question: str, context: str) -> QuestionAnswer:
+    body = json.dumps({"question": question, "context": context}).encode()
+    answer = await textgen.router.invoke(Invocation(endpoint=endpoint, body=body))
+    try:
+        span = json.loads(answer.body)
+        return QuestionAnswer(score=span["score"], start=span["start"], end=span["end"], answer=span["answer"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelFailed(f"the instance's answer is not an answer span: {exc!r}", 500) from None

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from ..control.invocation import Invocation
 from ..control.router import Router
-from ..errors import ModelFailed
+from ..errors import BadRequest, ModelFailed
 from ..instance.client import JsonLines
 from . import metrics
 
@@ -60,8 +60,20 @@ class TextGenerator:
         completion.tokens = tokens
         return completion
 
+    def require_text_generation(self, endpoint: str) -> None:
+        """Refuse, naming what the endpoint does serve, an endpoint whose model does not generate text."""
+        facts = self.facts(endpoint)
+        task = facts.get("task", "text-generation")
+        if facts and task != "text-generation":
+            what = f"a {task} model" if task else f"models through the {facts.get('runtime')} runtime"
+            raise BadRequest(
+                f"endpoint {endpoint!r} serves {what}, which does not generate text; "
+                "call it through InvokeEndpoint (POST /endpoints/{name}/invocations) or the route for its task"
+            )
+
     async def stream(self, endpoint: str, prompt: str, parameters: dict) -> AsyncIterator[Token | Completion]:
         """Yield each Token as it is generated, then one Completion. Leaving early cancels the generation."""
+        self.require_text_generation(endpoint)
         body = json.dumps({"inputs": prompt, "parameters": parameters, "stream": True}).encode()
         invocation = Invocation(endpoint=endpoint, body=body, content_type="application/json")
         started = time.perf_counter()

@@ -69,6 +69,14 @@ class TextGenerationRuntime(Runtime):
 
 
 def parse_invocation(call: Call) -> InvocationRequest:
+    try:
+        return InvocationRequest.model_validate(read_json(call))
+    except ValidationError as exc:
+        raise InvocationError(422, describe(exc)) from None
+
+
+def read_json(call: Call):
+    """The body as JSON; 415 for another content type, 400 for an empty or broken body."""
     # curl -d sends form encoding by default; its body is still the JSON the user typed.
     if call.media_type not in JSON_TYPES:
         raise InvocationError(
@@ -77,13 +85,9 @@ def parse_invocation(call: Call) -> InvocationRequest:
     if not call.body:
         raise InvocationError(400, "the request body is empty; send JSON like {\"inputs\": \"...\"}")
     try:
-        body = json.loads(call.body)
+        return json.loads(call.body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvocationError(400, f"the request body is not valid JSON: {exc}") from None
-    try:
-        return InvocationRequest.model_validate(body)
-    except ValidationError as exc:
-        raise InvocationError(422, describe(exc)) from None
 
 
 def submit_all(engine: TokenEngine, prompts: list[str], invocation: InvocationRequest) -> list:

@@ -1,4 +1,4 @@
-"""The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, streaming and not.
+"""The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, streaming and not; `/v1/embeddings`.
 
 `model` names an endpoint. Sampling follows OpenAI's defaults, mapped onto the LMI parameters the instance takes:
 temperature defaults to 1 and samples (`do_sample`); temperature 0 (or top_p 0) is greedy; `seed` makes sampling
@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from ...errors import BadRequest, GatewayError, ModelFailed, NotFound
 from ..chat import chat_prompt
 from ..disconnect import unless_disconnected
+from ..embeddings import EmbeddingRequest, create_embeddings, require_embeddings
 from ..errors import error_format
 from ..framing import SSE, SSE_KEEPALIVE, UNBUFFERED, ClosingStreamingResponse, sse, with_keepalive
 from ..services import Services, json_body, note_endpoint, read_json, services
@@ -338,6 +339,22 @@ def usage(completion: Completion) -> Usage:
 
 def finish_reason(completion: Completion) -> str:
     return FINISH_REASONS.get(completion.finish_reason, "stop")
+
+
+# -- embeddings ------------------------------------------------------------------------------------------------
+@router.post(
+    "/embeddings",
+    summary="Embed texts (on an endpoint that serves a feature-extraction model)",
+    openapi_extra=json_body(EmbeddingRequest),
+)
+async def embeddings(request: Request, svc: Services = Depends(services)):
+    body = await read(request, svc, EmbeddingRequest)
+    model = endpoint_or_404(svc, body.model)
+    note_endpoint(request, model)
+    require_embeddings(model, svc.textgen.facts(model))
+    answer, variant = await unless_disconnected(request, create_embeddings(svc.router, model, body))
+    note_endpoint(request, model, variant)
+    return answer
 
 
 # -- completions -----------------------------------------------------------------------------------------------

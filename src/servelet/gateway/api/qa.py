@@ -1,4 +1,5 @@
-"""The QA routes our users call on `default`: `GET|POST /question` → `{"score", "start", "end", "answer"}`.
+"""The QA routes our users call on `default` (or the `endpoint` named): `GET|POST /question` → `{"score", "start",
+"end", "answer"}`.
 
 `answer` is the span of `context` that answers `question`; `start`/`end` are its character offsets. TGI's
 `POST /generate` takes the same body and answers through `answer` here.
@@ -26,6 +27,7 @@ class QuestionRequest(BaseModel):
 
     question: str = Field(description="What to find in the context.")
     context: str = Field(description="The text that holds the answer.")
+    endpoint: str = Field(DEFAULT_ENDPOINT, description="The endpoint to ask (a generative or an extractive QA model).")
 
 
 class AnswerSpan(BaseModel):
@@ -38,9 +40,9 @@ class AnswerSpan(BaseModel):
 
 
 async def answer(request: Request, hub: Services, body: QuestionRequest) -> dict:
-    """Answer one question on `default`; empty questions or contexts are refused with a 422 naming which."""
-    note_endpoint(request, DEFAULT_ENDPOINT)
-    work = answer_question(hub.textgen, DEFAULT_ENDPOINT, body.question, body.context)
+    """Answer one question; empty questions or contexts are refused with a 422 naming which."""
+    note_endpoint(request, body.endpoint)
+    work = answer_question(hub.textgen, body.endpoint, body.question, body.context)
     return (await unless_disconnected(request, work)).as_dict()
 
 
@@ -49,9 +51,10 @@ async def question_by_query(
     request: Request,
     question: str = Query(description="What to find in the context.", examples=[CAR["question"]]),
     context: str = Query(description="The text that holds the answer.", examples=[CAR["context"]]),
+    endpoint: str = Query(DEFAULT_ENDPOINT, description="The endpoint to ask."),
     hub: Services = Depends(services),
 ):
-    return await answer(request, hub, QuestionRequest(question=question, context=context))
+    return await answer(request, hub, QuestionRequest(question=question, context=context, endpoint=endpoint))
 
 
 @router.post(

@@ -329,6 +329,7 @@ async def info(hub: Services = Depends(services)):
     facts = hub.textgen.facts(DEFAULT_ENDPOINT)
     if not facts:
         raise Unavailable(f"endpoint {DEFAULT_ENDPOINT!r} has no ready instance yet (its model may still be loading)")
+    hub.textgen.require_text_generation(DEFAULT_ENDPOINT)
     instances = sum(len(v.ready_instances()) for v in hub.fleet.get(DEFAULT_ENDPOINT).variants)
     context = facts["context_length"]
     return {

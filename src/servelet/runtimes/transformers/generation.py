@@ -1,0 +1,232 @@
+"""Text generation on a causal language model, through the same token interface as the llama.cpp engine.
+
+`GenerationEngine.submit` returns a `Generation` shaped like `servelet.engine.Generation`, so `lmi.py` serves it
+unchanged: `{"inputs", "parameters", "stream"}` in, `{"generated_text"}` or JSON lines of tokens out. Generations
+run one at a time in one worker thread (a forward pass already uses every core the instance has); up to
+`max_waiting` more wait their turn, beyond that `submit` raises Overloaded (429). Stop sequences, finish reasons,
+streamed text and timings come from the engine's own `Sequence`, so both runtimes end a generation alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ...engine.errors import ContextOverflow, EngineStopped, InvalidRequest, Overloaded
+from ...engine.params import GenerationParams
+from ...engine.sequence import Finished, FinishReason, Sequence, Token
+from ...settings import InstanceSettings
+from ..lmi import TextGenerationRuntime
+from .decoding import Detokenizer, Sampler
+from .folder import load_model, load_tokenizer
+
+log = logging.getLogger("servelet.runtimes.transformers")
+
+DEFAULT_MAX_NEW_TOKENS = 256  # as the llama.cpp engine: what fits, at most this
+
+
+class Generation:
+    """Async iterator of Token events; `.result` holds the Finished event from the last token on."""
+
+    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop):
+        self.seq = seq
+        self._loop = loop
+        self._events_queue: asyncio.Queue = asyncio.Queue()
+        self.request_id = seq.request_id
+        self.prompt_tokens = len(seq.prompt_tokens)
+        self.result: Finished | None = None
+
+    def post(self, event: Token | Finished) -> None:
+        """Called from the worker thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._events_queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass
+
+    def __aiter__(self) -> AsyncIterator[Token]:
+        return self._events()
+
+    async def _events(self) -> AsyncIterator[Token]:
+        try:
+            while self.result is None:
+                event = await self._events_queue.get()
+                if isinstance(event, Finished):
+                    self.result = event  # set before the last token, so a stream can tell it is the last
+                    if event.reason is FinishReason.ERROR:
+                        raise EngineStopped(event.error or "generation failed")
+                    if event.last is not None:
+                        yield event.last
+                    return
+                yield event
+        finally:
+            if self.result is None:
+                self.cancel()
+
+    def cancel(self) -> None:
+        self.seq.cancelled = True  # the worker looks before each token
+
+    async def collect(self) -> tuple[list[Token], Finished]:
+        tokens = [t async for t in self]
+        assert self.result is not None
+        return tokens, self.result
+
+
+class GenerationEngine:
+    """One causal LM generating for one request at a time; a TokenEngine for lmi.py."""
+
+    def __init__(self, model, tokenizer, context_length: int, max_waiting: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.context_length, self.max_waiting = context_length, max_waiting
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
+        self._ids = itertools.count(1)
+        self._jobs: queue.Queue[Generation | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._in_engine = 0  # submitted and not finished, guarded by _lock
+        self._running = False
+        self._stopping = False
+        self.counters = {"tokens_generated": 0, "prompt_tokens": 0}
+        self._thread = threading.Thread(target=self._run, name="servelet-generate", daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt: str, params: GenerationParams | None = None, *, logprobs: bool = False) -> Generation:
+        """Queue a generation; raises InvalidRequest / ContextOverflow / Overloaded before it starts."""
+        params = params or GenerationParams()
+        if self._stopping:
+            raise EngineStopped("the engine is shutting down")
+        tokens = self.tokenize(prompt) if prompt else []
+        if not tokens:
+            raise InvalidRequest("inputs must not be empty")
+        max_new = self._max_new_tokens(len(tokens), params)
+        seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink=None)
+        with self._lock:
+            if self._in_engine > self.max_waiting:
+                raise Overloaded(
+                    f"overloaded: 1 request is generating and {self._in_engine - 1} are waiting "
+                    f"(queue {self.max_waiting}); retry later"
+                )
+            self._in_engine += 1
+        generation = Generation(seq, asyncio.get_running_loop())
+        self._jobs.put(generation)
+        return generation
+
+    def tokenize(self, text: str) -> list[int]:
+        # A prompt rendered from a chat template may already start with the BOS token.
+        bos = self.tokenizer.bos_token
+        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+    def occupancy(self) -> dict:
+        with self._lock:
+            running = int(self._running)
+            return {"running": running, "waiting": self._in_engine - running} | self.counters
+
+    def close(self) -> None:
+        self._stopping = True
+        self._jobs.put(None)
+        self._thread.join(timeout=30)
+
+    def _max_new_tokens(self, n_prompt: int, params: GenerationParams) -> int:
+        room = self.context_length - n_prompt
+        if params.max_new_tokens is None:
+            if room < 1:
+                raise ContextOverflow(
+                    f"the input has {n_prompt} tokens, which leaves no room to generate within the "
+                    f"context length of {self.context_length} tokens"
+                )
+            return min(DEFAULT_MAX_NEW_TOKENS, room)
+        if params.max_new_tokens > room:
+            raise ContextOverflow(
+                f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
+                f"{n_prompt + params.max_new_tokens} exceed the context length of {self.context_length} tokens"
+            )
+        return params.max_new_tokens
+
+    def _run(self) -> None:
+        while (generation := self._jobs.get()) is not None:
+            with self._lock:
+                self._running = True
+            try:
+                self._generate(generation)
+            except Exception as exc:  # the model failed: this request ends with the error, the next may run
+                log.exception("generation %d failed", generation.request_id)
+                seq = generation.seq
+                stats = seq.stats(time.perf_counter())
+                generation.post(Finished(FinishReason.ERROR, seq.text, stats, f"the model failed: {exc}"))
+            finally:
+                with self._lock:
+                    self._running = False
+                    self._in_engine -= 1
+        # Shutting down: whoever still waits is told so.
+        while not self._jobs.empty():
+            if (left := self._jobs.get_nowait()) is not None:
+                stats = left.seq.stats(time.perf_counter())
+                left.post(Finished(FinishReason.ERROR, "", stats, "the engine is shutting down"))
+
+    @torch.inference_mode()
+    def _generate(self, generation: Generation) -> None:
+        seq = generation.seq
+        seq.admitted = time.perf_counter()
+        sampler, text = Sampler(seq.params), Detokenizer(self.tokenizer, seq.prompt_tokens)
+        history = list(seq.prompt_tokens)
+        feed, cache = torch.tensor([seq.prompt_tokens]), None
+        self.counters["prompt_tokens"] += len(seq.prompt_tokens)
+        while True:  # ends: every pass accepts a token, and the sequence ends by max_new_tokens at the latest
+            if seq.cancelled or self._stopping:
+                generation.post(Finished(FinishReason.CANCELLED, seq.text, seq.stats(time.perf_counter())))
+                return
+            started = time.perf_counter()
+            out = self.model(input_ids=feed, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            token, logprob = sampler.choose(out.logits[0, -1].float(), history)
+            if not seq.first_token_at:
+                seq.first_token_at = time.perf_counter()
+                seq.prefill_seconds = seq.first_token_at - started
+            is_eos = token in self.eos_ids
+            last = (is_eos and not seq.params.ignore_eos) or len(seq.generated) + 1 >= seq.max_new_tokens
+            piece = text.add(token, final=last)
+            shown, end = seq.accept(token, piece.encode(), logprob if seq.want_logprobs else None, is_eos)
+            history.append(token)
+            self.counters["tokens_generated"] += 1
+            if end is not None:
+                generation.post(Finished(end, seq.text, seq.stats(time.perf_counter()), last=shown))
+                return
+            generation.post(shown)
+            feed = torch.tensor([[token]])
+
+
+class GenerationRuntime(TextGenerationRuntime):
+    name = "transformers"
+
+    def __init__(self, path: Path, settings: InstanceSettings):
+        self.path = path
+        self.tokenizer = load_tokenizer(path)
+        model = load_model(AutoModelForCausalLM, path, settings)
+        super().__init__(GenerationEngine(model, self.tokenizer, context_length(model, settings), settings.max_waiting))
+
+    def facts(self) -> dict:
+        template = self.tokenizer.chat_template
+        return super().facts() | {
+            "name": self.path.name,
+            "context_length": self.engine.context_length,
+            "max_batch_size": 1,
+            "chat_template": template if isinstance(template, str) else None,
+            "bos_token": self.tokenizer.bos_token,
+            "eos_token": self.tokenizer.eos_token,
+        }
+
+
+def context_length(model, settings: InstanceSettings) -> int:
+    """The model's trained context (max_position_embeddings), or less where SERVELET_MAX_MODEL_LEN says so."""
+    trained = getattr(model.config, "max_position_embeddings", None)
+    if trained is None:
+        return settings.max_model_len
+    return min(trained, settings.max_model_len) if "max_model_len" in settings.model_fields_set else trained

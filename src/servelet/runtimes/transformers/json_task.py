@@ -1,0 +1,117 @@
+"""What the JSON-in, JSON-out tasks share (question answering, embeddings, classification).
+
+Requests run one at a time in one worker thread: PyTorch already spreads one forward pass over the instance's
+cores, so running two at once would only make both slower. Up to `max_waiting` more wait their turn; beyond
+that the instance answers 429. A request in SageMaker's Hugging Face style is `{"inputs": ..., "parameters":
+{...}}`; `"stream"` is accepted (InvokeEndpointWithResponseStream adds it) and the answer comes whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from starlette.responses import JSONResponse, Response
+
+from ...settings import InstanceSettings
+from ..base import Call, InvocationError, Runtime
+from ..lmi import read_json
+
+log = logging.getLogger("servelet.runtimes.transformers")
+R = TypeVar("R", bound=BaseModel)
+
+
+def _texts(value):
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return value
+    raise ValueError("must be a non-empty string or a non-empty list of non-empty strings")
+
+
+Texts = Annotated[str | list[str], BeforeValidator(_texts)]
+
+
+class TaskRequest(BaseModel):
+    """Fields every task's body may carry besides its inputs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stream: bool = False
+
+
+class JsonTaskRuntime(Runtime):
+    name = "transformers"
+    task: ClassVar[str]
+    request_type: ClassVar[type[TaskRequest]]
+
+    def __init__(self, path: Path, settings: InstanceSettings):
+        self.path = path
+        self.max_waiting = settings.max_waiting
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"servelet-{self.task}")
+        self._in_flight = 0
+
+    @abstractmethod
+    def answer(self, request: Any) -> Any:
+        """The JSON answer to one validated request (runs in the worker thread)."""
+
+    async def invoke(self, call: Call) -> Response:
+        request = validate(self.request_type, read_json(call))
+        if self._in_flight > self.max_waiting:
+            waiting = self._in_flight - 1
+            message = f"overloaded: 1 request is running and {waiting} are waiting (SERVELET_MAX_WAITING); retry later"
+            raise InvocationError(429, message, "overloaded")
+        self._in_flight += 1
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(self._worker, self.answer, request)
+        except InvocationError:
+            raise
+        except Exception as exc:  # the model failed on a request it accepted: SageMaker's ModelError
+            log.exception("%s failed", self.task)
+            raise InvocationError(500, f"the {self.task} model failed: {type(exc).__name__}: {exc}", "model_error") from None
+        finally:
+            self._in_flight -= 1
+        return JSONResponse(answer)
+
+    def facts(self) -> dict:
+        return {"runtime": self.name, "task": self.task, "name": self.path.name}
+
+    def occupancy(self) -> dict:
+        return {"running": min(self._in_flight, 1), "waiting": max(self._in_flight - 1, 0)}
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def validate(request_type: type[R], body) -> R:
+    """422 naming each field at fault the way the client wrote it (`inputs.0.context: required`)."""
+    try:
+        return request_type.model_validate(body)
+    except ValidationError as exc:
+        raise InvocationError(422, describe(exc)) from None
+
+
+def describe(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"] if not _branch_name(p))
+        if err["type"] == "missing":
+            message = "required"
+        elif err["type"] == "extra_forbidden":
+            message = "unknown field"
+        else:
+            message = err["msg"].removeprefix("Value error, ")
+        problems.append((where, message))
+    # A union reports every branch it tried; the branch that got furthest into the body says what is wrong.
+    kept = [(w, m) for w, m in problems if not (w and any(other.startswith(w + ".") for other, _ in problems))]
+    return "; ".join(dict.fromkeys(f"{w}: {m}" if w else m for w, m in kept))
+
+
+def _branch_name(part) -> bool:
+    """pydantic's name for a union branch in an error's location (`QuestionContext`, `list[str]`, `str`)."""
+    return isinstance(part, str) and ("[" in part or part[:1].isupper() or part in ("str", "int", "float", "bool"))
