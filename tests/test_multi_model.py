@@ -244,3 +244,36 @@ async def until(condition, seconds: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+def test_the_openai_model_field_names_a_target_model_as_endpoint_slash_target(gateway, model_path, tmp_path):
+    """`model="llms/gemma.gguf"`: the endpoint llms, its target model gemma.gguf (a GGUF, on llama.cpp)."""
+    import openai
+
+    prefix = tmp_path / "llms"
+    prefix.mkdir()
+    (prefix / "gemma.gguf").symlink_to(model_path)
+    sagemaker = boto("sagemaker", gateway.base_url)
+    sagemaker.create_model(ModelName="llms", PrimaryContainer={"ModelDataUrl": str(prefix), "Mode": "MultiModel"})
+    sagemaker.create_endpoint_config(
+        EndpointConfigName="llms", ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "llms", "InitialInstanceCount": 1}]
+    )
+    sagemaker.create_endpoint(EndpointName="llms", EndpointConfigName="llms")
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="llms", WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    client = openai.OpenAI(base_url=gateway.base_url + "/v1", api_key="any", max_retries=0)
+
+    chat = client.chat.completions.create(
+        model="llms/gemma.gguf", temperature=0, max_tokens=24, messages=[{"role": "user", "content": "What is the capital of France?"}]
+    )
+    assert "Paris" in chat.choices[0].message.content and chat.model == "llms/gemma.gguf"
+    completion = client.completions.create(model="llms/gemma.gguf", prompt="The capital of France is", max_tokens=8, temperature=0)
+    assert completion.choices[0].text.strip()
+    streamed = client.completions.create(
+        model="llms/gemma.gguf", prompt="The capital of France is", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == completion.choices[0].text
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nowhere/gemma.gguf", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.completions.create(model="llms/absent.gguf", prompt="hi", max_tokens=2)
+    assert "target model 'absent.gguf' not found" in str(missing.value)

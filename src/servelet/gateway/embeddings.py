@@ -51,18 +51,23 @@ class EmbeddingRequest(BaseModel):
         return value
 
 
+MULTI_MODEL = "multi-model"
+
+
 def require_embeddings(endpoint: str, facts: dict) -> None:
     """Refuse, naming the model's task, an endpoint whose model does not make embeddings."""
     task = facts.get("task")
-    if facts and task != EMBEDDING_TASK:
+    if facts and task != EMBEDDING_TASK and facts.get("runtime") != MULTI_MODEL:  # its models' tasks are unknown
         what = f"a {task} model" if task else f"a model of the {facts.get('runtime')} runtime"
         raise BadRequest(f"endpoint {endpoint!r} serves {what}, not embeddings (task {EMBEDDING_TASK})")
 
 
-async def create_embeddings(router: Router, endpoint: str, body: EmbeddingRequest) -> tuple[dict, str]:
+async def create_embeddings(
+    router: Router, endpoint: str, body: EmbeddingRequest, target: str | None = None
+) -> tuple[dict, str]:
     """The OpenAI answer, and the variant that served it."""
     texts = [body.input] if isinstance(body.input, str) else body.input
-    invocation = Invocation(endpoint=endpoint, body=json.dumps({"inputs": texts}).encode())
+    invocation = Invocation(endpoint=endpoint, body=json.dumps({"inputs": texts}).encode(), target_model=target)
     answer = await router.invoke(invocation)
     try:
         result = json.loads(answer.body)
@@ -74,7 +79,7 @@ async def create_embeddings(router: Router, endpoint: str, body: EmbeddingReques
     return {
         "object": "list",
         "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
-        "model": endpoint,
+        "model": body.model,
         "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
     }, answer.variant
 

@@ -47,11 +47,11 @@ class TextGenerator:
         """Model facts of the endpoint (name, context_length, chat_template, ...); {} while loading."""
         return self.router.fleet.get(endpoint).facts() if endpoint in self.router.fleet.endpoints else {}
 
-    async def complete(self, endpoint: str, prompt: str, parameters: dict) -> Completion:
+    async def complete(self, endpoint: str, prompt: str, parameters: dict, target: str | None = None) -> Completion:
         """Generate to the end; `tokens` carry log-probs."""
         tokens: list[Token] = []
         completion = None
-        async for item in self.stream(endpoint, prompt, parameters):
+        async for item in self.stream(endpoint, prompt, parameters, target):
             if isinstance(item, Token):
                 tokens.append(item)
             else:
@@ -64,18 +64,21 @@ class TextGenerator:
         """Refuse, naming what the endpoint does serve, an endpoint whose model does not generate text."""
         facts = self.facts(endpoint)
         task = facts.get("task", "text-generation")
-        if facts and task != "text-generation":
+        if facts and task != "text-generation" and facts.get("runtime") != "multi-model":  # its models' tasks are unknown
             what = f"a {task} model" if task else f"models through the {facts.get('runtime')} runtime"
             raise BadRequest(
                 f"endpoint {endpoint!r} serves {what}, which does not generate text; "
                 "call it through InvokeEndpoint (POST /endpoints/{name}/invocations) or the route for its task"
             )
 
-    async def stream(self, endpoint: str, prompt: str, parameters: dict) -> AsyncIterator[Token | Completion]:
-        """Yield each Token as it is generated, then one Completion. Leaving early cancels the generation."""
+    async def stream(
+        self, endpoint: str, prompt: str, parameters: dict, target: str | None = None
+    ) -> AsyncIterator[Token | Completion]:
+        """Yield each Token as it is generated, then one Completion (`target`: the model of a multi-model endpoint).
+        Leaving early cancels the generation."""
         self.require_text_generation(endpoint)
         body = json.dumps({"inputs": prompt, "parameters": parameters, "stream": True}).encode()
-        invocation = Invocation(endpoint=endpoint, body=body, content_type="application/json")
+        invocation = Invocation(endpoint=endpoint, body=body, content_type="application/json", target_model=target)
         started = time.perf_counter()
         first_at = last_at = None
         async with self.router.stream(invocation) as answer:

@@ -1,6 +1,6 @@
 """The OpenAI API: `/v1/models`, `/v1/completions`, `/v1/chat/completions`, streaming and not; `/v1/embeddings`.
 
-`model` names an endpoint. Sampling follows OpenAI's defaults, mapped onto the LMI parameters the instance takes:
+`model` names an endpoint, or `ENDPOINT/TARGET` for one model of a multi-model endpoint. Sampling follows OpenAI's defaults, mapped onto the LMI parameters the instance takes:
 temperature defaults to 1 and samples (`do_sample`); temperature 0 (or top_p 0) is greedy; `seed` makes sampling
 reproducible. Parameters this server cannot honour (n > 1, penalties, logprobs, logit_bias, tools) are refused with
 a 400 naming them, never silently ignored.
@@ -329,6 +329,16 @@ def endpoint_or_404(svc: Services, model: str) -> str:
     return model
 
 
+def target_or_404(svc: Services, model: str) -> tuple[str, str | None]:
+    """`model` names an endpoint, or `ENDPOINT/TARGET`: one model of a multi-model endpoint (its TargetModel)."""
+    if model in svc.fleet.endpoints:
+        return model, None
+    endpoint, _, target = model.partition("/")
+    if target and endpoint in svc.fleet.endpoints:
+        return endpoint, target
+    raise ModelNotFound(model, sorted(svc.fleet.endpoints))
+
+
 def usage(completion: Completion) -> Usage:
     return Usage(
         prompt_tokens=completion.prompt_tokens,
@@ -349,10 +359,10 @@ def finish_reason(completion: Completion) -> str:
 )
 async def embeddings(request: Request, svc: Services = Depends(services)):
     body = await read(request, svc, EmbeddingRequest)
-    model = endpoint_or_404(svc, body.model)
+    model, target = target_or_404(svc, body.model)
     note_endpoint(request, model)
     require_embeddings(model, svc.textgen.facts(model))
-    answer, variant = await unless_disconnected(request, create_embeddings(svc.router, model, body))
+    answer, variant = await unless_disconnected(request, create_embeddings(svc.router, model, body, target))
     note_endpoint(request, model, variant)
     return answer
 
@@ -366,18 +376,18 @@ async def embeddings(request: Request, svc: Services = Depends(services)):
 )
 async def completions(request: Request, svc: Services = Depends(services)):
     body = await read(request, svc, CompletionRequest)
-    model = endpoint_or_404(svc, body.model)
+    model, target = target_or_404(svc, body.model)
     note_endpoint(request, model)
     max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     parameters = body.parameters(max_tokens, stop=[])
-    reply = Reply("cmpl", model)
+    reply = Reply("cmpl", body.model)
     if body.stream:
-        items = await start_stream(request, svc, model, body.prompt, parameters)
+        items = await start_stream(request, svc, model, body.prompt, parameters, target)
         return sse_response(completion_chunks(reply, items, body.include_usage, request), svc.settings.keepalive_seconds)
-    completion = await unless_disconnected(request, svc.textgen.complete(model, body.prompt, parameters))
+    completion = await unless_disconnected(request, svc.textgen.complete(model, body.prompt, parameters, target))
     note_endpoint(request, model, completion.variant)
     return CompletionResponse(
-        id=reply.id, created=reply.created, model=model, usage=usage(completion),
+        id=reply.id, created=reply.created, model=body.model, usage=usage(completion),
         choices=[CompletionChoice(text=completion.text, finish_reason=finish_reason(completion))],
     )
 
@@ -404,19 +414,19 @@ async def completion_chunks(reply: Reply, items: AsyncIterator[Token | Completio
 )
 async def chat_completions(request: Request, svc: Services = Depends(services)):
     body = await read(request, svc, ChatCompletionRequest)
-    model = endpoint_or_404(svc, body.model)
+    model, target = target_or_404(svc, body.model)
     note_endpoint(request, model)
     prompt = chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages], svc.textgen.facts(model))
     max_tokens = body.max_completion_tokens or body.max_tokens
     parameters = body.parameters(max_tokens, stop=prompt.stop)
-    reply = Reply("chatcmpl", model)
+    reply = Reply("chatcmpl", body.model)
     if body.stream:
-        items = await start_stream(request, svc, model, prompt.text, parameters)
+        items = await start_stream(request, svc, model, prompt.text, parameters, target)
         return sse_response(chat_chunks(reply, items, body.include_usage, request), svc.settings.keepalive_seconds)
-    completion = await unless_disconnected(request, svc.textgen.complete(model, prompt.text, parameters))
+    completion = await unless_disconnected(request, svc.textgen.complete(model, prompt.text, parameters, target))
     note_endpoint(request, model, completion.variant)
     return ChatCompletionResponse(
-        id=reply.id, created=reply.created, model=model, usage=usage(completion),
+        id=reply.id, created=reply.created, model=body.model, usage=usage(completion),
         choices=[ChatChoice(message=AssistantMessage(content=AnswerText().feed(completion.text)), finish_reason=finish_reason(completion))],
     )
 
@@ -478,9 +488,9 @@ class Reply:
         }
 
 
-async def start_stream(request: Request, svc: Services, model: str, prompt: str, parameters: dict):
+async def start_stream(request: Request, svc: Services, model: str, prompt: str, parameters: dict, target: str | None):
     """Start generating and wait for the first token, so a refused request still answers a 4xx/5xx status."""
-    items = svc.textgen.stream(model, prompt, parameters)
+    items = svc.textgen.stream(model, prompt, parameters, target)
     first = await unless_disconnected(request, anext(items))
     return _prepend(first, items)
 
