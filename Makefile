@@ -45,7 +45,7 @@ install-vllm: $(VLLM_STAMP)
 
 $(VLLM_STAMP): pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
-	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]' '$(VLLM_PACKAGE)' accelerate  # accelerate: transformers reading GGUF (bench)
+	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]' '$(VLLM_PACKAGE)' accelerate gguf  # accelerate, gguf: transformers reading GGUF (bench)
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 

@@ -38,7 +38,6 @@ CONTEXT_TOKENS = 2048
 def huggingface_copy(gguf: Path, dtype: str) -> Path:
     """The GGUF as a Hugging Face folder (transformers dequantizes it), converted once per machine."""
     import torch
-    from gguf import GGUFReader
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = cache_dir() / "bench" / f"{gguf.stem}-hf-{dtype}"
@@ -48,8 +47,10 @@ def huggingface_copy(gguf: Path, dtype: str) -> Path:
     torch_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}[dtype]
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch_dtype)
     # transformers' GGUF tokenizer drops the header's add_bos_token, and Gemma without <bos> rambles.
-    add_bos = GGUFReader(gguf).fields["tokenizer.ggml.add_bos_token"].contents()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, add_bos_token=bool(add_bos))
+    from servelet.engine.llama import gguf_metadata
+
+    add_bos = gguf_metadata(gguf).get("tokenizer.ggml.add_bos_token") == "true"
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, add_bos_token=add_bos)
     # Loading dequantized every tensor; what is left of the GGUF "quantizer" only stops save_pretrained.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

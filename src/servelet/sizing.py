@@ -7,6 +7,7 @@ token 2 (K and V) × layers × KV heads × head dim × bytes per element.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -80,9 +81,13 @@ def model_shape(path: Path) -> ModelShape:
 
 
 def gguf_shape(path: Path) -> ModelShape:
-    from gguf import GGUFReader
+    from .engine.llama import gguf_metadata, log as llama_log  # llama.cpp reads the header in C
 
-    fields = GGUFReader(path).fields
+    llama_log.setLevel(logging.ERROR)  # its warnings about the vocabulary say nothing about the model's size
+    try:
+        fields = gguf_metadata(path)
+    except RuntimeError as exc:
+        raise SizingError(str(exc)) from None
 
     def value(key: str, required: bool = True):
         found = fields.get(key)
@@ -90,7 +95,10 @@ def gguf_shape(path: Path) -> ModelShape:
             if required:
                 raise SizingError(f"{path.name}: the GGUF header has no {key}")
             return None
-        return found.contents()
+        try:
+            return json.loads(found)  # numbers, and per-layer arrays written "[1, 1, ...]"
+        except ValueError:
+            return found
 
     arch = value("general.architecture")
     heads = value(f"{arch}.attention.head_count")
@@ -103,7 +111,7 @@ def gguf_shape(path: Path) -> ModelShape:
     value_dim = value(f"{arch}.attention.value_length", required=False) or head_dim
     return ModelShape(
         source="gguf",
-        name=value("general.name", required=False) or path.stem,
+        name=fields.get("general.name") or path.stem,
         layers=layers,
         kv_heads=kv_heads,
         key_dim=head_dim,

@@ -9,7 +9,7 @@ from importlib import import_module
 _WHERE = {
     "Engine": "engine",
     "EngineConfig": "engine",
-    "Generation": "engine",
+    "Generation": "generation",
     "ContextOverflow": "errors",
     "EngineError": "errors",
     "EngineStopped": "errors",

@@ -10,19 +10,17 @@ import itertools
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ContextOverflow, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
+from .errors import EngineStopped, InvalidConfig, InvalidRequest, Overloaded
+from .generation import Generation
 from .llama import ContextShape, LlamaModel
-from .params import GenerationParams
+from .params import GenerationParams, allowed_new_tokens
 from .scheduler import Scheduler, SchedulerLimits
-from .sequence import Finished, FinishReason, Sequence, Token
+from .sequence import Finished, Sequence
 
 log = logging.getLogger("servelet.engine")
-
-DEFAULT_MAX_NEW_TOKENS = 256
 
 
 @dataclass(frozen=True)
@@ -82,48 +80,6 @@ class EventSink:
         return await self._queue.get()
 
 
-class Generation:
-    """Async iterator of Token events; `.result` holds the Finished event from the last token on.
-
-    Leaving the iteration early (break, an exception, a cancelled task) cancels the sequence.
-    """
-
-    def __init__(self, engine: "Engine", seq: Sequence, sink: EventSink):
-        self._engine = engine
-        self._seq = seq
-        self._sink = sink
-        self.request_id = seq.request_id
-        self.prompt_tokens = len(seq.prompt_tokens)
-        self.result: Finished | None = None
-
-    def __aiter__(self) -> AsyncIterator[Token]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[Token]:
-        try:
-            while self.result is None:
-                event = await self._sink.get()
-                if isinstance(event, Finished):
-                    self.result = event  # set before the last token, so a stream can tell it is the last
-                    if event.reason is FinishReason.ERROR:
-                        raise EngineStopped(event.error or "generation failed")
-                    if event.last is not None:
-                        yield event.last
-                    return
-                yield event
-        finally:
-            if self.result is None:
-                self.cancel()
-
-    def cancel(self) -> None:
-        self._engine.cancel(self._seq)
-
-    async def collect(self) -> tuple[list[Token], Finished]:
-        tokens = [t async for t in self]
-        assert self.result is not None
-        return tokens, self.result
-
-
 class Engine:
     """Continuous-batching LLM engine over one llama.cpp context."""
 
@@ -181,7 +137,7 @@ class Engine:
         tokens = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens or (isinstance(prompt, str) and not prompt):
             raise InvalidRequest("inputs must not be empty")
-        max_new = self._max_new_tokens(len(tokens), params)
+        max_new = allowed_new_tokens(len(tokens), params, self.max_model_len)
         loop = asyncio.get_running_loop()
         sink = EventSink(loop, self._outbox)
         seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink)
@@ -195,7 +151,7 @@ class Engine:
             self._in_engine += 1
             self._inbox.append(seq)
             self._wake.notify()
-        return Generation(self, seq, sink)
+        return Generation(seq, sink.get, lambda: self.cancel(seq))
 
     async def generate(self, prompt: str | list[int], params: GenerationParams | None = None) -> Finished:
         _, result = await self.submit(prompt, params).collect()
@@ -234,21 +190,6 @@ class Engine:
         self.model.close()
 
     # -- internals ----------------------------------------------------------------------------
-    def _max_new_tokens(self, n_prompt: int, params: GenerationParams) -> int:
-        room = self.max_model_len - n_prompt
-        if params.max_new_tokens is None:
-            if room < 1:
-                raise ContextOverflow(
-                    f"the input has {n_prompt} tokens, which leaves no room to generate within the "
-                    f"context length of {self.max_model_len} tokens"
-                )
-            return min(DEFAULT_MAX_NEW_TOKENS, room)
-        if params.max_new_tokens > room:
-            raise ContextOverflow(
-                f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
-                f"{n_prompt + params.max_new_tokens} exceed the context length of {self.max_model_len} tokens"
-            )
-        return params.max_new_tokens
 
     def _run(self) -> None:
         scheduler = self.scheduler

@@ -90,6 +90,30 @@ class TokenBatch:
         )
 
 
+def gguf_metadata(path: str | Path) -> dict[str, str]:
+    """Every key of a GGUF file's header as llama.cpp reads it (values as text; arrays as "[a, b, ...]").
+
+    Loads the vocabulary only, no weights: half a second where parsing the header in Python takes ten."""
+    _init_backend()
+    mparams = C.llama_model_default_params()
+    mparams.vocab_only = True
+    mparams.n_gpu_layers = 0
+    model = C.llama_model_load_from_file(str(path).encode(), mparams)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not read the GGUF header of {path}")
+    try:
+        buf = ctypes.create_string_buffer(4096)
+        metadata = {}
+        for i in range(C.llama_model_meta_count(model)):
+            C.llama_model_meta_key_by_index(model, i, buf, len(buf))
+            key = buf.value.decode("utf-8", errors="replace")
+            C.llama_model_meta_val_str_by_index(model, i, buf, len(buf))
+            metadata[key] = buf.value.decode("utf-8", errors="replace")
+        return metadata
+    finally:
+        C.llama_model_free(model)
+
+
 class LlamaModel:
     """A loaded GGUF model with one multi-sequence context (per-sequence or unified KV cells)."""
 

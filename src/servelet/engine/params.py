@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from .errors import ContextOverflow
+
 MAX_STOP_SEQUENCES = 16
+DEFAULT_MAX_NEW_TOKENS = 256  # when a request does not say: what fits in the context, at most this
 
 
 class GenerationParams(BaseModel):
@@ -60,3 +63,21 @@ class GenerationParams(BaseModel):
     def penalised(self) -> bool:
         repetition = self.repetition_penalty is not None and self.repetition_penalty != 1.0
         return repetition or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+def allowed_new_tokens(n_prompt: int, params: GenerationParams, max_model_len: int) -> int:
+    """The tokens a request may generate after its `n_prompt` prompt tokens; refuses one that cannot fit."""
+    room = max_model_len - n_prompt
+    if params.max_new_tokens is None:
+        if room < 1:
+            raise ContextOverflow(
+                f"the input has {n_prompt} tokens, which leaves no room to generate within the "
+                f"context length of {max_model_len} tokens"
+            )
+        return min(DEFAULT_MAX_NEW_TOKENS, room)
+    if params.max_new_tokens > room:
+        raise ContextOverflow(
+            f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
+            f"{n_prompt + params.max_new_tokens} exceed the context length of {max_model_len} tokens"
+        )
+    return params.max_new_tokens

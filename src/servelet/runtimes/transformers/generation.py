@@ -1,6 +1,6 @@
 """Text generation on a causal language model, through the same token interface as the llama.cpp engine.
 
-`GenerationEngine.submit` returns a `Generation` shaped like `servelet.engine.Generation`, so `lmi.py` serves it
+`GenerationEngine.submit` returns the engine's own `Generation`, so `lmi.py` serves it
 unchanged: `{"inputs", "parameters", "stream"}` in, `{"generated_text"}` or JSON lines of tokens out. Generations
 run one at a time in one worker thread (a forward pass already uses every core the instance has); up to
 `max_waiting` more wait their turn, beyond that `submit` raises Overloaded (429). Stop sequences, finish reasons,
@@ -15,14 +15,16 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
-from ...engine.errors import ContextOverflow, EngineStopped, InvalidRequest, Overloaded
-from ...engine.params import GenerationParams
+from ...engine.errors import EngineStopped, InvalidRequest, Overloaded
+from ...engine.generation import Generation
+from ...engine.params import GenerationParams, allowed_new_tokens
 from ...engine.sequence import Finished, FinishReason, Sequence, Token
 from ...settings import InstanceSettings
 from ..lmi import TextGenerationRuntime
@@ -31,53 +33,24 @@ from .folder import load_model, load_tokenizer
 
 log = logging.getLogger("servelet.runtimes.transformers")
 
-DEFAULT_MAX_NEW_TOKENS = 256  # as the llama.cpp engine: what fits, at most this
+@dataclass
+class Job:
+    """A generation for the worker thread: its sequence, and how to hand an event to the waiting coroutine."""
+
+    seq: Sequence
+    post: Callable[[Token | Finished], None]
 
 
-class Generation:
-    """Async iterator of Token events; `.result` holds the Finished event from the last token on."""
+def poster(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Token | Finished], None]:
+    """A function the worker thread calls to put an event on a queue of `loop`."""
 
-    def __init__(self, seq: Sequence, loop: asyncio.AbstractEventLoop):
-        self.seq = seq
-        self._loop = loop
-        self._events_queue: asyncio.Queue = asyncio.Queue()
-        self.request_id = seq.request_id
-        self.prompt_tokens = len(seq.prompt_tokens)
-        self.result: Finished | None = None
-
-    def post(self, event: Token | Finished) -> None:
-        """Called from the worker thread."""
+    def post(event: Token | Finished) -> None:
         try:
-            self._loop.call_soon_threadsafe(self._events_queue.put_nowait, event)
+            loop.call_soon_threadsafe(events.put_nowait, event)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             pass
 
-    def __aiter__(self) -> AsyncIterator[Token]:
-        return self._events()
-
-    async def _events(self) -> AsyncIterator[Token]:
-        try:
-            while self.result is None:
-                event = await self._events_queue.get()
-                if isinstance(event, Finished):
-                    self.result = event  # set before the last token, so a stream can tell it is the last
-                    if event.reason is FinishReason.ERROR:
-                        raise EngineStopped(event.error or "generation failed")
-                    if event.last is not None:
-                        yield event.last
-                    return
-                yield event
-        finally:
-            if self.result is None:
-                self.cancel()
-
-    def cancel(self) -> None:
-        self.seq.cancelled = True  # the worker looks before each token
-
-    async def collect(self) -> tuple[list[Token], Finished]:
-        tokens = [t async for t in self]
-        assert self.result is not None
-        return tokens, self.result
+    return post
 
 
 class GenerationEngine:
@@ -89,7 +62,7 @@ class GenerationEngine:
         eos = model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
         self._ids = itertools.count(1)
-        self._jobs: queue.Queue[Generation | None] = queue.Queue()
+        self._jobs: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._in_engine = 0  # submitted and not finished, guarded by _lock
         self._running = False
@@ -106,7 +79,7 @@ class GenerationEngine:
         tokens = self.tokenize(prompt) if prompt else []
         if not tokens:
             raise InvalidRequest("inputs must not be empty")
-        max_new = self._max_new_tokens(len(tokens), params)
+        max_new = allowed_new_tokens(len(tokens), params, self.context_length)
         seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink=None)
         with self._lock:
             if self._in_engine > self.max_waiting:
@@ -115,9 +88,9 @@ class GenerationEngine:
                     f"(queue {self.max_waiting}); retry later"
                 )
             self._in_engine += 1
-        generation = Generation(seq, asyncio.get_running_loop())
-        self._jobs.put(generation)
-        return generation
+        events: asyncio.Queue = asyncio.Queue()
+        self._jobs.put(Job(seq, poster(asyncio.get_running_loop(), events)))
+        return Generation(seq, events.get, lambda: setattr(seq, "cancelled", True))  # the worker looks before each token
 
     def tokenize(self, text: str) -> list[int]:
         # A prompt rendered from a chat template may already start with the BOS token.
@@ -134,33 +107,16 @@ class GenerationEngine:
         self._jobs.put(None)
         self._thread.join(timeout=30)
 
-    def _max_new_tokens(self, n_prompt: int, params: GenerationParams) -> int:
-        room = self.context_length - n_prompt
-        if params.max_new_tokens is None:
-            if room < 1:
-                raise ContextOverflow(
-                    f"the input has {n_prompt} tokens, which leaves no room to generate within the "
-                    f"context length of {self.context_length} tokens"
-                )
-            return min(DEFAULT_MAX_NEW_TOKENS, room)
-        if params.max_new_tokens > room:
-            raise ContextOverflow(
-                f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
-                f"{n_prompt + params.max_new_tokens} exceed the context length of {self.context_length} tokens"
-            )
-        return params.max_new_tokens
-
     def _run(self) -> None:
-        while (generation := self._jobs.get()) is not None:
+        while (job := self._jobs.get()) is not None:
             with self._lock:
                 self._running = True
             try:
-                self._generate(generation)
+                self._generate(job)
             except Exception as exc:  # the model failed: this request ends with the error, the next may run
-                log.exception("generation %d failed", generation.request_id)
-                seq = generation.seq
-                stats = seq.stats(time.perf_counter())
-                generation.post(Finished(FinishReason.ERROR, seq.text, stats, f"the model failed: {exc}"))
+                log.exception("generation %d failed", job.seq.request_id)
+                stats = job.seq.stats(time.perf_counter())
+                job.post(Finished(FinishReason.ERROR, job.seq.text, stats, f"the model failed: {exc}"))
             finally:
                 with self._lock:
                     self._running = False
@@ -172,8 +128,8 @@ class GenerationEngine:
                 left.post(Finished(FinishReason.ERROR, "", stats, "the engine is shutting down"))
 
     @torch.inference_mode()
-    def _generate(self, generation: Generation) -> None:
-        seq = generation.seq
+    def _generate(self, job: Job) -> None:
+        seq = job.seq
         seq.admitted = time.perf_counter()
         sampler, text = Sampler(seq.params), Detokenizer(self.tokenizer, seq.prompt_tokens)
         history = list(seq.prompt_tokens)
@@ -181,7 +137,7 @@ class GenerationEngine:
         self.counters["prompt_tokens"] += len(seq.prompt_tokens)
         while True:  # ends: every pass accepts a token, and the sequence ends by max_new_tokens at the latest
             if seq.cancelled or self._stopping:
-                generation.post(Finished(FinishReason.CANCELLED, seq.text, seq.stats(time.perf_counter())))
+                job.post(Finished(FinishReason.CANCELLED, seq.text, seq.stats(time.perf_counter())))
                 return
             started = time.perf_counter()
             out = self.model(input_ids=feed, past_key_values=cache, use_cache=True)
@@ -197,9 +153,9 @@ class GenerationEngine:
             history.append(token)
             self.counters["tokens_generated"] += 1
             if end is not None:
-                generation.post(Finished(end, seq.text, seq.stats(time.perf_counter()), last=shown))
+                job.post(Finished(end, seq.text, seq.stats(time.perf_counter()), last=shown))
                 return
-            generation.post(shown)
+            job.post(shown)
             feed = torch.tensor([[token]])
 
 
