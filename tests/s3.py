@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import subprocess
@@ -29,7 +30,9 @@ class S3Server:
     def __init__(self):
         self.port = _free_port()
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
-        self.log_path = Path(tempfile.mkstemp(prefix="servelet-moto-", suffix=".log")[1])
+        fd, log_path = tempfile.mkstemp(prefix="servelet-moto-", suffix=".log")
+        os.close(fd)  # the server writes the log through its own descriptor
+        self.log_path = Path(log_path)
         self.env = {
             "AWS_ENDPOINT_URL_S3": self.endpoint_url,
             "AWS_ACCESS_KEY_ID": "testing",
@@ -40,7 +43,8 @@ class S3Server:
 
     def start(self) -> None:
         command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
-        self.process = subprocess.Popen(command, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+        with open(self.log_path, "wb") as log:  # the child keeps its copy; ours is closed
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + START_SECONDS
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

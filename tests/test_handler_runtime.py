@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -157,9 +158,10 @@ def test_an_accept_without_an_encoder_is_the_models_406(runtime):
     assert "application/xml" in error["OriginalMessage"] and "application/x-npy" in error["OriginalMessage"]
 
 
-def test_a_body_that_is_not_what_it_says_is_refused(runtime):
+@pytest.mark.parametrize("body", ["[1, 2", "[" * 5000 + "]" * 5000], ids=["cut short", "nested too deep"])
+def test_a_body_that_is_not_what_it_says_is_refused(runtime, body):
     with pytest.raises(runtime.exceptions.ValidationError) as raised:
-        invoke(runtime, "scaler", "[1, 2", "application/json")
+        invoke(runtime, "scaler", body, "application/json")
     assert "not valid application/json" in raised.value.response["Error"]["Message"]
 
 
@@ -250,3 +252,48 @@ def test_requirements_install_only_when_asked(tmp_path, monkeypatch, caplog):
 
     present = handler_folder(tmp_path, "present", script, {"code/requirements.txt": "numpy\n"})
     assert HandlerRuntime(present, InstanceSettings(model=str(present), install_requirements=True)).model == 1
+
+
+# -- several scripts in one process (a multi-model instance): each imports its own `code/` siblings ---------------
+SIBLING_USER = '''
+import time
+time.sleep(SLEEP)  # another model's load starts meanwhile
+from helper import NAME
+FAIL
+
+def model_fn(model_dir):
+    return NAME
+'''
+
+
+def sibling_user(root: Path, name: str, sleep: float = 0.0, fail: bool = False) -> Path:
+    script = SIBLING_USER.replace("SLEEP", str(sleep)).replace("FAIL", "import no_such_module_servelet_test" if fail else "")
+    return handler_folder(root, name, script, {"code/helper.py": f"NAME = {name!r}\n"})
+
+
+def test_scripts_loading_at_once_each_import_their_own_sibling(tmp_path):
+    folders = [sibling_user(tmp_path, name, sleep=0.3) for name in ("first", "second")]
+    loaded: dict[str, object] = {}
+
+    def load(folder: Path) -> None:
+        loaded[folder.name] = HandlerRuntime(folder, InstanceSettings(model=str(folder)))
+
+    threads = [threading.Thread(target=load, args=(folder,)) for folder in folders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert {name: runtime.model for name, runtime in loaded.items()} == {"first": "first", "second": "second"}
+    for runtime in loaded.values():
+        runtime.close()
+
+
+def test_a_script_that_fails_halfway_leaves_no_sibling_for_the_next(tmp_path):
+    half = sibling_user(tmp_path, "half", fail=True)
+    with pytest.raises(HandlerError, match="no_such_module_servelet_test"):
+        HandlerRuntime(half, InstanceSettings(model=str(half)))
+    assert "helper" not in sys.modules
+    whole = sibling_user(tmp_path, "whole")
+    served = HandlerRuntime(whole, InstanceSettings(model=str(whole)))
+    assert served.model == "whole"
+    served.close()

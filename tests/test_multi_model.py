@@ -163,7 +163,7 @@ def test_concurrent_first_requests_load_a_model_once(gateway, runtime, requests)
     assert after["model_load_seconds"] - before["model_load_seconds"] >= SLOW_LOAD_SECONDS
 
 
-@pytest.mark.parametrize("target", ["../models/model-a.tar.gz", "/etc/passwd", "model-a/../../secret"])
+@pytest.mark.parametrize("target", ["../models/model-a.tar.gz", "/etc/passwd", "model-a/../../secret", ".", "./"])
 def test_a_target_outside_the_prefix_is_refused(runtime, target):
     with pytest.raises(runtime.exceptions.ValidationError) as raised:
         runtime.invoke_endpoint(EndpointName="many", TargetModel=target, Body="[]", ContentType="application/json")

@@ -75,6 +75,23 @@ def test_cli_refuses_what_it_cannot_size(tmp_path):
     assert result.returncode == 2 and "not found" in result.stderr
 
 
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "not a model config"),
+        ('{"num_hidden_layers": 2, "num_attention_heads": 4}', "no positive hidden_size"),
+        ('{"num_hidden_layers": 2, "num_attention_heads": 0, "hidden_size": 8}', "no positive num_attention_heads"),
+    ],
+    ids=["bad json", "not an object", "no hidden_size", "no heads"],
+)
+def test_cli_says_what_a_huggingface_config_lacks(tmp_path, config, message):
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    result = run_size(str(tmp_path))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_huggingface_folder_kv_matches_transformers_cache(tmp_path):
     torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -236,6 +236,13 @@ def test_question_answering_refuses_bad_bodies_naming_the_field(runtime):
         error = refused.value.response["Error"]  # SageMaker: a container's 4xx is a ModelError carrying its message
         assert error["Code"] == "ModelError" and "(422)" in error["Message"] and named in error["Message"], (body, error)
 
+    # Windows longer than the model's 128 positions, and JSON nested past what the parser follows: refused, not a 500.
+    with pytest.raises(ClientError) as refused:
+        invoke(runtime, "qa", {"inputs": {"question": "What?", "context": CAR * 20}, "parameters": {"max_seq_len": 4096}})
+    assert "(422)" in str(refused.value) and "max_seq_len: this model reads at most 128 tokens" in str(refused.value)
+    with pytest.raises(runtime.exceptions.ValidationError, match="not valid JSON"):
+        runtime.invoke_endpoint(EndpointName="qa", Body="[" * 5000 + "]" * 5000, ContentType="application/json")
+
 
 # -- text classification ---------------------------------------------------------------------------------------
 def test_classification_answers_as_transformers_pipeline(runtime, folders):
@@ -254,6 +261,12 @@ def test_classification_answers_as_transformers_pipeline(runtime, folders):
         assert [a["label"] for a in flat(got)] == [a["label"] for a in flat(expected)]
         assert [a["score"] for a in flat(got)] == pytest.approx([a["score"] for a in flat(expected)], abs=1e-5)
         assert {a["label"] for a in flat(got)} <= {"sad", "neutral", "happy"}
+
+    # The tokenizer was saved without model_max_length: a text past the model's 128 positions is cut there.
+    long_text = " ".join(TEXTS * 40)
+    got, expected = invoke(runtime, "classify", {"inputs": long_text}), classify(long_text, truncation=True, max_length=128)
+    assert [a["label"] for a in got] == [a["label"] for a in expected]
+    assert [a["score"] for a in got] == pytest.approx([a["score"] for a in expected], abs=1e-5)
 
 
 # -- text generation -------------------------------------------------------------------------------------------

@@ -129,11 +129,18 @@ def _first(heads):
 
 
 def huggingface_shape(folder: Path) -> ModelShape:
-    config = json.loads((folder / "config.json").read_text())
-    text = config.get("text_config") or config  # multimodal configs nest the language model's
-    missing = [k for k in ("num_hidden_layers", "num_attention_heads") if k not in text]
+    config_path = folder / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise SizingError(f"{config_path}: not valid JSON ({exc})") from None
+    text = (config.get("text_config") or config) if isinstance(config, dict) else None  # multimodal configs nest it
+    if not isinstance(text, dict):
+        raise SizingError(f"{config_path}: not a model config (a JSON object)")
+    needed = ("num_hidden_layers", "num_attention_heads") + (() if text.get("head_dim") else ("hidden_size",))
+    missing = [k for k in needed if not (isinstance(text.get(k), int) and text[k] > 0)]
     if missing:
-        raise SizingError(f"{folder / 'config.json'}: no {' and no '.join(missing)}, so the KV cache cannot be sized")
+        raise SizingError(f"{config_path}: no positive {' and no positive '.join(missing)}, so the KV cache cannot be sized")
     heads = text["num_attention_heads"]
     head_dim = text.get("head_dim") or text["hidden_size"] // heads
     dtype = str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype") or DEFAULT_HF_DTYPE)

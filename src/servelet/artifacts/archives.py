@@ -1,17 +1,18 @@
 """`.tar.gz` model archives in SageMaker's `model.tar.gz` layout (weights at the top, optional `code/inference.py`
 and `code/requirements.txt`), unpacked once per machine into the cache.
 
-Unpacking is safe: a member with an absolute path or a `..`, a link out of the folder, a device file, or sizes over
-the limits is refused, naming the member and why. The archive is unpacked into a temporary folder beside its
-cache entry and renamed into place only when every member is in, so nothing is written outside that folder and
-nothing half-unpacked is ever used.
+Unpacking is safe: a member with an absolute path or a `..`, a link that is absolute or has a `..`, a device file,
+or sizes over the limits is refused, naming the member and why. Links may only point down: checking where a `..`
+leads is unsound (a later link changes what an earlier one resolves to, and os.path.realpath stops resolving past
+PATH_MAX while the kernel does not), whereas downward links provably stay in the folder. The archive is unpacked
+into a temporary folder beside its cache entry and renamed into place only when every member is in, so nothing is
+written outside that folder and nothing half-unpacked is ever used.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -98,11 +99,11 @@ def _downloaded(obj: RemoteObject, folder: Path):
 def unpack(archive: BinaryIO, into: Path, origin: str, limits: ArchiveLimits | None = None) -> None:
     """Unpack a (gzipped) tar into the folder `into`, checking each member before anything of it is written."""
     limits = limits or ArchiveLimits.from_env()
-    total = 0
+    total, current = 0, ""
 
     def admit(member: tarfile.TarInfo, destination: str) -> tarfile.TarInfo:
-        nonlocal total
-        total += member.size if member.isreg() else 0
+        nonlocal total, current
+        total, current = total + (member.size if member.isreg() else 0), member.name
         why = _refusal(member, limits, total)
         if why is None:
             try:  # Python's own rules too: they also resolve links already unpacked
@@ -116,6 +117,8 @@ def unpack(archive: BinaryIO, into: Path, origin: str, limits: ArchiveLimits | N
             tar.extractall(into, filter=admit)
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise ArtifactError(f"{origin}: not a readable .tar.gz archive: {exc}") from None
+    except OSError as exc:  # members that clash (a file, then a folder of that name; a link loop; no name), a full disk
+        raise ArtifactError(f"{origin}: cannot unpack the archive member {current!r}: {exc.strerror or exc}") from None
 
 
 def _refusal(member: tarfile.TarInfo, limits: ArchiveLimits, total: int) -> str | None:
@@ -125,14 +128,12 @@ def _refusal(member: tarfile.TarInfo, limits: ArchiveLimits, total: int) -> str 
         return "it has an absolute path"
     if ".." in name.split("/"):
         return "its path has a '..' component, which would put it outside the model folder"
-    if member.issym():
+    if member.issym() or member.islnk():
+        kind = "symbolic link" if member.issym() else "hard link"
         if member.linkname.startswith("/"):
-            return f"it is a symbolic link to the absolute path {member.linkname!r}"
-        if _escapes(posixpath.join(posixpath.dirname(name), member.linkname)):
-            return f"it is a symbolic link to {member.linkname!r}, outside the model folder"
-    elif member.islnk():
-        if member.linkname.startswith("/") or _escapes(member.linkname):
-            return f"it is a hard link to {member.linkname!r}, outside the model folder"
+            return f"it is a {kind} to the absolute path {member.linkname!r}"
+        if ".." in member.linkname.split("/"):
+            return f"it is a {kind} to {member.linkname!r}, which could lead outside the model folder (links may only point down, without '..')"
     elif member.ischr() or member.isblk():
         return "it is a device file"
     elif not (member.isreg() or member.isdir()):
@@ -144,15 +145,11 @@ def _refusal(member: tarfile.TarInfo, limits: ArchiveLimits, total: int) -> str 
     return None
 
 
-def _escapes(relative: str) -> bool:
-    normal = posixpath.normpath(relative)
-    return normal == ".." or normal.startswith("../")
-
-
 def _stem(file_name: str) -> str:
     for suffix in ARCHIVE_SUFFIXES:
         if file_name.lower().endswith(suffix):
-            return file_name[: -len(suffix)] or "model"
+            stem = file_name[: -len(suffix)]
+            return "model" if stem in ("", ".", "..") else stem  # '..tar.gz' must not name the cache entry's parent
     return file_name
 
 

@@ -44,12 +44,20 @@ class HttpObject(RemoteObject):
             self.client.close()
             missing = probe.status_code in (404, 410)
             raise (ArtifactMissing if missing else ArtifactError)(f"{self.uri}: the server answered {probe.status_code} {probe.reason_phrase}")
-        self.version = probe.headers.get("etag") or probe.headers.get("last-modified") or ""
+        etag, modified = probe.headers.get("etag"), probe.headers.get("last-modified")
+        self.version = etag or modified or ""
+        # If-Range on every part: a part of a newer version comes whole (200), never spliced into the old one's bytes.
+        # A weak ETag may not be sent there (RFC 9110 13.1.5).
+        self.if_range = etag if etag and not etag.startswith("W/") else modified
 
     def read(self, start: int, end: int | None) -> Iterator[bytes]:
         ranged = self.ranges and end is not None
         headers = {"Range": f"bytes={start}-{end - 1}"} if ranged else {}
+        if ranged and self.if_range:
+            headers["If-Range"] = self.if_range
         with self.client.stream("GET", self.uri, headers=headers) as response:
+            if ranged and response.status_code == 200:
+                raise ArtifactError(f"{self.uri}: the file changed while it was being fetched; deploy again")
             if response.status_code != (206 if ranged else 200):
                 raise ArtifactError(f"{self.uri}: the server answered {response.status_code} {response.reason_phrase}")
             yield from response.iter_bytes(CHUNK_BYTES)

@@ -12,26 +12,23 @@ from functools import lru_cache
 import boto3
 from botocore import UNSIGNED
 from botocore.config import Config
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionClosedError,
-    EndpointConnectionError,
-    IncompleteReadError,
-    ReadTimeoutError,
-    ResponseStreamingError,
-)
+from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, IncompleteReadError, ResponseStreamingError
+from botocore.exceptions import ConnectionError as S3ConnectionError
 
 from .errors import ArtifactError, ArtifactMissing
 from .remote import CHUNK_BYTES, RemoteObject
 
 DEFAULT_REGION = "us-east-1"
 # The settings a client is built from: a change in any of them gets a new client.
-CLIENT_SETTINGS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_REGION", "AWS_DEFAULT_REGION")
+CLIENT_SETTINGS = (
+    "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN", "AWS_REGION", "AWS_DEFAULT_REGION",
+)
 
 
 class S3Object(RemoteObject):
-    transient = (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ConnectionClosedError, EndpointConnectionError)
+    # Worth another try: a broken stream, or any connection or HTTP-level failure (timeouts, resets, proxies).
+    transient = (ResponseStreamingError, IncompleteReadError, S3ConnectionError, HTTPClientError)
     ranges = True
 
     def __init__(self, uri: str, concurrency: int):

@@ -18,7 +18,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..artifacts import ArtifactError, Materialized, materialize, shared_in_memory
+from ..artifacts import Materialized, materialize, shared_in_memory
 from .instances import Instance
 
 log = logging.getLogger("servelet.control")
@@ -258,8 +258,8 @@ class Fleet:
                     continue  # a multi-model URI is a prefix: its instance fetches each model when asked for it
                 try:
                     self._models[uri] = await asyncio.to_thread(materialize, uri)
-                except ArtifactError as exc:  # its instances resolve it themselves, and fail saying why
-                    log.error("%s", exc)
+                except Exception as exc:  # noqa: BLE001 - its instances resolve it themselves, and fail saying why
+                    log.error("could not fetch %s once for all its instances: %s", uri, exc)
 
     def _release_models(self) -> None:
         """Close the in-memory models no variant uses any more (running instances keep their inherited copy)."""

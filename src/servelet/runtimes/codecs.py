@@ -40,7 +40,7 @@ def decode(body: bytes, content_type: str):
         raise InvocationError(400, f"the request body is empty; send {kind} data")
     try:
         return decoder(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: JSON nested too deep
         raise InvocationError(400, f"the request body is not valid {kind}: {exc}") from None
 
 

@@ -15,6 +15,7 @@ import importlib.util
 import logging
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,9 @@ from .base import Call, InvocationError, Runtime
 log = logging.getLogger("servelet.handler")
 
 STEPS = ("input_fn", "predict_fn", "output_fn")
+# sys.path and sys.modules are one for the process: a multi-model instance loading two scripts at once must not let
+# one find the other's `code/` first on sys.path and import its sibling modules.
+IMPORTING = threading.Lock()
 
 
 class HandlerError(RuntimeError):
@@ -97,9 +101,10 @@ class HandlerRuntime(Runtime):
         return {"running": self.running}
 
     def close(self) -> None:
-        sys.modules.pop(self.script.__name__, None)
-        if self.code_dir in sys.path:
-            sys.path.remove(self.code_dir)
+        with IMPORTING:
+            sys.modules.pop(self.script.__name__, None)
+            if self.code_dir in sys.path:
+                sys.path.remove(self.code_dir)
 
 
 # -- the toolkit's defaults for what the script leaves out ------------------------------------------------------
@@ -146,23 +151,25 @@ def import_script(script: Path, code_dir: str) -> ModuleType:
     The siblings it imported leave `sys.modules` afterwards (the script keeps them): in a multi-model instance
     another model's `code/utils.py` must import its own file, not this one's."""
     name = "servelet_handler_" + hashlib.sha256(str(script.resolve()).encode()).hexdigest()[:16]
-    before = set(sys.modules)
-    sys.path.insert(0, code_dir)
-    spec = importlib.util.spec_from_file_location(name, script)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except Exception as exc:
-        sys.modules.pop(name, None)
-        sys.path.remove(code_dir)
-        hint = ""
-        if isinstance(exc, ImportError) and (script.parent / "requirements.txt").is_file():
-            hint = " (is it in requirements.txt? SERVELET_INSTALL_REQUIREMENTS=true installs them at load)"
-        raise HandlerError(f"{script} does not import: {type(exc).__name__}: {exc}{hint}") from exc
-    for added in set(sys.modules) - before - {name}:
-        if str(getattr(sys.modules[added], "__file__", None) or "").startswith(code_dir + "/"):
-            del sys.modules[added]
+    with IMPORTING:
+        before = set(sys.modules)
+        sys.path.insert(0, code_dir)
+        spec = importlib.util.spec_from_file_location(name, script)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            sys.path.remove(code_dir)
+            hint = ""
+            if isinstance(exc, ImportError) and (script.parent / "requirements.txt").is_file():
+                hint = " (is it in requirements.txt? SERVELET_INSTALL_REQUIREMENTS=true installs them at load)"
+            raise HandlerError(f"{script} does not import: {type(exc).__name__}: {exc}{hint}") from exc
+        finally:  # a script that failed halfway leaves no sibling behind for the next model to import either
+            for added in set(sys.modules) - before - {name}:
+                if str(getattr(sys.modules[added], "__file__", None) or "").startswith(code_dir + "/"):
+                    del sys.modules[added]
     return module
 
 

@@ -86,7 +86,7 @@ def read_json(call: Call):
         raise InvocationError(400, "the request body is empty; send JSON like {\"inputs\": \"...\"}")
     try:
         return json.loads(call.body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
         raise InvocationError(400, f"the request body is not valid JSON: {exc}") from None
 
 

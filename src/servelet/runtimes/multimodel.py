@@ -65,7 +65,7 @@ class MultiModelRuntime(Runtime):
         if not name or not name.strip():
             raise InvocationError(400, f"this is a multi-model endpoint: name the model with the {TARGET_HEADER} header")
         path = PurePosixPath(name)
-        if path.is_absolute() or ".." in path.parts or "\\" in name or "://" in name:
+        if not path.parts or path.is_absolute() or ".." in path.parts or "\\" in name or "://" in name:  # "." is the prefix
             raise InvocationError(400, f"target model {name!r}: name a model under the prefix (no absolute path, no '..')")
         return name
 

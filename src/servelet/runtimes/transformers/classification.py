@@ -39,10 +39,15 @@ class ClassificationRuntime(JsonTaskRuntime):
     def __init__(self, path: Path, settings: InstanceSettings):
         super().__init__(path, settings)
         model = load_model(AutoModelForSequenceClassification, path, settings)
-        self.pipeline = pipeline("text-classification", model=model, tokenizer=load_tokenizer(path), device="cpu")
+        tokenizer = load_tokenizer(path)
+        self.pipeline = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu")
+        # A tokenizer saved without model_max_length would not truncate at all: the model's positions bound it too.
+        trained = getattr(model.config, "max_position_embeddings", None)
+        self.max_length = min(n for n in (tokenizer.model_max_length, trained) if n)
 
     def answer(self, request: ClassificationRequest):
-        return self.pipeline(request.inputs, truncation=True, **request.parameters.model_dump(exclude_none=True))
+        parameters = request.parameters.model_dump(exclude_none=True)
+        return self.pipeline(request.inputs, truncation=True, max_length=self.max_length, **parameters)
 
     def facts(self) -> dict:
         return super().facts() | {"labels": list(self.pipeline.model.config.id2label.values())}

@@ -102,7 +102,8 @@ class QuestionAnsweringRuntime(JsonTaskRuntime):
             raise SettingsError(f"{path.name}: question answering needs a fast tokenizer (tokenizer.json) for character offsets")
         self.model = load_model(AutoModelForQuestionAnswering, path, settings)
         trained = getattr(self.model.config, "max_position_embeddings", None)
-        self.max_seq_len = min(n for n in (self.tokenizer.model_max_length, DEFAULT_MAX_SEQ_LEN, trained) if n)
+        self.longest_window = min(n for n in (self.tokenizer.model_max_length, trained) if n)  # what the model reads
+        self.max_seq_len = min(self.longest_window, DEFAULT_MAX_SEQ_LEN)
 
     def answer(self, request: QuestionRequest):
         answers = [self.answer_pair(pair, request.parameters) for pair in request.pairs()]
@@ -133,6 +134,8 @@ class QuestionAnsweringRuntime(JsonTaskRuntime):
 
     def windows(self, pair: QuestionContext, p: Parameters):
         """The question with each overlapping window of the context, as one padded batch."""
+        if p.max_seq_len and p.max_seq_len > self.longest_window:
+            raise InvocationError(422, f"parameters.max_seq_len: this model reads at most {self.longest_window} tokens at once")
         max_seq_len = p.max_seq_len or self.max_seq_len
         stride = p.doc_stride if p.doc_stride is not None else min(max_seq_len // 2, DEFAULT_MAX_STRIDE)
         try:
