@@ -7,6 +7,7 @@ evictions, hits and misses show in the gateway's Prometheus metrics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import tarfile
@@ -244,6 +245,29 @@ async def until(condition, seconds: float = 10.0) -> bool:
             return False
         await asyncio.sleep(0.01)
     return True
+
+
+async def test_a_stream_whose_client_left_before_its_first_chunk_still_releases_its_model():
+    """The body's generator never starts, so only the response itself can release the model."""
+    from starlette.responses import StreamingResponse
+
+    from servelet.runtimes.multimodel import ReleasingStream
+
+    async def never_started():
+        yield b"never sent"
+
+    released = []
+    stream = ReleasingStream(StreamingResponse(never_started(), media_type="application/jsonlines"), lambda: released.append(1))
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("the client is gone")
+
+    with contextlib.suppress(Exception):  # whether Starlette raises the failed send or swallows it
+        await stream({"type": "http", "asgi": {"spec_version": "2.3"}}, receive, send)
+    assert released == [1] and stream.headers["content-type"] == "application/jsonlines"
 
 
 def test_the_openai_model_field_names_a_target_model_as_endpoint_slash_target(gateway, model_path, tmp_path):

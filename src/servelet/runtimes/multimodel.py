@@ -54,8 +54,8 @@ class MultiModelRuntime(Runtime):
         except BaseException:
             self.release(model)
             raise
-        if isinstance(response, StreamingResponse):  # in use until its last chunk is sent
-            response.body_iterator = self._released_after(response.body_iterator, model)
+        if isinstance(response, StreamingResponse):  # in use until sending ends, however it ends
+            response = ReleasingStream(response, lambda: self.release(model))
         else:
             self.release(model)
         return response
@@ -144,13 +144,6 @@ class MultiModelRuntime(Runtime):
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
 
-    async def _released_after(self, chunks, model: LoadedModel):
-        try:
-            async for chunk in chunks:
-                yield chunk
-        finally:
-            self.release(model)
-
     def used_bytes(self) -> int:
         return sum(model.size for model in self.loaded.values())
 
@@ -177,3 +170,18 @@ def disk_bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
+
+
+class ReleasingStream(StreamingResponse):
+    """A streamed answer that releases its model when sending ends: sent whole, failed, or the client gone (even
+    before the first chunk, when the body's generator never starts and so never runs a `finally` of its own)."""
+
+    def __init__(self, stream: StreamingResponse, release):
+        super().__init__(stream.body_iterator, stream.status_code, dict(stream.headers), background=stream.background)
+        self._release = release
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
