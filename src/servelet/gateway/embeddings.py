@@ -14,6 +14,7 @@ from ..control.endpoints import DEFAULT_ENDPOINT
 from ..control.invocation import Invocation
 from ..control.router import Router
 from ..errors import BadRequest, ModelFailed
+from .textgen import MULTI_MODEL
 
 EMBEDDING_TASK = "feature-extraction"
 
@@ -49,9 +50,6 @@ class EmbeddingRequest(BaseModel):
         if value is not None:
             raise ValueError("is not supported: vectors have the model's own size; leave it unset")
         return value
-
-
-MULTI_MODEL = "multi-model"
 
 
 def require_embeddings(endpoint: str, facts: dict) -> None:

@@ -17,6 +17,8 @@ from ..errors import BadRequest, ModelFailed
 from ..instance.client import JsonLines
 from . import metrics
 
+MULTI_MODEL = "multi-model"  # the runtime of a multi-model instance: the task depends on the target model
+
 
 @dataclass
 class Token:
@@ -64,7 +66,7 @@ class TextGenerator:
         """Refuse, naming what the endpoint does serve, an endpoint whose model does not generate text."""
         facts = self.facts(endpoint)
         task = facts.get("task", "text-generation")
-        if facts and task != "text-generation" and facts.get("runtime") != "multi-model":  # its models' tasks are unknown
+        if facts and task != "text-generation" and facts.get("runtime") != MULTI_MODEL:  # its models' tasks are unknown
             what = f"a {task} model" if task else f"models through the {facts.get('runtime')} runtime"
             raise BadRequest(
                 f"endpoint {endpoint!r} serves {what}, which does not generate text; "
