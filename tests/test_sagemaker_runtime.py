@@ -166,7 +166,9 @@ def test_a_full_endpoint_throttles_and_a_client_that_leaves_a_stream_frees_its_s
         short = {"inputs": PROMPT, "parameters": {"max_new_tokens": 2}}
         with gateway.http(timeout=60) as http:
             with http.stream("POST", "/endpoints/default/invocations-response-stream", json=long) as stream:
-                first = next(stream.iter_bytes())
+                # Keep the iterator: a dropped httpx iterator closes the response, which would free the slot.
+                chunks = stream.iter_bytes()
+                first = next(chunks)
                 assert b"PayloadPart" in first, first  # a token, not an error: the slot is taken
                 with pytest.raises(botocore.exceptions.ClientError) as raised:
                     client.invoke_endpoint(EndpointName="default", Body=json.dumps(short))
