@@ -444,7 +444,8 @@ def test_the_default_gguf_loads_into_memory_and_llama_cpp_opens_it_there(s3_env,
 
 def test_the_gateway_fetches_an_s3_model_once_for_all_its_instances(s3_server, gguf_in_s3, model_path, tmp_path):
     fetched_before = len(gets(s3_server, gguf_in_s3))
-    gateway = start_gateway(tmp_path, env=s3_server.env, args=["--model", gguf_in_s3, "--instances", "2"])
+    env = s3_server.env | {"SERVELET_THREADS": "1"}  # two instances share the cores
+    gateway = start_gateway(tmp_path, env=env, args=["--model", gguf_in_s3, "--instances", "2"])
     try:
         children = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True).stdout.split()
         command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children]

@@ -33,7 +33,10 @@ LONG_PROMPT = json.dumps({"inputs": "Tell me a story.", "parameters": {"max_new_
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, model_path):
     """`default` (variant AllTraffic, one instance) with the policies checked every half second."""
-    running = start_gateway(tmp_path_factory.mktemp("autoscaling"), env={"SERVELET_AUTOSCALE_INTERVAL": "0.5"})
+    # One llama.cpp thread per instance: two instances on the 2 cores, never more threads than cores (more would
+    # spin waiting on each other and slow generation many times over; the gateway warns of that).
+    env = {"SERVELET_AUTOSCALE_INTERVAL": "0.5", "SERVELET_THREADS": "1"}
+    running = start_gateway(tmp_path_factory.mktemp("autoscaling"), env=env)
     yield running
     stop_process(running.process)
 

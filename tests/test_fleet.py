@@ -1,8 +1,13 @@
-"""The fleet's bookkeeping that needs no process: instance sockets fit the kernel's path limit."""
+"""The fleet's bookkeeping that needs no process: instance sockets fit the kernel's path limit; more instance
+threads than cores are pointed out."""
 
 from __future__ import annotations
 
-from servelet.control.endpoints import MAX_SOCKET_PATH_BYTES, Fleet
+import logging
+import os
+from types import SimpleNamespace
+
+from servelet.control.endpoints import MAX_SOCKET_PATH_BYTES, Deployment, Endpoint, Fleet, Variant
 
 
 def test_long_endpoint_and_variant_names_still_get_a_unix_socket_path_that_fits(tmp_path):
@@ -18,3 +23,24 @@ def test_long_endpoint_and_variant_names_still_get_a_unix_socket_path_that_fits(
 def test_short_names_keep_readable_socket_names(tmp_path):
     fleet = Fleet(tmp_path)
     assert fleet._instance("default", "AllTraffic", "package://x", {}).socket_path.name == "default-AllTraffic-0.sock"
+
+
+def running_endpoint(fleet: Fleet, threads: int, instances: int) -> None:
+    """An endpoint whose instances look started (a live process stand-in), each with `threads` threads."""
+    variant = Variant("AllTraffic", "package://x", 1.0, env={"SERVELET_THREADS": str(threads)})
+    variant.instances = [fleet._instance("e", "AllTraffic", "package://x", variant.env) for _ in range(instances)]
+    for instance in variant.instances:
+        instance.process = SimpleNamespace(returncode=None)
+    fleet.endpoints["e"] = Endpoint("e", Deployment([variant], "e"))
+
+
+def test_more_instance_threads_than_cores_are_pointed_out(tmp_path, caplog):
+    cores = os.cpu_count() or 1
+    fleet = Fleet(tmp_path)
+    with caplog.at_level(logging.WARNING, "servelet.control"):
+        running_endpoint(fleet, threads=1, instances=cores)
+        fleet._warn_if_cores_oversubscribed()
+        assert "threads on" not in caplog.text  # one thread per core: fine
+        running_endpoint(fleet, threads=cores, instances=2)
+        fleet._warn_if_cores_oversubscribed()
+    assert f"2 instances run {2 * cores} threads on {cores} cores" in caplog.text and "SERVELET_THREADS" in caplog.text

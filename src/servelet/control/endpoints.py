@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import logging
 import math
+import os
 import random
 import tempfile
 import time
@@ -271,6 +272,28 @@ class Fleet:
         for instance in instances:
             await instance.start()
             self._spawn(self._keep_running(endpoint, instance, start_timeout))
+        self._warn_if_cores_oversubscribed()
+
+    def _warn_if_cores_oversubscribed(self) -> None:
+        """Say so when the instances' threads outnumber the cores. llama.cpp's threads spin while they wait for
+        each other at every operation; with more threads than cores, a thread spins while its partner is off the
+        CPU, and generation slows many times over (seen in tests: a 64-token answer taking minutes)."""
+        cores = os.cpu_count() or 1
+        running = [
+            i for e in self.endpoints.values() for v in e.variants for i in v.instances
+            if i.process is not None and i.process.returncode is None and not i.stopping
+        ]
+        def threads_of(instance: Instance) -> int:
+            setting = (os.environ | instance.env).get("SERVELET_THREADS", "")
+            return int(setting) if setting.isdigit() else cores
+
+        threads = sum(threads_of(i) for i in running)
+        if threads > cores:
+            log.warning(
+                "%d instances run %d threads on %d cores: their threads will wait on each other; give each instance "
+                "fewer threads (SERVELET_THREADS, in the model's Environment) so that their sum is at most %d",
+                len(running), threads, cores, cores,
+            )
 
     async def wait_ready(self, name: str, timeout: float) -> str | None:
         """Wait until every instance of the endpoint is ready: None, or why it cannot be."""
