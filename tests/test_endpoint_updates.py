@@ -22,6 +22,13 @@ PROMPT = json.dumps({"inputs": "The capital of France is", "parameters": {"max_n
 WAIT = {"Delay": 1, "MaxAttempts": 120}
 
 
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory, model_path):
+    """One gateway for the module; blue and green fleets run side by side, so each instance gets one thread
+    (more threads than cores would spin waiting on each other)."""
+    running = start_gateway(tmp_path_factory.mktemp("updates"), env={"SERVELET_THREADS": "1"})
+    yield running
+    stop_process(running.process)
 
 
 @pytest.fixture(scope="module")
