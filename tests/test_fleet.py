@@ -44,3 +44,17 @@ def test_more_instance_threads_than_cores_are_pointed_out(tmp_path, caplog):
         running_endpoint(fleet, threads=cores, instances=2)
         fleet._warn_if_cores_oversubscribed()
     assert f"2 instances run {2 * cores} threads on {cores} cores" in caplog.text and "SERVELET_THREADS" in caplog.text
+
+
+def test_instances_that_do_not_set_their_threads_split_the_cores(tmp_path, monkeypatch):
+    monkeypatch.delenv("SERVELET_THREADS", raising=False)
+    cores = os.cpu_count() or 1
+    fleet = Fleet(tmp_path)
+    pair = [fleet._instance("e", "AllTraffic", "package://x", {}) for _ in range(2)]
+    fleet._share_cores(pair)
+    assert [i.env["SERVELET_THREADS"] for i in pair] == [str(max(1, cores // 2))] * 2
+    # A model that sets its threads keeps them; one more instance gets what the running ones leave (at least 1).
+    running_endpoint(fleet, threads=cores, instances=1)
+    pinned, new = fleet._instance("e", "v", "package://x", {"SERVELET_THREADS": "3"}), fleet._instance("e", "v", "package://x", {})
+    fleet._share_cores([pinned, new])
+    assert pinned.env["SERVELET_THREADS"] == "3" and new.env["SERVELET_THREADS"] == "1"

@@ -269,24 +269,35 @@ class Fleet:
             self._models.pop(uri).close()
 
     async def _start_all(self, endpoint: Endpoint, instances: list[Instance], start_timeout: float) -> None:
+        self._share_cores(instances)
         for instance in instances:
             await instance.start()
             self._spawn(self._keep_running(endpoint, instance, start_timeout))
         self._warn_if_cores_oversubscribed()
 
-    def _warn_if_cores_oversubscribed(self) -> None:
-        """Say so when the instances' threads outnumber the cores. llama.cpp's threads spin while they wait for
-        each other at every operation; with more threads than cores, a thread spins while its partner is off the
-        CPU, and generation slows many times over (seen in tests: a 64-token answer taking minutes)."""
-        cores = os.cpu_count() or 1
-        running = [
+    # llama.cpp's threads spin while they wait for each other at every operation: with more threads than cores, a
+    # thread spins while its partner is off the CPU, and generation slows many times over (seen in tests: a
+    # 64-token answer taking minutes). So instances split the cores, and a fleet that oversubscribes them says so.
+    def _running(self) -> list[Instance]:
+        return [
             i for e in self.endpoints.values() for v in e.variants for i in v.instances
             if i.process is not None and i.process.returncode is None and not i.stopping
         ]
-        def threads_of(instance: Instance) -> int:
-            setting = (os.environ | instance.env).get("SERVELET_THREADS", "")
-            return int(setting) if setting.isdigit() else cores
 
+    def _share_cores(self, new: list[Instance]) -> None:
+        """New instances whose model does not set SERVELET_THREADS split the cores the running ones leave."""
+        unset = [i for i in new if threads_setting(i) is None]
+        if not unset:
+            return
+        cores = os.cpu_count() or 1
+        taken = sum(threads_of(i) for i in self._running() + new if i not in unset)
+        share = max(1, (cores - taken) // len(unset))
+        for instance in unset:
+            instance.env = instance.env | {"SERVELET_THREADS": str(share)}
+
+    def _warn_if_cores_oversubscribed(self) -> None:
+        cores = os.cpu_count() or 1
+        running = self._running()
         threads = sum(threads_of(i) for i in running)
         if threads > cores:
             log.warning(
@@ -406,3 +417,14 @@ async def _until(condition, timeout: float, poll: float = 0.05) -> bool:
             return False
         await asyncio.sleep(poll)
     return True
+
+
+def threads_setting(instance: Instance) -> int | None:
+    """The instance's SERVELET_THREADS (its environment over the gateway's), or None when unset."""
+    setting = (os.environ | instance.env).get("SERVELET_THREADS", "")
+    return int(setting) if setting.isdigit() and int(setting) > 0 else None
+
+
+def threads_of(instance: Instance) -> int:
+    """The llama.cpp threads the instance runs: its setting, else one per core (the instance's own default)."""
+    return threads_setting(instance) or os.cpu_count() or 1
