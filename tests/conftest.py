@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -108,12 +109,7 @@ def start_instance(
 
 
 def stop_instance(instance: RunningInstance) -> None:
-    instance.process.terminate()
-    try:
-        instance.process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        instance.process.kill()
-        instance.process.wait()
+    stop_process(instance.process, grace=20)
 
 
 @pytest.fixture(scope="module")
@@ -170,13 +166,45 @@ def start_gateway(
     raise RuntimeError(f"gateway not ready after {START_TIMEOUT}s:\n{gateway.log()}")
 
 
-def stop_process(process: subprocess.Popen) -> None:
+def stop_process(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it is still there after `grace` seconds."""
+    if process.poll() is not None:
+        return
     process.terminate()
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=grace)
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+class Load:
+    """Threads each calling `call` in a loop until stopped (bounded whatever happens): every answer, every failure."""
+
+    def __init__(self, call, threads: int, seconds: float):
+        self.call, self.seconds = call, seconds
+        self.served: list = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
+
+    def _loop(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                self.served.append(self.call())
+            except Exception as exc:  # noqa: BLE001 - every failure is counted
+                self.failures.append(repr(exc))
+
+    def __enter__(self) -> "Load":
+        for worker in self._workers:
+            worker.start()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self._stop.set()
+        for worker in self._workers:
+            worker.join(timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import stop_process
 
 START_SECONDS = 60
 # werkzeug's access log: 127.0.0.1 - - [date] "GET /bucket/key HTTP/1.1" 206 -
@@ -58,13 +59,8 @@ class S3Server:
         raise RuntimeError(f"moto's server did not answer in {START_SECONDS}s:\n{self.log()}")
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, grace=10)
         self.log_path.unlink(missing_ok=True)
 
     def client(self, **config):

@@ -6,13 +6,11 @@ from __future__ import annotations
 import asyncio
 import json
 import textwrap
-import threading
-import time
 
 import httpx
 import pytest
 from botocore.exceptions import ClientError
-from conftest import boto, start_gateway, stop_process, wait_for
+from conftest import Load, boto, start_gateway, stop_process, wait_for
 from test_cli import servelet
 
 from servelet.control.autoscaler import CONCURRENCY, INVOCATIONS, ScalableTarget, ScalingPolicy
@@ -61,35 +59,11 @@ def status(sagemaker) -> str:
     return sagemaker.describe_endpoint(EndpointName="default")["EndpointStatus"]
 
 
-class Load:
-    """Threads each invoking a long-ish generation in a loop, until stopped (bounded whatever happens)."""
-
-    def __init__(self, runtime, threads: int = 3):
-        self.runtime = runtime
-        self.served = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(threads)]
-
-    def _loop(self) -> None:
-        deadline = time.monotonic() + 150
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                answer = self.runtime.invoke_endpoint(EndpointName="default", Body=LONG_PROMPT, ContentType="application/json")
-                assert json.loads(answer["Body"].read())["generated_text"]
-                self.served += 1
-            except Exception as exc:  # noqa: BLE001 - every failure is counted
-                self.failures.append(repr(exc))
-
-    def __enter__(self) -> "Load":
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=120)
+def long_generation(runtime) -> str:
+    answer = runtime.invoke_endpoint(EndpointName="default", Body=LONG_PROMPT, ContentType="application/json")
+    text = json.loads(answer["Body"].read())["generated_text"]
+    assert text
+    return text
 
 
 # -- the user's story ---------------------------------------------------------------------------------------------
@@ -104,10 +78,10 @@ def test_a_variant_scales_out_under_load_and_back_in_after(gateway, scaling, sag
     )
     assert instances(sagemaker) == (1, 1)
     runtime = boto("sagemaker-runtime", gateway.base_url, retries={"total_max_attempts": 1}, read_timeout=120)
-    with Load(runtime) as load:
+    with Load(lambda: long_generation(runtime), threads=3, seconds=150) as load:
         assert wait_for(lambda: instances(sagemaker) == (2, 2), 90, poll=0.5), gateway.log()[-3000:]
-        served = load.served
-        assert wait_for(lambda: load.served >= served + 3, 60)  # both instances answer
+        served = len(load.served)
+        assert wait_for(lambda: len(load.served) >= served + 3, 60)  # both instances answer
     # Scaled in: the removed instance takes no new request at once, and the endpoint is Updating until it stops.
     assert wait_for(lambda: instances(sagemaker) == (1, 1) and status(sagemaker) == "InService", 60, poll=0.5), gateway.log()[-3000:]
     assert load.failures == []

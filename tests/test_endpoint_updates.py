@@ -4,13 +4,11 @@ that fires), and UpdateEndpointWeightsAndCapacities with Target-Variant pins."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import boto, start_gateway, stop_process, wait_for
+from conftest import Load, boto, start_gateway, stop_process, wait_for
 
 from servelet.control.deployer import Alarm, Policy
 from servelet.control.endpoints import Deployment, Endpoint, Outcomes, Variant
@@ -69,39 +67,6 @@ def canary(wait: int, termination: int = 1, percent: int = 50, alarms: tuple[str
     return deployment
 
 
-@dataclass
-class SteadyLoad:
-    """Threads each looping small invocations until stopped; every answer's variant, every failure."""
-
-    runtime: object
-    endpoint: str
-    threads: int = 2
-    served: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)
-
-    def __post_init__(self):
-        self._stop = threading.Event()
-        self._workers = [threading.Thread(target=self._loop, daemon=True) for _ in range(self.threads)]
-
-    def _loop(self) -> None:
-        deadline = time.monotonic() + 180  # bounded, whatever happens to the test
-        while not self._stop.is_set() and time.monotonic() < deadline:
-            try:
-                self.served.append(invoke(self.runtime, self.endpoint))
-            except Exception as exc:  # noqa: BLE001 - every failure is counted
-                self.failures.append(repr(exc))
-
-    def __enter__(self) -> "SteadyLoad":
-        for worker in self._workers:
-            worker.start()
-        return self
-
-    def __exit__(self, *_) -> None:
-        self._stop.set()
-        for worker in self._workers:
-            worker.join(timeout=60)
-
-
 @pytest.fixture(scope="module")
 def endpoint(sagemaker):
     """The endpoint `shop` on config `shop-v1` (variant `blue`), InService."""
@@ -115,7 +80,7 @@ def endpoint(sagemaker):
 # -- the user's story: a canary update under steady load ------------------------------------------------------------
 def test_a_canary_update_under_steady_load_fails_no_request(sagemaker, runtime, endpoint):
     config(sagemaker, "shop-v2", ("green", "shop-model"))
-    with SteadyLoad(runtime, endpoint) as load:
+    with Load(lambda: invoke(runtime, endpoint), threads=2, seconds=180) as load:
         assert wait_for(lambda: len(load.served) >= 4, 60)
         sagemaker.update_endpoint(EndpointName=endpoint, EndpointConfigName="shop-v2", DeploymentConfig=canary(wait=2))
         updating = sagemaker.describe_endpoint(EndpointName=endpoint)
@@ -251,7 +216,7 @@ def test_weights_and_instance_counts_change_and_target_variant_pins(sagemaker, r
               for v in sagemaker.describe_endpoint(EndpointName="pair")["ProductionVariants"]}
     assert counts == {"a": (1, 1), "b": (2, 2)}
 
-    with SteadyLoad(runtime, "pair") as load:
+    with Load(lambda: invoke(runtime, "pair"), threads=2, seconds=180) as load:
         assert wait_for(lambda: len(load.served) >= 4, 60)
         sagemaker.update_endpoint_weights_and_capacities(
             EndpointName="pair", DesiredWeightsAndCapacities=[{"VariantName": "b", "DesiredInstanceCount": 1}]

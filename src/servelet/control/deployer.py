@@ -237,11 +237,7 @@ class Deployer:
         record.production_variants = _states(
             [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight) for v in green.variants]
         )
-        record.endpoint_status = EndpointStatus.IN_SERVICE
-        record.failure_reason = None
-        record.pending_deployment_summary = None
-        record.last_deployment_config = policy.config
-        self.store.save_endpoint(record)
+        self._in_service(record, policy, failure_reason=None)
         log.info("endpoint %s: InService on %s", name, config.endpoint_config_name)
 
     async def _roll_back(self, name: str, endpoint: Endpoint, reason: str, policy: Policy) -> None:
@@ -259,12 +255,16 @@ class Deployer:
         record = self.store.get_endpoint(name)
         if record is None:
             return
+        self._in_service(record, policy, failure_reason=reason)
+        log.info("endpoint %s: rolled back, InService on %s", name, record.endpoint_config_name)
+
+    def _in_service(self, record: EndpointRecord, policy: Policy, failure_reason: str | None) -> None:
+        """The update is over, completed (no reason) or rolled back (why): InService, no pending deployment."""
         record.endpoint_status = EndpointStatus.IN_SERVICE
-        record.failure_reason = reason
+        record.failure_reason = failure_reason
         record.pending_deployment_summary = None
         record.last_deployment_config = policy.config
         self.store.save_endpoint(record)
-        log.info("endpoint %s: rolled back, InService on %s", name, record.endpoint_config_name)
 
     def _note(self, name: str, status: str, message: str) -> None:
         """Show where the update stands on the pending variants (DescribeEndpoint's PendingDeploymentSummary)."""
