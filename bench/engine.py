@@ -2,8 +2,10 @@
 
 servelet (`servelet container`, continuous batching) against llama-cpp-python's high-level `Llama` answering the
 same requests one after another, and llama.cpp's own `llama-server` (built once into ~/.cache/servelet/bench/).
-Each request: a 34-91-token prompt, 128 new tokens, greedy, end of text ignored, 2 threads. Systems run one
-after another, never side by side.
+Each request: a 34-91-token prompt, 128 new tokens, greedy, end of text ignored, 2 threads. All systems are
+started first and then take turns, never running side by side: for each N and each repeat, every system answers
+the same batch once, in an order that rotates, so the machine's drift (single runs swing by 10% here) hits them
+alike and each repeat gives a paired ratio.
 
     python bench/engine.py [--n 1,4,16,32] [--systems servelet,llama,llama-server] [--repeats 3] [--json PATH]
     python bench/engine.py --quick     # smoke test: N = 1, 2 with 16 new tokens
@@ -23,7 +25,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import ContextManager, Protocol
@@ -367,16 +369,47 @@ LABELS = {"servelet": "servelet", "llama": "Llama (sequential)", "llama-server":
 Results = dict[str, dict[int, list[Measurement]]]
 
 
-def benchmark(system: str, model: Path, options: argparse.Namespace) -> dict[int, list[Measurement]]:
-    """Every N (and repeat) on one system, after one warm-up request; the system is stopped afterwards."""
-    print(f"\n{LABELS[system]}: starting", flush=True)
-    runs: dict[int, list[Measurement]] = {}
-    with SYSTEMS[system](model, max(options.n)) as runner:
-        runner.run_batch(PROMPTS[:1], options.new_tokens)
+def benchmark(model: Path, options: argparse.Namespace) -> Results:
+    """Start every system (one warm-up request each), then for each N and repeat run them in turn, order rotating."""
+    systems = options.systems
+    results: Results = {system: {n: [] for n in options.n} for system in systems}
+    with ExitStack() as stack:
+        runners: dict[str, BatchRunner] = {}
+        for system in systems:
+            print(f"{LABELS[system]}: starting", flush=True)
+            runners[system] = stack.enter_context(SYSTEMS[system](model, max(options.n)))
+            runners[system].run_batch(PROMPTS[:1], options.new_tokens)
         for n in options.n:
-            runs[n] = [measure(runner.run_batch(PROMPTS[:n], options.new_tokens)) for _ in range(options.repeats)]
-            print_cell(system, n, median(runs[n]), expected_tokens=n * options.new_tokens)
-    return runs
+            print(f"\nN = {n}", flush=True)
+            for repeat in range(options.repeats):
+                shift = repeat % len(systems)
+                for system in systems[shift:] + systems[:shift]:
+                    cell = measure(runners[system].run_batch(PROMPTS[:n], options.new_tokens))
+                    results[system][n].append(cell)
+                    print_cell(system, n, cell, expected_tokens=n * options.new_tokens)
+    return results
+
+
+def paired_ratios(results: Results, n: int) -> dict[str, list[float]]:
+    """servelet's tokens/s over each other system's, repeat by repeat (the runs of one repeat are neighbours)."""
+    ours = results["servelet"][n]
+    return {
+        system: [a.tokens_per_s / b.tokens_per_s for a, b in zip(ours, by_n[n])]
+        for system, by_n in results.items()
+        if system != "servelet"
+    }
+
+
+def paired_table(results: Results, ns: list[int]) -> str:
+    others = [system for system in results if system != "servelet"]
+    rows = []
+    for n in ns:
+        paired = paired_ratios(results, n)
+        rows.append([
+            str(n),
+            *(f"{statistics.median(paired[s]):.2f}× ({', '.join(f'{r:.2f}' for r in paired[s])})" for s in others),
+        ])
+    return markdown(["N", *(f"servelet / {LABELS[s]}, median of paired runs (each run)" for s in others)], rows)
 
 
 def print_cell(system: str, n: int, cell: Measurement, expected_tokens: int) -> None:
@@ -441,6 +474,9 @@ def write_json(path: Path, results: Results, cells: dict[str, dict[int, Measurem
         "servelet_tokens_per_s_ratio": (
             {str(n): ratios(cells, n) for n in setup["n"]} if "servelet" in cells else {}
         ),
+        "servelet_tokens_per_s_paired_ratios": (
+            {str(n): paired_ratios(results, n) for n in setup["n"]} if "servelet" in results else {}
+        ),
     }
     path.write_text(json.dumps(report, indent=2) + "\n")
 
@@ -499,11 +535,13 @@ def main(argv: list[str] | None = None) -> None:
         f"model {model.name}; {THREADS} threads; {options.new_tokens} new tokens per request, greedy, EOS ignored; "
         f"prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; N = {options.n}; {options.repeats} run(s) per cell"
     )
-    results: Results = {system: benchmark(system, model, options) for system in options.systems}
+    results = benchmark(model, options)
     cells = {system: {n: median(runs) for n, runs in by_n.items()} for system, by_n in results.items()}
     print("\n" + results_table(cells))
     if "servelet" in cells and len(cells) > 1:
         print("\n" + comparison_table(cells, options.n))
+        if options.repeats > 1:
+            print("\n" + paired_table(results, options.n))
     if options.json:
         write_json(options.json, results, cells, setup)
         print(f"\nwrote {options.json}")

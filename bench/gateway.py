@@ -4,8 +4,9 @@ Engine alone: `servelet.engine.Engine` in this process, with the settings an ins
 submitted with the async API, asking for each token's log-prob as both gateway routes carry it (the same work
 for the same answer; `--engine-without-logprobs` drops that). Instance direct: the same streams over HTTP to the instance's own Unix socket (what
 a client pays for HTTP, without the gateway hop). Gateway: `servelet serve` (gateway + one instance over a Unix socket), the same
-requests streamed over HTTP on a route of your choice. Runs alternate (engine, instance, gateway, engine, ...) so the
-machine's drift hits both alike; medians are reported. Then the gateway's added latency on a small
+requests streamed over HTTP on a route of your choice. Runs alternate (engine, instance, gateway, then the order
+rotates) so the machine's drift (single runs swing by 10% here) hits all sides alike; medians are reported, and the
+median of the per-repeat gateway / engine ratios (the runs of one repeat are neighbours in time). Then the gateway's added latency on a small
 non-streaming request: `POST /invocations` through the gateway against the same call on the instance's own socket.
 
     python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 3] [--route tgi|invocations] [--pings 50]
@@ -143,7 +144,7 @@ def parse_options(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=16, help="concurrent streams")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3, help="alternating runs per side; medians reported")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per side; medians reported")
     parser.add_argument("--route", choices=sorted(ROUTES), default="tgi", help="the gateway route streamed")
     parser.add_argument("--pings", type=int, default=50, help="small requests per side for the latency figure")
     parser.add_argument(
@@ -177,8 +178,11 @@ def main(argv=None) -> None:
             runner.run_batch(prompts[:2], 4)  # warm-up
         gateway_pid = serve_pid(port)
         gateway_cpu, gateway_tokens = 0.0, 0
+        names = list(sides)
         for repeat in range(options.repeats):
-            for side, runner in sides.items():
+            shift = repeat % len(names)
+            for side in names[shift:] + names[:shift]:
+                runner = sides[side]
                 cpu_before = cpu_seconds(gateway_pid)
                 timings = runner.run_batch(prompts, options.new_tokens)
                 if side == "gateway":
@@ -203,7 +207,7 @@ def main(argv=None) -> None:
     print(f"\ngateway / engine tokens/s: {gateway.tokens_per_s / engine.tokens_per_s:.3f} (target >= 0.97)")
     print(f"gateway / instance direct tokens/s: {gateway.tokens_per_s / instance.tokens_per_s:.3f}")
     paired = [g.tokens_per_s / e.tokens_per_s for g, e in zip(runs["gateway"], runs["engine"])]
-    print(f"per-run gateway / engine: {', '.join(f'{r:.3f}' for r in paired)}")
+    print(f"per-run gateway / engine: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
     if gateway_tokens:
         print(f"gateway process CPU: {gateway_cpu * 1000 / gateway_tokens:.2f} ms per streamed token "
               f"({gateway_cpu:.1f} s over {gateway_tokens} tokens; the machine has {os.cpu_count()} cores)")

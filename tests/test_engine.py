@@ -226,8 +226,9 @@ def test_log_normalisers_split_over_threads_match_one_thread():
     rows = (np.random.default_rng(7).standard_normal((5, 262_144)) * 4).astype(np.float32)
     model = SimpleNamespace(kv_cells=1024)  # the scheduler only reads the KV size when it is built
     limits = dict(max_batch_size=8, prefill_chunk=16, max_prefill_wait=1.0, max_decode_stall=1.0)
-    one = Scheduler(model, SchedulerLimits(**limits, threads=1))._log_normalisers(rows)
-    split = Scheduler(model, SchedulerLimits(**limits, threads=3))._log_normalisers(rows)
+    peaks = rows.max(axis=1)
+    one = Scheduler(model, SchedulerLimits(**limits, threads=1))._log_normalisers(rows, peaks)
+    split = Scheduler(model, SchedulerLimits(**limits, threads=3))._log_normalisers(rows, peaks)
     exact = np.log(np.exp(rows.astype(np.float64)).sum(axis=1))
     assert split.shape == (5,)
     np.testing.assert_allclose(split, one, rtol=0, atol=1e-6)

@@ -55,7 +55,7 @@ class Scheduler:
         self.free_slots = list(range(limits.max_batch_size))
         self.kv_free = model.kv_cells
         self.counters = SchedulerCounters()
-        self._scratch: np.ndarray | None = None
+        self._scratch: list[np.ndarray] = []  # one row buffer per thread
         # numpy releases the GIL in exp/sum, so rows split over threads run in parallel between decode calls.
         self._row_pool = ThreadPoolExecutor(limits.threads, "servelet-logprobs") if limits.threads > 1 else None
         self._decoded_at = 0.0  # when running streams last got a token (or there were none to wait)
@@ -225,21 +225,26 @@ class Scheduler:
         if self._row_pool is not None:
             self._row_pool.shutdown(wait=False)
 
-    def _log_normalisers(self, rows: np.ndarray) -> np.ndarray:
-        """log(sum(exp(row))) per row, in place in a reused buffer (the vocabulary has 262k entries).
+    def _log_normalisers(self, rows: np.ndarray, peaks: np.ndarray) -> np.ndarray:
+        """log(sum(exp(row))) per row, `peaks` being each row's largest logit (the vocabulary has 262k entries).
 
-        About 0.3 ms per row on one core: at 16 rows, 5% of a step, so the rows are split over the threads."""
-        if self._scratch is None or self._scratch.shape[0] < rows.shape[0]:
-            self._scratch = np.empty((self.limits.max_batch_size, rows.shape[1]), dtype=np.float32)
-        buf = self._scratch[: rows.shape[0]]
-        if self._row_pool is None or rows.shape[0] < 2:
-            return _log_normalisers_into(rows, buf)
-        bounds = np.linspace(0, rows.shape[0], min(self.limits.threads, rows.shape[0]) + 1, dtype=int)
-        parts = [
-            self._row_pool.submit(_log_normalisers_into, rows[lo:hi], buf[lo:hi])
-            for lo, hi in zip(bounds[:-1], bounds[1:])
+        Row by row, so each pass stays in the core's cache (a row is 1 MiB; the whole block took 1.5x longer),
+        and split over the threads: about 0.2 ms per row on one core, 4% of a step at 16 rows."""
+        parts = min(self.limits.threads, rows.shape[0])
+        while len(self._scratch) < parts:
+            self._scratch.append(np.empty(rows.shape[1], dtype=np.float32))
+        out = np.empty(rows.shape[0], dtype=np.float32)
+        if self._row_pool is None or parts < 2:
+            _log_normalisers_into(rows, peaks, out, self._scratch[0])
+            return out
+        bounds = np.linspace(0, rows.shape[0], parts + 1, dtype=int)
+        jobs = [
+            self._row_pool.submit(_log_normalisers_into, rows[lo:hi], peaks[lo:hi], out[lo:hi], self._scratch[k])
+            for k, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))
         ]
-        return np.concatenate([p.result() for p in parts])
+        for job in jobs:
+            job.result()
+        return out
 
     def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
         if not outputs:
@@ -259,9 +264,15 @@ class Scheduler:
         logprobs = {}
         if logprob_rows:
             rows = logits if len(logprob_rows) == len(outputs) else logits[logprob_rows]
-            log_norm = self._log_normalisers(rows)
+            picked = rows[np.arange(len(logprob_rows)), chosen[logprob_rows]]
+            # A greedy row's pick is its largest logit; a sampled row's may not be, and exp must not overflow.
+            peaks = np.array(
+                [picked[k] if outputs[r][0].sampler is None else rows[k].max() for k, r in enumerate(logprob_rows)],
+                dtype=np.float32,
+            )
+            log_norm = self._log_normalisers(rows, peaks)
             for k, r in enumerate(logprob_rows):
-                logprobs[r] = float(rows[k, chosen[r]] - log_norm[k])
+                logprobs[r] = float(picked[k] - log_norm[k])
         now = time.perf_counter()
         for r, (seq, _) in enumerate(outputs):
             token = int(chosen[r])
@@ -278,8 +289,8 @@ class Scheduler:
                 self._finish(seq, end, last=event)
 
 
-def _log_normalisers_into(rows: np.ndarray, buf: np.ndarray) -> np.ndarray:
-    peak = rows.max(axis=1, keepdims=True)
-    np.subtract(rows, peak, out=buf)
-    np.exp(buf, out=buf)
-    return peak[:, 0] + np.log(buf.sum(axis=1))
+def _log_normalisers_into(rows: np.ndarray, peaks: np.ndarray, out: np.ndarray, scratch: np.ndarray) -> None:
+    for i, row in enumerate(rows):
+        np.subtract(row, peaks[i], out=scratch)
+        np.exp(scratch, out=scratch)
+        out[i] = peaks[i] + np.log(scratch.sum())
