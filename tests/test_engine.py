@@ -215,8 +215,8 @@ async def test_a_failing_step_ends_every_request_with_an_error_instead_of_hangin
         broken.close()
 
 
-def test_log_normalisers_split_over_threads_match_one_thread():
-    """The log-softmax normaliser is computed on row slices in parallel; it must equal the one-thread result."""
+def test_log_normalisers_match_a_float64_log_sum_exp():
+    """Log-probs come from a per-row log-sum-exp shifted by the row's peak; it must match the exact value."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -224,12 +224,12 @@ def test_log_normalisers_split_over_threads_match_one_thread():
     from servelet.engine.scheduler import Scheduler, SchedulerLimits
 
     rows = (np.random.default_rng(7).standard_normal((5, 262_144)) * 4).astype(np.float32)
+    rows[3] += 500.0  # large logits must not overflow exp
     model = SimpleNamespace(kv_cells=1024)  # the scheduler only reads the KV size when it is built
-    limits = dict(max_batch_size=8, prefill_chunk=16, max_prefill_wait=1.0, max_decode_stall=1.0)
-    peaks = rows.max(axis=1)
-    one = Scheduler(model, SchedulerLimits(**limits, threads=1))._log_normalisers(rows, peaks)
-    split = Scheduler(model, SchedulerLimits(**limits, threads=3))._log_normalisers(rows, peaks)
-    exact = np.log(np.exp(rows.astype(np.float64)).sum(axis=1))
-    assert split.shape == (5,)
-    np.testing.assert_allclose(split, one, rtol=0, atol=1e-6)
-    np.testing.assert_allclose(split, exact, rtol=0, atol=1e-4)
+    limits = SchedulerLimits(max_batch_size=8, prefill_chunk=16, max_prefill_wait=1.0, max_decode_stall=1.0)
+    normalisers = Scheduler(model, limits)._log_normalisers(rows, rows.max(axis=1))
+    wide = rows.astype(np.float64)
+    peak = wide.max(axis=1, keepdims=True)
+    exact = peak[:, 0] + np.log(np.exp(wide - peak).sum(axis=1))
+    assert normalisers.shape == (5,)
+    np.testing.assert_allclose(normalisers, exact, rtol=1e-6, atol=1e-4)

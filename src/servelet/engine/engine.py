@@ -115,7 +115,6 @@ class Engine:
                 prefill_chunk=config.prefill_chunk,
                 max_prefill_wait=config.max_prefill_wait,
                 max_decode_stall=config.max_decode_stall,
-                threads=config.threads,
             ),
         )
         self._ids = itertools.count(1)
@@ -186,7 +185,6 @@ class Engine:
             self._stopping = True
             self._wake.notify()
         self._thread.join(timeout=30)
-        self.scheduler.close()
         self.model.close()
 
     # -- internals ----------------------------------------------------------------------------
