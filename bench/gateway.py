@@ -9,7 +9,7 @@ rotates) so the machine's drift (single runs swing by 10% here) hits all sides a
 median of the per-repeat gateway / engine ratios (the runs of one repeat are neighbours in time). Then the gateway's added latency on a small
 non-streaming request: `POST /invocations` through the gateway against the same call on the instance's own socket.
 
-    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 3] [--route tgi|invocations] [--pings 50]
+    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 5] [--route tgi|invocations] [--pings 50]
 """
 
 from __future__ import annotations
