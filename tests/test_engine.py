@@ -95,6 +95,16 @@ async def test_tokens_carry_logprobs_and_the_end_carries_stats(engine):
     assert engine.occupancy()["prompt_tokens"] >= stats.prompt_tokens  # the engine-wide counter metrics will read
 
 
+async def test_sampled_and_greedy_streams_in_one_step_carry_their_own_logprobs(engine):
+    """A sampled row's pick need not be its peak: its log-prob must still be a finite log-probability."""
+    sampled = engine.submit("Tell me a story:", GenerationParams(max_new_tokens=8, do_sample=True, temperature=1.5, seed=3, details=True))
+    greedy = engine.submit("The capital of France is", GenerationParams(max_new_tokens=8, details=True))
+    for gen in (sampled, greedy):
+        tokens = [t async for t in gen]
+        assert len(tokens) == 8
+        assert all(t.logprob is not None and -1e4 < t.logprob <= 0 for t in tokens)
+
+
 async def test_cancelling_frees_the_slot_within_one_step(engine):
     gen = engine.submit("Once upon a time", GenerationParams(max_new_tokens=500, ignore_eos=True))
     received = 0
