@@ -15,6 +15,7 @@ from ..errors import (
     BadRequest, GatewayError, ModelFailed, NotFound, PayloadTooLarge, Unavailable, Unprocessable, UnsupportedMediaType, from_instance,
 )
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
+from ..instance.stream import StreamedAnswer
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
 
@@ -118,7 +119,7 @@ def _instance_failed(instance: Instance, exc: Exception, when: str = "while answ
     return ModelFailed(f"instance {instance.name} failed {when}: {exc!r}", 500)
 
 
-async def _chunks(response: httpx.Response, instance: Instance) -> AsyncIterator[bytes]:
+async def _chunks(response: StreamedAnswer, instance: Instance) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk

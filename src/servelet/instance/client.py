@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 
 import httpx
 
+from . import stream as lean_stream
+
 
 class JsonLines:
     """Reassembles JSON lines from byte chunks split anywhere, even inside a UTF-8 character."""
@@ -44,6 +46,7 @@ class InstanceClient:
     """An async client for one instance; `address` is `http://host:port` or `unix:/path/to.sock`."""
 
     def __init__(self, address: str, timeout: float | None = 300.0):
+        self._address, self._timeout = address, timeout
         if address.startswith("unix:"):
             transport = httpx.AsyncHTTPTransport(uds=address.removeprefix("unix:"))
             self._http = httpx.AsyncClient(transport=transport, base_url="http://instance", timeout=timeout)
@@ -77,13 +80,9 @@ class InstanceClient:
 
     @asynccontextmanager
     async def open_stream(self, body: bytes, headers: dict[str, str]):
-        """Forward raw invocation bytes; yields the response with its body not yet read."""
-        request = self._http.build_request("POST", "/invocations", content=body, headers=headers)
-        response = await self._http.send(request, stream=True)
-        try:
-            yield response
-        finally:
-            await response.aclose()
+        """Forward raw invocation bytes; yields the answer with its body not yet read (see instance/stream.py)."""
+        async with lean_stream.open_stream(self._address, "/invocations", body, headers, self._timeout) as answer:
+            yield answer
 
     async def invoke(self, body: dict) -> httpx.Response:
         return await self._http.post("/invocations", json=body)
