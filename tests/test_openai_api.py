@@ -42,6 +42,15 @@ def test_an_unknown_model_is_not_found(client):
         assert "nope" in found.value.message and "default" in found.value.message
 
 
+def test_a_target_model_with_a_line_break_is_refused_and_the_instance_stays_in_service(client, gateway):
+    """`model` = ENDPOINT/TARGET becomes a header to the instance: a line break in it must not reach the wire."""
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.completions.create(model="default/x\r\nX-Evil: 1", prompt=PROMPT, max_tokens=2, stream=stream)
+        assert "line break" in refused.value.message
+    assert client.completions.create(model="default", prompt=PROMPT, max_tokens=2).choices[0].text
+
+
 # -- completions -----------------------------------------------------------------------------------------------
 def test_completion_answers_text_with_usage(client):
     answer = client.completions.create(model="default", prompt=PROMPT, max_tokens=8, temperature=0)

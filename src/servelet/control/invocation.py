@@ -5,6 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from ..errors import BadRequest
+
+# A value with one of these would end its header line early: it could smuggle headers or a second request in.
+_LINE_BREAKING = ("\r", "\n", "\0")
+
 
 @dataclass
 class Invocation:
@@ -29,6 +34,9 @@ class Invocation:
             headers["X-Amzn-SageMaker-Target-Model"] = self.target_model
         if self.inference_id:
             headers["X-Amzn-SageMaker-Inference-Id"] = self.inference_id
+        for name, value in headers.items():  # values from JSON bodies (a target model, say) never met an HTTP parser
+            if any(c in value for c in _LINE_BREAKING):
+                raise BadRequest(f"{name} must not contain a line break or a NUL character: {value!r}")
         return headers
 
 

@@ -14,8 +14,8 @@ import httpx
 from ..errors import (
     BadRequest, GatewayError, ModelFailed, NotFound, PayloadTooLarge, Unavailable, Unprocessable, UnsupportedMediaType, from_instance,
 )
-from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from ..instance.stream import StreamedAnswer
+from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
 
