@@ -6,9 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from ..errors import BadRequest
-
-# A value with one of these would end its header line early: it could smuggle headers or a second request in.
-_LINE_BREAKING = ("\r", "\n", "\0")
+from ..instance.stream import HEADER_BREAKERS
 
 
 @dataclass
@@ -35,7 +33,7 @@ class Invocation:
         if self.inference_id:
             headers["X-Amzn-SageMaker-Inference-Id"] = self.inference_id
         for name, value in headers.items():  # values from JSON bodies (a target model, say) never met an HTTP parser
-            if any(c in value for c in _LINE_BREAKING):
+            if any(c in value for c in HEADER_BREAKERS):
                 raise BadRequest(f"{name} must not contain a line break or a NUL character: {value!r}")
         return headers
 

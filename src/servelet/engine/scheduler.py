@@ -221,8 +221,9 @@ class Scheduler:
         """log(sum(exp(row))) per row, `peaks` being each row's largest logit (the vocabulary has 262k entries).
 
         Row by row, so each pass stays in the core's cache (a row is 1 MiB), and without a max pass of its own:
-        3.5 ms for 16 rows on one core where the whole block at once took 5.2; 4% of a step. In this thread: splitting the rows over two
-        threads was 4% slower end to end (llama.cpp's OpenMP worker still spins on the other core)."""
+        3.5 ms for 16 rows on one core where the whole block at once took 5.2; 4% of a step. In this thread:
+        splitting the rows over two threads was 4% slower end to end (llama.cpp's OpenMP worker still spins on
+        the other core)."""
         if self._scratch is None or self._scratch.shape[0] != rows.shape[1]:
             self._scratch = np.empty(rows.shape[1], dtype=np.float32)
         out = np.empty(rows.shape[0], dtype=np.float32)

@@ -20,7 +20,8 @@ import httptools
 import httpx
 
 READ_SIZE = 64 * 1024
-_FORBIDDEN_IN_HEADERS = ("\r", "\n", "\0")
+# A header value holding one of these would end its line early: it could smuggle headers or a second request in.
+HEADER_BREAKERS = ("\r", "\n", "\0")
 
 
 class _Parsed:
@@ -94,7 +95,7 @@ class StreamedAnswer:
 def _request_head(path: str, body: bytes, headers: dict[str, str]) -> bytes:
     lines = [f"POST {path} HTTP/1.1", "Host: instance", f"Content-Length: {len(body)}", "Connection: close"]
     for name, value in headers.items():
-        if any(c in name or c in value for c in _FORBIDDEN_IN_HEADERS):
+        if any(c in name or c in value for c in HEADER_BREAKERS):
             raise httpx.LocalProtocolError(f"header {name!r} holds a line break or NUL, which HTTP cannot carry")
         lines.append(f"{name}: {value}")
     try:
