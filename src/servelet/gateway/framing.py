@@ -6,8 +6,8 @@ import asyncio
 import json
 import struct
 import zlib
-from collections.abc import AsyncIterator
 
+import orjson
 from starlette.responses import StreamingResponse
 
 SSE = "text/event-stream"
@@ -19,11 +19,28 @@ KEEPALIVE_SECONDS = 15.0
 
 
 class ClosingStreamingResponse(StreamingResponse):
-    """Closes its stream however the response ends (done, client gone, error), cancelling the generation at once.
+    """A stream sent as it comes: closes its body however the answer ends (done, client gone, error), cancelling
+    the generation at once, and sends `keepalive` after `keepalive_seconds` without a chunk, if given one.
 
     Starlette leaves a body iterator suspended at its last `yield` when the client goes away during a send;
-    it would be closed only when garbage-collected, keeping the engine slot busy until then.
+    it would be closed only when garbage-collected, keeping the engine slot busy until then. The keep-alive is a
+    watchdog task beside the stream, so a token costs a clock read, not a task and a timer of its own (waiting
+    for each item with a timeout took ~8 us per token more, measured in an event loop alone).
     """
+
+    def __init__(  # StreamingResponse's parameters, spelled out: FastAPI reads `status_code`'s default from here
+        self,
+        content,
+        status_code: int = 200,
+        headers: dict[str, str] | None = None,
+        media_type: str | None = None,
+        *,
+        keepalive: bytes | None = None,
+        keepalive_seconds: float = KEEPALIVE_SECONDS,
+    ):
+        super().__init__(content, status_code, headers, media_type)
+        self.keepalive = keepalive
+        self.keepalive_seconds = keepalive_seconds
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -33,50 +50,49 @@ class ClosingStreamingResponse(StreamingResponse):
             if aclose is not None:
                 await aclose()
 
+    async def stream_response(self, send) -> None:
+        if self.keepalive is None:
+            await super().stream_response(send)
+            return
+        loop = asyncio.get_running_loop()
+        sending = asyncio.Lock()  # a keep-alive never lands inside, or after, the stream's own messages
+        last_sent = loop.time()
+
+        async def send_in_turn(message) -> None:
+            nonlocal last_sent
+            async with sending:
+                await send(message)
+            last_sent = loop.time()
+
+        async def keep_alive() -> None:
+            while True:
+                await asyncio.sleep(last_sent + self.keepalive_seconds - loop.time())
+                if loop.time() - last_sent >= self.keepalive_seconds:
+                    await send_in_turn({"type": "http.response.body", "body": self.keepalive, "more_body": True})
+
+        watchdog = asyncio.create_task(keep_alive())
+        try:
+            await super().stream_response(send_in_turn)
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
+
 
 # -- server-sent events ----------------------------------------------------------------------------
 def sse(data: dict | str, event: str | None = None) -> bytes:
     """One SSE event; `data` is JSON-encoded unless it is already a string (e.g. `[DONE]`)."""
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    head = f"event: {event}\n" if event else ""
-    return (head + "".join(f"data: {line}\n" for line in text.split("\n")) + "\n").encode()
+    head = f"event: {event}\n".encode() if event else b""
+    if not isinstance(data, str):  # JSON text is one line: it escapes its line breaks
+        return head + b"data: " + orjson.dumps(data) + b"\n\n"
+    return head + "".join(f"data: {line}\n" for line in data.split("\n")).encode() + b"\n"
 
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
-async def with_keepalive(
-    items: AsyncIterator[bytes], keepalive: bytes, seconds: float = KEEPALIVE_SECONDS
-) -> AsyncIterator[bytes]:
-    """Pass `items` through, sending `keepalive` whenever nothing else was sent for `seconds`."""
-    iterator = items.__aiter__()
-    pending: asyncio.Future | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(iterator.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=seconds)
-            if not done:
-                yield keepalive
-                continue
-            finished, pending = pending, None
-            try:
-                item = finished.result()
-            except StopAsyncIteration:
-                return
-            yield item
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            await asyncio.wait({pending})  # the source must stop running before it can be closed
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await aclose()
-
-
 # -- JSON lines -------------------------------------------------------------------------------------
 def json_line(obj: dict) -> bytes:
-    return (json.dumps(obj, ensure_ascii=False) + "\n").encode()
+    return orjson.dumps(obj) + b"\n"
 
 
 # -- AWS event stream (application/vnd.amazon.eventstream) -----------------------------------------

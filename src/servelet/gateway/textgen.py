@@ -83,6 +83,7 @@ class TextGenerator:
         invocation = Invocation(endpoint=endpoint, body=body, content_type="application/json", target_model=target)
         started = time.perf_counter()
         first_at = last_at = None
+        inter_token_latency = metrics.INTER_TOKEN_LATENCY.labels(endpoint)  # looked up once, observed per token
         async with self.router.stream(invocation) as answer:
             lines = JsonLines()
             async for chunk in answer.chunks:
@@ -94,7 +95,7 @@ class TextGenerator:
                         first_at = now
                         metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(now - started)
                     else:
-                        metrics.INTER_TOKEN_LATENCY.labels(endpoint).observe(now - last_at)
+                        inter_token_latency.observe(now - last_at)
                     last_at = now
                     token = line["token"]
                     yield Token(token["id"], token["text"], token.get("log_prob"), last="details" in line)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+import orjson
 
 from . import stream as lean_stream
 
@@ -24,13 +24,13 @@ class JsonLines:
             line = bytes(self._buffer[:end])
             del self._buffer[: end + 1]
             if line.strip():
-                objects.append(json.loads(line))
+                objects.append(orjson.loads(line))
         return objects
 
     def close(self) -> list[dict]:
         """The last line may lack its newline; anything else left over is a truncated stream."""
         rest, self._buffer = bytes(self._buffer), bytearray()
-        return [json.loads(rest)] if rest.strip() else []
+        return [orjson.loads(rest)] if rest.strip() else []
 
 
 async def iter_json_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:

@@ -13,6 +13,7 @@ import asyncio
 import json
 from typing import Protocol
 
+import orjson
 from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
@@ -156,6 +157,6 @@ async def json_lines(generation, prompt: str):
             if end is not None:
                 line["generated_text"] = end.text
                 line["details"] = details(prompt, end)
-            yield json.dumps(line) + "\n"
+            yield orjson.dumps(line) + b"\n"
     except EngineError as exc:
-        yield json.dumps({"error": str(exc), "error_type": type(exc).__name__}) + "\n"
+        yield orjson.dumps({"error": str(exc), "error_type": type(exc).__name__}) + b"\n"

@@ -23,7 +23,7 @@ from ..chat import chat_prompt
 from ..disconnect import unless_disconnected
 from ..embeddings import EmbeddingRequest, create_embeddings, require_embeddings
 from ..errors import error_format
-from ..framing import SSE, SSE_KEEPALIVE, UNBUFFERED, ClosingStreamingResponse, sse, with_keepalive
+from ..framing import SSE, SSE_KEEPALIVE, UNBUFFERED, ClosingStreamingResponse, sse
 from ..services import Services, json_body, note_endpoint, read_json, services
 from ..textgen import Completion, Token
 
@@ -516,5 +516,6 @@ async def _sse_events(chunks: AsyncIterator[dict]) -> AsyncIterator[bytes]:
 
 
 def sse_response(chunks: AsyncIterator[dict], keepalive_seconds: float) -> StreamingResponse:
-    events = with_keepalive(_sse_events(chunks), SSE_KEEPALIVE, keepalive_seconds)
-    return ClosingStreamingResponse(events, media_type=SSE, headers=UNBUFFERED)
+    return ClosingStreamingResponse(
+        _sse_events(chunks), media_type=SSE, headers=UNBUFFERED, keepalive=SSE_KEEPALIVE, keepalive_seconds=keepalive_seconds
+    )
