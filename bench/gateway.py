@@ -2,14 +2,17 @@
 
 Engine alone: `servelet.engine.Engine` in this process, with the settings an instance uses (2 threads), requests
 submitted with the async API, asking for each token's log-prob as both gateway routes carry it (the same work
-for the same answer; `--engine-without-logprobs` drops that). Instance direct: the same streams over HTTP to the instance's own Unix socket (what
-a client pays for HTTP, without the gateway hop). Gateway: `servelet serve` (gateway + one instance over a Unix socket), the same
-requests streamed over HTTP on a route of your choice. Runs alternate (engine, instance, gateway, then the order
+for the same answer; `--engine-without-logprobs` drops that). Instance direct: the same streams over HTTP to the
+instance's own Unix socket (what a client pays for HTTP, without the gateway hop). Gateway: `servelet serve`
+(gateway + one instance over a Unix socket), the same requests streamed over HTTP on a route of your choice. Both
+HTTP sides stream through a lean client (`--client lean`, asyncio and httptools) by default, as the client shares
+the two cores with llama.cpp; `--client httpx` measures with httpx instead. Runs alternate (engine, instance, gateway, then the order
 rotates) so the machine's drift (single runs swing by 10% here) hits all sides alike; medians are reported, and the
 median of the per-repeat gateway / engine ratios (the runs of one repeat are neighbours in time). Then the gateway's added latency on a small
 non-streaming request: `POST /invocations` through the gateway against the same call on the instance's own socket.
 
-    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 5] [--route tgi|invocations] [--pings 50]
+    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 5] [--route tgi|invocations] [--client lean|httpx]
+                            [--pings 50]
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -29,9 +34,11 @@ import httpx
 import engine as engine_bench  # bench/engine.py: prompts, timings, the HTTP streaming client
 from servelet.artifacts import resolve_model
 from servelet.engine import Engine, GenerationParams
+from servelet.instance.stream import open_stream
 from servelet.settings import InstanceSettings
 
 THREADS = engine_bench.THREADS
+READ_TIMEOUT_S = 900.0
 
 
 def json_lines_tokens(line: str, tokens: int) -> int:
@@ -62,7 +69,7 @@ ROUTES = {
 
 
 class InstanceDirect(engine_bench.ConcurrentClient):
-    """The same streams straight to the instance's Unix socket: HTTP and JSON lines, but no gateway hop."""
+    """httpx's client (`--client httpx`) straight to the instance's Unix socket."""
 
     def __init__(self, socket_path: Path):
         super().__init__("http://instance", ROUTES["invocations"])
@@ -74,6 +81,45 @@ class InstanceDirect(engine_bench.ConcurrentClient):
             base_url=self.base_url, transport=transport, timeout=engine_bench.REQUEST_TIMEOUT
         ) as client:
             return list(await asyncio.gather(*(self._send(client, p, new_tokens) for p in prompts)))
+
+
+class LeanClient:
+    """Streams a batch of requests at once and times each answer, spending as little CPU as it can: it runs on the
+    same two cores as llama.cpp's threads, where a real client would not (httpx took ~170 us a token here, more
+    than the gateway's relay). It reads with the gateway's own hop reader (asyncio streams and httptools), one
+    connection per stream; `address` is `http://HOST:PORT` or `unix:PATH`."""
+
+    def __init__(self, address: str, api: engine_bench.StreamingApi):
+        self.address, self.api = address, api
+
+    def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[engine_bench.RequestTiming]:
+        return asyncio.run(self._all(prompts, new_tokens))
+
+    async def _all(self, prompts, new_tokens):
+        return list(await asyncio.gather(*(self._one(p, new_tokens) for p in prompts)))
+
+    async def _one(self, prompt: str, new_tokens: int) -> engine_bench.RequestTiming:
+        body = json.dumps(self.api.body(prompt, new_tokens)).encode()
+        submitted = time.perf_counter()
+        first = last = 0.0
+        tokens = 0
+        pending = b""
+        headers = {"Content-Type": "application/json"}
+        async with open_stream(self.address, self.api.path, body, headers, READ_TIMEOUT_S) as answer:
+            if answer.status_code != 200:
+                raise RuntimeError(f"{self.address}{self.api.path} answered {answer.status_code}: {await answer.aread()!r}")
+            async for chunk in answer.aiter_raw():
+                *lines, pending = (pending + chunk).split(b"\n")
+                counted = tokens
+                for line in lines:
+                    counted = self.api.tokens_after(line.decode(), counted)
+                if counted > tokens:
+                    last = time.perf_counter()
+                    first = first or last
+                    tokens = counted
+        if not tokens:
+            raise RuntimeError(f"{self.address}{self.api.path} streamed no tokens")
+        return engine_bench.RequestTiming(submitted, first, last, tokens)
 
 
 class EngineAlone:
@@ -140,12 +186,27 @@ def small_request_latency(gateway_url: str, instance_socket: Path, pings: int) -
     return statistics.median(via_gateway), statistics.median(direct)
 
 
+@dataclass(frozen=True)
+class Clients:
+    instance: Callable[[Path], object]
+    gateway: Callable[[str, engine_bench.StreamingApi], object]
+
+
+CLIENTS = {
+    "lean": Clients(lambda socket: LeanClient(f"unix:{socket}", ROUTES["invocations"]), LeanClient),
+    "httpx": Clients(InstanceDirect, engine_bench.ConcurrentClient),
+}
+
+
 def parse_options(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=16, help="concurrent streams")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5, help="alternating runs per side; medians reported")
     parser.add_argument("--route", choices=sorted(ROUTES), default="tgi", help="the gateway route streamed")
+    parser.add_argument(
+        "--client", choices=sorted(CLIENTS), default="lean", help="the streaming client of the instance and gateway sides"
+    )
     parser.add_argument("--pings", type=int, default=50, help="small requests per side for the latency figure")
     parser.add_argument(
         "--engine-without-logprobs", action="store_true", help="the engine side skips the log-probs the routes carry"
@@ -165,28 +226,31 @@ def main(argv=None) -> None:
     command = [str(Path(sys.executable).with_name("servelet")), "serve", "--model", str(model), "--port", str(port)]
     env = os.environ | {"SERVELET_THREADS": str(THREADS), "SERVELET_RUN_DIR": str(run_dir), "SERVELET_DATA_DIR": str(run_dir)}
     print(f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
-          f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads")
+          f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads; "
+          f"{options.client} client")
+    clients = CLIENTS[options.client]
     alone = EngineAlone(model, logprobs=not options.engine_without_logprobs)
     runs: dict[str, list[engine_bench.Measurement]] = {"engine": [], "instance": [], "gateway": []}
     with engine_bench.server_process(command, f"http://127.0.0.1:{port}/ping", env):
         sides = {
             "engine": alone,
-            "instance": InstanceDirect(run_dir / "default-AllTraffic-0.sock"),
-            "gateway": engine_bench.ConcurrentClient(f"http://127.0.0.1:{port}", ROUTES[options.route]),
+            "instance": clients.instance(run_dir / "default-AllTraffic-0.sock"),
+            "gateway": clients.gateway(f"http://127.0.0.1:{port}", ROUTES[options.route]),
         }
         for runner in sides.values():
             runner.run_batch(prompts[:2], 4)  # warm-up
         gateway_pid = serve_pid(port)
-        gateway_cpu, gateway_tokens = 0.0, 0
+        gateway_cpu, client_cpu, gateway_tokens = 0.0, 0.0, 0
         names = list(sides)
         for repeat in range(options.repeats):
             shift = repeat % len(names)
             for side in names[shift:] + names[:shift]:
                 runner = sides[side]
-                cpu_before = cpu_seconds(gateway_pid)
+                cpu_before, client_before = cpu_seconds(gateway_pid), time.thread_time()  # the client's loop: this thread
                 timings = runner.run_batch(prompts, options.new_tokens)
                 if side == "gateway":
                     gateway_cpu += cpu_seconds(gateway_pid) - cpu_before
+                    client_cpu += time.thread_time() - client_before
                     gateway_tokens += sum(t.tokens for t in timings)
                 cell = engine_bench.measure(timings)
                 runs[side].append(cell)
@@ -210,7 +274,8 @@ def main(argv=None) -> None:
     print(f"per-run gateway / engine: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
     if gateway_tokens:
         print(f"gateway process CPU: {gateway_cpu * 1000 / gateway_tokens:.2f} ms per streamed token "
-              f"({gateway_cpu:.1f} s over {gateway_tokens} tokens; the machine has {os.cpu_count()} cores)")
+              f"({gateway_cpu:.1f} s over {gateway_tokens} tokens; the machine has {os.cpu_count()} cores); "
+              f"the {options.client} client's: {client_cpu * 1000 / gateway_tokens:.2f} ms")
     print(f"small request p50: {gateway_p50 * 1000:.1f} ms via gateway, {direct_p50 * 1000:.1f} ms direct; "
           f"the gateway adds {(gateway_p50 - direct_p50) * 1000:.1f} ms")
 
