@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import signal
 import socket
@@ -398,6 +399,18 @@ def paired_ratios(results: Results, n: int) -> dict[str, list[float]]:
         for system, by_n in results.items()
         if system != "servelet"
     }
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median (order statistics, binomial tails); None when there
+    are too few values for that confidence (5 values give at most 94%, 7 give 98%)."""
+    ordered, n = sorted(values), len(values)
+    below = 0.0  # P(Binomial(n, 1/2) < k): the chance that fewer than k values fall under the median
+    k = 0
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= (1 - confidence) / 2:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    return (ordered[k - 1], ordered[n - k]) if k else None
 
 
 def paired_table(results: Results, ns: list[int]) -> str:

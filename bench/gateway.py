@@ -270,8 +270,12 @@ def main(argv=None) -> None:
         print(f"| {name} | {cell.tokens_per_s:.1f} | {cell.ttft_p50_s:.3f} s | {cell.ttft_p95_s:.3f} s |")
     print(f"\ngateway / engine tokens/s: {gateway.tokens_per_s / engine.tokens_per_s:.3f} (target >= 0.97)")
     print(f"gateway / instance direct tokens/s: {gateway.tokens_per_s / instance.tokens_per_s:.3f}")
-    paired = [g.tokens_per_s / e.tokens_per_s for g, e in zip(runs["gateway"], runs["engine"])]
-    print(f"per-run gateway / engine: {', '.join(f'{r:.3f}' for r in paired)}; median {statistics.median(paired):.3f}")
+    for other in ("engine", "instance"):
+        paired = [g.tokens_per_s / o.tokens_per_s for g, o in zip(runs["gateway"], runs[other])]
+        interval = engine_bench.median_interval(paired)
+        shown = f", 95% interval of the median {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
+        print(f"per-run gateway / {other}: {', '.join(f'{r:.3f}' for r in paired)}; "
+              f"median {statistics.median(paired):.3f}{shown}")
     if gateway_tokens:
         print(f"gateway process CPU: {gateway_cpu * 1000 / gateway_tokens:.2f} ms per streamed token "
               f"({gateway_cpu:.1f} s over {gateway_tokens} tokens; the machine has {os.cpu_count()} cores); "
