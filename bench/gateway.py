@@ -6,12 +6,15 @@ for the same answer; `--engine-without-logprobs` drops that). Instance direct: t
 instance's own Unix socket (what a client pays for HTTP, without the gateway hop). Gateway: `servelet serve`
 (gateway + one instance over a Unix socket), the same requests streamed over HTTP on a route of your choice. Both
 HTTP sides stream through a lean client (`--client lean`, asyncio and httptools) by default, as the client shares
-the two cores with llama.cpp; `--client httpx` measures with httpx instead. Runs alternate (engine, instance, gateway, then the order
-rotates) so the machine's drift (single runs swing by 10% here) hits all sides alike; medians are reported, and the
-median of the per-repeat gateway / engine ratios (the runs of one repeat are neighbours in time). Then the gateway's added latency on a small
-non-streaming request: `POST /invocations` through the gateway against the same call on the instance's own socket.
+the two cores with llama.cpp; `--client httpx` measures with httpx instead.
 
-    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 5] [--route tgi|invocations] [--client lean|httpx]
+Runs alternate (engine, instance, gateway, then the order rotates) so the machine's drift (single runs swing by
+10% here) hits all sides alike. Medians are reported, and the median of the per-repeat gateway / engine and
+gateway / instance ratios (the runs of one repeat are neighbours in time) with a distribution-free interval.
+Then the gateway's added latency on a small non-streaming request: `POST /invocations` through the gateway
+against the same call on the instance's own socket.
+
+    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 15] [--route tgi|invocations] [--client lean|httpx]
                             [--pings 50]
 """
 
@@ -202,7 +205,9 @@ def parse_options(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=16, help="concurrent streams")
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=5, help="alternating runs per side; medians reported")
+    parser.add_argument(
+        "--repeats", type=int, default=15, help="alternating runs per side (7 cannot read a 3%% difference here)"
+    )
     parser.add_argument("--route", choices=sorted(ROUTES), default="tgi", help="the gateway route streamed")
     parser.add_argument(
         "--client", choices=sorted(CLIENTS), default="lean", help="the streaming client of the instance and gateway sides"
