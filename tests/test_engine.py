@@ -85,6 +85,17 @@ async def test_stop_sequences_end_the_text_before_them(engine):
     assert "".join(t.text for t in tokens) == gen.result.text  # held-back text is never shown twice
 
 
+async def test_a_stop_sequence_kept_in_the_output_ends_the_text(engine):
+    """TGI's text keeps the stop sequence that ended it (`include_stop_str_in_output`, vLLM's name)."""
+    gen = engine.submit(
+        "Count: 1, 2, 3,", GenerationParams(max_new_tokens=40, stop=[" 7", " 6"], include_stop_str_in_output=True)
+    )
+    tokens = [t async for t in gen]
+    assert gen.result.reason is FinishReason.STOP
+    assert gen.result.text.endswith("5, 6") and " 7" not in gen.result.text
+    assert "".join(t.text for t in tokens) == gen.result.text
+
+
 async def test_tokens_carry_logprobs_and_the_end_carries_stats(engine):
     gen = engine.submit("The capital of France is", GenerationParams(max_new_tokens=8, details=True))
     tokens = [t async for t in gen]

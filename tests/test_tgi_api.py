@@ -69,7 +69,11 @@ def test_stop_sequence_ends_the_text_early(client):
     stop = " " + words[2]
     output = client.text_generation(PROMPT, max_new_tokens=12, stop=[stop], details=True)
     assert output.details.finish_reason == "stop_sequence"
-    assert full.startswith(output.generated_text) and len(output.generated_text) < len(full)
+    # As TGI does, the text keeps the stop sequence that ended it (OpenAI's routes leave it out).
+    assert output.generated_text == full[: full.index(stop) + len(stop)], (full, output.generated_text)
+    events = list(client.text_generation(PROMPT, max_new_tokens=12, stop=[stop], stream=True, details=True))
+    assert events[-1].generated_text == output.generated_text
+    assert "".join(e.token.text for e in events) == output.generated_text
 
 
 def test_return_full_text_prepends_the_prompt(client):

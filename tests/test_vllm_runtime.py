@@ -65,6 +65,9 @@ def test_request_parameters_become_sampling_params():
     assert (sampled["temperature"], sampled["top_k"], sampled["top_p"], sampled["repetition_penalty"]) == (1.0, 5, 0.9, 1.2)
     assert sampled["logprobs"] is None
     assert sampling_options(GenerationParams(temperature=0.7), 7, logprobs=False)["temperature"] == 0.7
+    assert greedy["include_stop_str_in_output"] is False
+    kept = GenerationParams(stop="END", include_stop_str_in_output=True)
+    assert sampling_options(kept, 7, logprobs=False)["include_stop_str_in_output"] is True
 
 
 # -- with vLLM -------------------------------------------------------------------------------------------------

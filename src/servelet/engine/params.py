@@ -32,6 +32,9 @@ class GenerationParams(BaseModel):
         max_length=MAX_STOP_SEQUENCES,
         validation_alias=AliasChoices("stop", "stop_sequences"),
     )
+    include_stop_str_in_output: bool = Field(
+        False, description="Keep the stop sequence that ended the text in it, as TGI does (vLLM's name)."
+    )
     details: bool = Field(False, description="Return finish reason, token counts and per-token log-probs.")
     ignore_eos: bool = Field(False, validation_alias=AliasChoices("ignore_eos", "ignore_eos_token"))
 

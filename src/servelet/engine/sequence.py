@@ -62,13 +62,14 @@ class StopMatcher:
         self.stops = stops
         self.holdback = max((len(s) for s in stops), default=1) - 1
 
-    def scan(self, text: str, start: int) -> int | None:
-        """Index in `text` where the first stop sequence begins, looking only where a new one could end."""
+    def scan(self, text: str, start: int) -> tuple[int, str] | None:
+        """Where in `text` the first stop sequence begins, and which one it is (the first listed, if several begin
+        there), looking only where a new one could end."""
         if not self.stops:
             return None
         window_start = max(0, start - self.holdback)
-        found = [i for s in self.stops if (i := text.find(s, window_start)) >= 0]
-        return min(found) if found else None
+        found = [(i, s) for s in self.stops if (i := text.find(s, window_start)) >= 0]
+        return min(found, key=lambda match: match[0]) if found else None
 
     def safe_end(self, text: str) -> int:
         """How much of `text` can be shown now: all of it unless its tail is a prefix of a stop sequence."""
@@ -136,9 +137,10 @@ class Sequence:
             end = FinishReason.EOS
         before = len(self._text)
         self._text += self._utf8.decode(piece, final=False)
-        stop_at = self._stops.scan(self._text, before)
-        if stop_at is not None:
-            self._text = self._text[:stop_at]
+        stop = self._stops.scan(self._text, before)
+        if stop is not None:
+            stop_at, stop_text = stop
+            self._text = self._text[: stop_at + (len(stop_text) if self.params.include_stop_str_in_output else 0)]
             end = FinishReason.STOP
         elif end is None and len(self.generated) >= self.max_new_tokens:
             end = FinishReason.LENGTH

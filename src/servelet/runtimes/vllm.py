@@ -81,6 +81,7 @@ def sampling_options(params: GenerationParams, max_new_tokens: int, logprobs: bo
         "max_tokens": max_new_tokens,
         "seed": params.seed,
         "stop": params.stop or None,
+        "include_stop_str_in_output": params.include_stop_str_in_output,
         "ignore_eos": params.ignore_eos,
         "repetition_penalty": params.repetition_penalty or 1.0,
         "frequency_penalty": params.frequency_penalty,

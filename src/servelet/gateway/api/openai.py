@@ -2,7 +2,7 @@
 
 `model` names an endpoint, or `ENDPOINT/TARGET` for one model of a multi-model endpoint. Sampling follows OpenAI's defaults, mapped onto the LMI parameters the instance takes:
 temperature defaults to 1 and samples (`do_sample`); temperature 0 (or top_p 0) is greedy; `seed` makes sampling
-reproducible. Parameters this server cannot honour (n > 1, penalties, logprobs, logit_bias, tools) are refused with
+reproducible. Parameters this server cannot honour (n > 1, logprobs, logit_bias, tools) are refused with
 a 400 naming them, never silently ignored.
 """
 

@@ -99,7 +99,10 @@ class TGIParameters(BaseModel):
         return value
 
     def for_instance(self) -> dict:
-        return self.model_dump(include=FORWARDED, exclude_none=True)
+        parameters = self.model_dump(include=FORWARDED, exclude_none=True)
+        if self.stop:  # TGI's text keeps the stop sequence that ended it (OpenAI's and LMI's do not)
+            parameters["include_stop_str_in_output"] = True
+        return parameters
 
 
 class TGIRequest(BaseModel):
