@@ -1,4 +1,4 @@
-"""Stream framings, each written once: server-sent events, JSON lines, and AWS event-stream messages."""
+"""Stream framings, each written once: server-sent events and AWS event-stream messages; the JSON-lines media type."""
 
 from __future__ import annotations
 
@@ -88,11 +88,6 @@ def sse(data: dict | str, event: str | None = None) -> bytes:
 
 
 SSE_KEEPALIVE = b": keep-alive\n\n"
-
-
-# -- JSON lines -------------------------------------------------------------------------------------
-def json_line(obj: dict) -> bytes:
-    return orjson.dumps(obj) + b"\n"
 
 
 # -- AWS event stream (application/vnd.amazon.eventstream) -----------------------------------------
