@@ -27,7 +27,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import ContextManager, Protocol
 
@@ -128,6 +128,28 @@ class RequestTiming:
     tokens: int
 
 
+@dataclass
+class TokenClock:
+    """Times one streamed request as its token count rises: sent now, then its first and last token."""
+
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float = 0.0
+    last_token: float = 0.0
+    tokens: int = 0
+
+    def count(self, tokens: int) -> None:
+        """The running token count after a line or chunk; a rise means tokens arrived now."""
+        if tokens > self.tokens:
+            self.last_token = time.perf_counter()
+            self.first_token = self.first_token or self.last_token
+            self.tokens = tokens
+
+    def timing(self, source: str) -> RequestTiming:
+        if not self.tokens:
+            raise RuntimeError(f"{source} streamed no tokens")
+        return RequestTiming(self.submitted, self.first_token, self.last_token, self.tokens)
+
+
 @dataclass(frozen=True)
 class Measurement:
     """One batch of N requests on one system."""
@@ -224,22 +246,14 @@ class ConcurrentClient:
             return list(await asyncio.gather(*(self._send(client, p, new_tokens) for p in prompts)))
 
     async def _send(self, client: httpx.AsyncClient, prompt: str, new_tokens: int) -> RequestTiming:
-        submitted = time.perf_counter()
-        first_token = last_token = 0.0
-        tokens = 0
+        clock = TokenClock()
         async with client.stream("POST", self.api.path, json=self.api.body(prompt, new_tokens)) as response:
             if response.status_code != 200:
                 await response.aread()
                 raise RuntimeError(f"{self.base_url}{self.api.path} answered {response.status_code}: {response.text}")
             async for line in response.aiter_lines():
-                counted = self.api.tokens_after(line, tokens)
-                if counted > tokens:
-                    last_token = time.perf_counter()
-                    first_token = first_token or last_token
-                    tokens = counted
-        if not tokens:
-            raise RuntimeError(f"{self.base_url}{self.api.path} streamed no tokens")
-        return RequestTiming(submitted, first_token, last_token, tokens)
+                clock.count(self.api.tokens_after(line, clock.tokens))
+        return clock.timing(f"{self.base_url}{self.api.path}")
 
 
 def free_port() -> int:

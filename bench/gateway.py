@@ -103,9 +103,7 @@ class LeanClient:
 
     async def _one(self, prompt: str, new_tokens: int) -> engine_bench.RequestTiming:
         body = json.dumps(self.api.body(prompt, new_tokens)).encode()
-        submitted = time.perf_counter()
-        first = last = 0.0
-        tokens = 0
+        clock = engine_bench.TokenClock()
         pending = b""
         headers = {"Content-Type": "application/json"}
         async with open_stream(self.address, self.api.path, body, headers, READ_TIMEOUT_S) as answer:
@@ -113,16 +111,11 @@ class LeanClient:
                 raise RuntimeError(f"{self.address}{self.api.path} answered {answer.status_code}: {await answer.aread()!r}")
             async for chunk in answer.aiter_raw():
                 *lines, pending = (pending + chunk).split(b"\n")
-                counted = tokens
+                counted = clock.tokens
                 for line in lines:
                     counted = self.api.tokens_after(line.decode(), counted)
-                if counted > tokens:
-                    last = time.perf_counter()
-                    first = first or last
-                    tokens = counted
-        if not tokens:
-            raise RuntimeError(f"{self.address}{self.api.path} streamed no tokens")
-        return engine_bench.RequestTiming(submitted, first, last, tokens)
+                clock.count(counted)
+        return clock.timing(f"{self.address}{self.api.path}")
 
 
 class EngineAlone:
@@ -140,15 +133,11 @@ class EngineAlone:
         return list(await asyncio.gather(*(self._one(p, new_tokens) for p in prompts)))
 
     async def _one(self, prompt: str, new_tokens: int) -> engine_bench.RequestTiming:
-        submitted = time.perf_counter()
-        first = last = 0.0
-        tokens = 0
+        clock = engine_bench.TokenClock()
         params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
         async for _ in self.engine.submit(prompt, params, logprobs=self.logprobs):
-            last = time.perf_counter()
-            first = first or last
-            tokens += 1
-        return engine_bench.RequestTiming(submitted, first, last, tokens)
+            clock.count(clock.tokens + 1)
+        return clock.timing("the engine")
 
 
 def serve_pid(port: int) -> int | None:
