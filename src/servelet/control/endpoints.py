@@ -188,8 +188,9 @@ class Endpoint:
 class Fleet:
     """Every endpoint this gateway serves, and the instance processes behind them."""
 
-    def __init__(self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None):
+    def __init__(self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None, stream_channel: bool = True):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="servelet-"))
+        self.stream_channel = stream_channel
         # The gateway logs every request itself; instances would log each health poll too.
         self.instance_env = {"SERVELET_ACCESS_LOG": "false"} | (instance_env or {})
         self.endpoints: dict[str, Endpoint] = {}
@@ -248,7 +249,9 @@ class Fleet:
             digest = hashlib.sha256(f"{endpoint}/{variant}/{n}".encode()).hexdigest()[:16]
             socket_path = self.run_dir / f"{digest}.sock"
         model_file = self._models.get(model_uri)
-        return Instance(f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env, model_file)
+        return Instance(
+            f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env, model_file, self.stream_channel
+        )
 
     async def _materialize(self, plans: list["VariantPlan"]) -> None:
         """Fetch each remote model file into memory once, here, rather than once per instance."""

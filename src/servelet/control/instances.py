@@ -44,14 +44,15 @@ class Instance:
 
     def __init__(
         self, name: str, model_uri: str, socket_path: Path, env: dict[str, str] | None = None,
-        model_file: Materialized | None = None,
+        model_file: Materialized | None = None, stream_channel: bool = True,
     ):
         self.name = name
         self.model_uri = model_uri
         self.model_file = model_file  # the model in the gateway's memory, which the process inherits
         self.socket_path = socket_path
         self.env = env or {}
-        self.client = InstanceClient(f"unix:{socket_path}", timeout=None)
+        self.stream_channel = stream_channel
+        self.client = self._new_client()
         self.process: asyncio.subprocess.Process | None = None
         self.ready = False
         self.facts: dict = {}  # GET /model: name, context_length, chat_template, ...
@@ -66,7 +67,7 @@ class Instance:
         """Start the process (again, for a replacement: with a fresh client, old connections died with it)."""
         if self.process is not None:
             await self.client.aclose()
-            self.client = InstanceClient(f"unix:{self.socket_path}", timeout=None)
+            self.client = self._new_client()
             self.failure = None
         if self.socket_path.exists():
             self.socket_path.unlink()
@@ -80,6 +81,9 @@ class Instance:
         self.log_tail.clear()
         self._relay = asyncio.create_task(self._relay_output(self.process.stdout))
         log.info("instance %s started (pid %d) for %s", self.name, self.process.pid, self.model_uri)
+
+    def _new_client(self) -> InstanceClient:
+        return InstanceClient(f"unix:{self.socket_path}", timeout=None, stream_channel=self.stream_channel)
 
     async def wait_ready(self, timeout: float) -> None:
         """Poll /ping until 200; raise InstanceFailed if the process exits or time runs out."""

@@ -7,13 +7,15 @@ import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..engine import EngineError
 from ..runtimes import Call, InvocationError, Runtime, load_runtime
 from ..settings import InstanceSettings
+from .channel import PATH as CHANNEL_PATH
+from .channel_server import ChannelServer
 
 log = logging.getLogger("servelet.instance")
 
@@ -90,6 +92,11 @@ def create_app(settings: InstanceSettings, on_load_failure=None) -> FastAPI:
             is_disconnected=request.is_disconnected,
         )
         return await runtime.invoke(call)
+
+    @app.websocket(CHANNEL_PATH)
+    async def stream_channel(websocket: WebSocket):
+        """Many /invocations calls over one WebSocket (instance/channel.py): how a gateway streams."""
+        await ChannelServer(app, websocket).serve()
 
     return app
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 import orjson
 
 from . import stream as lean_stream
+from .channel import MAX_CHANNEL_BODY_BYTES
+from .channel_client import ChannelUnsupported, StreamChannel
 
 
 class JsonLines:
@@ -43,10 +45,14 @@ async def iter_json_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
 
 
 class InstanceClient:
-    """An async client for one instance; `address` is `http://host:port` or `unix:/path/to.sock`."""
+    """An async client for one instance; `address` is `http://host:port` or `unix:/path/to.sock`.
 
-    def __init__(self, address: str, timeout: float | None = 300.0):
+    Streamed calls share one stream channel (channel.py) unless `stream_channel` is off, the body is too large
+    for it, or the instance refuses it; then each goes on a connection of its own (stream.py)."""
+
+    def __init__(self, address: str, timeout: float | None = 300.0, stream_channel: bool = True):
         self._address, self._timeout = address, timeout
+        self._channel = StreamChannel(address) if stream_channel else None
         if address.startswith("unix:"):
             transport = httpx.AsyncHTTPTransport(uds=address.removeprefix("unix:"))
             self._http = httpx.AsyncClient(transport=transport, base_url="http://instance", timeout=timeout)
@@ -80,8 +86,19 @@ class InstanceClient:
 
     @asynccontextmanager
     async def open_stream(self, body: bytes, headers: dict[str, str]):
-        """Forward raw invocation bytes; yields the answer with its body not yet read (see instance/stream.py)."""
-        async with lean_stream.open_stream(self._address, "/invocations", body, headers, self._timeout) as answer:
+        """Forward raw invocation bytes; yields the answer with its head read and its body not yet."""
+        async with AsyncExitStack() as stack:
+            answer = None
+            channel = self._channel
+            if channel is not None and not channel.unsupported and len(body) <= MAX_CHANNEL_BODY_BYTES:
+                try:
+                    answer = await stack.enter_async_context(channel.open_stream("/invocations", body, headers, self._timeout))
+                except ChannelUnsupported:
+                    pass
+            if answer is None:
+                answer = await stack.enter_async_context(
+                    lean_stream.open_stream(self._address, "/invocations", body, headers, self._timeout)
+                )
             yield answer
 
     async def invoke(self, body: dict) -> httpx.Response:
@@ -97,4 +114,6 @@ class InstanceClient:
                 yield obj
 
     async def aclose(self) -> None:
+        if self._channel is not None:
+            await self._channel.aclose()
         await self._http.aclose()

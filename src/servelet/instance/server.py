@@ -9,6 +9,7 @@ import uvicorn
 
 from ..settings import InstanceSettings
 from .app import create_app
+from .channel import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("servelet.instance")
 
@@ -25,13 +26,18 @@ def run_instance(settings: InstanceSettings) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_load_failure=on_load_failure)
+    # The stream channel (channel.py): its messages are tokens, not worth deflating; the peer is the gateway.
+    options = dict(
+        log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log,
+        ws_max_size=MAX_MESSAGE_BYTES, ws_per_message_deflate=False,
+    )
     if settings.socket:
         if settings.socket.exists():
             os.unlink(settings.socket)
-        config = uvicorn.Config(app, uds=str(settings.socket), log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log)
+        config = uvicorn.Config(app, uds=str(settings.socket), **options)
         where = f"unix:{settings.socket}"
     else:
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, **options)
         where = f"http://{settings.host}:{settings.port}"
     server = uvicorn.Server(config)
     log.info("instance for %s listening on %s", settings.model, where)

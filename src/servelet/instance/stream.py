@@ -92,16 +92,22 @@ class StreamedAnswer:
         return b"".join([chunk async for chunk in self.aiter_raw()])
 
 
-def _request_head(path: str, body: bytes, headers: dict[str, str]) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: instance", f"Content-Length: {len(body)}", "Connection: close"]
+def check_headers(headers: dict[str, str]) -> None:
+    """Refuse headers HTTP cannot carry: a line break or NUL, or a character outside latin-1."""
     for name, value in headers.items():
         if any(c in name or c in value for c in HEADER_BREAKERS):
             raise httpx.LocalProtocolError(f"header {name!r} holds a line break or NUL, which HTTP cannot carry")
-        lines.append(f"{name}: {value}")
-    try:
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    except UnicodeEncodeError as exc:
-        raise httpx.LocalProtocolError(f"a header holds {exc.object[exc.start:exc.end]!r}, which HTTP cannot carry") from None
+        try:
+            f"{name}{value}".encode("latin-1")
+        except UnicodeEncodeError as exc:
+            raise httpx.LocalProtocolError(f"a header holds {exc.object[exc.start:exc.end]!r}, which HTTP cannot carry") from None
+
+
+def _request_head(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    check_headers(headers)
+    lines = [f"POST {path} HTTP/1.1", "Host: instance", f"Content-Length: {len(body)}", "Connection: close"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
 async def _connect(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:

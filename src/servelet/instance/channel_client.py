@@ -1,0 +1,198 @@
+"""The gateway's end of the stream channel (wire format: channel.py).
+
+One WebSocket per instance, opened by the first streamed call and again by the first call after it closed. One
+reader task takes each message apart and hands every frame to its stream's answer, so a step's tokens wake the
+gateway once and its streams' writes to their clients follow one another in the next loop turn.
+
+Errors are httpx's transport errors, as on a connection of its own (stream.py), so callers handle both alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from .channel import ABORT, BODY, CANCEL, END, PATH, START, ChannelProtocolError, frame, frames, parse_start, request_frame
+from .stream import check_headers
+
+CLOSE_TIMEOUT_S = 2.0
+
+
+class ChannelUnsupported(Exception):
+    """The instance refused the channel's handshake (an instance that predates it, or another container)."""
+
+
+class ChannelAnswer:
+    """One call's answer as its frames arrive; reads like a StreamedAnswer: status_code, headers, aiter_raw(), aread()."""
+
+    def __init__(self, connection: ClientConnection, read_timeout: float | None):
+        self.connection = connection
+        self.status_code = 0
+        self.headers = httpx.Headers()
+        self.complete = False
+        self.error: Exception | None = None
+        self._read_timeout = read_timeout
+        self._started = False
+        self._chunks: deque[bytes] = deque()
+        self._arrival: asyncio.Future | None = None
+
+    def deliver(self, kind: int, payload: bytes) -> None:
+        if kind == BODY:
+            self._chunks.append(payload)
+        elif kind == START:
+            self.status_code, headers = parse_start(payload)
+            self.headers = httpx.Headers(headers)
+            self._started = True
+        elif kind == END:
+            self.complete = True
+        elif kind == ABORT:
+            self.error = httpx.RemoteProtocolError(f"the instance broke off its answer: {payload.decode(errors='replace')}")
+        else:
+            self.error = httpx.RemoteProtocolError(f"the instance sent frame kind {kind}, which no answer carries")
+        self._wake()
+
+    def fail(self, error: Exception) -> None:
+        if not self.complete and self.error is None:
+            self.error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
+
+    async def _next_arrival(self) -> None:
+        if self.error is not None:
+            raise self.error
+        self._arrival = asyncio.get_running_loop().create_future()
+        try:
+            if self._read_timeout is None:
+                await self._arrival
+            else:
+                async with asyncio.timeout(self._read_timeout):
+                    await self._arrival
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"the instance sent nothing for {self._read_timeout} s") from None
+        finally:
+            self._arrival = None
+
+    async def read_head(self) -> None:
+        while not self._started:
+            await self._next_arrival()
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's chunks as they arrive; the chunks before an error are still read."""
+        chunks = self._chunks
+        while True:
+            while chunks:
+                yield chunks.popleft()
+            if self.complete:
+                return
+            await self._next_arrival()
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_raw()])
+
+
+class StreamChannel:
+    """Streamed calls to one instance (`http://host:port` or `unix:/path`), all on one WebSocket."""
+
+    def __init__(self, address: str):
+        self._address = address
+        self._connection: ClientConnection | None = None
+        self._connecting = asyncio.Lock()
+        self._answers: dict[int, ChannelAnswer] = {}
+        self._stream_ids = itertools.count(1)
+        self._background: set[asyncio.Task] = set()
+        self.unsupported = False
+
+    async def _connect(self) -> ClientConnection:
+        options = dict(compression=None, max_size=None, open_timeout=None, close_timeout=CLOSE_TIMEOUT_S)
+        if self._address.startswith("unix:"):
+            return await unix_connect(self._address.removeprefix("unix:"), uri=f"ws://instance{PATH}", **options)
+        url = urlsplit(self._address)
+        return await connect(f"ws://{url.hostname}:{url.port or 80}{PATH}", proxy=None, **options)
+
+    async def _connection_for_call(self, timeout: float | None) -> ClientConnection:
+        async with self._connecting:
+            if self._connection is not None:
+                return self._connection
+            try:
+                async with asyncio.timeout(timeout):
+                    connection = await self._connect()
+            except InvalidStatus as exc:
+                self.unsupported = True
+                raise ChannelUnsupported(f"the instance at {self._address} refused the channel: {exc}") from None
+            except TimeoutError:
+                raise httpx.ConnectTimeout(f"connecting to the instance took over {timeout} s") from None
+            except (OSError, InvalidHandshake) as exc:
+                raise httpx.ConnectError(f"cannot connect to the instance at {self._address}: {exc!r}") from None
+            self._connection = connection
+            self._spawn(self._read(connection))
+            return connection
+
+    def _spawn(self, work) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _read(self, connection: ClientConnection) -> None:
+        error: Exception = httpx.ReadError("the channel to the instance closed")
+        try:
+            async for message in connection:
+                if isinstance(message, str):
+                    raise ChannelProtocolError("the channel carries binary messages; a text message came")
+                answers = self._answers
+                for stream_id, kind, payload in frames(message):
+                    if (answer := answers.get(stream_id)) is not None:
+                        answer.deliver(kind, payload)
+        except ConnectionClosed as exc:
+            error = httpx.ReadError(f"the channel to the instance closed: {exc}")
+        except (ChannelProtocolError, ValueError, KeyError, TypeError) as exc:
+            error = httpx.RemoteProtocolError(f"the instance sent a malformed channel message: {exc}")
+            await connection.close(code=1002)
+        finally:
+            if self._connection is connection:
+                self._connection = None
+            for answer in list(self._answers.values()):
+                if answer.connection is connection:
+                    answer.fail(error)
+
+    @asynccontextmanager
+    async def open_stream(
+        self, path: str, body: bytes, headers: dict[str, str], timeout: float | None
+    ) -> AsyncIterator[ChannelAnswer]:
+        """POST `body` to `path` and yield the answer once its head is in; leaving before its end cancels the
+        call in the instance (a generation stops), as closing its own connection would."""
+        check_headers(headers)
+        connection = await self._connection_for_call(timeout)
+        stream_id = next(self._stream_ids)
+        answer = self._answers[stream_id] = ChannelAnswer(connection, timeout)
+        try:
+            try:
+                await connection.send(request_frame(stream_id, path, headers, body))
+            except ConnectionClosed as exc:
+                raise httpx.WriteError(f"the channel to the instance closed: {exc}") from None
+            await answer.read_head()
+            yield answer
+        finally:
+            del self._answers[stream_id]
+            if not answer.complete and answer.error is None:
+                self._spawn(self._cancel(connection, stream_id))
+
+    async def _cancel(self, connection: ClientConnection, stream_id: int) -> None:
+        try:
+            await connection.send(frame(stream_id, CANCEL))
+        except ConnectionClosed:
+            pass  # the instance took the closed channel as a disconnect of every stream on it
+
+    async def aclose(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()
