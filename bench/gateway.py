@@ -9,13 +9,18 @@ HTTP sides stream through a lean client (`--client lean`, asyncio and httptools)
 the two cores with llama.cpp; `--client httpx` measures with httpx instead.
 
 Runs alternate (engine, instance, gateway, then the order rotates) so the machine's drift (single runs swing by
-10% here) hits all sides alike. Medians are reported, and the median of the per-repeat gateway / engine and
-gateway / instance ratios (the runs of one repeat are neighbours in time) with a distribution-free interval.
+10% here) hits all sides alike. Medians are reported, and the per-repeat gateway / engine and gateway / instance
+ratios (the runs of one repeat are neighbours in time): their median with a distribution-free interval, and their
+geometric mean with a t-interval on the log scale (tighter, assuming the log-ratios are near normal).
 Then the gateway's added latency on a small non-streaming request: `POST /invocations` through the gateway
 against the same call on the instance's own socket.
 
+One run cannot read a 3% difference on these machines; `--save FILE` keeps a run's figures and
+`--pool FILE...` reports several saved runs as one.
+
     python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 15] [--route tgi|invocations] [--client lean|httpx]
-                            [--pings 50]
+                            [--pings 50] [--save FILE]
+    python bench/gateway.py --pool FILE [FILE...]
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+from scipy import stats
 
 import engine as engine_bench  # bench/engine.py: prompts, timings, the HTTP streaming client
 from servelet.artifacts import resolve_model
@@ -205,26 +212,115 @@ def parse_options(argv):
     parser.add_argument(
         "--engine-without-logprobs", action="store_true", help="the engine side skips the log-probs the routes carry"
     )
+    parser.add_argument("--save", type=Path, help="write this run's figures to a JSON file, for --pool")
+    parser.add_argument("--pool", type=Path, nargs="+", help="report saved runs as one (runs nothing)")
     options = parser.parse_args(argv)
     if not 1 <= options.n <= len(engine_bench.PROMPTS):
         parser.error(f"--n: 1 to {len(engine_bench.PROMPTS)}")
     return options
 
 
+@dataclass
+class Figures:
+    """What a run measured, savable and poolable: tokens/s per side and repeat, CPU and latency totals."""
+
+    title: str
+    route: str
+    tokens_per_s: dict[str, list[float]]
+    ttft_p50_s: dict[str, list[float]]
+    gateway_cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
+    gateway_tokens: int = 0
+    gateway_p50_s: list[float] = field(default_factory=list)
+    direct_p50_s: list[float] = field(default_factory=list)
+
+    @classmethod
+    def pooled(cls, runs: list["Figures"]) -> "Figures":
+        return cls(
+            title=f"{len(runs)} runs pooled: " + "; ".join(run.title for run in runs),
+            route=", ".join(sorted({run.route for run in runs})),
+            tokens_per_s={side: [v for run in runs for v in run.tokens_per_s[side]] for side in SIDES},
+            ttft_p50_s={side: [v for run in runs for v in run.ttft_p50_s[side]] for side in SIDES},
+            gateway_cpu_s=sum(run.gateway_cpu_s for run in runs),
+            client_cpu_s=sum(run.client_cpu_s for run in runs),
+            gateway_tokens=sum(run.gateway_tokens for run in runs),
+            gateway_p50_s=[v for run in runs for v in run.gateway_p50_s],
+            direct_p50_s=[v for run in runs for v in run.direct_p50_s],
+        )
+
+
+SIDES = ("engine", "instance", "gateway")
+
+
+def geometric_mean_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """The geometric mean of paired ratios and a t-interval for it, computed on their logarithms."""
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    half = stats.t.ppf((1 + confidence) / 2, len(logs) - 1) * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def report(figures: Figures, logprobs: bool = True) -> None:
+    print(f"\n{figures.title}")
+    medians = {side: statistics.median(values) for side, values in figures.tokens_per_s.items()}
+    rows = [
+        (f"engine API alone (in process, log-probs {'on' if logprobs else 'off'})", "engine"),
+        ("instance direct (`/invocations`, Unix socket)", "instance"),
+        (f"gateway `{figures.route}`", "gateway"),
+    ]
+    print("\n| path | tokens/s (median) | TTFT p50 (median) | runs |\n| --- | ---: | ---: | ---: |")
+    for name, side in rows:
+        ttft = statistics.median(figures.ttft_p50_s[side])
+        print(f"| {name} | {medians[side]:.1f} | {ttft:.3f} s | {len(figures.tokens_per_s[side])} |")
+    print(f"\ngateway / engine tokens/s (medians): {medians['gateway'] / medians['engine']:.3f} (target >= 0.97)")
+    print(f"gateway / instance direct tokens/s (medians): {medians['gateway'] / medians['instance']:.3f}")
+    gateway = figures.tokens_per_s["gateway"]
+    for other in ("engine", "instance"):
+        paired = [g / o for g, o in zip(gateway, figures.tokens_per_s[other])]
+        interval = engine_bench.median_interval(paired)
+        shown = f", 95% interval {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
+        print(f"per-repeat gateway / {other}: {', '.join(f'{r:.3f}' for r in paired)}")
+        print(f"  median {statistics.median(paired):.3f}{shown}")
+        if len(paired) > 2:
+            mean, low, high = geometric_mean_interval(paired)
+            print(f"  geometric mean {mean:.3f}, 95% t-interval {low:.3f}-{high:.3f}")
+    if figures.gateway_tokens:
+        print(f"gateway process CPU: {figures.gateway_cpu_s * 1000 / figures.gateway_tokens:.2f} ms per streamed token "
+              f"({figures.gateway_cpu_s:.1f} s over {figures.gateway_tokens} tokens; the machine has {os.cpu_count()} "
+              f"cores); the client's: {figures.client_cpu_s * 1000 / figures.gateway_tokens:.2f} ms")
+    if figures.gateway_p50_s:
+        via, direct = statistics.median(figures.gateway_p50_s), statistics.median(figures.direct_p50_s)
+        print(f"small request p50: {via * 1000:.1f} ms via gateway, {direct * 1000:.1f} ms direct; "
+              f"the gateway adds {(via - direct) * 1000:.1f} ms")
+
+
 def main(argv=None) -> None:
     options = parse_options(argv)
+    if options.pool:
+        runs = [Figures(**json.loads(path.read_text())) for path in options.pool]
+        report(Figures.pooled(runs))
+        return
+    figures = measure_all(options)
+    report(figures, logprobs=not options.engine_without_logprobs)
+    if options.save:
+        options.save.write_text(json.dumps(asdict(figures), indent=1))
+        print(f"saved to {options.save}")
+
+
+def measure_all(options) -> Figures:
     model = resolve_model(engine_bench.MODEL_URI)
     prompts = engine_bench.PROMPTS[: options.n]
     run_dir = Path(tempfile.mkdtemp(prefix="servelet-bench-"))
     port = engine_bench.free_port()
     command = [str(Path(sys.executable).with_name("servelet")), "serve", "--model", str(model), "--port", str(port)]
     env = os.environ | {"SERVELET_THREADS": str(THREADS), "SERVELET_RUN_DIR": str(run_dir), "SERVELET_DATA_DIR": str(run_dir)}
-    print(f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
-          f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads; "
-          f"{options.client} client")
+    title = (f"N = {options.n} streams x {options.new_tokens} tokens, greedy, EOS ignored; gateway route "
+             f"{ROUTES[options.route].path}; {options.repeats} alternating runs per side; {THREADS} threads; "
+             f"{options.client} client")
+    print(title)
     clients = CLIENTS[options.client]
     alone = EngineAlone(model, logprobs=not options.engine_without_logprobs)
-    runs: dict[str, list[engine_bench.Measurement]] = {"engine": [], "instance": [], "gateway": []}
+    runs: dict[str, list[engine_bench.Measurement]] = {side: [] for side in SIDES}
     with engine_bench.server_process(command, f"http://127.0.0.1:{port}/ping", env):
         sides = {
             "engine": alone,
@@ -253,29 +349,17 @@ def main(argv=None) -> None:
             f"http://127.0.0.1:{port}", run_dir / "default-AllTraffic-0.sock", options.pings
         )
     alone.engine.close()
-    engine, instance, gateway = (engine_bench.median(runs[side]) for side in ("engine", "instance", "gateway"))
-    rows = [
-        (f"engine API alone (in process, log-probs {'off' if options.engine_without_logprobs else 'on'})", engine),
-        ("instance direct (`/invocations`, Unix socket)", instance),
-        (f"gateway `{ROUTES[options.route].path}`", gateway),
-    ]
-    print("\n| path | tokens/s (median) | TTFT p50 | TTFT p95 |\n| --- | ---: | ---: | ---: |")
-    for name, cell in rows:
-        print(f"| {name} | {cell.tokens_per_s:.1f} | {cell.ttft_p50_s:.3f} s | {cell.ttft_p95_s:.3f} s |")
-    print(f"\ngateway / engine tokens/s: {gateway.tokens_per_s / engine.tokens_per_s:.3f} (target >= 0.97)")
-    print(f"gateway / instance direct tokens/s: {gateway.tokens_per_s / instance.tokens_per_s:.3f}")
-    for other in ("engine", "instance"):
-        paired = [g.tokens_per_s / o.tokens_per_s for g, o in zip(runs["gateway"], runs[other])]
-        interval = engine_bench.median_interval(paired)
-        shown = f", 95% interval of the median {interval[0]:.3f}-{interval[1]:.3f}" if interval else ""
-        print(f"per-run gateway / {other}: {', '.join(f'{r:.3f}' for r in paired)}; "
-              f"median {statistics.median(paired):.3f}{shown}")
-    if gateway_tokens:
-        print(f"gateway process CPU: {gateway_cpu * 1000 / gateway_tokens:.2f} ms per streamed token "
-              f"({gateway_cpu:.1f} s over {gateway_tokens} tokens; the machine has {os.cpu_count()} cores); "
-              f"the {options.client} client's: {client_cpu * 1000 / gateway_tokens:.2f} ms")
-    print(f"small request p50: {gateway_p50 * 1000:.1f} ms via gateway, {direct_p50 * 1000:.1f} ms direct; "
-          f"the gateway adds {(gateway_p50 - direct_p50) * 1000:.1f} ms")
+    return Figures(
+        title=title,
+        route=ROUTES[options.route].path,
+        tokens_per_s={side: [cell.tokens_per_s for cell in cells] for side, cells in runs.items()},
+        ttft_p50_s={side: [cell.ttft_p50_s for cell in cells] for side, cells in runs.items()},
+        gateway_cpu_s=gateway_cpu,
+        client_cpu_s=client_cpu,
+        gateway_tokens=gateway_tokens,
+        gateway_p50_s=[gateway_p50],
+        direct_p50_s=[direct_p50],
+    )
 
 
 if __name__ == "__main__":
