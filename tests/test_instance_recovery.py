@@ -4,6 +4,7 @@ and a restarted gateway brings its stored endpoints back."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import signal
 import time
@@ -45,21 +46,33 @@ def ready(http: httpx.Client) -> bool:
     return http.get("/health").json()["endpoints"]["default"]["ready"]
 
 
+def stream_events(http: httpx.Client, body: dict) -> list[dict]:
+    """A TGI stream's events, read to its end."""
+    with http.stream("POST", "/generate_stream", json=body) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+
+
 def test_a_killed_instance_fails_only_its_in_flight_requests_and_is_replaced(tmp_path):
     gateway = start_gateway(tmp_path)
     try:
         [pid] = instance_pids(gateway.process.pid)
         with gateway.http(timeout=120) as http, concurrent.futures.ThreadPoolExecutor(4) as pool:
-            in_flight = [pool.submit(http.post, "/invocations", json=LONG) for _ in range(3)]
+            in_flight = [pool.submit(http.post, "/invocations", json=LONG) for _ in range(2)]
+            streaming = pool.submit(stream_events, http, LONG)  # on the instance's stream channel
             time.sleep(2.0)  # all three are generating
             os.kill(pid, signal.SIGKILL)
             answers = [f.result(timeout=60) for f in in_flight]  # they fail: they do not hang
             assert all(a.status_code == 424 for a in answers), [a.text for a in answers]
             assert all(a.headers["x-amzn-errortype"] == "ModelError" for a in answers)
+            events = streaming.result(timeout=60)  # the stream ends with TGI's error event
+            assert "token" in events[0] and "error" in events[-1] and "mid-stream" in events[-1]["error"]
             replaced = lambda: instance_pids(gateway.process.pid) not in ([], [pid]) and ready(http)  # noqa: E731
             assert wait_for(replaced, 120), gateway.log()[-3000:]
             answer = http.post("/invocations", json=SHORT)
             assert answer.status_code == 200 and answer.json()["generated_text"]
+            events = stream_events(http, SHORT)  # a channel to the new instance
+            assert len(events) == 4 and events[-1]["generated_text"]
     finally:
         stop_process(gateway.process)
 

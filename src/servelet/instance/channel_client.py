@@ -24,6 +24,10 @@ from .channel import ABORT, BODY, CANCEL, END, PATH, START, ChannelProtocolError
 from .stream import check_headers
 
 CLOSE_TIMEOUT_S = 2.0
+# An instance answers the handshake from its event loop at once; one that does not should not hold every stream.
+HANDSHAKE_TIMEOUT_S = 10.0
+# How an ASGI server refuses a WebSocket to a route it lacks (Starlette: 403, others 404).
+NO_SUCH_ROUTE = (403, 404)
 
 
 class ChannelUnsupported(Exception):
@@ -124,14 +128,17 @@ class StreamChannel:
         async with self._connecting:
             if self._connection is not None:
                 return self._connection
+            limit = HANDSHAKE_TIMEOUT_S if timeout is None else min(timeout, HANDSHAKE_TIMEOUT_S)
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(limit):
                     connection = await self._connect()
             except InvalidStatus as exc:
+                if exc.response.status_code not in NO_SUCH_ROUTE:
+                    raise httpx.ConnectError(f"the instance at {self._address} failed the channel's handshake: {exc}") from None
                 self.unsupported = True
-                raise ChannelUnsupported(f"the instance at {self._address} refused the channel: {exc}") from None
+                raise ChannelUnsupported(f"the instance at {self._address} has no stream channel: {exc}") from None
             except TimeoutError:
-                raise httpx.ConnectTimeout(f"connecting to the instance took over {timeout} s") from None
+                raise httpx.ConnectTimeout(f"opening the stream channel took over {limit} s") from None
             except (OSError, InvalidHandshake) as exc:
                 raise httpx.ConnectError(f"cannot connect to the instance at {self._address}: {exc!r}") from None
             self._connection = connection
