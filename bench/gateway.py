@@ -18,7 +18,7 @@ against the same call on the instance's own socket.
 One run cannot read a 3% difference on these machines; `--save FILE` keeps a run's figures and
 `--pool FILE...` reports several saved runs as one.
 
-    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 15] [--route tgi|invocations] [--client lean|httpx]
+    python bench/gateway.py [--n 16] [--new-tokens 128] [--repeats 40] [--route tgi|invocations] [--client lean|httpx]
                             [--pings 50] [--save FILE]
     python bench/gateway.py --pool FILE [FILE...]
 """
@@ -202,7 +202,7 @@ def parse_options(argv):
     parser.add_argument("--n", type=int, default=16, help="concurrent streams")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument(
-        "--repeats", type=int, default=15, help="alternating runs per side (7 cannot read a 3%% difference here)"
+        "--repeats", type=int, default=40, help="alternating runs per side (7 or 15 cannot read a 3%% difference here)"
     )
     parser.add_argument("--route", choices=sorted(ROUTES), default="tgi", help="the gateway route streamed")
     parser.add_argument(

@@ -113,7 +113,7 @@ class StreamChannel:
         self._connection: ClientConnection | None = None
         self._connecting = asyncio.Lock()
         self._answers: dict[int, ChannelAnswer] = {}
-        self._stream_ids = itertools.count(1)
+        self._stream_ids = itertools.cycle(range(1, 2**32))  # a frame head holds 32 bits
         self._background: set[asyncio.Task] = set()
         self.unsupported = False
 

@@ -1,9 +1,10 @@
 """One streamed call to an instance on a connection of its own, its answer parsed by httptools (uvicorn's C parser).
 
-This is the gateway's token path: every generated token crosses it once. Through httpx (httpcore, h11 and anyio
-under it) a chunk that arrives alone cost ~280 µs of CPU (16 paced streams, a /tmp probe); here ~20 µs. On a
-small machine llama.cpp's threads take every core and wait for each other, so CPU the relay takes is paid about
-twice in tokens/s (docs/benchmarks.md). Whole answers, pings and everything else stay on httpx.
+The gateway streams over an instance's stream channel (channel.py); it comes here when the channel is off, the
+body too large for it, or the instance has none. Through httpx (httpcore, h11 and anyio under it) a chunk that
+arrives alone cost ~280 µs of CPU (16 paced streams, a /tmp probe); here ~20 µs. On a small machine llama.cpp's
+threads take every core and wait for each other, so CPU the relay takes is paid about twice in tokens/s
+(docs/benchmarks.md). Whole answers, pings and everything else stay on httpx.
 
 Errors are httpx's transport errors, so callers handle both paths alike.
 """
