@@ -15,11 +15,12 @@ from websockets.asyncio.client import unix_connect
 from websockets.exceptions import ConnectionClosed
 
 from servelet.instance.channel import (
-    BODY, PATH, REQUEST, ChannelProtocolError, frame, frames, parse_request, request_frame,
+    BODY, MAX_CHANNEL_BODY_BYTES, PATH, REQUEST, ChannelProtocolError, frame, frames, parse_request, request_frame,
 )
 from servelet.instance.channel_client import ChannelAnswer, StreamChannel
 from servelet.instance.client import InstanceClient, iter_json_lines
 from servelet.instance.stream import StreamedAnswer
+from servelet.settings import GatewaySettings
 
 SLOTS = 4
 
@@ -156,3 +157,23 @@ async def test_an_instance_without_the_channel_gets_a_connection_per_stream(tmp_
         await client.aclose()
         server.close()
     assert [head.split(b" ")[0] for head in heads] == [b"GET", b"POST", b"POST"]  # the handshake is tried once
+
+
+async def test_a_large_body_or_the_channel_turned_off_gets_a_connection_of_its_own(instance):
+    on, off = InstanceClient(instance.address, timeout=60), InstanceClient(instance.address, timeout=60, stream_channel=False)
+    large = orjson.dumps({"inputs": "word " * (MAX_CHANNEL_BODY_BYTES // 5), "stream": True})
+    try:
+        async with on.open_stream(large, JSON) as answer:  # over the channel's limit: too long for the model, too
+            assert isinstance(answer, StreamedAnswer) and answer.status_code in (400, 413, 422)
+        async with off.open_stream(stream_body("Hello", 3), JSON) as answer:
+            assert isinstance(answer, StreamedAnswer) and answer.status_code == 200
+            assert len([line async for line in iter_json_lines(answer.aiter_raw())]) == 3
+    finally:
+        await on.aclose()
+        await off.aclose()
+
+
+def test_the_gateway_setting_turns_the_channel_off(monkeypatch):
+    assert GatewaySettings().stream_channel is True
+    monkeypatch.setenv("SERVELET_STREAM_CHANNEL", "false")
+    assert GatewaySettings().stream_channel is False
