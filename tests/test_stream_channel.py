@@ -122,7 +122,12 @@ async def test_a_closed_channel_ends_its_streams_and_the_next_call_opens_another
     await channel.aclose()
 
 
-@pytest.mark.parametrize("message", [b"\x00\x00\x00\x01\x01\x00\x00\x00\x09abc", "text"], ids=["cut-frame", "text"])
+TWICE = request_frame(1, "/invocations", JSON, LONG) * 2  # one stream id opened twice
+
+
+@pytest.mark.parametrize(
+    "message", [b"\x00\x00\x00\x01\x01\x00\x00\x00\x09abc", "text", TWICE], ids=["cut-frame", "text", "id-reused"]
+)
 async def test_a_malformed_message_closes_the_channel_with_a_protocol_error(instance, message):
     async with unix_connect(instance.address[5:], uri=f"ws://instance{PATH}") as websocket:
         await websocket.send(message)

@@ -84,9 +84,8 @@ class ChannelServer:
         self._queue(stream_id, END)
 
     def _open(self, stream_id: int, payload: bytes) -> None:
-        if stream_id in self._gone:
-            self._refuse(stream_id, 400, f"stream {stream_id} is already open on this channel")
-            return
+        if stream_id in self._gone:  # an answer to it would mix with the open stream's frames
+            raise ChannelProtocolError(f"stream {stream_id} is already open on this channel")
         try:
             path, headers, body = parse_request(payload)
             raw_headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers]
