@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,19 @@ def predict_fn(data, model):
     raise ValueError(f"bad things happened to {data.tolist()}")
 '''
 
+SLOW = '''
+import json, time
+
+def model_fn(model_dir):
+    return None
+
+def transform_fn(model, body, content_type, accept):
+    seconds = json.loads(body)["sleep"]
+    time.sleep(seconds)
+    return json.dumps({"slept": seconds}), "application/json"
+'''
+INVOCATION_TIMEOUT_S = 4
+
 
 def handler_folder(root: Path, name: str, script: str, files: dict[str, str] | None = None, at_top: bool = False) -> Path:
     """A SageMaker model folder: `code/inference.py` (or `inference.py` at the top) and its model files."""
@@ -86,16 +100,19 @@ def models(tmp_path_factory) -> Path:
     handler_folder(root, "scaler", SCALER, {"model.json": json.dumps({"factor": FACTOR}), "code/scaling.py": SCALING})
     handler_folder(root, "transform", TRANSFORM, {"greeting.txt": GREETING + "\n"}, at_top=True)
     handler_folder(root, "broken", BROKEN)
+    handler_folder(root, "slow", SLOW)
     return root
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, models):
-    running = start_gateway(tmp_path_factory.mktemp("gateway"), args=["--instances", "0"], ready=None)
+    env = {"SERVELET_INVOCATION_TIMEOUT": str(INVOCATION_TIMEOUT_S)}
+    running = start_gateway(tmp_path_factory.mktemp("gateway"), env=env, args=["--instances", "0"], ready=None)
     sagemaker = boto("sagemaker", running.base_url)
-    for name in ("scaler", "transform", "broken"):
+    names = ("scaler", "transform", "broken", "slow")
+    for name in names:
         deploy(sagemaker, name, str(models / name))
-    wait_in_service(sagemaker, "scaler", "transform", "broken")
+    wait_in_service(sagemaker, *names)
     yield running
     stop_process(running.process)
 
@@ -183,6 +200,22 @@ def test_a_handler_exception_is_a_model_error_with_its_message(gateway, runtime)
     assert "bad things" in error["Error"]["Message"]
     log = gateway.log()  # the instance's traceback, relayed by the gateway
     assert "Traceback" in log and 'raise ValueError(f"bad things happened to' in log
+
+
+def test_a_model_slower_than_the_invocation_timeout_is_a_model_error_and_its_endpoint_still_serves(runtime):
+    started = time.monotonic()
+    with pytest.raises(runtime.exceptions.ModelError) as raised:
+        invoke(runtime, "slow", json.dumps({"sleep": 10}), "application/json")
+    assert time.monotonic() - started < 9  # the gateway gave up; it did not wait for the model
+    error = raised.value.response
+    assert error["OriginalStatusCode"] == 0  # as SageMaker answers a container that does not answer in time
+    assert f"did not answer within {INVOCATION_TIMEOUT_S} s" in error["OriginalMessage"]
+    with pytest.raises(runtime.exceptions.ModelError, match="did not answer within"):  # a stream must start in time
+        runtime.invoke_endpoint_with_response_stream(
+            EndpointName="slow", Body=json.dumps({"sleep": 10}), ContentType="application/json"
+        )
+    body, _ = invoke(runtime, "slow", json.dumps({"sleep": 0}), "application/json")
+    assert json.loads(body) == {"slept": 0}
 
 
 # -- `servelet new handler`: a template that tests green and deploys -----------------------------------------------

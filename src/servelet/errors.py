@@ -54,6 +54,16 @@ class ModelFailed(GatewayError):
         self.original_status = original_status
 
 
+class ModelTimedOut(ModelFailed):
+    """The instance did not answer within the invocation timeout: SageMaker's ModelError with original status 0
+    (what SageMaker itself sends), 504 on the other families."""
+
+    status = 504
+
+    def __init__(self, message: str):
+        super().__init__(message, 0)
+
+
 def from_instance(status: int, body: bytes) -> GatewayError:
     """Turn an instance's error answer (`{"code", "error_type", "error"}`) into the gateway's own error."""
     try:

@@ -169,6 +169,9 @@ class GatewaySettings(BaseSettings):
     instance_start_timeout: float = Field(600.0, gt=0, description="Seconds an instance may take to load its model.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
     keepalive_seconds: float = Field(15.0, gt=0, description="Silence after which a stream sends a keep-alive.")
+    invocation_timeout: float = Field(
+        600.0, gt=0, description="Seconds an instance may take to answer an invocation (a stream: to start answering)."
+    )
     stream_channel: bool = Field(
         True, description="Stream from each instance over one multiplexed WebSocket; off: one connection per stream."
     )

@@ -4,15 +4,17 @@ runs (so a fleet can drain before it stops) and its outcome is recorded for the 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 
 import httpx
 
 from ..errors import (
-    BadRequest, GatewayError, ModelFailed, NotFound, PayloadTooLarge, Unavailable, Unprocessable, UnsupportedMediaType, from_instance,
+    BadRequest, GatewayError, ModelFailed, ModelTimedOut, NotFound, PayloadTooLarge, Unavailable, Unprocessable,
+    UnsupportedMediaType, from_instance,
 )
 from ..instance.stream import StreamedAnswer
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
@@ -61,8 +63,9 @@ class Route:
 
 
 class Router:
-    def __init__(self, fleet: Fleet):
+    def __init__(self, fleet: Fleet, invocation_timeout: float | None = None):
         self.fleet = fleet
+        self.invocation_timeout = invocation_timeout  # seconds an instance may take to answer (a stream: to start)
 
     def route(self, invocation: Invocation) -> Route:
         """The deployment, variant and instance that will serve `invocation`; NotFound / Unavailable otherwise."""
@@ -80,7 +83,10 @@ class Router:
         instance = route.instance
         with route.serving():
             try:
-                response = await instance.client.post(invocation.body, invocation.instance_headers())
+                async with asyncio.timeout(self.invocation_timeout):
+                    response = await instance.client.post(invocation.body, invocation.instance_headers())
+            except TimeoutError:
+                raise self._timed_out(instance) from None
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None
             if response.status_code != 200:
@@ -99,7 +105,13 @@ class Router:
         instance = route.instance
         with route.serving() as timing:
             try:
-                async with instance.client.open_stream(invocation.body, invocation.instance_headers()) as response:
+                async with AsyncExitStack() as stack:
+                    opening = instance.client.open_stream(invocation.body, invocation.instance_headers())
+                    try:
+                        async with asyncio.timeout(self.invocation_timeout):
+                            response = await stack.enter_async_context(opening)
+                    except TimeoutError:
+                        raise self._timed_out(instance) from None
                     if response.status_code != 200:
                         raise from_instance(response.status_code, await response.aread())
                     # A stream's latency, for alarms, is the time to its answer's start: its length is the caller's.
@@ -111,6 +123,13 @@ class Router:
                     )
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None
+
+    def _timed_out(self, instance: Instance) -> ModelTimedOut:
+        """The call is abandoned (the instance sees its client leave, so a generation stops); the instance stays
+        in service: a slow answer says nothing of its health."""
+        return ModelTimedOut(
+            f"instance {instance.name} did not answer within {self.invocation_timeout:g} s (SERVELET_INVOCATION_TIMEOUT)"
+        )
 
 
 def _instance_failed(instance: Instance, exc: Exception, when: str = "while answering") -> ModelFailed:

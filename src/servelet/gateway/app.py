@@ -38,7 +38,7 @@ a WebSocket. `model` / `EndpointName` name an endpoint; `default` is the one `se
 
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
     fleet = fleet or Fleet(settings.run_dir, stream_channel=settings.stream_channel)
-    router = Router(fleet)
+    router = Router(fleet, settings.invocation_timeout)
     store = Store(database_url(settings))
     plane = ControlPlane(store, fleet, settings.instance_start_timeout, settings.autoscale_interval)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
