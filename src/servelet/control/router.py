@@ -16,7 +16,7 @@ from ..errors import (
     BadRequest, GatewayError, ModelFailed, ModelTimedOut, NotFound, PayloadTooLarge, Unavailable, Unprocessable,
     UnsupportedMediaType, from_instance,
 )
-from ..instance.stream import StreamedAnswer
+from ..instance.stream import QueuedAnswer
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
@@ -138,7 +138,7 @@ def _instance_failed(instance: Instance, exc: Exception, when: str = "while answ
     return ModelFailed(f"instance {instance.name} failed {when}: {exc!r}", 500)
 
 
-async def _chunks(response: StreamedAnswer, instance: Instance) -> AsyncIterator[bytes]:
+async def _chunks(response: QueuedAnswer, instance: Instance) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
             yield chunk

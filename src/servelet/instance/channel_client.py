@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .channel import ABORT, BODY, CANCEL, END, PATH, START, ChannelProtocolError, frame, frames, parse_start, request_frame
-from .stream import check_headers
+from .stream import QueuedAnswer, check_headers
 
 CLOSE_TIMEOUT_S = 2.0
 # An instance answers the handshake from its event loop at once; one that does not should not hold every stream.
@@ -34,8 +34,8 @@ class ChannelUnsupported(Exception):
     """The instance refused the channel's handshake (an instance that predates it, or another container)."""
 
 
-class ChannelAnswer:
-    """One call's answer as its frames arrive; reads like a StreamedAnswer: status_code, headers, aiter_raw(), aread()."""
+class ChannelAnswer(QueuedAnswer):
+    """One call's answer on the channel, filled by the channel's reader as its frames arrive."""
 
     def __init__(self, connection: ClientConnection, read_timeout: float | None):
         self.connection = connection
@@ -72,7 +72,13 @@ class ChannelAnswer:
         if self._arrival is not None and not self._arrival.done():
             self._arrival.set_result(None)
 
-    async def _next_arrival(self) -> None:
+    def _queue(self) -> deque[bytes]:
+        return self._chunks
+
+    def _complete(self) -> bool:
+        return self.complete
+
+    async def _more(self) -> None:
         if self.error is not None:
             raise self.error
         self._arrival = asyncio.get_running_loop().create_future()
@@ -89,20 +95,7 @@ class ChannelAnswer:
 
     async def read_head(self) -> None:
         while not self._started:
-            await self._next_arrival()
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body's chunks as they arrive; the chunks before an error are still read."""
-        chunks = self._chunks
-        while True:
-            while chunks:
-                yield chunks.popleft()
-            if self.complete:
-                return
-            await self._next_arrival()
-
-    async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_raw()])
+            await self._more()
 
 
 class StreamChannel:

@@ -47,8 +47,40 @@ class _Parsed:
         self.complete = True
 
 
-class StreamedAnswer:
-    """What callers read of httpx's streamed Response: status_code, headers, aiter_raw() and aread()."""
+class QueuedAnswer:
+    """An answer whose body chunks queue up as they arrive (here, or on the stream channel); read like httpx's
+    streamed Response: status_code, headers, aiter_raw() and aread(). Subclasses say how more arrives."""
+
+    status_code: int
+    headers: httpx.Headers
+
+    def _queue(self) -> deque[bytes]:
+        raise NotImplementedError
+
+    def _complete(self) -> bool:
+        raise NotImplementedError
+
+    async def _more(self) -> None:
+        """Wait until something more arrives; raise httpx's transport errors if it cannot."""
+        raise NotImplementedError
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        """The body's bytes as they arrive (chunked transfer encoding already undone); the chunks that came before
+        an error are still read."""
+        chunks = self._queue()
+        while True:
+            while chunks:
+                yield chunks.popleft()
+            if self._complete():
+                return
+            await self._more()
+
+    async def aread(self) -> bytes:
+        return b"".join([chunk async for chunk in self.aiter_raw()])
+
+
+class StreamedAnswer(QueuedAnswer):
+    """The answer on a connection of its own, parsed by httptools as it is read."""
 
     def __init__(self, reader: asyncio.StreamReader, read_timeout: float | None):
         self._reader = reader
@@ -58,13 +90,19 @@ class StreamedAnswer:
         self.status_code = 0
         self.headers = httpx.Headers()
 
+    def _queue(self) -> deque[bytes]:
+        return self._parsed.chunks
+
+    def _complete(self) -> bool:
+        return self._parsed.complete
+
     async def _read_head(self) -> None:
         while not self._parsed.head_done:
-            await self._feed()
+            await self._more()
         self.status_code = self._parser.get_status_code()
         self.headers = httpx.Headers(self._parsed.headers)
 
-    async def _feed(self) -> None:
+    async def _more(self) -> None:
         try:
             async with asyncio.timeout(self._read_timeout):
                 data = await self._reader.read(READ_SIZE)
@@ -78,19 +116,6 @@ class StreamedAnswer:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             raise httpx.RemoteProtocolError(f"the instance's answer is not valid HTTP: {exc}") from None
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        """The body's bytes as they arrive (chunked transfer encoding already undone)."""
-        chunks = self._parsed.chunks
-        while True:
-            while chunks:
-                yield chunks.popleft()
-            if self._parsed.complete:
-                return
-            await self._feed()
-
-    async def aread(self) -> bytes:
-        return b"".join([chunk async for chunk in self.aiter_raw()])
 
 
 def check_headers(headers: dict[str, str]) -> None:
