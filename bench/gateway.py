@@ -160,12 +160,26 @@ def serve_pid(port: int) -> int | None:
     return None
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User + system CPU time a process has used so far (Linux /proc), 0 where unknown."""
+def cpu_seconds(pid: int | None, main_thread_only: bool = False) -> float:
+    """User + system CPU time a process (or its main thread: an instance's event loop, without llama.cpp's
+    threads) has used so far (Linux /proc), 0 where unknown."""
     if pid is None:
         return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    stat = Path(f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat")
+    fields = stat.read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pid(parent: int | None) -> int | None:
+    """The one child process of `parent` (the gateway's instance), found by its parent's pid in /proc."""
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    return int(proc.name)
+            except OSError:
+                continue
+    return None
 
 
 def small_request_latency(gateway_url: str, instance_socket: Path, pings: int) -> tuple[float, float]:
@@ -231,6 +245,9 @@ class Figures:
     gateway_cpu_s: float = 0.0
     client_cpu_s: float = 0.0
     gateway_tokens: int = 0
+    # The instance's event-loop thread, by side: called directly, and behind the gateway.
+    instance_loop_cpu_s: dict[str, float] = field(default_factory=dict)
+    instance_loop_tokens: dict[str, int] = field(default_factory=dict)
     gateway_p50_s: list[float] = field(default_factory=list)
     direct_p50_s: list[float] = field(default_factory=list)
 
@@ -244,12 +261,15 @@ class Figures:
             gateway_cpu_s=sum(run.gateway_cpu_s for run in runs),
             client_cpu_s=sum(run.client_cpu_s for run in runs),
             gateway_tokens=sum(run.gateway_tokens for run in runs),
+            instance_loop_cpu_s={side: sum(run.instance_loop_cpu_s.get(side, 0.0) for run in runs) for side in LOOP_SIDES},
+            instance_loop_tokens={side: sum(run.instance_loop_tokens.get(side, 0) for run in runs) for side in LOOP_SIDES},
             gateway_p50_s=[v for run in runs for v in run.gateway_p50_s],
             direct_p50_s=[v for run in runs for v in run.direct_p50_s],
         )
 
 
 SIDES = ("engine", "instance", "gateway")
+LOOP_SIDES = ("instance", "gateway")  # the sides that run on the instance process
 
 
 def geometric_mean_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
@@ -288,6 +308,13 @@ def report(figures: Figures, logprobs: bool = True) -> None:
         print(f"gateway process CPU: {figures.gateway_cpu_s * 1000 / figures.gateway_tokens:.2f} ms per streamed token "
               f"({figures.gateway_cpu_s:.1f} s over {figures.gateway_tokens} tokens; the machine has {os.cpu_count()} "
               f"cores); the client's: {figures.client_cpu_s * 1000 / figures.gateway_tokens:.2f} ms")
+    per_token = {
+        side: figures.instance_loop_cpu_s[side] * 1000 / tokens
+        for side, tokens in figures.instance_loop_tokens.items() if tokens
+    }
+    if per_token.keys() == set(LOOP_SIDES):
+        print(f"instance event-loop thread CPU: {per_token['instance']:.3f} ms per token called directly, "
+              f"{per_token['gateway']:.3f} ms behind the gateway")
     if figures.gateway_p50_s:
         via, direct = statistics.median(figures.gateway_p50_s), statistics.median(figures.direct_p50_s)
         print(f"small request p50: {via * 1000:.1f} ms via gateway, {direct * 1000:.1f} ms direct; "
@@ -330,14 +357,20 @@ def measure_all(options) -> Figures:
         for runner in sides.values():
             runner.run_batch(prompts[:2], 4)  # warm-up
         gateway_pid = serve_pid(port)
+        instance_pid = child_pid(gateway_pid)
         gateway_cpu, client_cpu, gateway_tokens = 0.0, 0.0, 0
+        loop_cpu, loop_tokens = dict.fromkeys(LOOP_SIDES, 0.0), dict.fromkeys(LOOP_SIDES, 0)
         names = list(sides)
         for repeat in range(options.repeats):
             shift = repeat % len(names)
             for side in names[shift:] + names[:shift]:
                 runner = sides[side]
                 cpu_before, client_before = cpu_seconds(gateway_pid), time.thread_time()  # the client's loop: this thread
+                loop_before = cpu_seconds(instance_pid, main_thread_only=True)
                 timings = runner.run_batch(prompts, options.new_tokens)
+                if side in loop_cpu:
+                    loop_cpu[side] += cpu_seconds(instance_pid, main_thread_only=True) - loop_before
+                    loop_tokens[side] += sum(t.tokens for t in timings)
                 if side == "gateway":
                     gateway_cpu += cpu_seconds(gateway_pid) - cpu_before
                     client_cpu += time.thread_time() - client_before
@@ -357,6 +390,8 @@ def measure_all(options) -> Figures:
         gateway_cpu_s=gateway_cpu,
         client_cpu_s=client_cpu,
         gateway_tokens=gateway_tokens,
+        instance_loop_cpu_s=loop_cpu,
+        instance_loop_tokens=loop_tokens,
         gateway_p50_s=[gateway_p50],
         direct_p50_s=[direct_p50],
     )
