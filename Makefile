@@ -1,6 +1,9 @@
 # Two set-up commands keep working on a fresh machine: `make serve` and `make test`.
-# The virtual environment is reused; it is reinstalled only when pyproject.toml changes,
-# so llama-cpp-python (built from source, ~8 minutes) is compiled once and cached by pip.
+# The virtual environment is reused; it is reinstalled only when pyproject.toml or the llama.cpp build changes.
+# llama-cpp-python is compiled (~8 minutes) by install/llama_build.py, for this CPU (AMX where it runs), into a
+# cache keyed by the CPU's instruction sets (pip's own cache would hand the wheel to another CPU); every
+# `make install` checks the installed build is this machine's and self-tests it, in about a second when it is.
+# SERVELET_LLAMA_CPP_AMX=off make install  forces the build without AMX.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -9,11 +12,15 @@ STAMP := $(VENV)/.servelet-installed
 
 .PHONY: install serve test bench bench-engine bench-gateway bench-artifacts install-vllm test-vllm bench-vllm clean
 
-install: $(STAMP)
+LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
-$(STAMP): pyproject.toml
+install: $(STAMP)
+	$(BIN)/python install/llama_build.py
+
+$(STAMP): pyproject.toml $(LLAMA_BUILD)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/python install/llama_build.py --no-self-test
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -43,8 +50,9 @@ VLLM_STAMP := $(VLLM_VENV)/.servelet-installed
 
 install-vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): pyproject.toml
+$(VLLM_STAMP): pyproject.toml $(LLAMA_BUILD)
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python install/llama_build.py --no-self-test
 	$(VLLM_VENV)/bin/pip install --quiet -e '.[test]' '$(VLLM_PACKAGE)' accelerate gguf  # accelerate, gguf: transformers reading GGUF (bench)
 	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)

