@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import httpx
 import pytest
 
 from servelet.artifacts import resolve_model
+from servelet.engine.errors import REBUILD_WITHOUT_AMX
 from servelet.settings import DEFAULT_MODEL_URI
 
 # Private servers for the tests that need real ones: PostgreSQL (`postgres`) and moto S3 (`s3_server`, `s3_env`).
@@ -24,7 +26,32 @@ START_TIMEOUT = 180.0
 
 
 @pytest.fixture(scope="session")
-def model_path() -> Path:
+def llama_cpp_runs() -> None:
+    """A few tokens of the default model in a subprocess, once, before any test loads llama.cpp in this process.
+
+    A llama.cpp build that does not fit this CPU dies by a signal at its first decode; in-process that would kill
+    pytest with no summary. Here it fails every test that needs the model, with the signal, the build and the fix."""
+    result = subprocess.run(
+        [sys.executable, "-m", "servelet.engine.selftest"], capture_output=True, text=True, timeout=START_TIMEOUT
+    )
+    if result.returncode != 0:
+        pytest.fail(selftest_failure(result), pytrace=False)
+
+
+def selftest_failure(result: subprocess.CompletedProcess) -> str:
+    died = f"died by {signal.Signals(-result.returncode).name}" if result.returncode < 0 else f"exited with {result.returncode}"
+    system_info = result.stderr.strip().splitlines()[:1] or ["(none printed)"]
+    return (
+        f"llama.cpp cannot run here: a tiny decode of the default model {died}.\n"
+        f"build: {system_info[0]}\n"
+        f"fix: rebuild llama.cpp without AMX with `{REBUILD_WITHOUT_AMX}` "
+        f"(or `rm -rf .venv && make install` if this environment came from another machine)\n"
+        f"output:\n{(result.stdout + result.stderr).strip()[-3000:]}"
+    )
+
+
+@pytest.fixture(scope="session")
+def model_path(llama_cpp_runs) -> Path:
     return resolve_model(DEFAULT_MODEL_URI)
 
 

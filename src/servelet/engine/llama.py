@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import importlib.metadata
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,12 +15,57 @@ import numpy as np
 log = logging.getLogger("servelet.llama")
 
 _LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 3 = warn, 4 = error; the rest is chatter
+_AMX_BUFFER = re.compile(rb"AMX model buffer size\s*=\s*([0-9.]+) MiB")
+
+
+class _LoadLog:
+    """What llama.cpp's log said during the last model load and its API does not tell."""
+
+    amx_weights_mib = 0.0  # weights repacked for AMX's tiles
 
 
 @C.llama_log_callback
 def _forward_log(level: int, text: bytes, _user_data) -> None:
+    if text and (match := _AMX_BUFFER.search(text)):
+        _LoadLog.amx_weights_mib = float(match.group(1))
     if level in _LEVELS and text:
         log.log(_LEVELS[level], text.decode("utf-8", "replace").rstrip())
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """Which llama.cpp build runs and whether AMX does: install/llama_build.py stamps its key in the version."""
+
+    version: str
+    variant: str  # amx | noamx (servelet's builds), or "stock" for a build made elsewhere
+    amx_compiled: bool
+    amx_weights_mib: float
+    system_info: str
+
+    def summary(self) -> str:
+        amx = (
+            f"AMX on ({self.amx_weights_mib:.1f} MiB of weights in AMX tiles)" if self.amx_weights_mib
+            else "AMX compiled in but unused (no AMX tile permission, or no weight type AMX takes)" if self.amx_compiled
+            else "AMX off"
+        )
+        return f"llama-cpp-python {self.version} ({self.variant} build), {amx}; {self.system_info}"
+
+
+def build_facts() -> BuildFacts:
+    """Read after a model loaded, so the AMX figure is that load's."""
+    try:
+        version = importlib.metadata.version("llama_cpp_python")
+    except importlib.metadata.PackageNotFoundError:
+        version = getattr(C, "__version__", "unknown")
+    _, _, local = version.partition("+")
+    system_info = C.llama_print_system_info().decode("utf-8", "replace").strip()
+    return BuildFacts(
+        version=version,
+        variant=local.split(".")[0] if local else "stock",
+        amx_compiled="AMX_INT8 = 1" in system_info,
+        amx_weights_mib=_LoadLog.amx_weights_mib,
+        system_info=system_info,
+    )
 
 
 _backend_ready = False
@@ -117,11 +164,15 @@ def gguf_metadata(path: str | Path) -> dict[str, str]:
 class LlamaModel:
     """A loaded GGUF model with one multi-sequence context (per-sequence or unified KV cells)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, extra_buffers: bool = True):
+        """`extra_buffers=False` keeps the weights in plain buffers: ggml's generic kernels, not the AMX or
+        repacked ones (a reference to compare those with)."""
         _init_backend()
         self.path = str(path)
         mparams = C.llama_model_default_params()
         mparams.n_gpu_layers = 0
+        mparams.use_extra_bufts = extra_buffers
+        _LoadLog.amx_weights_mib = 0.0
         self._model = C.llama_model_load_from_file(self.path.encode(), mparams)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load the model file {self.path}")
@@ -136,6 +187,8 @@ class LlamaModel:
         self.eos_text = self._special_text(C.llama_vocab_eos(self._vocab))
         self._piece_buf = ctypes.create_string_buffer(256)  # used by the engine thread only
         self._ctx = None
+        self.build = build_facts()
+        log.info("%s loaded on %s", self.name, self.build.summary())
 
     def metadata(self, key: str) -> str | None:
         """A GGUF metadata value as text, or None when the file does not have it."""
