@@ -1,5 +1,8 @@
 """Errors the engine raises before or while serving a request; each maps to one HTTP status."""
 
+# What to run when the llama.cpp build does not fit this CPU (it crashes, or cannot decode): the Makefile's switch.
+REBUILD_WITHOUT_AMX = "SERVELET_LLAMA_CPP_AMX=off make install"
+
 
 class EngineError(Exception):
     """Base class: the message is written for the user who sent the request."""
