@@ -62,6 +62,21 @@ async def test_a_lone_greedy_request_is_reproducible(engine):
     assert first.text == second.text and first.text.strip()
 
 
+async def test_the_warm_up_leaves_no_trace(engine, model_path):
+    """The llamacpp runtime warms its engine up before it reports ready: nothing of it may show afterwards."""
+    warmed = Engine(model_path, engine.config)
+    try:
+        await asyncio.to_thread(warmed.warm_up)  # as the runtime calls it: in the thread that loads the model
+        assert warmed.occupancy() == {key: 0 for key in warmed.occupancy()}  # what /ping reports
+        assert_idle_and_empty(warmed)
+        params = GenerationParams(max_new_tokens=8)
+        answer = await warmed.generate("The capital of France is", params)
+        assert answer.text == (await engine.generate("The capital of France is", params)).text
+        assert warmed.occupancy()["tokens_generated"] == answer.stats.generated_tokens  # none of the warm-up's
+    finally:
+        warmed.close()
+
+
 async def test_seeded_sampling_is_reproducible(engine):
     params = GenerationParams(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.95, top_k=50, seed=7)
     first = await engine.generate("Once upon a time", params)

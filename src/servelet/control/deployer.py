@@ -220,6 +220,9 @@ class Deployer:
                 reason = alarm.fired(green.outcomes)
                 if reason:
                     raise Rollback(reason)
+            given_up = next((i.given_up for i in green.instances() if i.given_up), None)
+            if given_up:  # it kept crashing: the fleet stopped restarting it
+                raise Rollback(f"the new fleet failed: {given_up}")
             if asyncio.get_running_loop().time() >= deadline:
                 return
             await asyncio.sleep(WATCH_POLL_S)

@@ -16,10 +16,12 @@ import random
 import tempfile
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..artifacts import Materialized, materialize, shared_in_memory
+from ..engine.errors import REBUILD_WITHOUT_AMX
 from .instances import Instance
 
 log = logging.getLogger("servelet.control")
@@ -30,6 +32,11 @@ MAX_SOCKET_PATH_BYTES = 100
 DEFAULT_VARIANT = "AllTraffic"  # the name SageMaker's console gives a single variant
 RESTART_BACKOFF_SECONDS = 1.0
 MAX_RESTART_BACKOFF_SECONDS = 30.0
+# Instances killed by a signal before serving a request, in a row, after which the fleet stops restarting them: a
+# model (or a llama.cpp build) that crashes every time would otherwise be restarted forever.
+CRASHES_BEFORE_FAILING = 3
+# Signals of native code gone wrong; a llama.cpp built for instructions this CPU lacks (or mishandles, AMX) dies so.
+NATIVE_CRASHES = ("SIGSEGV", "SIGILL", "SIGBUS")
 
 
 @dataclass
@@ -191,14 +198,18 @@ class Fleet:
     def __init__(self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None, stream_channel: bool = True):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="servelet-"))
         self.stream_channel = stream_channel
-        # The gateway logs every request itself; instances would log each health poll too.
-        self.instance_env = {"SERVELET_ACCESS_LOG": "false"} | (instance_env or {})
+        # The gateway logs every request itself; instances would log each health poll too. An instance killed by a
+        # signal (a native crash) prints where its threads were into the gateway's log (Python's faulthandler).
+        self.instance_env = {"SERVELET_ACCESS_LOG": "false", "PYTHONFAULTHANDLER": "1"} | (instance_env or {})
         self.endpoints: dict[str, Endpoint] = {}
         self._serials: dict[str, dict[str, itertools.count]] = {}
         self._tasks: set[asyncio.Task] = set()
         # Remote model files fetched once into memory, by URI: every instance of them inherits the one copy.
         self._models: dict[str, Materialized] = {}
         self._fetching = asyncio.Lock()
+        # Told (endpoint name, why) when an instance is given up after it was ready: creation and updates wait on
+        # their instances themselves, an endpoint in service learns it here.
+        self.on_instance_given_up: Callable[[str, str], None] | None = None
 
     def get(self, name: str) -> Endpoint:
         try:
@@ -326,7 +337,7 @@ class Fleet:
             current = instances()
             if current is None:
                 return f"{what} were removed while starting"
-            failed = [i.failure for i in current if i.failure and not i.ever_ready]
+            failed = [i.given_up for i in current if i.given_up]
             if failed:
                 return failed[0]
             if all(i.ready for i in current):
@@ -374,26 +385,47 @@ class Fleet:
         self._release_models()
 
     async def _keep_running(self, endpoint: Endpoint, instance: Instance, timeout: float) -> None:
-        """Bring the instance up; if it dies after it was ready, start a new one (with backoff) while the endpoint exists."""
+        """Bring the instance up and replace it (with backoff) whenever it exits, while the endpoint exists; give up
+        on a model that never loads, or that is killed by a signal CRASHES_BEFORE_FAILING times before serving."""
         backoff = RESTART_BACKOFF_SECONDS
+        crashes = 0
         while True:
             try:
                 await instance.wait_ready(timeout)
             except Exception as exc:
-                log.error("%s", exc)
-                if not instance.ever_ready:
+                instance.failure = instance.failure or f"instance {instance.name} failed to start: {exc!r}"
+                if instance.exit_signal is None and not instance.ever_ready:
+                    log.error("%s", instance.failure)
+                    instance.given_up = instance.failure
                     return  # a model that never loads: the endpoint fails rather than retrying forever
             else:
                 backoff = RESTART_BACKOFF_SECONDS
                 await instance.watch()
             if self.endpoints.get(endpoint.name) is not endpoint or instance.stopping:
                 return
-            log.warning("instance %s exited; starting a replacement in %.0f s", instance.name, backoff)
+            if instance.served:
+                crashes = 0
+            elif instance.exit_signal is not None:
+                crashes += 1
+                if crashes >= CRASHES_BEFORE_FAILING:
+                    self._give_up(endpoint, instance, crash_reason(instance, crashes))
+                    return
+            # Killed by a signal: a warning (the endpoint fails loudly if it keeps crashing); any other exit: an error.
+            level = logging.WARNING if instance.exit_signal else logging.ERROR
+            log.log(level, "%s%s; starting a replacement in %.0f s",
+                    instance.failure, _counts(instance, crashes), backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_RESTART_BACKOFF_SECONDS)
             if self.endpoints.get(endpoint.name) is not endpoint or instance.stopping:
                 return
             await instance.start()
+
+    def _give_up(self, endpoint: Endpoint, instance: Instance, reason: str) -> None:
+        """No more restarts: whoever waits on the instance sees `given_up`; an endpoint in service is told."""
+        instance.given_up = reason
+        log.warning("instance %s: no more restarts (%s)", instance.name, reason.split(": ", 1)[0])
+        if instance.ever_ready and self.on_instance_given_up is not None:
+            self.on_instance_given_up(endpoint.name, reason)
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -420,6 +452,34 @@ async def _until(condition, timeout: float, poll: float = 0.05) -> bool:
             return False
         await asyncio.sleep(poll)
     return True
+
+
+def crash_reason(instance: Instance, crashes: int) -> str:
+    """Why the endpoint fails after its instances crashed, and what to do about it."""
+    what = f"{instance.failure}, {crashes} times in a row without serving a request"
+    again = "then delete the endpoint and create it again"
+    if instance.exit_signal in NATIVE_CRASHES:
+        return (
+            f"{what}: native code crashed in the model's process. A llama.cpp build that does not fit this CPU does "
+            f"this: rebuild it without AMX with `{REBUILD_WITHOUT_AMX}`, {again}. If the model is not a GGUF, its "
+            "own code (inference.py or a library it calls) crashed: the traceback it printed into the gateway's log "
+            "shows where"
+        )
+    if instance.exit_signal == "SIGKILL":
+        return (
+            f"{what}: something killed it, most often the kernel's out-of-memory killer (`dmesg` says so): give it "
+            f"more memory, run fewer instances or a smaller model, {again}"
+        )
+    return f"{what}: its output in the gateway log shows why; fix that, {again}"
+
+
+def _counts(instance: Instance, crashes: int) -> str:
+    """For the log: whether the exit counts toward giving up."""
+    if instance.exit_signal is None:
+        return ""
+    if instance.served:
+        return " after serving requests"
+    return f" before serving a request (crash {crashes} of {CRASHES_BEFORE_FAILING} before the endpoint fails)"
 
 
 def threads_setting(instance: Instance) -> int | None:

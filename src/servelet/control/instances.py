@@ -35,6 +35,22 @@ def _die_with_parent() -> None:
         pass  # not Linux: instances outlive a killed gateway
 
 
+def signal_name(number: int) -> str:
+    """"SIGSEGV" for 11; "signal 99" for a number Python has no name for."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def signal_meaning(number: int) -> str:
+    """The C library's words for a signal ("Segmentation fault"), or its name."""
+    try:
+        return signal.strsignal(number) or signal_name(number)
+    except ValueError:
+        return signal_name(number)
+
+
 class InstanceFailed(RuntimeError):
     """The instance process exited or never became ready."""
 
@@ -57,8 +73,10 @@ class Instance:
         self.ready = False
         self.facts: dict = {}  # GET /model: name, context_length, chat_template, ...
         self.occupancy: dict = {}  # the last /ping: running, waiting, ...
-        self.failure: str | None = None
+        self.failure: str | None = None  # why it last exited or did not start
+        self.given_up: str | None = None  # why the fleet stopped restarting it (the endpoint fails with it)
         self.ever_ready = False
+        self.served = False  # this process answered a request successfully: a crash after that is no broken build
         self.stopping = False
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._relay: asyncio.Task | None = None
@@ -69,6 +87,7 @@ class Instance:
             await self.client.aclose()
             self.client = self._new_client()
             self.failure = None
+        self.served = False
         if self.socket_path.exists():
             self.socket_path.unlink()
         shared = self.model_file if self.model_file is not None and self.model_file.fds else None
@@ -90,8 +109,8 @@ class Instance:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process is not None and self.process.returncode is not None:
-                self.failure = f"instance {self.name} exited with status {self.process.returncode} while loading"
-                if why := await self._last_error():
+                self.failure = f"instance {self.name} {self.exit_description()} while loading its model"
+                if self.exit_signal is None and (why := await self._last_error()):
                     self.failure += f": {why}"
                 raise InstanceFailed(self.failure)
             if self.socket_path.exists() and await self.client.ping():
@@ -137,8 +156,19 @@ class Instance:
             await asyncio.sleep(HEALTH_POLL_SECONDS)
         self.ready = False
         if self.process is not None and not self.stopping:  # a stop we asked for is no failure
-            self.failure = f"instance {self.name} exited with status {self.process.returncode}"
-            log.error(self.failure)
+            self.failure = f"instance {self.name} {self.exit_description()}"
+
+    @property
+    def exit_signal(self) -> str | None:
+        """The signal that ended the process ("SIGSEGV"), or None while it runs or when it exited by itself."""
+        code = self.process.returncode if self.process is not None else None
+        return signal_name(-code) if code is not None and code < 0 else None  # asyncio: -N means killed by signal N
+
+    def exit_description(self) -> str:
+        code = self.process.returncode if self.process is not None else None
+        if self.exit_signal is not None:
+            return f"was killed by {self.exit_signal} ({signal_meaning(-code)})"
+        return f"exited with exit status {code}"
 
     async def stop(self, grace: float = 10.0) -> None:
         self.ready = False

@@ -2,8 +2,9 @@
 
 The store says what should run; the fleet is what runs. Creating an endpoint records it as `Creating`, starts its
 instances and marks it `InService` once every instance answers `/ping` (or `Failed`, saying why). A restart
-brings every stored endpoint back; a crashed instance is replaced by the fleet. Updates (blue/green, weights and
-instance counts) are the deployer's (`deployer.py`).
+brings every stored endpoint back; a crashed instance is replaced by the fleet, unless it keeps crashing before it
+serves: then its endpoint fails. Updates (blue/green, weights and instance counts) are the deployer's
+(`deployer.py`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ControlPlane:
         self._tasks: set[asyncio.Task] = set()
         self.deployer = Deployer(self)
         self.autoscaler = Autoscaler(self, autoscale_interval)
+        fleet.on_instance_given_up = self._instance_given_up
 
     # -- models ---------------------------------------------------------------------------------------------
     async def create_model(self, spec: ModelSpec) -> ModelSpec:
@@ -249,9 +251,26 @@ class ControlPlane:
 
     async def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
         await self.fleet.deploy_variants(record.endpoint_name, plans, self.start_timeout, record.endpoint_config_name)
-        task = asyncio.create_task(self._await_service(record.endpoint_name))
+        self._spawn(self._await_service(record.endpoint_name))
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _instance_given_up(self, name: str, reason: str) -> None:
+        """An instance the fleet stopped restarting fails its endpoint in service (creation and updates see it
+        themselves): a model that keeps crashing should say so, not be restarted forever."""
+        record = self.store.get_endpoint(name)
+        in_service = record is not None and record.endpoint_status is EndpointStatus.IN_SERVICE
+        if in_service and not self.deployer.updating(name):
+            self._spawn(self._fail_in_service(name, reason))
+
+    async def _fail_in_service(self, name: str, reason: str) -> None:
+        await self.fleet.remove(name)
+        record = self.store.get_endpoint(name)
+        if record is not None and record.endpoint_status is EndpointStatus.IN_SERVICE:
+            self._fail(record, reason)
 
     async def _await_service(self, name: str) -> None:
         failure = await self.fleet.wait_ready(name, self.start_timeout)

@@ -91,6 +91,7 @@ class Router:
                 raise _instance_failed(instance, exc) from None
             if response.status_code != 200:
                 raise from_instance(response.status_code, response.content)
+            instance.served = True
         return Answer(
             body=response.content,
             content_type=response.headers.get("content-type", "application/json"),
@@ -144,3 +145,4 @@ async def _chunks(response: QueuedAnswer, instance: Instance) -> AsyncIterator[b
             yield chunk
     except httpx.TransportError as exc:
         raise _instance_failed(instance, exc, "mid-stream") from None
+    instance.served = True  # a stream served is one that ended: its 200 comes before the model has run

@@ -10,10 +10,11 @@ import itertools
 import logging
 import os
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .errors import EngineStopped, InvalidConfig, InvalidRequest, Overloaded
+from .errors import REBUILD_WITHOUT_AMX, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
 from .generation import Generation
 from .llama import ContextShape, LlamaModel
 from .params import GenerationParams, allowed_new_tokens
@@ -21,6 +22,11 @@ from .scheduler import Scheduler, SchedulerLimits
 from .sequence import Finished, Sequence
 
 log = logging.getLogger("servelet.engine")
+
+# A prompt of several tokens takes llama.cpp's tiled matrix kernels (AMX's, where built), the token decoded after
+# it the one-row kernels: a build that does not fit the CPU may crash in either.
+WARM_UP_PROMPT = "The capital of France is"
+WARM_UP_WAIT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,33 @@ class Engine:
         with self._wake:
             seq.cancelled = True
             self._wake.notify()
+
+    def warm_up(self) -> None:
+        """Generate two tokens of a short prompt before any request, so that a llama.cpp build that crashes on this
+        CPU kills the instance before it reports ready rather than at a user's first request.
+
+        It runs like any request, on the engine thread (whose thread team every decode uses); then the counters go
+        back to what they were, so /ping and the metrics show no trace of it (its KV cells are freed as it ends).
+        Call it from a thread without a running event loop, before submitting anything."""
+        with self._wake:
+            if self._in_engine:
+                raise RuntimeError("warm_up: the engine already has requests; warm it up before submitting any")
+            counters = replace(self.scheduler.counters)
+        params = GenerationParams(max_new_tokens=2, ignore_eos=True)
+        result = asyncio.run(asyncio.wait_for(self.generate(WARM_UP_PROMPT, params), WARM_UP_WAIT_S))
+        if result.error:
+            raise RuntimeError(
+                f"the warm-up generation failed ({result.error}): the llama.cpp build may not fit this CPU; rebuild it "
+                f"without AMX with `{REBUILD_WITHOUT_AMX}`"
+            )
+        deadline = time.monotonic() + WARM_UP_WAIT_S
+        while time.monotonic() < deadline:
+            with self._wake:  # the engine thread counts a finished request out after its client heard of it
+                if not self._in_engine:
+                    self.scheduler.counters = counters  # no step runs while we hold the lock with nothing in flight
+                    return
+            time.sleep(0.001)
+        raise RuntimeError(f"warm_up: the engine did not settle within {WARM_UP_WAIT_S:.0f} s")
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text)

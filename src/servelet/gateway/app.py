@@ -85,20 +85,24 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
             "docs": "/docs",
         }
 
-    @app.get("/health", tags=["servelet"], summary="Gateway liveness and each endpoint's readiness")
+    @app.get("/health", tags=["servelet"], summary="Gateway liveness and each endpoint's readiness and status")
     async def health():
-        return {
-            "status": "ok",
-            "endpoints": {
-                name: {
-                    "ready": endpoint.ready,
-                    "variants": {
-                        v.name: {"instances": len(v.instances), "ready": len(v.ready_instances())} for v in endpoint.variants
-                    },
-                }
-                for name, endpoint in fleet.endpoints.items()
-            },
+        endpoints = {
+            name: {
+                "ready": endpoint.ready,
+                "variants": {
+                    v.name: {"instances": len(v.instances), "ready": len(v.ready_instances())} for v in endpoint.variants
+                },
+            }
+            for name, endpoint in fleet.endpoints.items()
         }
+        # The store knows the endpoints the fleet no longer runs (Failed), and why each failed.
+        for record in store.list_endpoints():
+            shown = endpoints.setdefault(record.endpoint_name, {"ready": False, "variants": {}})
+            shown["status"] = record.endpoint_status.value
+            if record.failure_reason:
+                shown["failure_reason"] = record.failure_reason
+        return {"status": "ok", "endpoints": endpoints}
 
     @app.get("/metrics", tags=["servelet"], summary="Prometheus metrics", response_class=Response)
     async def prometheus_metrics():

@@ -17,6 +17,11 @@ class LlamaCppRuntime(TextGenerationRuntime):
 
         super().__init__(Engine(path, settings.engine_config()))
         self.settings = settings
+        try:
+            self.engine.warm_up()  # a build that crashes here does so before ready: the deployment fails, not a request
+        except Exception:
+            self.engine.close()
+            raise
 
     def facts(self) -> dict:
         model = self.engine.model
