@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import subprocess
+import sys
 import tarfile
 import tempfile
 from importlib.metadata import version
@@ -34,7 +35,8 @@ CONTEXT_PER_SLOT = 2048  # the context servelet gives each sequence by default
 FLAVOURS = ("stock", "patched")
 
 _spec = importlib.util.spec_from_file_location("llama_build", Path(__file__).resolve().parent.parent / "install" / "llama_build.py")
-llama_build = importlib.util.module_from_spec(_spec)
+llama_build = sys.modules["llama_build"] = importlib.util.module_from_spec(_spec)  # dataclasses look it up
+sys.modules[_spec.name] = llama_build  # dataclasses look their module up there while the class is made
 _spec.loader.exec_module(llama_build)
 
 
