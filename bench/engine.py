@@ -1,15 +1,20 @@
 """Aggregate generated tokens/s and time to first token (TTFT) for N concurrent requests, system by system.
 
 servelet (`servelet container`, continuous batching) against llama-cpp-python's high-level `Llama` answering the
-same requests one after another, and llama.cpp's own `llama-server` (built once into ~/.cache/servelet/bench/):
-stock, as its users build it, and on CPUs with AMX also from servelet's patched source (bench/llama_server.py).
-The CPU and the llama.cpp build are printed first and saved with the figures.
+same requests one after another, and llama.cpp's own `llama-server` (built once into ~/.cache/servelet/bench/).
+`llama` runs `Llama` in this process on the installed bindings, servelet's build. `llama-stock` and `llama-server`
+are the peers as their users get them: the pinned sdist, unpatched, built natively with AMX off (stock AMX
+crashes); `llama-stock` runs `Llama` on those bindings in an environment of their own (bench/llama_stock.py).
+`llama-server-patched` is built from servelet's patched source with its AMX choice (bench/llama_server.py). On a
+CPU without AMX the patch compiles to nothing and the stock builds equal servelet's, so `llama-stock` and
+`llama-server-patched` run by default only on CPUs with AMX (--systems asks for them anywhere).
+The CPU and the llama.cpp builds are printed first and saved with the figures.
 Each request: a 34-91-token prompt, 128 new tokens, greedy, end of text ignored, 2 threads. All systems are
 started first and then take turns, never running side by side: for each N and each repeat, every system answers
 the same batch once, in an order that rotates, so the machine's drift (single runs swing by 10% here) hits them
 alike and each repeat gives a paired ratio.
 
-    python bench/engine.py [--n 1,4,16,32] [--systems servelet,llama,llama-server,llama-server-patched] [--repeats 3] [--json PATH]
+    python bench/engine.py [--n 1,4,16,32] [--systems servelet,llama,llama-stock,llama-server,llama-server-patched] [--repeats 3] [--json PATH]
     python bench/engine.py --quick     # smoke test: N = 1, 2 with 16 new tokens
 """
 
@@ -34,11 +39,13 @@ from pathlib import Path
 from typing import ContextManager, Protocol
 
 import httpx
-import llama_cpp
 import numpy as np
-from llama_cpp import Llama, LogitsProcessorList
+from llama_cpp import Llama
 
 import llama_server
+import llama_stock
+# EndOfTextMask, SequentialLlama: bench/threads.py takes them from here.
+from llama_sequential import EndOfTextMask, RequestTiming, SequentialLlama, open_llama
 from machine import cpu_amx, machine
 from machine import describe as describe_machine
 from servelet.artifacts import resolve_model
@@ -120,16 +127,6 @@ def prompt_token_counts(model: Path, prompts: tuple[str, ...]) -> list[int]:
 
 
 # -- measurements ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RequestTiming:
-    """One request's clock readings (time.perf_counter) and the tokens it generated."""
-
-    submitted: float
-    first_token: float
-    last_token: float
-    tokens: int
 
 
 @dataclass
@@ -269,18 +266,24 @@ def free_port() -> int:
 @contextmanager
 def server_process(command: list[str], health_url: str, env: dict[str, str] | None = None) -> Iterator[None]:
     """Run a server until the block ends; ready once `health_url` answers 200. Stopped on errors and Ctrl-C too."""
-    with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.TemporaryFile() as log, running(command, env=env, stdout=log, stderr=subprocess.STDOUT) as process:
+        wait_until_healthy(process, health_url, log)
+        yield
+
+
+@contextmanager
+def running(command: list[str], **popen) -> Iterator[subprocess.Popen]:
+    """A subprocess for the length of the block, stopped when it ends, on errors and Ctrl-C too."""
+    process = subprocess.Popen(command, **popen)
+    try:
+        yield process
+    finally:
+        process.terminate()
         try:
-            wait_until_healthy(process, health_url, log)
-            yield
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def wait_until_healthy(process: subprocess.Popen, health_url: str, log) -> None:
@@ -322,66 +325,29 @@ def llama_server_system(model: Path, max_concurrency: int, flavour: str = "stock
 # -- llama-cpp-python's high-level API: one request after another ----------------------------------------------
 
 
-class EndOfTextMask:
-    """A logits processor that rules out end-of-generation tokens (like ignore_eos) and counts the samples."""
-
-    def __init__(self, end_of_text_ids: np.ndarray):
-        self.end_of_text_ids = end_of_text_ids
-        self.sampled = 0
-
-    def __call__(self, _input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        self.sampled += 1
-        scores[self.end_of_text_ids] = -np.inf
-        return scores
-
-
-class SequentialLlama:
-    """The way a single-user app calls `Llama`: the batch's requests all arrive at once and are answered in turn."""
-
-    def __init__(self, llm: Llama):
-        self.llm = llm
-        vocab = llama_cpp.llama_model_get_vocab(llm.model)
-        self.end_of_text_ids = np.array([t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)])
-
-    def run_batch(self, prompts: tuple[str, ...], new_tokens: int) -> list[RequestTiming]:
-        arrived = time.perf_counter()  # so each TTFT includes the wait for the requests answered before it
-        return [self._answer(prompt, new_tokens, arrived) for prompt in prompts]
-
-    def _answer(self, prompt: str, new_tokens: int, arrived: float) -> RequestTiming:
-        mask = EndOfTextMask(self.end_of_text_ids)
-        # Without a reset, Llama reuses the KV of a shared prefix with the previous prompt; the servers are
-        # asked not to (cache_prompt false), so every prompt is prefilled in full here too.
-        self.llm.reset()
-        chunks = self.llm.create_completion(
-            prompt,
-            max_tokens=new_tokens,
-            temperature=0,
-            stop=[],
-            stream=True,
-            logits_processor=LogitsProcessorList([mask]),
-        )
-        first_token = 0.0
-        for _chunk in chunks:
-            first_token = first_token or time.perf_counter()
-        return RequestTiming(arrived, first_token, time.perf_counter(), mask.sampled)
+def sequential_llama(model: Path, max_concurrency: int) -> ContextManager[BatchRunner]:
+    """`Llama` on the installed bindings (servelet's build for this CPU), in this process."""
+    return open_llama(model, THREADS, CONTEXT_TOKENS)
 
 
 @contextmanager
-def sequential_llama(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
-    llm = Llama(str(model), n_threads=THREADS, n_threads_batch=THREADS, n_ctx=CONTEXT_TOKENS, verbose=False)
-    try:
-        yield SequentialLlama(llm)
-    finally:
-        llm.close()
+def stock_llama(model: Path, max_concurrency: int) -> Iterator[BatchRunner]:
+    """The same `Llama` code on the stock bindings, in a worker that lives as long as the block."""
+    command = llama_stock.worker_command(llama_stock.stock_python(), model, THREADS, CONTEXT_TOKENS)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "text": True}
+    with tempfile.TemporaryFile() as log, running(command, stderr=log, **pipes) as process:
+        yield llama_stock.WorkerLlama(process, log)
 
 
 SYSTEMS: dict[str, Callable[[Path, int], ContextManager[BatchRunner]]] = {
     "servelet": servelet,
     "llama": sequential_llama,
+    "llama-stock": stock_llama,  # the stock bindings: the sdist unpatched, AMX off (stock AMX crashes)
     "llama-server": llama_server_system,  # stock: as its users build it (AMX off: stock AMX crashes)
     "llama-server-patched": lambda model, n: llama_server_system(model, n, "patched"),  # servelet's source and flags
 }
-LABELS = {"servelet": "servelet", "llama": "Llama (sequential)", "llama-server": "llama-server (stock)",
+LABELS = {"servelet": "servelet", "llama": "Llama (sequential)", "llama-stock": "Llama stock (sequential)",
+          "llama-server": "llama-server (stock)",
           "llama-server-patched": "llama-server (patched)"}
 
 
@@ -447,7 +413,7 @@ def paired_table(results: Results, ns: list[int]) -> str:
 
 def print_cell(system: str, n: int, cell: Measurement, expected_tokens: int) -> None:
     print(
-        f"  {LABELS[system]:<18} N={n:<3} {cell.tokens_per_s:7.1f} tok/s   "
+        f"  {LABELS[system]:<24} N={n:<3} {cell.tokens_per_s:7.1f} tok/s   "
         f"TTFT p50 {cell.ttft_p50_s:6.3f} s  p95 {cell.ttft_p95_s:6.3f} s",
         flush=True,
     )
@@ -530,9 +496,13 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     return options
 
 
+AMX_ONLY = {"llama-stock", "llama-server-patched"}  # elsewhere servelet's AMX patch compiles to nothing
+
+
 def default_systems() -> list[str]:
-    """Every system; the patched llama-server only where the CPU has AMX (elsewhere the patch compiles to nothing)."""
-    return [system for system in SYSTEMS if system != "llama-server-patched" or cpu_amx()]
+    """Every system; the pairs that differ only by servelet's patch (stock and servelet's Llama, stock and patched
+    llama-server) only where the CPU has AMX."""
+    return [system for system in SYSTEMS if system not in AMX_ONLY or cpu_amx()]
 
 
 def int_list(text: str) -> list[int]:
@@ -571,6 +541,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": machine(),
     }
     print(describe_machine(setup["machine"]))
+    if "llama-stock" in options.systems:
+        setup["llama_stock"] = llama_stock.stock_version()
+        print(f"llama-stock: llama-cpp-python {setup['llama_stock']} (the sdist unpatched, AMX off)")
     print(
         f"model {model.name}; {THREADS} threads; {options.new_tokens} new tokens per request, greedy, EOS ignored; "
         f"prompts {min(prompt_tokens)}-{max(prompt_tokens)} tokens; N = {options.n}; {options.repeats} run(s) per cell"

@@ -10,7 +10,8 @@ satisfies `==0.3.36`), so `pip list` and the engine's load log say which build r
 The build uses AMX where the CPU has it and the kernel grants it; the installed build then decodes a few
 tokens of the default model in a subprocess, and an AMX build that dies there falls back to the no-AMX build
 by itself (and remembers, so the next install goes straight to it). `SERVELET_LLAMA_CPP_AMX=off` forces the
-no-AMX build.
+no-AMX build. A third variant, "stock" (the sdist unpatched, AMX off), is never installed here: it is the
+llama-cpp-python users get, which bench/engine.py compares servelet against, cached here under its own key.
 
     python install/llama_build.py                 # for the Python running it: build or reuse, install, self-test
     python install/llama_build.py --no-self-test  # before servelet itself is installed
@@ -52,7 +53,7 @@ RECORD_NAME = "servelet-llama-build.json"  # in the target environment's prefix:
 
 @dataclass(frozen=True)
 class Choice:
-    variant: str  # "amx" or "noamx"
+    variant: str  # "amx" or "noamx" ("stock", the benchmark's unpatched peer, is never chosen)
     why: str
 
 
@@ -140,16 +141,18 @@ def pinned_version() -> str:
 
 
 def describe(variant: str) -> Build:
+    """One variant's inputs. "amx" and "noamx" are servelet's builds; "stock" is the sdist as its users build it
+    (no patches) with AMX off, since stock AMX crashes: the peer bench/engine.py compares servelet against."""
     cc = os.environ.get("CC", "cc")
     cmake = ["-DGGML_NATIVE=ON"]
-    if variant == "noamx":
+    if variant in ("noamx", "stock"):
         # Everything else native; gcc's explicit -mno-* win over what -march=native implies, in any order.
         cmake += [f"-DCMAKE_C_FLAGS={NO_AMX_COMPILE_FLAGS}", f"-DCMAKE_CXX_FLAGS={NO_AMX_COMPILE_FLAGS}"]
     return Build(
         version=pinned_version(),
         variant=variant,
         cmake_args=shlex.join(cmake),
-        patches={p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in PATCHES},
+        patches={} if variant == "stock" else {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in PATCHES},
         compiler=compiler_identity(cc),
         native_flags=native_flags(cc),
     )
@@ -188,15 +191,24 @@ def fetch_sdist(version: str) -> Path:
     return found[0]
 
 
+def obtain(build: Build) -> Path:
+    """The wheel of `build` from the cache, compiled first where no machine with its key built it yet."""
+    wheel = cached_wheel(build)
+    if wheel:
+        say(f"reusing {wheel} (built on a machine with the same key)")
+        return wheel
+    return build_wheel(build)
+
+
 def build_wheel(build: Build) -> Path:
-    """Unpack the sdist, apply the patches, stamp the version with the key, compile, keep the wheel."""
+    """Unpack the sdist, apply the build's patches, stamp the version with the key, compile, keep the wheel."""
     sdist = fetch_sdist(build.version)
     target = cache_root() / build.key
     with tempfile.TemporaryDirectory(prefix="servelet-llama-build-") as scratch:
         with tarfile.open(sdist) as archive:
             archive.extractall(scratch, filter="data")
         source = Path(scratch) / f"llama_cpp_python-{build.version}"
-        for patch in PATCHES:
+        for patch in (p for p in PATCHES if p.name in build.patches):
             say(f"applying {patch.relative_to(ROOT)}")
             run(["patch", "-p1", "--forward", "--batch", "--quiet", "-i", str(patch)], cwd=source)
         init = source / "llama_cpp" / "__init__.py"
@@ -278,11 +290,7 @@ def ensure(python: str, choice: Choice, run_self_test: bool) -> int:
         say(f"{DISTRIBUTION} {build.wheel_version} is installed" + (" and passed its self-test" if run_self_test else ""))
         return 0
 
-    wheel = cached_wheel(build)
-    if wheel:
-        say(f"reusing {wheel} (built on a machine with the same key)")
-    else:
-        wheel = build_wheel(build)
+    wheel = obtain(build)
     install(python, wheel)
     record = {"version": build.wheel_version, "key": build.key, "variant": build.variant, "why": choice.why,
               "cpu": cpu_model(), "self_test": None}

@@ -53,6 +53,45 @@ def test_the_no_amx_build_turns_amx_off_and_keeps_everything_else_native():
     assert noamx.wheel_version == f"{noamx.version}+noamx.k{noamx.key[:12]}"
 
 
+def test_the_stock_build_is_the_sdist_unpatched_with_amx_off():
+    """The benchmark's peer: what `pip install llama-cpp-python` gives, minus the AMX crash, under a key of its own."""
+    stock, noamx = llama_build.describe("stock"), llama_build.describe("noamx")
+    assert stock.patches == {} and noamx.patches
+    assert stock.cmake_args == noamx.cmake_args and llama_build.NO_AMX_COMPILE_FLAGS in stock.cmake_args
+    assert stock.key != noamx.key
+    assert stock.wheel_version == f"{stock.version}+stock.k{stock.key[:12]}"
+
+
+def test_a_build_applies_its_own_patches_only(tmp_path, monkeypatch):
+    """servelet's builds compile the sdist with install/patches/, the stock build compiles it as it comes."""
+    monkeypatch.setenv("SERVELET_BUILD_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache").mkdir()  # fetch_sdist made it
+    version = llama_build.pinned_version()
+    init = tmp_path / "__init__.py"
+    init.write_text(f'__version__ = "{version}"\n')
+    sdist = tmp_path / f"llama_cpp_python-{version}.tar.gz"
+    with tarfile.open(sdist, "w:gz") as archive:
+        archive.add(init, f"llama_cpp_python-{version}/llama_cpp/__init__.py")
+    monkeypatch.setattr(llama_build, "fetch_sdist", lambda _version: sdist)
+    seen = {"patches": 0}
+
+    def run(command, **_kwargs):  # stands in for patch and pip wheel
+        if command[0] == "patch":
+            seen["patches"] += 1
+        else:
+            seen["init"] = (Path(command[-1]) / "llama_cpp" / "__init__.py").read_text()
+            out = Path(command[command.index("-w") + 1])
+            out.mkdir()
+            (out / "llama_cpp_python-0-py3-none-any.whl").touch()
+
+    monkeypatch.setattr(llama_build, "run", run)
+    for variant, patches in (("noamx", len(llama_build.PATCHES)), ("stock", 0)):
+        seen["patches"] = 0
+        build = llama_build.describe(variant)
+        assert llama_build.build_wheel(build).parent.name == build.key
+        assert seen["patches"] == patches and build.wheel_version in seen["init"]
+
+
 def test_a_wheel_cached_on_another_cpu_is_not_reused_here(tmp_path, monkeypatch):
     """The key hashes the instruction sets `-march=native` turns on: an AMX machine's wheel has another one."""
     monkeypatch.setenv("SERVELET_BUILD_CACHE", str(tmp_path))
