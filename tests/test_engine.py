@@ -228,6 +228,41 @@ def test_a_context_longer_than_the_model_was_trained_for_is_refused(model_path):
         Engine(model_path, EngineConfig(max_batch_size=1, max_model_len=10**6))
 
 
+async def test_the_engine_thread_loads_the_model_it_decodes_with(model_path, monkeypatch):
+    """llama.cpp's OpenMP team belongs to the calling thread; a load on another thread can leave a second team that
+    makes libgomp's barriers sleep (docs/engine.md, "Threads and AMX"), so load and decodes share one thread."""
+    import threading
+
+    from servelet.engine import engine as engine_module
+
+    seen: dict[str, set[int]] = {"load": set(), "decode": set()}
+
+    class RecordingModel(engine_module.LlamaModel):
+        def __init__(self, path):
+            seen["load"].add(threading.get_ident())
+            super().__init__(path)
+
+        def decode(self) -> int:
+            seen["decode"].add(threading.get_ident())
+            return super().decode()
+
+    monkeypatch.setattr(engine_module, "LlamaModel", RecordingModel)
+    watched = Engine(model_path, EngineConfig(max_batch_size=1, max_model_len=256, threads=2))
+    try:
+        await watched.generate("Hello", GenerationParams(max_new_tokens=2))
+    finally:
+        watched.close()
+    assert seen["load"] == seen["decode"] == {watched._thread.ident}
+    assert watched._thread.ident != threading.get_ident()
+
+
+def test_a_model_that_cannot_load_fails_the_constructor(tmp_path):
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a model")
+    with pytest.raises(RuntimeError, match="could not load the model"):
+        Engine(broken, EngineConfig(max_batch_size=1, max_model_len=256, threads=2))
+
+
 async def test_a_failing_step_ends_every_request_with_an_error_instead_of_hanging(model_path):
     broken = Engine(model_path, EngineConfig(max_batch_size=2, max_model_len=256, threads=2))
     try:

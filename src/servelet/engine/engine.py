@@ -90,39 +90,7 @@ class Engine:
     """Continuous-batching LLM engine over one llama.cpp context."""
 
     def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
-        self.config = config = config or EngineConfig()
-        unified = config.kv_cache_tokens is not None
-        kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
-        self.model = LlamaModel(model_path)
-        if config.max_model_len > self.model.n_ctx_train:
-            self.model.close()
-            raise InvalidConfig(
-                f"max_model_len {config.max_model_len} exceeds the model's training context of "
-                f"{self.model.n_ctx_train} tokens"
-            )
-        try:
-            self.model.open_context(
-                ContextShape(
-                    n_seq_max=config.max_batch_size,
-                    kv_cells=kv_cells,
-                    n_batch=config.prefill_chunk + config.max_batch_size,
-                    unified=unified,
-                    n_threads=config.threads,
-                )
-            )
-        except Exception:
-            self.model.close()
-            raise
-        self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
-        self.scheduler = Scheduler(
-            self.model,
-            SchedulerLimits(
-                max_batch_size=config.max_batch_size,
-                prefill_chunk=config.prefill_chunk,
-                max_prefill_wait=config.max_prefill_wait,
-                max_decode_stall=config.max_decode_stall,
-            ),
-        )
+        self.config = config or EngineConfig()
         self._ids = itertools.count(1)
         self._outbox = Outbox()
         self._inbox: list[Sequence] = []
@@ -130,8 +98,15 @@ class Engine:
         self._in_engine = 0  # sequences submitted and not finished, guarded by _wake
         self._stopping = False
         self._failure: str | None = None
-        self._thread = threading.Thread(target=self._run, name="servelet-engine", daemon=True)
+        # The engine thread loads the model as well as decoding with it: see _load.
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(model_path,), name="servelet-engine", daemon=True)
         self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            self._thread.join()
+            raise self._load_error
 
     # -- public API ---------------------------------------------------------------------------
     def submit(self, prompt: str | list[int], params: GenerationParams | None = None, *, logprobs: bool = False) -> Generation:
@@ -222,7 +197,59 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _load(self, model_path: str | Path) -> None:
+        """Load the model and open its context, on the engine thread.
+
+        llama.cpp's CPU backend (built with OpenMP) computes with a team of threads that belongs to the calling
+        thread, and libgomp counts the threads of every team in the process: once they outnumber the cores, every
+        team's barriers spin 100 rounds instead of 300,000 and then sleep in the kernel. The AMX build converts the
+        weights at load with a team of its own (ggml-cpu/amx parallel_for), so a model loaded on the caller's thread
+        and decoded on this one made two teams, 3 threads on 2 cores. Simulated without AMX (bench/threads.py
+        --openmp-at-load), decoding fell to 0.91x of `Llama`'s speed at 2 threads, with ~50 sleeps per token in each
+        of llama.cpp's threads. Loaded here, the load and every decode share one team. Nothing else may compute with llama.cpp on another thread while the engine
+        lives (docs/engine.md, "Threads and AMX")."""
+        config = self.config
+        unified = config.kv_cache_tokens is not None
+        kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
+        self.model = LlamaModel(model_path)
+        if config.max_model_len > self.model.n_ctx_train:
+            self.model.close()
+            raise InvalidConfig(
+                f"max_model_len {config.max_model_len} exceeds the model's training context of "
+                f"{self.model.n_ctx_train} tokens"
+            )
+        try:
+            self.model.open_context(
+                ContextShape(
+                    n_seq_max=config.max_batch_size,
+                    kv_cells=kv_cells,
+                    n_batch=config.prefill_chunk + config.max_batch_size,
+                    unified=unified,
+                    n_threads=config.threads,
+                )
+            )
+        except Exception:
+            self.model.close()
+            raise
+        self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
+        self.scheduler = Scheduler(
+            self.model,
+            SchedulerLimits(
+                max_batch_size=config.max_batch_size,
+                prefill_chunk=config.prefill_chunk,
+                max_prefill_wait=config.max_prefill_wait,
+                max_decode_stall=config.max_decode_stall,
+            ),
+        )
+
+    def _run(self, model_path: str | Path) -> None:
+        try:
+            self._load(model_path)
+        except BaseException as exc:  # raised again by __init__, in the caller's thread
+            self._load_error = exc
+            return
+        finally:
+            self._loaded.set()
         scheduler = self.scheduler
         while True:
             with self._wake:
