@@ -177,7 +177,11 @@ def deploy(
     model_uri: Annotated[str, typer.Argument(help="The model: package://, file://, s3://, http(s):// or a path.")],
     name: Annotated[str, typer.Option("--name", "-n", help="The endpoint's name (its model and config get it too).")],
     runtime: Annotated[str, typer.Option(help="The runtime that serves it (auto: told by the artifact).")] = "auto",
-    instances: Annotated[int, typer.Option(help="Instances to start.")] = 1,
+    instances: Annotated[Optional[int], typer.Option(help="Instances to start (default 1; none with --serverless).")] = None,
+    serverless: Annotated[Optional[str], typer.Option(
+        help="MEMORY:CONCURRENCY[:PROVISIONED]: a serverless variant (SageMaker's ServerlessConfig: MemorySizeInMB "
+        "1024-6144 in steps of 1024, MaxConcurrency 1-200, ProvisionedConcurrency 1..MaxConcurrency).",
+    )] = None,
     env: Annotated[Optional[list[str]], typer.Option("--env", "-e", help="KEY=VALUE for the instances (repeatable).")] = None,
     wait: Annotated[bool, typer.Option(help="Wait until the endpoint is InService.")] = True,
     timeout: Timeout = 600.0,
@@ -192,11 +196,16 @@ def deploy(
         environment[key] = value
     if "://" not in model_uri and Path(model_uri).exists():
         model_uri = str(Path(model_uri).resolve())  # the gateway runs elsewhere in the file system
+    capacity = serverless_config(serverless) if serverless else None
     with gateway(url) as client:
         if client.describe_endpoint(name) is not None:
             fail(f"endpoint {name!r} already exists: delete it first (`servelet endpoints delete {name}`) or pick another --name")
         container = {"ModelDataUrl": model_uri} | ({"Environment": environment} if environment else {})
-        variant = {"VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": instances, "InitialVariantWeight": 1.0}
+        variant = {"VariantName": "AllTraffic", "ModelName": name, "InitialVariantWeight": 1.0}
+        if serverless:
+            variant["ServerlessConfig"] = capacity
+        if instances is not None or not serverless:  # with --serverless too, so that the gateway says why not
+            variant["InitialInstanceCount"] = 1 if instances is None else instances
         steps = [
             ("CreateModel", {"ModelName": name, "PrimaryContainer": container, "Runtime": runtime}, ("DeleteModel", "ModelName")),
             ("CreateEndpointConfig", {"EndpointConfigName": name, "ProductionVariants": [variant]},
@@ -222,7 +231,18 @@ def deploy(
         start = time.monotonic()
         described = wait_in_service(client, name, timeout)
         ready, _ = instance_counts(described)
-        say(f"endpoint {name} is InService: {ready} instance(s) of {model_uri} ({time.monotonic() - start:.0f}s)")
+        serving = (f"serverless, {capacity['MemorySizeInMB']} MB, up to {capacity['MaxConcurrency']} requests at once"
+                   if capacity else f"{ready} instance(s)")
+        say(f"endpoint {name} is InService: {serving} of {model_uri} ({time.monotonic() - start:.0f}s)")
+
+
+def serverless_config(value: str) -> dict:
+    """`--serverless 2048:10[:2]` as SageMaker's ServerlessConfig; the gateway checks the limits."""
+    parts = value.split(":")
+    if not 2 <= len(parts) <= 3 or not all(p.strip().isdigit() for p in parts):
+        fail(f"--serverless {value!r}: write MEMORY:CONCURRENCY[:PROVISIONED] in whole numbers, e.g. 2048:10 or 2048:10:1", 2)
+    keys = ("MemorySizeInMB", "MaxConcurrency", "ProvisionedConcurrency")
+    return {key: int(part) for key, part in zip(keys, parts)}
 
 
 # -- endpoints list | describe | delete -------------------------------------------------------------------------

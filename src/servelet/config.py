@@ -27,6 +27,7 @@ from .control.resources import (
     available_runtime,
 )
 from .errors import ResourceInvalid, ResourceMissing
+from .sizing import serverless_memory_problems
 
 log = logging.getLogger("servelet.config")
 
@@ -78,12 +79,51 @@ class ModelEntry(Entry):
         return ModelSpec(model_name=self.name, primary_container=container, runtime=self.runtime)
 
 
-class Serverless(Entry):
-    """Stored on the variant (SageMaker's ServerlessConfig); serving it serverless comes with a later issue."""
+# SageMaker's names in the resources' messages, and what this file calls them.
+YAML_NAMES = {
+    "MemorySizeInMB": "memory_size_mb", "MaxConcurrency": "max_concurrency",
+    "ProvisionedConcurrency": "provisioned_concurrency", "ServerlessConfig": "serverless",
+    "InstanceType": "instance_type", "InitialInstanceCount": "instances",
+}
 
-    memory_size_mb: int = Field(2048, ge=1024, le=6144)
-    max_concurrency: int = Field(20, ge=1, le=200)
-    provisioned_concurrency: int | None = Field(None, ge=1, le=200)
+
+def _in_yaml_terms(exc: ValidationError) -> str:
+    """A resource's refusal, with the keys named as this file names them."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(YAML_NAMES.get(str(p), str(p)) for p in err.get("loc", ()))
+        message = err.get("msg", "invalid").removeprefix("Value error, ")
+        for sagemaker, yaml_name in YAML_NAMES.items():
+            message = message.replace(sagemaker, yaml_name)
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
+
+
+def _checked(build):
+    """Build a resource from an entry; its refusal becomes the entry's, in this file's terms."""
+    try:
+        return build()
+    except ValidationError as exc:
+        raise ValueError(_in_yaml_terms(exc)) from None
+
+
+class Serverless(Entry):
+    """SageMaker's ServerlessConfig on the variant; its limits are the resource's (control/resources.py)."""
+
+    memory_size_mb: int = 2048
+    max_concurrency: int = 20
+    provisioned_concurrency: int | None = None
+
+    @model_validator(mode="after")
+    def _within_limits(self):
+        _checked(self.spec)
+        return self
+
+    def spec(self) -> ServerlessConfig:
+        return ServerlessConfig.model_validate({
+            "MemorySizeInMB": self.memory_size_mb, "MaxConcurrency": self.max_concurrency,
+            "ProvisionedConcurrency": self.provisioned_concurrency,
+        })
 
 
 class Autoscaling(Entry):
@@ -128,20 +168,19 @@ class VariantEntry(Entry):
                 f"instances ({self.instances}) must lie within autoscaling's "
                 f"min_instances..max_instances ({scaling.min_instances}..{scaling.max_instances})"
             )
+        if self.serverless:
+            _checked(self.spec)  # the resource's rule on mixing serverless and instances
         return self
 
     def spec(self) -> ProductionVariant:
-        serverless = None
+        # In SageMaker's names, as a user sends them, so the variant's own checks see what this entry set.
+        variant = {"VariantName": self.name, "ModelName": self.model, "InitialVariantWeight": self.weight,
+                   "InstanceType": self.instance_type}
         if self.serverless:
-            serverless = ServerlessConfig(
-                memory_size_in_mb=self.serverless.memory_size_mb,
-                max_concurrency=self.serverless.max_concurrency,
-                provisioned_concurrency=self.serverless.provisioned_concurrency,
-            )
-        return ProductionVariant(
-            variant_name=self.name, model_name=self.model, initial_instance_count=self.instances,
-            initial_variant_weight=self.weight, instance_type=self.instance_type, serverless_config=serverless,
-        )
+            variant["ServerlessConfig"] = self.serverless.spec()
+        if not self.serverless or "instances" in self.model_fields_set:
+            variant["InitialInstanceCount"] = self.instances
+        return ProductionVariant.model_validate(variant)
 
 
 class AsyncInference(Entry):
@@ -247,6 +286,10 @@ def _cross_check(config: ServeConfig) -> list[str]:
                 problems.append(f"endpoints[{i}].variants[{j}].model: unknown model {variant.model!r} (declared: {declared})")
         if sum(v.weight for v in endpoint.variants) <= 0:
             problems.append(f"endpoints[{i}].variants: the weights sum to 0, so no variant would get traffic")
+        if any(v.serverless for v in endpoint.variants) and not problems:
+            declared = {m.name: m.spec() for m in config.models}
+            for j, why in serverless_memory_problems(endpoint.spec(), declared):
+                problems.append(f"endpoints[{i}].variants[{j}].serverless.memory_size_mb: {why}")
     return problems
 
 

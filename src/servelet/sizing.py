@@ -9,7 +9,12 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .control.resources import EndpointConfigSpec, ModelSpec
 
 # llama.cpp keeps its KV cache in f16 unless told otherwise (--cache-type-k/v).
 LLAMACPP_KV_BYTES = 2
@@ -245,3 +250,87 @@ def rows(s: Sizing) -> list[tuple[str, str]]:
         ("available now", f"{human(s.available_bytes)} (MemAvailable in /proc/meminfo)"),
         ("fits", verdict + ("" if s.fits is None else f" ({human(s.total_bytes)} {'≤' if s.fits else '>'} {human(s.available_bytes)})")),
     ]
+
+
+# -- serverless variants --------------------------------------------------------------------------------------
+# Lambda's ratio: memory buys CPU, one vCPU per 1,769 MB.
+MB_PER_VCPU = 1769
+# Model URIs sized at create time: local ones; a remote artifact is not fetched just to be sized.
+LOCAL_SCHEMES = ("package", "file", "")
+SIZE_TIMEOUT_S = 60.0
+
+
+def serverless_threads(memory_mb: int, cores: int) -> int:
+    """Threads for a serverless instance of `memory_mb`, as Lambda gives CPU: memory / 1,769 MB, 1 to `cores`."""
+    return max(1, min(cores, memory_mb // MB_PER_VCPU))
+
+
+def serverless_memory_problem(model: str, uri: str | None, environment: dict[str, str], memory_mb: int) -> str | None:
+    """Why `model` cannot fit in a serverless variant of `memory_mb`, with the sizing figures; None if it fits
+    or cannot be sized here (a remote URI, an unreadable artifact: the instance reports those when it starts).
+
+    Sized in a subprocess, as `servelet size` does, so the gateway never loads llama.cpp."""
+    import os
+    import subprocess
+    import sys
+    from urllib.parse import urlparse
+
+    from pydantic import ValidationError
+
+    from .settings import InstanceSettings
+
+    scheme = urlparse(uri or "").scheme.lower()
+    if not uri or (scheme not in LOCAL_SCHEMES and len(scheme) > 1):  # one letter: a Windows drive
+        return None
+    try:
+        settings = InstanceSettings(**environment)  # the batch and context its instances will run with
+    except ValidationError:
+        return None  # the instance refuses those settings itself, naming them
+    if settings.kv_cache_tokens is not None:
+        batch, context, what = 1, settings.kv_cache_tokens, f"a shared pool of {settings.kv_cache_tokens} tokens"
+    else:
+        batch, context = settings.max_batch_size, settings.max_model_len
+        what = f"{batch} sequences × {context} tokens"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "servelet.sizing", uri, str(batch), str(context)],
+            capture_output=True, text=True, timeout=SIZE_TIMEOUT_S, env=os.environ | environment,
+        )
+        figures = json.loads(done.stdout) if done.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError):
+        figures = None
+    if figures is None:
+        return None
+    mb = 1024 * 1024
+    total, weights, kv = figures["total_bytes"] / mb, figures["shape"]["weights_bytes"] / mb, figures["kv_bytes"] / mb
+    if total <= memory_mb:
+        return None
+    return (
+        f"model {model} needs about {total:,.0f} MB (weights {weights:,.0f} MB + KV cache {kv:,.0f} MB for {what}) "
+        f"but ServerlessConfig.MemorySizeInMB is {memory_mb}: choose a larger MemorySizeInMB, or give the model "
+        "a smaller SERVELET_MAX_BATCH_SIZE (OPTION_MAX_ROLLING_BATCH_SIZE) or SERVELET_MAX_MODEL_LEN (OPTION_MAX_MODEL_LEN) "
+        "in its Environment"
+    )
+
+
+def serverless_memory_problems(config: EndpointConfigSpec, models: Mapping[str, ModelSpec]) -> list[tuple[int, str]]:
+    """(variant index, why) for each serverless variant of `config` whose model (among `models`) cannot fit."""
+    problems = []
+    for index, variant in enumerate(config.production_variants):
+        model = models.get(variant.model_name)
+        if variant.serverless_config is None or model is None:
+            continue
+        memory = variant.serverless_config.memory_size_in_mb
+        problem = serverless_memory_problem(model.model_name, model.uri, model.instance_environment(), memory)
+        if problem:
+            problems.append((index, problem))
+    return problems
+
+
+if __name__ == "__main__":  # python -m servelet.sizing URI BATCH CONTEXT: the figures as JSON (serverless_memory_problem)
+    import sys
+
+    from .artifacts import resolve_model
+
+    uri, batch, context = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    print(size(uri, resolve_model(uri), batch, context).as_json())

@@ -13,7 +13,7 @@ import re
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_pascal
 
 # SageMaker's resource-name rule: letters, digits and hyphens, at most 63, starting with a letter or digit.
@@ -23,6 +23,15 @@ URI_SCHEMES = ("package://", "file://", "s3://", "http://", "https://")
 # Each runtime and the Python package it needs in this installation (None: always there).
 RUNTIME_PACKAGES = {"auto": None, "llamacpp": "llama_cpp", "transformers": "transformers", "handler": None, "vllm": "vllm"}
 MODEL_MODES = ("SingleModel", "MultiModel")
+# SageMaker's serverless limits (ProductionVariantServerlessConfig in botocore's service model).
+SERVERLESS_MEMORY_SIZES = (1024, 2048, 3072, 4096, 5120, 6144)
+SERVERLESS_MAX_CONCURRENCY = 200
+SERVERLESS_MEMORY_RULE = "1024 to 6144 MB in steps of 1024 (1024, 2048, 3072, 4096, 5120 or 6144)"
+SERVERLESS_CONCURRENCY_RULE = f"1 to {SERVERLESS_MAX_CONCURRENCY}"
+SERVERLESS_LIMITS = {
+    "memory_size_in_mb": (SERVERLESS_MEMORY_SIZES, SERVERLESS_MEMORY_RULE),
+    "max_concurrency": (range(1, SERVERLESS_MAX_CONCURRENCY + 1), SERVERLESS_CONCURRENCY_RULE),
+}
 
 
 def installed_runtimes() -> list[str]:
@@ -110,9 +119,29 @@ class ModelSpec(Resource):
 
 
 class ServerlessConfig(Resource):
-    memory_size_in_mb: int = Field(2048, ge=1024, le=6144, alias="MemorySizeInMB")
-    max_concurrency: int = Field(20, ge=1, le=200)
-    provisioned_concurrency: int | None = Field(None, ge=1, le=200)
+    """SageMaker's ProductionVariantServerlessConfig, with its limits: the one place every surface checks them."""
+
+    memory_size_in_mb: int = Field(2048, alias="MemorySizeInMB", description=f"MB per instance: {SERVERLESS_MEMORY_RULE}.")
+    max_concurrency: int = Field(20, description=f"Requests in flight at most: {SERVERLESS_CONCURRENCY_RULE}.")
+    provisioned_concurrency: int | None = Field(None, description="Instances kept warm: 1..MaxConcurrency, or none.")
+
+    @field_validator("memory_size_in_mb", "max_concurrency")
+    @classmethod
+    def _allowed(cls, value: int, info: ValidationInfo) -> int:
+        allowed, rule = SERVERLESS_LIMITS[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"{value} is not allowed: {rule}")
+        return value
+
+    @model_validator(mode="after")
+    def _provisioned_within_max(self):
+        provisioned = self.provisioned_concurrency
+        if provisioned is not None and not 1 <= provisioned <= self.max_concurrency:
+            raise ValueError(
+                f"ProvisionedConcurrency {provisioned} is not allowed: it must be 1 to MaxConcurrency "
+                f"({self.max_concurrency}), or left out"
+            )
+        return self
 
 
 class ProductionVariant(Resource):
@@ -122,6 +151,20 @@ class ProductionVariant(Resource):
     initial_variant_weight: float = Field(1.0, ge=0.0)
     instance_type: str | None = Field(None, description="Accepted for compatibility; instances run on this machine.")
     serverless_config: ServerlessConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _serverless_or_instances(cls, data):
+        # SageMaker refuses a variant that is both: serverless capacity is not counted in instances. Only what a
+        # user sent (SageMaker's names) is checked; the store's own records use the Python names.
+        if isinstance(data, dict) and data.get("ServerlessConfig") is not None:
+            given = [key for key in ("InstanceType", "InitialInstanceCount") if data.get(key) is not None]
+            if given:
+                raise ValueError(
+                    f"a variant with ServerlessConfig takes no {' and no '.join(given)}: it scales by itself "
+                    "(send ServerlessConfig alone, or drop it to run instances)"
+                )
+        return data
 
 
 class EndpointConfigSpec(Resource):
@@ -167,6 +210,9 @@ class VariantState(Resource):
     current_instance_count: int = 0
     desired_instance_count: int
     variant_status: list[VariantStep] | None = None
+    # Serverless variants: the config serving now and the one an update moves to, in place of instance counts.
+    current_serverless_config: ServerlessConfig | None = None
+    desired_serverless_config: ServerlessConfig | None = None
 
 
 # -- updates: UpdateEndpoint's DeploymentConfig and UpdateEndpointWeightsAndCapacities ------------------------

@@ -22,7 +22,7 @@ from ...control.autoscaler import (
 )
 from ...control.plane import ControlPlane
 from ...control.resources import Resource
-from .sagemaker_control import Operation, epoch, invalid, operation
+from .sagemaker_control import Operation, epoch, invalid, operation, serverless_configs
 
 TARGET_PREFIX = "AnyScaleFrontendService."
 OPERATIONS: dict[str, Operation] = {}
@@ -99,6 +99,18 @@ def common(target: ScalableTarget) -> dict:
     return {"ServiceNamespace": NAMESPACE, "ResourceId": target.resource_id, "ScalableDimension": DIMENSION}
 
 
+def refuse_serverless(plane: ControlPlane, endpoint: str, variant: str) -> None:
+    """A serverless variant scales by itself (0 or ProvisionedConcurrency up to MaxConcurrency): no policy applies."""
+    record = plane.store.get_endpoint(endpoint)
+    serverless = serverless_configs(plane, record.endpoint_config_name if record else None).get(variant)
+    if serverless is not None:
+        raise invalid(
+            f"endpoint/{endpoint}/variant/{variant} is a serverless variant: it scales by itself, up to its "
+            f"MaxConcurrency ({serverless.max_concurrency}), so it takes no scalable target or scaling policy "
+            "(change ServerlessConfig instead, or deploy the variant with instances to autoscale it)"
+        )
+
+
 def selected(plane: ControlPlane, args: DescribeInput) -> list[ScalableTarget]:
     wanted = set(args.resource_ids) | ({args.resource_id} if args.resource_id else set())
     return [t for t in plane.store.list_scaling_targets() if not wanted or t.resource_id in wanted]
@@ -108,6 +120,7 @@ def selected(plane: ControlPlane, args: DescribeInput) -> list[ScalableTarget]:
 async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
     args = RegisterInput.model_validate(body).check()
     endpoint, variant = args.variant()
+    refuse_serverless(plane, endpoint, variant)
     problem = target_errors(args.min_capacity, args.max_capacity)
     if problem:
         raise invalid(problem)
@@ -119,6 +132,7 @@ async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
 async def put_scaling_policy(plane: ControlPlane, body: dict) -> dict:
     args = PutPolicyInput.model_validate(body).check()
     endpoint, variant = args.variant()
+    refuse_serverless(plane, endpoint, variant)
     config = args.target_tracking_scaling_policy_configuration
     if args.policy_type != "TargetTrackingScaling":
         raise invalid(f"PolicyType {args.policy_type!r} is not supported: servelet runs TargetTrackingScaling policies")

@@ -8,6 +8,7 @@ Each operation reads its input shape, calls the `ControlPlane` and answers the s
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
@@ -31,9 +32,11 @@ from ...control.resources import (
     EndpointRecord,
     ModelSpec,
     Resource,
+    ServerlessConfig,
     arn,
 )
 from ...errors import GatewayError, ResourceInUse, ResourceMissing
+from ...sizing import serverless_memory_problems
 from ..services import Services, json_body, read_body, services
 from . import tgi
 
@@ -286,14 +289,47 @@ async def delete_model(plane: ControlPlane, body: dict) -> dict:
 @operation("CreateEndpointConfig", EndpointConfigSpec, raises=("ResourceLimitExceeded",))
 async def create_endpoint_config(plane: ControlPlane, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != "CreationTime"}
-    spec = await plane.create_endpoint_config(EndpointConfigSpec.model_validate(body))
+    spec = EndpointConfigSpec.model_validate(body)
+    await refuse_oversized(plane, spec)
+    spec = await plane.create_endpoint_config(spec)
     return {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
+
+
+async def refuse_oversized(plane: ControlPlane, spec: EndpointConfigSpec) -> None:
+    """A serverless variant whose model cannot fit in its MemorySizeInMB is refused now, as SageMaker users see it."""
+    models = {}
+    for variant in spec.production_variants:
+        if variant.serverless_config is not None:
+            try:
+                models[variant.model_name] = await plane.describe_model(variant.model_name)
+            except ResourceMissing:
+                pass  # the plane names every missing model
+    problems = await asyncio.to_thread(serverless_memory_problems, spec, models) if models else []
+    if problems:
+        raise invalid("; ".join(f"ProductionVariants.{i}.ServerlessConfig.MemorySizeInMB: {why}" for i, why in problems))
+
+
+def serverless_configs(plane: ControlPlane, config_name: str | None) -> dict[str, ServerlessConfig]:
+    """Variant name -> its ServerlessConfig, for the serverless variants of a stored config (none if it is gone)."""
+    config = plane.store.get_endpoint_config(config_name) if config_name else None
+    variants = config.production_variants if config else []
+    return {v.variant_name: v.serverless_config for v in variants if v.serverless_config is not None}
+
+
+def serverless_wire(variants: list[dict]) -> None:
+    """As SageMaker describes a serverless variant: its config, and no instance counts (it has none of its own)."""
+    for variant in variants:
+        if "ServerlessConfig" in variant or "CurrentServerlessConfig" in variant:
+            for count in ("InitialInstanceCount", "CurrentInstanceCount", "DesiredInstanceCount"):
+                variant.pop(count, None)
 
 
 @operation("DescribeEndpointConfig", EndpointConfigNameInput)
 async def describe_endpoint_config(plane: ControlPlane, body: dict) -> dict:
     spec = await plane.describe_endpoint_config(EndpointConfigNameInput.model_validate(body).endpoint_config_name)
-    return wire(spec, "creation_time") | {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
+    described = wire(spec, "creation_time")
+    serverless_wire(described["ProductionVariants"])
+    return described | {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
 
 
 @operation("ListEndpointConfigs", ListInput)
@@ -331,13 +367,21 @@ def endpoint_wire(record: EndpointRecord) -> dict:
 @operation("DescribeEndpoint", EndpointNameInput)
 async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
     record = await plane.describe_endpoint(EndpointNameInput.model_validate(body).endpoint_name)
+    current = serverless_configs(plane, record.endpoint_config_name)
+    pending = record.pending_deployment_summary
+    desired = serverless_configs(plane, pending.endpoint_config_name) if pending else current
+    for variant in record.production_variants:
+        variant.current_serverless_config = current.get(variant.variant_name)
+        variant.desired_serverless_config = desired.get(variant.variant_name)
     # A servelet extension (botocore drops members its model does not know; servelet's CLI reads it).
     events = [
         {"Time": epoch(e.time), "Variant": e.variant, "From": e.from_count, "To": e.to_count, "Reason": e.reason,
          "Status": e.status}
         for e in plane.autoscaler.events(record.endpoint_name)
     ]
-    return endpoint_wire(record) | ({"ScalingEvents": events} if events else {})
+    described = endpoint_wire(record)
+    serverless_wire(described.get("ProductionVariants", []))
+    return described | ({"ScalingEvents": events} if events else {})
 
 
 @operation("ListEndpoints", ListEndpointsInput)
