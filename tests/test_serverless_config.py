@@ -147,6 +147,10 @@ def test_deploy_serverless_creates_a_serverless_variant(gateway, sagemaker):
     try:
         [variant] = sagemaker.describe_endpoint_config(EndpointConfigName="cli-serverless")["ProductionVariants"]
         assert variant["ServerlessConfig"] == {"MemorySizeInMB": 2048, "MaxConcurrency": 10, "ProvisionedConcurrency": 2}
+        capacity = "serverless, 2048 MB, up to 10 requests at once, 2 provisioned"
+        for command in (["endpoints", "describe", "cli-serverless"], ["endpoints", "list"]):
+            shown = servelet(*command, url=gateway.base_url)
+            assert capacity in shown.stdout and "instances" not in shown.stdout, shown.stdout + shown.stderr
     finally:
         sagemaker.delete_endpoint(EndpointName="cli-serverless")
 

@@ -148,6 +148,16 @@ def instance_counts(described: dict) -> tuple[int, int]:
     return sum(v.get("CurrentInstanceCount", 0) for v in variants), sum(v.get("DesiredInstanceCount", 0) for v in variants)
 
 
+def capacity_words(variant: dict, counts: str) -> str:
+    """A variant's capacity: its instance counts (in `counts`' words), or its ServerlessConfig, which has none."""
+    serverless = variant.get("CurrentServerlessConfig")
+    if serverless is None:
+        return counts.format(current=variant.get("CurrentInstanceCount", 0), desired=variant.get("DesiredInstanceCount", 0))
+    provisioned = serverless.get("ProvisionedConcurrency")
+    return (f"serverless, {serverless['MemorySizeInMB']} MB, up to {serverless['MaxConcurrency']} requests at once"
+            + (f", {provisioned} provisioned" if provisioned else ""))
+
+
 def wait_in_service(client: Client, name: str, timeout: float) -> dict:
     """Poll DescribeEndpoint with a spinner until InService; a Failed endpoint ends the command with its reason."""
     start = time.monotonic()
@@ -230,9 +240,8 @@ def deploy(
             return
         start = time.monotonic()
         described = wait_in_service(client, name, timeout)
-        ready, _ = instance_counts(described)
-        serving = (f"serverless, {capacity['MemorySizeInMB']} MB, up to {capacity['MaxConcurrency']} requests at once"
-                   if capacity else f"{ready} instance(s)")
+        [variant] = described["ProductionVariants"]
+        serving = capacity_words(variant, "{current} instance(s)")
         say(f"endpoint {name} is InService: {serving} of {model_uri} ({time.monotonic() - start:.0f}s)")
 
 
@@ -259,7 +268,7 @@ def list_endpoints(url: Url = DEFAULT_URL) -> None:
             described = client.describe_endpoint(summary["EndpointName"]) or summary
             variants = "\n".join(
                 f"{v['VariantName']}: weight {number(v.get('CurrentWeight', 0))}, "
-                f"{v.get('CurrentInstanceCount', 0)}/{v.get('DesiredInstanceCount', 0)} instances"
+                f"{capacity_words(v, '{current}/{desired} instances')}"
                 for v in described.get("ProductionVariants", [])
             )
             table.add_row(summary["EndpointName"], summary["EndpointStatus"], variants or "-", when(summary.get("CreationTime")))
@@ -293,7 +302,7 @@ def describe_endpoint(
     for v in described.get("ProductionVariants", []):
         say(f"  {v['VariantName']}: model {models.get(v['VariantName'], '-')}")
         say(f"    weight {number(v.get('CurrentWeight', 0))} (desired {number(v.get('DesiredWeight', 0))}), "
-            f"instances {v.get('CurrentInstanceCount', 0)} ready of {v.get('DesiredInstanceCount', 0)}")
+            f"{capacity_words(v, 'instances {current} ready of {desired}')}")
         if v["VariantName"] in scaling:
             say(f"    autoscaling: {scaling[v['VariantName']]}")
     events = described.get("ScalingEvents", [])
