@@ -10,6 +10,7 @@ class GatewayError(Exception):
 
     status = 500
     kind = "internal_error"
+    retry_after: int | None = None  # seconds, sent as Retry-After
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -38,6 +39,19 @@ class Unprocessable(GatewayError):
 
 class Overloaded(GatewayError):
     status, kind = 429, "overloaded"
+
+
+class Throttled(Overloaded):
+    """Over a serverless variant's MaxConcurrency: refused at once, never queued; the client retries after a second."""
+
+    retry_after = 1
+
+
+class ModelNotReady(Overloaded):
+    """A serverless variant's instance did not start within the request's bound (SageMaker's ModelNotReadyException)."""
+
+    kind = "model_not_ready"
+    retry_after = 5
 
 
 class Unavailable(GatewayError):

@@ -181,6 +181,16 @@ class GatewaySettings(BaseSettings):
     )
     config: Path | None = Field(None, description="A YAML file of models and endpoints to deploy at start (`--config`).")
     autoscale_interval: float = Field(5.0, gt=0, description="Seconds between two checks of the scaling policies.")
+    serverless_idle_seconds: float = Field(
+        300.0, gt=0, description="Serverless variants: seconds without a request after which they keep only their "
+        "ProvisionedConcurrency instances (none without it).",
+    )
+    # SageMaker serverless answers within 60 s, and boto3 gives up reading after 60 s by default: holding a
+    # request longer for a start would only answer a client that has already left.
+    serverless_start_timeout: float = Field(
+        60.0, gt=0, description="Serverless variants: seconds a request waits for an instance to start before "
+        "429 ModelNotReadyException.",
+    )
 
     @field_validator("data_dir")
     @classmethod

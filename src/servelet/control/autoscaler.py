@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 from pydantic import Field, model_validator
 
 from ..errors import GatewayError, ResourceInvalid, ResourceMissing
+from .loop import ControlLoop
 from .resources import MAX_INSTANCES_PER_VARIANT, DesiredWeightAndCapacity, EndpointStatus, Resource, arn, now
 
 if TYPE_CHECKING:
@@ -125,7 +126,7 @@ def target_errors(min_capacity: int | None, max_capacity: int | None) -> str | N
     return None
 
 
-class Autoscaler:
+class Autoscaler(ControlLoop):
     """Registers targets and policies (in the store) and runs the loop that applies them to the fleet."""
 
     def __init__(self, plane: "ControlPlane", interval: float = 5.0):
@@ -136,7 +137,6 @@ class Autoscaler:
         self._samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._last_out: dict[tuple[str, str], float] = {}
         self._last_any: dict[tuple[str, str], float] = {}
-        self._task: asyncio.Task | None = None
 
     @property
     def store(self):
@@ -207,14 +207,6 @@ class Autoscaler:
         return sorted(events, key=lambda e: e.time)[-last:]
 
     # -- the loop ----------------------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run())
-
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
     async def _run(self) -> None:
         step = max(min(self.interval / 5, 1.0), 0.05)  # concurrency is sampled more often than it is acted on
         next_check = time.monotonic() + self.interval

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..artifacts import Materialized, materialize, shared_in_memory
 from ..engine.errors import REBUILD_WITHOUT_AMX
 from .instances import Instance
+from .resources import ServerlessConfig
 
 log = logging.getLogger("servelet.control")
 
@@ -48,6 +49,7 @@ class VariantPlan:
     instances: int = 1
     weight: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
+    serverless: ServerlessConfig | None = None
 
 
 class Outcomes:
@@ -102,7 +104,18 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # the model's, to start more instances like these
     in_flight: Counter = field(default_factory=Counter)  # instance name -> requests it is answering now
     served: Outcomes = field(default_factory=Outcomes)  # its requests over the last minute (autoscaling reads it)
+    serverless: ServerlessConfig | None = None
+    waiting: int = 0  # requests held for an instance to start (serverless)
+    last_request: float = field(default_factory=time.monotonic)  # when a request last came in or left
     _next: int = 0
+
+    def busy(self) -> int:
+        """Requests in flight on its instances, and those held for one to start."""
+        return sum(self.in_flight.values()) + self.waiting
+
+    def live_instances(self) -> list[Instance]:
+        """Instances ready or on their way (not given up, not stopping)."""
+        return [i for i in self.instances if not i.given_up and not i.stopping]
 
     def ready_instances(self) -> list[Instance]:
         return [i for i in self.instances if i.ready]
@@ -149,6 +162,7 @@ class Endpoint:
     blue: Deployment
     green: Deployment | None = None
     green_share: float = 0.0  # of requests that go to green, while an update shifts traffic
+    _facts: dict = field(default_factory=dict)  # the last ready instance's, kept while a variant is scaled to zero
 
     @property
     def variants(self) -> list[Variant]:
@@ -185,11 +199,13 @@ class Endpoint:
         return deployment, deployment.pick_variant()
 
     def facts(self) -> dict:
-        """The model facts of the first ready instance (name, context length, chat template)."""
+        """The model facts of the first ready instance (name, context length, chat template); with none ready (a
+        serverless variant at zero), those last seen, so a request that will start one renders its prompt alike."""
         for v in self.variants:
             for i in v.ready_instances():
+                self._facts = i.facts
                 return i.facts
-        return {}
+        return self._facts
 
 
 class Fleet:
@@ -247,7 +263,7 @@ class Fleet:
     def _variants(self, name: str, plans: list["VariantPlan"]) -> list[Variant]:
         variants = []
         for plan in plans:
-            variant = Variant(plan.name, plan.model_uri, plan.weight, env=plan.env)
+            variant = Variant(plan.name, plan.model_uri, plan.weight, env=plan.env, serverless=plan.serverless)
             variant.instances = [self._instance(name, plan.name, plan.model_uri, plan.env) for _ in range(plan.instances)]
             variants.append(variant)
         return variants
@@ -308,6 +324,10 @@ class Fleet:
         share = max(1, (cores - taken) // len(unset))
         for instance in unset:
             instance.env = instance.env | {"SERVELET_THREADS": str(share)}
+
+    def free_cores(self) -> int:
+        """Cores the running instances' threads leave (serverless scale-out starts one only where it fits)."""
+        return (os.cpu_count() or 1) - sum(threads_of(i) for i in self._running())
 
     def _warn_if_cores_oversubscribed(self) -> None:
         cores = os.cpu_count() or 1

@@ -28,19 +28,24 @@ from .resources import (
     VariantState,
     arn,
 )
+from .serverless import ServerlessScaler, serverless_plan
 from .store import AlreadyExists, Store
 
 log = logging.getLogger("servelet.control")
 
 
 class ControlPlane:
-    def __init__(self, store: Store, fleet: Fleet, start_timeout: float = 600.0, autoscale_interval: float = 5.0):
+    def __init__(
+        self, store: Store, fleet: Fleet, start_timeout: float = 600.0, autoscale_interval: float = 5.0,
+        serverless_idle_seconds: float = 300.0, serverless_start_timeout: float = 60.0,
+    ):
         self.store = store
         self.fleet = fleet
         self.start_timeout = start_timeout
         self._tasks: set[asyncio.Task] = set()
         self.deployer = Deployer(self)
         self.autoscaler = Autoscaler(self, autoscale_interval)
+        self.serverless = ServerlessScaler(store, fleet, start_timeout, serverless_idle_seconds, serverless_start_timeout)
         fleet.on_instance_given_up = self._instance_given_up
 
     # -- models ---------------------------------------------------------------------------------------------
@@ -221,6 +226,7 @@ class ControlPlane:
             await self._start(record, plans)
 
     async def close(self) -> None:
+        await self.serverless.close()
         await self.autoscaler.close()
         await self.deployer.close()
         for task in list(self._tasks):
@@ -247,6 +253,8 @@ class ControlPlane:
             if variant.variant_name in changed:
                 plans[-1].weight = changed[variant.variant_name].desired_weight
                 plans[-1].instances = changed[variant.variant_name].desired_instance_count
+            if variant.serverless_config is not None:
+                serverless_plan(plans[-1], variant.serverless_config)
         return plans
 
     async def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:

@@ -9,17 +9,21 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import httpx
 
 from ..errors import (
-    BadRequest, GatewayError, ModelFailed, ModelTimedOut, NotFound, PayloadTooLarge, Unavailable, Unprocessable,
-    UnsupportedMediaType, from_instance,
+    BadRequest, GatewayError, ModelFailed, ModelTimedOut, NotFound, PayloadTooLarge, Throttled, Unavailable,
+    Unprocessable, UnsupportedMediaType, from_instance,
 )
 from ..instance.stream import QueuedAnswer
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
+
+if TYPE_CHECKING:
+    from .serverless import ServerlessScaler
 
 # The caller's mistakes: they say nothing about the fleet's health, so alarms do not count them.
 CLIENT_ERRORS = (BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, Unprocessable)
@@ -38,7 +42,7 @@ class Route:
         abandoned is no outcome."""
         in_flight = self.variant.in_flight
         in_flight[self.instance.name] += 1
-        started = time.monotonic()
+        started = self.variant.last_request = time.monotonic()
         timing: dict = {}
         failed = True
         try:
@@ -56,30 +60,56 @@ class Route:
             in_flight[self.instance.name] -= 1
             if in_flight[self.instance.name] <= 0:
                 del in_flight[self.instance.name]
+            self.variant.last_request = time.monotonic()
             if failed is not None:
                 latency = timing.get("first_byte", time.monotonic()) - started
                 self.deployment.outcomes.record(failed, latency)
                 self.variant.served.record(failed, latency)
 
 
+class Cold(Exception):
+    """A serverless variant with no ready instance: the request waits for one to start."""
+
+    def __init__(self, deployment: Deployment, variant: Variant):
+        self.deployment, self.variant = deployment, variant
+
+
 class Router:
-    def __init__(self, fleet: Fleet, invocation_timeout: float | None = None):
+    def __init__(self, fleet: Fleet, invocation_timeout: float | None = None, serverless: ServerlessScaler | None = None):
         self.fleet = fleet
         self.invocation_timeout = invocation_timeout  # seconds an instance may take to answer (a stream: to start)
+        self.serverless = serverless  # starts instances of serverless variants at zero
 
     def route(self, invocation: Invocation) -> Route:
-        """The deployment, variant and instance that will serve `invocation`; NotFound / Unavailable otherwise."""
+        """The deployment, variant and instance that will serve `invocation`; NotFound / Unavailable / Throttled
+        otherwise, or Cold for a serverless variant that must start an instance first."""
         try:
             deployment, variant = self.fleet.get(invocation.endpoint).route(invocation.target_variant)
         except (EndpointNotFound, VariantNotFound) as exc:
             raise NotFound(str(exc)) from None
+        if variant.serverless is not None and variant.busy() >= variant.serverless.max_concurrency:
+            raise Throttled(
+                f"endpoint {invocation.endpoint!r} variant {variant.name!r} already has its MaxConcurrency of "
+                f"{variant.serverless.max_concurrency} requests in flight; retry after one is answered"
+            )
         instance = variant.pick_instance()
         if instance is None:
+            if variant.serverless is not None and self.serverless is not None:
+                raise Cold(deployment, variant)
             raise Unavailable(f"endpoint {invocation.endpoint!r} has no ready instance yet (its model may still be loading)")
         return Route(deployment, variant, instance)
 
+    async def _started(self, invocation: Invocation, cold: Cold) -> Route:
+        """The route once a serverless start is ready. Callers reach it only through `Cold`, so a request that finds
+        an instance ready costs no await for it."""
+        instance = await self.serverless.wake(invocation.endpoint, cold.variant)
+        return Route(cold.deployment, cold.variant, instance)
+
     async def invoke(self, invocation: Invocation) -> Answer:
-        route = self.route(invocation)
+        try:
+            route = self.route(invocation)
+        except Cold as cold:
+            route = await self._started(invocation, cold)
         instance = route.instance
         with route.serving():
             try:
@@ -102,7 +132,10 @@ class Router:
     @asynccontextmanager
     async def stream(self, invocation: Invocation) -> AsyncIterator[ChunkStream]:
         """Open a streamed answer; errors before the first byte raise here, so routes can still answer 4xx/5xx."""
-        route = self.route(invocation)
+        try:
+            route = self.route(invocation)
+        except Cold as cold:
+            route = await self._started(invocation, cold)
         instance = route.instance
         with route.serving() as timing:
             try:

@@ -38,9 +38,12 @@ a WebSocket. `model` / `EndpointName` name an endpoint; `default` is the one `se
 
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
     fleet = fleet or Fleet(settings.run_dir, stream_channel=settings.stream_channel)
-    router = Router(fleet, settings.invocation_timeout)
     store = Store(database_url(settings))
-    plane = ControlPlane(store, fleet, settings.instance_start_timeout, settings.autoscale_interval)
+    plane = ControlPlane(
+        store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
+        settings.serverless_idle_seconds, settings.serverless_start_timeout,
+    )
+    router = Router(fleet, settings.invocation_timeout, plane.serverless)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
 
@@ -54,6 +57,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
             await apply_config(plane, config)
         await plane.restore()
         plane.autoscaler.start()
+        plane.serverless.start()
         yield
         await plane.close()
         await fleet.close()

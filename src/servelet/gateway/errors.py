@@ -48,4 +48,7 @@ def error_format(family: str, renderer: Renderer):
 
 def render(request: Request, error: GatewayError) -> Response:
     family = getattr(request.state, "api_family", None)
-    return _renderers.get(family, default_render)(error)
+    response = _renderers.get(family, default_render)(error)
+    if error.retry_after is not None:
+        response.headers["Retry-After"] = str(error.retry_after)
+    return response

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ...control.endpoints import DEFAULT_ENDPOINT
 from ...control.invocation import ChunkStream, Invocation
-from ...errors import BadRequest, GatewayError, ModelFailed, Overloaded, Unavailable, Unprocessable
+from ...errors import BadRequest, GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable, Unprocessable
 from .. import framing
 from ..disconnect import unless_disconnected
 from ..errors import error_format
@@ -31,6 +31,7 @@ ACCOUNT = "local"
 # ClientError with that code, and its retry handler backs off on it, as it does against SageMaker).
 _CODES: list[tuple[type[GatewayError], str, int]] = [
     (ModelFailed, "ModelError", 424),
+    (ModelNotReady, "ModelNotReadyException", 429),
     (Overloaded, "ThrottlingException", 429),
     (Unavailable, "ServiceUnavailable", 503),
 ]
