@@ -10,6 +10,7 @@ import openai
 import pytest
 from botocore.exceptions import ClientError
 from conftest import boto, start_gateway, stop_process, wait_for
+from websockets.sync.client import connect
 
 from servelet.settings import DEFAULT_MODEL_URI
 
@@ -113,6 +114,12 @@ def test_requests_over_max_concurrency_are_refused_while_the_first_completes(gat
     raw = gateway.http(timeout=30).post(f"/endpoints/{single}/invocations", content=SHORT,
                                         headers={"content-type": "application/json"})
     assert raw.status_code == 429 and raw.headers["retry-after"] == "1"
+
+    with connect(f"ws://127.0.0.1:{gateway.port}/ws") as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "welcome"
+        ws.send(json.dumps({"id": "second", "endpoint": single, "inputs": "Hello", "parameters": {"max_new_tokens": 2}}))
+        frame = json.loads(ws.recv(timeout=30))
+    assert (frame["type"], frame["id"], frame["code"]) == ("error", "second", 429), frame
 
     rest = b"".join(event["PayloadPart"]["Bytes"] for event in events if "PayloadPart" in event)
     assert rest  # the first request was answered in full
