@@ -285,7 +285,8 @@ def ensure(python: str, choice: Choice, run_self_test: bool) -> int:
     say(f"cache key {build.key[:12]} = sha256 of: {DISTRIBUTION} {build.version}, patches {sorted(build.patches)}, "
         f"CMAKE_ARGS {build.cmake_args!r}, {build.compiler}, native flags {build.native_flags}")
 
-    tested = read_record(python).get("version") == build.wheel_version and read_record(python).get("self_test") == "passed"
+    record = read_record(python)
+    tested = record.get("version") == build.wheel_version and record.get("self_test") == "passed"
     if installed_version(python) == build.wheel_version and (tested or not run_self_test):
         say(f"{DISTRIBUTION} {build.wheel_version} is installed" + (" and passed its self-test" if run_self_test else ""))
         return 0
@@ -303,12 +304,12 @@ def ensure(python: str, choice: Choice, run_self_test: bool) -> int:
             say(f"self-test passed: {result.stdout.strip()}")
         else:
             say(f"self-test of {build.wheel_version} {death(result)}:\n{tail(result)}", loud=True)
-            if build.variant == "amx":
+            if build.variant == "amx" and result.returncode < 0:  # a crash; an exception is no reason to drop AMX
                 crash_note(build).write_text(f"{time.ctime()}: {death(result)}\n{tail(result)}\n")
                 say("AMX does not run here: falling back to the no-AMX build (SERVELET_LLAMA_CPP_AMX=off forces it)",
                     loud=True)
                 return ensure(python, Choice("noamx", f"the AMX build {death(result)} in its self-test"), run_self_test)
-            say("the no-AMX build does not run either: see the output above", loud=True)
+            say(f"the {build.variant} build does not run here: see the output above", loud=True)
             return 1
     record_path(python).write_text(json.dumps(record, indent=2) + "\n")
     return 0
