@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -18,6 +18,9 @@ from rich.table import Table
 
 from .client import DEFAULT_URL, Client, ServeletError
 from .settings import SettingsError, load_gateway_settings, load_instance_settings
+
+if TYPE_CHECKING:
+    from .control.store import Store
 
 app = typer.Typer(help="servelet: model serving on one machine.", no_args_is_help=True, add_completion=False)
 endpoints_app = typer.Typer(help="List, describe and delete endpoints.", no_args_is_help=True)
@@ -586,6 +589,69 @@ def new_handler(name: Annotated[Path, typer.Argument(help="The folder to create;
     for path in written:
         say(f"wrote {path}")
     say(f"test it with `pytest {name / 'test_handler.py'}`, deploy it with `servelet deploy {name} --name {name.resolve().name}`")
+
+
+# -- catalog | catalog add | catalog remove ------------------------------------------------------------------------
+catalog_app = typer.Typer(help="Models invoked by id: the first invocation deploys them as a serverless endpoint.")
+app.add_typer(catalog_app, name="catalog")
+
+
+@contextmanager
+def catalog_store() -> Iterator["Store"]:
+    """The store `servelet serve` reads (same SERVELET_DATA_DIR / SERVELET_DATABASE_URL): the catalog needs no
+    running gateway. What it refuses ends the command with its message."""
+    from .control.store import Store
+    from .errors import GatewayError
+    from .settings import database_url
+
+    try:
+        store = Store(database_url(load_gateway_settings()))
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    try:
+        yield store
+    except GatewayError as exc:
+        fail(exc.message, 2)
+    finally:
+        store.close()
+
+
+@catalog_app.callback(invoke_without_command=True)
+def catalog(ctx: typer.Context) -> None:
+    """A table of the ids that can be invoked (OpenAI `model`, boto3 `EndpointName`, WebSocket `endpoint`)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .control.catalog import catalog_entries
+
+    with catalog_store() as store:
+        table = Table("Id", "Model", "Source", highlight=False)
+        for entry in catalog_entries(store):
+            table.add_row(entry.model_id, entry.model_data_url, "built in" if entry.built_in else "added")
+        out.print(table)
+    say("invoke an id as an endpoint name: its first use deploys it as a serverless endpoint")
+
+
+@catalog_app.command("add")
+def catalog_add(
+    name: Annotated[str, typer.Argument(help="The id callers will invoke (an endpoint name).")],
+    uri: Annotated[str, typer.Argument(help="The model URI: a path, file://, s3://, http(s)://, package://.")],
+) -> None:
+    """Register a model under an id; nothing is deployed until the id is first invoked."""
+    from .control.catalog import add_to_catalog
+
+    with catalog_store() as store:
+        add_to_catalog(store, name, uri)
+    say(f"added {name}: {uri} (its first invocation deploys it)")
+
+
+@catalog_app.command("remove")
+def catalog_remove(name: Annotated[str, typer.Argument(help="The id to forget.")]) -> None:
+    """Forget an id you added; an endpoint it already deployed keeps running (`servelet endpoints delete`)."""
+    from .control.catalog import remove_from_catalog
+
+    with catalog_store() as store:
+        remove_from_catalog(store, name)
+    say(f"removed {name}")
 
 
 if __name__ == "__main__":

@@ -267,9 +267,40 @@ def serverless_threads(memory_mb: int, cores: int) -> int:
 
 def serverless_memory_problem(model: str, uri: str | None, environment: dict[str, str], memory_mb: int) -> str | None:
     """Why `model` cannot fit in a serverless variant of `memory_mb`, with the sizing figures; None if it fits
-    or cannot be sized here (a remote URI, an unreadable artifact: the instance reports those when it starts).
+    or cannot be sized here (a remote URI, an unreadable artifact: the instance reports those when it starts)."""
+    sized = _sized(uri, environment)
+    if sized is None:
+        return None
+    figures, what = sized
+    mb = 1024 * 1024
+    total, weights, kv = figures["total_bytes"] / mb, figures["shape"]["weights_bytes"] / mb, figures["kv_bytes"] / mb
+    if total <= memory_mb:
+        return None
+    return (
+        f"model {model} needs about {total:,.0f} MB (weights {weights:,.0f} MB + KV cache {kv:,.0f} MB for {what}) "
+        f"but ServerlessConfig.MemorySizeInMB is {memory_mb}: choose a larger MemorySizeInMB, or give the model "
+        "a smaller SERVELET_MAX_BATCH_SIZE (OPTION_MAX_ROLLING_BATCH_SIZE) or SERVELET_MAX_MODEL_LEN (OPTION_MAX_MODEL_LEN) "
+        "in its Environment"
+    )
 
-    Sized in a subprocess, as `servelet size` does, so the gateway never loads llama.cpp."""
+
+def serverless_memory_for(uri: str, environment: dict[str, str], cores: int) -> int:
+    """The MemorySizeInMB to deploy `uri` serverless with when nobody chose one (invoke by id): the smallest step
+    that holds its weights and KV cache and buys up to two vCPUs of the machine's `cores` (one thread decodes
+    slowly; more would take the cores every other instance shares). The largest step when it cannot be sized."""
+    from .control.resources import SERVERLESS_MEMORY_SIZES as STEPS
+
+    sized = _sized(uri, environment)
+    if sized is None:
+        return STEPS[-1]
+    needed = max(sized[0]["total_bytes"] / (1024 * 1024), MB_PER_VCPU * min(cores, 2))
+    return next((step for step in STEPS if step >= needed), STEPS[-1])
+
+
+def _sized(uri: str | None, environment: dict[str, str]) -> tuple[dict, str] | None:
+    """`python -m servelet.sizing`'s figures for `uri` at the batch and context its instances would run with, and
+    those in words; None when it cannot be sized here. A subprocess, as `servelet size`, so the gateway never
+    loads llama.cpp."""
     import os
     import subprocess
     import sys
@@ -299,18 +330,7 @@ def serverless_memory_problem(model: str, uri: str | None, environment: dict[str
         figures = json.loads(done.stdout) if done.returncode == 0 else None
     except (subprocess.TimeoutExpired, ValueError):
         figures = None
-    if figures is None:
-        return None
-    mb = 1024 * 1024
-    total, weights, kv = figures["total_bytes"] / mb, figures["shape"]["weights_bytes"] / mb, figures["kv_bytes"] / mb
-    if total <= memory_mb:
-        return None
-    return (
-        f"model {model} needs about {total:,.0f} MB (weights {weights:,.0f} MB + KV cache {kv:,.0f} MB for {what}) "
-        f"but ServerlessConfig.MemorySizeInMB is {memory_mb}: choose a larger MemorySizeInMB, or give the model "
-        "a smaller SERVELET_MAX_BATCH_SIZE (OPTION_MAX_ROLLING_BATCH_SIZE) or SERVELET_MAX_MODEL_LEN (OPTION_MAX_MODEL_LEN) "
-        "in its Environment"
-    )
+    return None if figures is None else (figures, what)
 
 
 def serverless_memory_problems(config: EndpointConfigSpec, models: Mapping[str, ModelSpec]) -> list[tuple[int, str]]:

@@ -309,3 +309,27 @@ def arn(kind: str, name: str) -> str:
 
 def valid_name(name: str) -> bool:
     return re.fullmatch(NAME_PATTERN, name) is not None
+
+
+class CatalogEntry(Resource):
+    """A model servelet serves by id without a prior deploy: its first invocation deploys it (see catalog.py)."""
+
+    model_id: str = Field(pattern=NAME_PATTERN, description="The id callers invoke: it becomes the endpoint's name.")
+    model_data_url: str = Field(description="Model URI: a path, file://, s3://, http(s)://, package://.")
+    built_in: bool = False
+    creation_time: datetime = Field(default_factory=now)
+
+    @field_validator("model_data_url")
+    @classmethod
+    def _known_uri(cls, uri: str) -> str:
+        return ContainerSpec._known_scheme(uri)
+
+
+class UsageDay(Resource):
+    """What a serverless variant was billed on one UTC day: the cost meter's row (`servelet usage` reads it)."""
+
+    endpoint_name: str
+    variant_name: str
+    day: date
+    gb_seconds: float = 0.0
+    requests: int = 0

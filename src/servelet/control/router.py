@@ -18,11 +18,13 @@ from ..errors import (
     Unprocessable, UnsupportedMediaType, from_instance,
 )
 from ..instance.stream import QueuedAnswer
+from .catalog import CATALOG_HINT
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
 
 if TYPE_CHECKING:
+    from .catalog import Catalog
     from .serverless import ServerlessScaler
 
 # The caller's mistakes: they say nothing about the fleet's health, so alarms do not count them.
@@ -79,13 +81,16 @@ class Router:
         self.fleet = fleet
         self.invocation_timeout = invocation_timeout  # seconds an instance may take to answer (a stream: to start)
         self.serverless = serverless  # starts instances of serverless variants at zero
+        self.catalog: Catalog | None = None  # deploys a catalog id on its first invocation (set by the gateway)
 
     def route(self, invocation: Invocation) -> Route:
         """The deployment, variant and instance that will serve `invocation`; NotFound / Unavailable / Throttled
         otherwise, or Cold for a serverless variant that must start an instance first."""
         try:
             deployment, variant = self.fleet.get(invocation.endpoint).route(invocation.target_variant)
-        except (EndpointNotFound, VariantNotFound) as exc:
+        except EndpointNotFound as exc:
+            raise NotFound(f"{exc}; {CATALOG_HINT}") from None
+        except VariantNotFound as exc:
             raise NotFound(str(exc)) from None
         if variant.serverless is not None and variant.busy() >= variant.serverless.max_concurrency:
             raise Throttled(
@@ -106,6 +111,8 @@ class Router:
         return Route(cold.deployment, cold.variant, instance)
 
     async def invoke(self, invocation: Invocation) -> Answer:
+        if self.catalog is not None:
+            await self.catalog.ensure(invocation.endpoint)
         try:
             route = self.route(invocation)
         except Cold as cold:
@@ -132,6 +139,8 @@ class Router:
     @asynccontextmanager
     async def stream(self, invocation: Invocation) -> AsyncIterator[ChunkStream]:
         """Open a streamed answer; errors before the first byte raise here, so routes can still answer 4xx/5xx."""
+        if self.catalog is not None:
+            await self.catalog.ensure(invocation.endpoint)
         try:
             route = self.route(invocation)
         except Cold as cold:

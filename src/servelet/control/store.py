@@ -17,7 +17,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from .resources import EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, now
+from .resources import CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, now
 
 if TYPE_CHECKING:
     from .autoscaler import ScalableTarget
@@ -47,6 +47,8 @@ endpoints = _table(
     Column("status", String(16), nullable=False, index=True),
     Column("last_modified_time", DateTime(timezone=True), nullable=False),
 )
+# The model catalog: ids a caller may invoke before any endpoint serves them (the user's; built-ins live in code).
+catalog = _table("catalog")
 # Autoscaling: one row per variant registered (its ResourceId `endpoint/E/variant/V`), with its policy and events.
 scaling_targets = Table(
     "scaling_targets",
@@ -149,6 +151,20 @@ class Store:
 
     def delete_endpoint(self, name: str) -> bool:
         return self._delete(endpoints, name)
+
+    # The model catalog
+
+    def add_catalog_entry(self, entry: CatalogEntry) -> None:
+        self._add(catalog, "catalog entry", entry.model_id, entry)
+
+    def get_catalog_entry(self, model_id: str) -> CatalogEntry | None:
+        return self._get(catalog, CatalogEntry, model_id)
+
+    def list_catalog(self) -> list[CatalogEntry]:
+        return self._list(catalog, CatalogEntry, None)
+
+    def delete_catalog_entry(self, model_id: str) -> bool:
+        return self._delete(catalog, model_id)
 
     # Autoscaling targets
 

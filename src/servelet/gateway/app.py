@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from .. import __version__
 from ..config import apply_config, load_config
+from ..control.catalog import Catalog
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
 from ..control.plane import ControlPlane
 from ..control.router import Router
@@ -44,6 +45,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         settings.serverless_idle_seconds, settings.serverless_start_timeout,
     )
     router = Router(fleet, settings.invocation_timeout, plane.serverless)
+    router.catalog = Catalog(plane)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from ...control.catalog import CATALOG_HINT
 from ...errors import BadRequest, GatewayError, ModelFailed, NotFound
 from ..chat import chat_prompt
 from ..disconnect import unless_disconnected
@@ -42,7 +43,9 @@ class InvalidRequest(BadRequest):
 
 class ModelNotFound(NotFound):
     def __init__(self, model: str, known: list[str]):
-        super().__init__(f"The model `{model}` does not exist; models are endpoints here: {', '.join(known) or 'none'}")
+        super().__init__(
+            f"The model `{model}` does not exist; models are endpoints here: {', '.join(known) or 'none'}; {CATALOG_HINT}"
+        )
         self.param, self.code = "model", "model_not_found"
 
 
@@ -329,8 +332,11 @@ def endpoint_or_404(svc: Services, model: str) -> str:
     return model
 
 
-def target_or_404(svc: Services, model: str) -> tuple[str, str | None]:
-    """`model` names an endpoint, or `ENDPOINT/TARGET`: one model of a multi-model endpoint (its TargetModel)."""
+async def target_or_404(svc: Services, model: str) -> tuple[str, str | None]:
+    """`model` names an endpoint, or `ENDPOINT/TARGET`: one model of a multi-model endpoint (its TargetModel), or a
+    catalog id, deployed here on its first use."""
+    if svc.router.catalog is not None:
+        await svc.router.catalog.ensure(model)
     if model in svc.fleet.endpoints:
         return model, None
     endpoint, _, target = model.partition("/")
@@ -359,7 +365,7 @@ def finish_reason(completion: Completion) -> str:
 )
 async def embeddings(request: Request, svc: Services = Depends(services)):
     body = await read(request, svc, EmbeddingRequest)
-    model, target = target_or_404(svc, body.model)
+    model, target = await target_or_404(svc, body.model)
     note_endpoint(request, model)
     require_embeddings(model, svc.textgen.facts(model))
     answer, variant = await unless_disconnected(request, create_embeddings(svc.router, model, body, target))
@@ -376,7 +382,7 @@ async def embeddings(request: Request, svc: Services = Depends(services)):
 )
 async def completions(request: Request, svc: Services = Depends(services)):
     body = await read(request, svc, CompletionRequest)
-    model, target = target_or_404(svc, body.model)
+    model, target = await target_or_404(svc, body.model)
     note_endpoint(request, model)
     max_tokens = COMPLETIONS_MAX_TOKENS if body.max_tokens is None else body.max_tokens
     parameters = body.parameters(max_tokens, stop=[])
@@ -414,7 +420,7 @@ async def completion_chunks(reply: Reply, items: AsyncIterator[Token | Completio
 )
 async def chat_completions(request: Request, svc: Services = Depends(services)):
     body = await read(request, svc, ChatCompletionRequest)
-    model, target = target_or_404(svc, body.model)
+    model, target = await target_or_404(svc, body.model)
     note_endpoint(request, model)
     prompt = chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages], svc.textgen.facts(model))
     max_tokens = body.max_completion_tokens or body.max_tokens

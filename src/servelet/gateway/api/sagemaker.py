@@ -15,6 +15,7 @@ from contextlib import AsyncExitStack, contextmanager
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from ...control.catalog import CATALOG_HINT
 from ...control.endpoints import DEFAULT_ENDPOINT
 from ...control.invocation import ChunkStream, Invocation
 from ...errors import BadRequest, GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable, Unprocessable
@@ -89,10 +90,13 @@ ENDPOINT_NAME = Path(..., description="The endpoint to invoke; `servelet serve` 
 
 # -- reading a request --------------------------------------------------------------------------------
 async def read_invocation(request: Request, services: Services, endpoint: str, accept: str | None) -> Invocation:
-    """The internal request from SageMaker's headers and the raw body; unknown endpoints are a ValidationError."""
+    """The internal request from SageMaker's headers and the raw body; a catalog id is deployed on its first use,
+    and other unknown endpoints are a ValidationError."""
+    if services.router.catalog is not None:
+        await services.router.catalog.ensure(endpoint)
     if endpoint not in services.fleet.endpoints:
         known = ", ".join(sorted(services.fleet.endpoints)) or "none"
-        raise BadRequest(f"Endpoint {endpoint} of account {ACCOUNT} not found. (endpoints here: {known})")
+        raise BadRequest(f"Endpoint {endpoint} of account {ACCOUNT} not found. (endpoints here: {known}; {CATALOG_HINT})")
     note_endpoint(request, endpoint)
     headers = request.headers
     return Invocation(
