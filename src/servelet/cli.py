@@ -484,6 +484,50 @@ def autoscale(
         f"target {number(value)} {METRIC_WORDS[metric]}")
 
 
+# -- usage ------------------------------------------------------------------------------------------------------
+@app.command()
+def usage(
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Only this endpoint.")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="From this UTC day on (YYYY-MM-DD).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per endpoint, variant and day.")] = False,
+) -> None:
+    """What serverless variants were billed: GB-seconds, requests and cost per endpoint and UTC day (read from the
+    store `servelet serve` writes, so no gateway needs to run; prices from SERVELET_PRICE_PER_*)."""
+    from datetime import date
+
+    from .control.store import Store
+    from .control.usage import Rates
+    from .settings import database_url
+
+    try:
+        first_day = date.fromisoformat(since) if since else None
+    except ValueError:
+        fail(f"--since {since!r} is not a day: write it YYYY-MM-DD", 2)
+    try:
+        settings = load_gateway_settings()
+    except SettingsError as exc:
+        fail(str(exc), 2)
+    rates = Rates(settings.price_per_gb_second, settings.price_per_million_requests)
+    store = Store(database_url(settings))
+    try:
+        days = store.list_usage(endpoint, first_day)
+    finally:
+        store.close()
+    if as_json:
+        for day in days:
+            print(json.dumps(day.model_dump(mode="json", by_alias=True) | {"Cost": rates.cost(day.gb_seconds, day.requests)}))
+        return
+    if not days:
+        say("no usage billed yet (only serverless variants are billed)")
+        return
+    for name in dict.fromkeys(d.endpoint_name for d in days):
+        table = Table("Day (UTC)", "Variant", "GB-seconds", "Requests", "Cost (USD)", title=name, highlight=False)
+        for day in (d for d in days if d.endpoint_name == name):
+            table.add_row(day.day.isoformat(), day.variant_name, f"{day.gb_seconds:.3f}", str(day.requests),
+                          f"{rates.cost(day.gb_seconds, day.requests):.8f}")
+        out.print(table)
+
+
 # -- invoke -----------------------------------------------------------------------------------------------------
 @app.command()
 def invoke(

@@ -192,6 +192,14 @@ class GatewaySettings(BaseSettings):
         "429 ModelNotReadyException.",
     )
 
+    # The cost meter's prices (`servelet usage`); the defaults are AWS Lambda's x86 list prices.
+    price_per_gb_second: float = Field(
+        0.0000166667, ge=0, description="Cost meter: dollars per GB-second billed to serverless variants."
+    )
+    price_per_million_requests: float = Field(
+        0.20, ge=0, description="Cost meter: dollars per million requests billed to serverless variants."
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:

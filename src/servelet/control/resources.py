@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import re
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator

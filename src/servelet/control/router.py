@@ -26,6 +26,7 @@ from .invocation import Answer, ChunkStream, Invocation
 if TYPE_CHECKING:
     from .catalog import Catalog
     from .serverless import ServerlessScaler
+    from .usage import CostMeter
 
 # The caller's mistakes: they say nothing about the fleet's health, so alarms do not count them.
 CLIENT_ERRORS = (BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType, Unprocessable)
@@ -38,10 +39,10 @@ class Route:
     instance: Instance
 
     @contextmanager
-    def serving(self) -> Iterator[dict]:
+    def serving(self, meter: CostMeter | None = None, endpoint: str = "") -> Iterator[dict]:
         """Count the request in flight on its instance; record its outcome and latency (until `first_byte`
         is set, for streams) for the alarms. Only the fleet's own errors count as failures; a request the client
-        abandoned is no outcome."""
+        abandoned is no outcome. A serverless variant's request is billed to `endpoint` on `meter`, whatever its outcome."""
         in_flight = self.variant.in_flight
         in_flight[self.instance.name] += 1
         started = self.variant.last_request = time.monotonic()
@@ -62,9 +63,12 @@ class Route:
             in_flight[self.instance.name] -= 1
             if in_flight[self.instance.name] <= 0:
                 del in_flight[self.instance.name]
-            self.variant.last_request = time.monotonic()
+            self.variant.last_request = ended = time.monotonic()
+            if meter is not None and self.variant.serverless is not None:
+                meter.bill(endpoint, self.variant.name, self.variant.serverless.memory_size_in_mb,
+                           ended - started)
             if failed is not None:
-                latency = timing.get("first_byte", time.monotonic()) - started
+                latency = timing.get("first_byte", ended) - started
                 self.deployment.outcomes.record(failed, latency)
                 self.variant.served.record(failed, latency)
 
@@ -77,10 +81,14 @@ class Cold(Exception):
 
 
 class Router:
-    def __init__(self, fleet: Fleet, invocation_timeout: float | None = None, serverless: ServerlessScaler | None = None):
+    def __init__(
+        self, fleet: Fleet, invocation_timeout: float | None = None, serverless: ServerlessScaler | None = None,
+        meter: CostMeter | None = None,
+    ):
         self.fleet = fleet
         self.invocation_timeout = invocation_timeout  # seconds an instance may take to answer (a stream: to start)
         self.serverless = serverless  # starts instances of serverless variants at zero
+        self.meter = meter  # bills serverless invocations
         self.catalog: Catalog | None = None  # deploys a catalog id on its first invocation (set by the gateway)
 
     def route(self, invocation: Invocation) -> Route:
@@ -118,7 +126,7 @@ class Router:
         except Cold as cold:
             route = await self._started(invocation, cold)
         instance = route.instance
-        with route.serving():
+        with route.serving(self.meter, invocation.endpoint):
             try:
                 async with asyncio.timeout(self.invocation_timeout):
                     response = await instance.client.post(invocation.body, invocation.instance_headers())
@@ -146,7 +154,7 @@ class Router:
         except Cold as cold:
             route = await self._started(invocation, cold)
         instance = route.instance
-        with route.serving() as timing:
+        with route.serving(self.meter, invocation.endpoint) as timing:
             try:
                 async with AsyncExitStack() as stack:
                     opening = instance.client.open_stream(invocation.body, invocation.instance_headers())
@@ -163,6 +171,7 @@ class Router:
                         chunks=_chunks(response, instance),
                         content_type=response.headers.get("content-type", "application/octet-stream"),
                         variant=route.variant.name,
+                        headers=servelet_headers(response.headers),
                     )
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None
@@ -173,6 +182,11 @@ class Router:
         return ModelTimedOut(
             f"instance {instance.name} did not answer within {self.invocation_timeout:g} s (SERVELET_INVOCATION_TIMEOUT)"
         )
+
+
+def servelet_headers(headers) -> dict[str, str]:
+    """The instance's own `X-Servelet-*` facts about an answer (its token rates), passed on to the caller."""
+    return {name: value for name, value in headers.items() if name.startswith("x-servelet-")}
 
 
 def _instance_failed(instance: Instance, exc: Exception, when: str = "while answering") -> ModelFailed:

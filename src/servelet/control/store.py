@@ -7,17 +7,19 @@ JSON, beside the few columns we query by, so a new resource field needs no migra
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import JSON, Column, DateTime, MetaData, String, Table, create_engine, event, func, insert, select
+from sqlalchemy import (
+    JSON, Column, Date, DateTime, Float, Integer, MetaData, String, Table, create_engine, event, func, insert, select,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from .resources import CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, now
+from .resources import CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, UsageDay, now
 
 if TYPE_CHECKING:
     from .autoscaler import ScalableTarget
@@ -57,6 +59,16 @@ scaling_targets = Table(
     Column("endpoint", String(63), nullable=False, index=True),
     Column("creation_time", DateTime(timezone=True), nullable=False),
     Column("spec", JSON, nullable=False),
+)
+# The cost meter: one row per endpoint, variant and UTC day, so the table grows by days, not by requests.
+usage = Table(
+    "usage",
+    metadata,
+    Column("endpoint", String(63), primary_key=True),
+    Column("variant", String(63), primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("gb_seconds", Float, nullable=False),
+    Column("requests", Integer, nullable=False),
 )
 
 Spec = TypeVar("Spec", bound=BaseModel)
@@ -198,6 +210,42 @@ class Store:
         """Every target of the endpoint (it is being deleted)."""
         with self.engine.begin() as connection:
             return connection.execute(scaling_targets.delete().where(scaling_targets.c.endpoint == endpoint)).rowcount
+
+    # Usage (the cost meter)
+
+    def add_usage(self, days: list[UsageDay]) -> None:
+        """Add each day's figures to what its row holds already, in one transaction."""
+        if not days:
+            return
+        statement = _upsert(self.engine, usage)
+        statement = statement.on_conflict_do_update(
+            index_elements=[usage.c.endpoint, usage.c.variant, usage.c.day],
+            set_={
+                "gb_seconds": usage.c.gb_seconds + statement.excluded.gb_seconds,
+                "requests": usage.c.requests + statement.excluded.requests,
+            },
+        )
+        rows = [
+            {"endpoint": d.endpoint_name, "variant": d.variant_name, "day": d.day, "gb_seconds": d.gb_seconds,
+             "requests": d.requests}
+            for d in days
+        ]
+        with self.engine.begin() as connection:
+            connection.execute(statement, rows)
+
+    def list_usage(self, endpoint: str | None = None, since: date | None = None) -> list[UsageDay]:
+        """Rows by endpoint, day and variant; `since` includes its own day."""
+        query = select(usage).order_by(usage.c.endpoint, usage.c.day, usage.c.variant)
+        if endpoint is not None:
+            query = query.where(usage.c.endpoint == endpoint)
+        if since is not None:
+            query = query.where(usage.c.day >= since)
+        with self.engine.connect() as connection:
+            return [
+                UsageDay(endpoint_name=r.endpoint, variant_name=r.variant, day=r.day, gb_seconds=r.gb_seconds,
+                         requests=r.requests)
+                for r in connection.execute(query)
+            ]
 
     # The same four operations for every table
 

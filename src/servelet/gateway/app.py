@@ -16,6 +16,7 @@ from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
 from ..control.plane import ControlPlane
 from ..control.router import Router
 from ..control.store import Store
+from ..control.usage import CostMeter
 from ..errors import GatewayError, Unprocessable
 from ..settings import GatewaySettings, database_url
 from . import metrics
@@ -44,10 +45,12 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
         settings.serverless_idle_seconds, settings.serverless_start_timeout,
     )
-    router = Router(fleet, settings.invocation_timeout, plane.serverless)
+    meter = CostMeter(store)
+    router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)
     router.catalog = Catalog(plane)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
+    metrics.watch_meter(meter)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -60,9 +63,11 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         await plane.restore()
         plane.autoscaler.start()
         plane.serverless.start()
+        meter.start()
         yield
         await plane.close()
         await fleet.close()
+        await meter.close()  # last: requests cut short by the close are billed too
         store.close()
 
     app = FastAPI(title="servelet", version=__version__, description=DESCRIPTION, lifespan=lifespan)

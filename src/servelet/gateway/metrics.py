@@ -11,10 +11,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..runtimes.base import GENERATED_RATE_HEADER, PROMPT_RATE_HEADER
+
 REGISTRY = CollectorRegistry()
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10)
+RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 REQUESTS = Counter(
     "servelet_requests", "Requests answered", ["endpoint", "variant", "route", "status"], registry=REGISTRY
@@ -33,6 +36,12 @@ INTER_TOKEN_LATENCY = Histogram(
 )
 PROMPT_TOKENS = Counter("servelet_prompt_tokens", "Prompt tokens evaluated", ["endpoint"], registry=REGISTRY)
 GENERATED_TOKENS = Counter("servelet_generated_tokens", "Tokens generated", ["endpoint"], registry=REGISTRY)
+# The two rates users compare between machines and memory sizes, one observation per answer.
+PROMPT_TOKEN_RATE, GENERATED_TOKEN_RATE = (
+    Histogram(f"servelet_{kind}_tokens_per_second", f"{what} per second, per answer", ["endpoint"],
+              buckets=RATE_BUCKETS, registry=REGISTRY)
+    for kind, what in (("prompt", "Prompt tokens evaluated"), ("generated", "Tokens generated"))
+)
 WEBSOCKET_REQUESTS = Counter(
     "servelet_websocket_requests", "WebSocket requests by kind (question, generate, chat, invalid) and outcome",
     ["endpoint", "kind", "outcome"], registry=REGISTRY,
@@ -95,6 +104,46 @@ REGISTRY.register(_fleet_collector)
 
 def watch_fleet(fleet) -> None:
     _fleet_collector.fleet = fleet
+
+
+def observe_rates(endpoint: str, prompt_per_second: float, generated_per_second: float) -> None:
+    """One answer's two token rates (an answer with no generated token has no rate to count)."""
+    if prompt_per_second > 0:
+        PROMPT_TOKEN_RATE.labels(endpoint).observe(prompt_per_second)
+    if generated_per_second > 0:
+        GENERATED_TOKEN_RATE.labels(endpoint).observe(generated_per_second)
+
+
+def observe_rate_headers(endpoint: str, headers: dict[str, str]) -> None:
+    """The rates a whole text-generation answer carries in its headers (other answers carry none)."""
+    prompt, generated = headers.get(PROMPT_RATE_HEADER.lower()), headers.get(GENERATED_RATE_HEADER.lower())
+    if prompt is not None and generated is not None:
+        observe_rates(endpoint, float(prompt), float(generated))
+
+
+class MeterCollector:
+    """The cost meter's totals since the gateway started, per endpoint and variant (read at scrape time)."""
+
+    def __init__(self) -> None:
+        self.meter = None
+
+    def collect(self):
+        labels = ["endpoint", "variant"]
+        gb_seconds = CounterMetricFamily("servelet_billed_gb_seconds", "GB-seconds billed to serverless variants", labels=labels)
+        requests = CounterMetricFamily("servelet_billed_requests", "Requests billed to serverless variants", labels=labels)
+        totals = dict(self.meter.totals) if self.meter is not None else {}
+        for (endpoint, variant), billed in totals.items():
+            gb_seconds.add_metric([endpoint, variant], billed.gb_seconds)
+            requests.add_metric([endpoint, variant], billed.requests)
+        yield from (gb_seconds, requests)
+
+
+_meter_collector = MeterCollector()
+REGISTRY.register(_meter_collector)
+
+
+def watch_meter(meter) -> None:
+    _meter_collector.meter = meter
 
 
 def exposition() -> tuple[bytes, str]:

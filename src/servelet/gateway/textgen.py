@@ -103,6 +103,9 @@ class TextGenerator:
                         details = line["details"]
                         metrics.PROMPT_TOKENS.labels(endpoint).inc(details["prompt_tokens"])
                         metrics.GENERATED_TOKENS.labels(endpoint).inc(details["generated_tokens"])
+                        metrics.observe_rates(
+                            endpoint, details.get("prompt_tokens_per_second", 0), details.get("generated_tokens_per_second", 0)
+                        )
                         yield Completion(
                             text=line["generated_text"],
                             finish_reason=details["finish_reason"],

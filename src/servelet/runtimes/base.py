@@ -15,6 +15,11 @@ from typing import ClassVar
 
 from starlette.responses import Response
 
+# A text-generation answer's two token rates, as headers of its whole (non-streamed) answer: the gateway reads them
+# for its metrics without parsing the body.
+PROMPT_RATE_HEADER = "X-Servelet-Prompt-Tokens-Per-Second"
+GENERATED_RATE_HEADER = "X-Servelet-Generated-Tokens-Per-Second"
+
 
 class InvocationError(Exception):
     """A request this runtime cannot answer; `status` and `kind` travel to the client (4xx: the caller's fault).

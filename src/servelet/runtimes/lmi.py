@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import EngineError, Finished, GenerationParams, Token
-from .base import Call, InvocationError, Runtime
+from .base import GENERATED_RATE_HEADER, PROMPT_RATE_HEADER, Call, InvocationError, Runtime
 from .lmi_schemas import InvocationRequest, describe
 
 JSON_LINES = "application/jsonlines"
@@ -66,7 +66,9 @@ class TextGenerationRuntime(Runtime):
         if results is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         answers = [answer(p, tokens, end, invocation.parameters.details) for p, (tokens, end) in zip(prompts, results)]
-        return JSONResponse(answers[0] if isinstance(invocation.inputs, str) else answers)
+        if isinstance(invocation.inputs, str):
+            return JSONResponse(answers[0], headers=rate_headers(results[0][1]))
+        return JSONResponse(answers)  # a list's generations ran batched together: no one rate is theirs
 
 
 def parse_invocation(call: Call) -> InvocationRequest:
@@ -137,7 +139,17 @@ def details(prompt: str, end: Finished) -> dict:
         "inputs": prompt,
         "prompt_tokens": s.prompt_tokens,
         "time_to_first_token": round(s.time_to_first_token, 6),
-        "tokens_per_second": round(s.tokens_per_second, 3),
+        "tokens_per_second": round(s.tokens_per_second, 3),  # LMI's name for the generated tokens' rate
+        "prompt_tokens_per_second": round(s.prompt_tokens_per_second, 3),
+        "generated_tokens_per_second": round(s.tokens_per_second, 3),
+    }
+
+
+def rate_headers(end: Finished) -> dict[str, str]:
+    """The two rates users compare, for clients that do not ask for `details` (and for the gateway's metrics)."""
+    return {
+        PROMPT_RATE_HEADER: f"{end.stats.prompt_tokens_per_second:.3f}",
+        GENERATED_RATE_HEADER: f"{end.stats.tokens_per_second:.3f}",
     }
 
 

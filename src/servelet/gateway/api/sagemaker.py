@@ -19,7 +19,7 @@ from ...control.catalog import CATALOG_HINT
 from ...control.endpoints import DEFAULT_ENDPOINT
 from ...control.invocation import ChunkStream, Invocation
 from ...errors import BadRequest, GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable, Unprocessable
-from .. import framing
+from .. import framing, metrics
 from ..disconnect import unless_disconnected
 from ..errors import error_format
 from ..services import Services, note_endpoint, read_body, services
@@ -144,6 +144,7 @@ async def invoke(request: Request, services: Services, endpoint: str) -> Respons
         opening = instance_stream.enter_async_context(services.router.stream(invocation))
         answer = await unless_disconnected(request, opening)
     note_endpoint(request, endpoint, answer.variant)
+    metrics.observe_rate_headers(endpoint, answer.headers)
     headers = {"X-Amzn-Invoked-Production-Variant": answer.variant} | framing.UNBUFFERED | answer.headers
     return framing.ClosingStreamingResponse(
         passed_through(answer, instance_stream), media_type=answer.content_type, headers=headers
