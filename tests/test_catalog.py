@@ -12,6 +12,7 @@ import openai
 import pytest
 from botocore.exceptions import ClientError
 from conftest import SERVELET, boto, start_gateway, stop_process, wait_for
+from websockets.sync.client import connect
 
 from servelet.settings import DEFAULT_MODEL_URI
 
@@ -96,3 +97,26 @@ def test_a_name_that_is_neither_an_endpoint_nor_an_id_is_not_found(gateway):
     client = openai.OpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0)
     with pytest.raises(openai.NotFoundError, match="servelet catalog"):
         client.completions.create(model="no-such-model", prompt="Hello", max_tokens=2)
+
+
+def test_a_websocket_message_naming_an_id_deploys_it(gateway):
+    with connect(f"ws://127.0.0.1:{gateway.port}/ws") as ws:
+        assert json.loads(ws.recv(timeout=30))["type"] == "welcome"
+        ws.send(json.dumps({"id": "first", "endpoint": MINE, "inputs": "Hello", "parameters": {"max_new_tokens": 2}}))
+        frame = {"type": "token"}
+        while frame["type"] == "token":
+            frame = json.loads(ws.recv(timeout=180))
+    assert (frame["type"], frame["id"]) == ("answer", "first"), frame
+    boto("sagemaker", gateway.base_url).delete_endpoint(EndpointName=MINE)
+
+
+def test_an_id_whose_model_cannot_load_says_why(gateway):
+    assert servelet(gateway, "catalog", "add", "broken", "file:///nowhere/model.gguf").returncode == 0
+    with pytest.raises(ClientError) as raised:
+        invoke(gateway, "broken")
+    assert "nowhere/model.gguf" in str(raised.value)
+    sagemaker = boto("sagemaker", gateway.base_url)
+    assert wait_for(lambda: sagemaker.describe_endpoint(EndpointName="broken")["EndpointStatus"] == "Failed", 60)
+    with pytest.raises(ClientError, match="delete_endpoint") as again:
+        invoke(gateway, "broken")
+    assert again.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400

@@ -20,7 +20,7 @@ from ..settings import DEFAULT_MODEL_URI
 from ..sizing import serverless_memory_for
 from .plane import ControlPlane
 from .resources import (
-    CatalogEntry, ContainerSpec, EndpointConfigSpec, ModelSpec, ProductionVariant, ServerlessConfig, valid_name,
+    CatalogEntry, ContainerSpec, EndpointConfigSpec, EndpointStatus, ModelSpec, ProductionVariant, ServerlessConfig, valid_name,
 )
 from .store import AlreadyExists, Store
 
@@ -94,8 +94,14 @@ class Catalog:
             return
         if name not in self._deploying:
             entry = catalog_entry(self.plane.store, name)
-            if entry is None or self.plane.store.get_endpoint(name) is not None:
-                return  # not in the catalog, or an endpoint of that name exists (failed, or being deleted)
+            record = self.plane.store.get_endpoint(name) if entry is not None else None
+            if record is not None and record.endpoint_status is EndpointStatus.FAILED:
+                raise CatalogError(
+                    f"endpoint {name!r}, deployed from the catalog, failed: {record.failure_reason}; delete it "
+                    f"(`servelet endpoints delete {name}` or boto3 delete_endpoint) and its next use deploys it again"
+                )
+            if entry is None or record is not None:
+                return  # not in the catalog, or its endpoint is still being created or deleted
             self._deploying[name] = asyncio.ensure_future(self._deploy(entry))
             self._deploying[name].add_done_callback(lambda _: self._deploying.pop(name, None))
         # Shielded: a caller that leaves must not cancel the deployment other callers wait for.
