@@ -88,6 +88,12 @@ def test_the_openai_client_invokes_an_id(gateway):
     completion = client.completions.create(model="gemma3-270m", prompt="The capital of France is", max_tokens=4)
     assert completion.choices[0].text
     boto("sagemaker", gateway.base_url).delete_endpoint(EndpointName="gemma3-270m")
+    # A chat as the first use is rendered with the model's chat template: its answer ends at the turn's end.
+    chat = client.chat.completions.create(
+        model="gemma3-270m", messages=[{"role": "user", "content": "Say hello."}], max_tokens=16
+    )
+    assert chat.choices[0].message.content and "<end_of_turn>" not in chat.choices[0].message.content
+    boto("sagemaker", gateway.base_url).delete_endpoint(EndpointName="gemma3-270m")
 
 
 def test_a_name_that_is_neither_an_endpoint_nor_an_id_is_not_found(gateway):

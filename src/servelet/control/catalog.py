@@ -128,3 +128,6 @@ class Catalog:
             await self.plane.create_endpoint_config(EndpointConfigSpec(endpoint_config_name=name, production_variants=[variant]))
         log.info("deploying catalog id %s (%s) as a serverless endpoint on its first invocation", name, entry.model_data_url)
         await self.plane.create_endpoint(name, name)
+        # Held here as any cold serverless request is, so the first request already sees the model's facts (a
+        # chat is rendered with its template, as later ones are), and concurrent first uses wait on one start.
+        await self.plane.serverless.wake(name, self.plane.fleet.get(name).blue.variants[0])
