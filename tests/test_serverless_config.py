@@ -190,13 +190,19 @@ def config_with(tmp_path, variant: str, environment: str = "{}"):
      "provisioned_concurrency 3 is not allowed: it must be 1 to max_concurrency (2)"),
     ("{name: a, model: gemma, instances: 2, serverless: {}}",
      "endpoints[0].variants[0]: a variant with serverless takes no instances"),
-    ("{name: a, model: gemma, serverless: {memory_size_mb: 1024}}",
-     "endpoints[0].variants[0].serverless.memory_size_mb: model gemma needs about 1,393 MB"),
 ])
 def test_the_config_file_reaches_the_same_rules(tmp_path, model_path, variant, message):
     with pytest.raises(ConfigError) as raised:
         load_config(config_with(tmp_path, variant))
     assert message in str(raised.value), raised.value
+
+
+def test_the_config_file_meets_the_memory_check_of_every_endpoint_config(tmp_path, model_path):
+    """The control plane checks the memory size of each endpoint config it creates, the config file's included."""
+    path = config_with(tmp_path, "{name: a, model: gemma, serverless: {memory_size_mb: 1024}}")
+    with pytest.raises(RuntimeError) as refused:
+        start_gateway(tmp_path / "gateway", args=["--instances", "0", "--config", str(path)], ready=None)
+    assert "ProductionVariants.0.ServerlessConfig.MemorySizeInMB: model gemma needs about 1,393 MB" in str(refused.value)
 
 
 def test_the_config_file_accepts_a_serverless_variant_that_fits(tmp_path, model_path):

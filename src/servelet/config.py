@@ -27,7 +27,6 @@ from .control.resources import (
     available_runtime,
 )
 from .errors import ResourceInvalid, ResourceMissing
-from .sizing import serverless_memory_problems
 
 log = logging.getLogger("servelet.config")
 
@@ -129,7 +128,7 @@ class Serverless(Entry):
 class Autoscaling(Entry):
     """Target tracking for one variant (registered as the policy `servelet-config`; see control/autoscaler.py)."""
 
-    min_instances: int = Field(1, ge=1, le=MAX_INSTANCES_PER_VARIANT)
+    min_instances: int = Field(1, ge=0, le=MAX_INSTANCES_PER_VARIANT)  # 0: scale to zero when idle
     max_instances: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
     target_concurrent_requests_per_instance: float | None = Field(None, gt=0)
     target_invocations_per_instance_per_minute: float | None = Field(None, gt=0)
@@ -286,10 +285,6 @@ def _cross_check(config: ServeConfig) -> list[str]:
                 problems.append(f"endpoints[{i}].variants[{j}].model: unknown model {variant.model!r} (declared: {declared})")
         if sum(v.weight for v in endpoint.variants) <= 0:
             problems.append(f"endpoints[{i}].variants: the weights sum to 0, so no variant would get traffic")
-        if any(v.serverless for v in endpoint.variants) and not problems:
-            declared = {m.name: m.spec() for m in config.models}
-            for j, why in serverless_memory_problems(endpoint.spec(), declared):
-                problems.append(f"endpoints[{i}].variants[{j}].serverless.memory_size_mb: {why}")
     return problems
 
 

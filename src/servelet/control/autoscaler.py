@@ -14,6 +14,10 @@ The loop, every `interval` seconds, per variant with a policy:
              scaling, and only if the load sampled over the whole cooldown never needed the current count
              (conservative: a lull between requests does not undo a scale-out)
 
+With MinCapacity 0 (as SageMaker allows for inference components) the last instance goes after a ScaleInCooldown
+without load, and the first request to the empty variant starts one through the serverless start path (the router
+holds it, bounded by SERVELET_SERVERLESS_START_TIMEOUT); the policy takes over again once it is ready.
+
 Nothing scales while the endpoint is not InService (Creating, Updating, RollingBack, ...). A change goes through
 UpdateEndpointWeightsAndCapacities: new instances start (the endpoint is Updating until they are ready),
 removed ones finish their requests first.
@@ -97,7 +101,7 @@ class ScalableTarget(Resource):
 
     endpoint_name: str
     variant_name: str
-    min_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
+    min_capacity: int = Field(ge=0, le=MAX_INSTANCES_PER_VARIANT)
     max_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
     policy: ScalingPolicy | None = None
     events: list[ScalingEvent] = Field(default_factory=list)
@@ -116,9 +120,11 @@ class ScalableTarget(Resource):
 
 def target_errors(min_capacity: int | None, max_capacity: int | None) -> str | None:
     """A readable refusal for capacities out of range, before pydantic words it."""
+    if min_capacity is not None and min_capacity < 0:
+        return f"MinCapacity ({min_capacity}) must be 0 (scale to zero when idle) or more"
+    if max_capacity is not None and max_capacity < 1:
+        return f"MaxCapacity ({max_capacity}) must be at least 1: a variant that can never run an instance serves nothing"
     for label, value in (("MinCapacity", min_capacity), ("MaxCapacity", max_capacity)):
-        if value is not None and value < 1:
-            return f"{label} must be at least 1 (a variant with no instance has no load to measure)"
         if value is not None and value > MAX_INSTANCES_PER_VARIANT:
             return f"{label} ({value}) is above the limit of {MAX_INSTANCES_PER_VARIANT} instances per variant"
     if min_capacity is not None and max_capacity is not None and min_capacity > max_capacity:

@@ -179,7 +179,7 @@ class Deployer:
         record.endpoint_status = EndpointStatus.UPDATING
         record.failure_reason = None
         record.pending_deployment_summary = PendingDeployment(
-            endpoint_config_name=config_name, production_variants=_states(plans, "Creating", "starting the new fleet")
+            endpoint_config_name=config_name, production_variants=variant_states(plans, "Creating", "starting the new fleet")
         )
         self.store.save_endpoint(record)
         log.info("endpoint %s: updating to %s (%s)", name, config_name, policy.kind)
@@ -237,8 +237,8 @@ class Deployer:
         if record is None:
             return
         record.endpoint_config_name = config.endpoint_config_name
-        record.production_variants = _states(
-            [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight) for v in green.variants]
+        record.production_variants = variant_states(
+            [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight, serverless=v.serverless) for v in green.variants]
         )
         self._in_service(record, policy, failure_reason=None)
         log.info("endpoint %s: InService on %s", name, config.endpoint_config_name)
@@ -292,6 +292,14 @@ class Deployer:
         names = [d.variant_name for d in desired]
         if len(set(names)) != len(names):
             raise ResourceInvalid("DesiredWeightsAndCapacities: each variant may appear once")
+        counted = [endpoint.blue.find(d.variant_name) for d in desired if d.desired_instance_count is not None]
+        serverless = next((v for v in counted if v.serverless is not None), None)
+        if serverless is not None:
+            raise ResourceInvalid(
+                f"variant {serverless.name!r} of endpoint {name!r} is serverless: it scales by itself (from "
+                f"ProvisionedConcurrency, or zero, up to MaxConcurrency {serverless.serverless.max_concurrency}), so it "
+                "takes no DesiredInstanceCount; send DesiredWeight alone, or change its ServerlessConfig through UpdateEndpoint"
+            )
         weights = {n: s.desired_weight for n, s in states.items()} | {
             d.variant_name: d.desired_weight for d in desired if d.desired_weight is not None
         }
@@ -365,12 +373,15 @@ class Deployer:
             await self.cancel(name)
 
 
-def _states(plans: list[VariantPlan], status: str | None = None, message: str | None = None) -> list[VariantState]:
+def variant_states(plans: list[VariantPlan], status: str | None = None, message: str | None = None) -> list[VariantState]:
+    """What DescribeEndpoint reports for `plans`, serverless configs included: kept with the endpoint, so they
+    stay true after its endpoint config is deleted (SageMaker allows that while the endpoint runs)."""
     steps = [VariantStep(status=status, status_message=message, start_time=now())] if status else None
     return [
         VariantState(
             variant_name=p.name, current_weight=p.weight, desired_weight=p.weight,
             desired_instance_count=p.instances, variant_status=steps,
+            current_serverless_config=p.serverless, desired_serverless_config=p.serverless,
         )
         for p in plans
     ]

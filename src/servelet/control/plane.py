@@ -13,8 +13,9 @@ import asyncio
 import logging
 
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
+from ..sizing import serverless_memory_problems
 from .autoscaler import Autoscaler
-from .deployer import Deployer
+from .deployer import Deployer, variant_states
 from .endpoints import Fleet, VariantPlan
 from .resources import (
     ContainerSpec,
@@ -25,7 +26,6 @@ from .resources import (
     EndpointStatus,
     ModelSpec,
     ProductionVariant,
-    VariantState,
     arn,
 )
 from .serverless import ServerlessScaler, serverless_plan
@@ -84,12 +84,25 @@ class ControlPlane:
         missing = [v.model_name for v in spec.production_variants if self.store.get_model(v.model_name) is None]
         if missing:
             raise ResourceInvalid(f"Could not find model(s) {', '.join(map(repr, missing))}: create them first")
+        await self._refuse_oversized(spec)
         try:
             self.store.add_endpoint_config(spec)
         except AlreadyExists:
             name = arn("endpoint-config", spec.endpoint_config_name)
             raise ResourceExists(f'Cannot create already existing endpoint configuration "{name}".') from None
         return spec
+
+    async def _refuse_oversized(self, spec: EndpointConfigSpec) -> None:
+        """A serverless variant whose model cannot fit in its MemorySizeInMB is refused now, with the figures, on
+        every path (boto3, the config file, the CLI), rather than failing when its instance loads."""
+        if not any(v.serverless_config for v in spec.production_variants):
+            return
+        models = {v.model_name: self.store.get_model(v.model_name) for v in spec.production_variants}
+        problems = await asyncio.to_thread(serverless_memory_problems, spec, models)
+        if problems:
+            raise ResourceInvalid("; ".join(
+                f"ProductionVariants.{i}.ServerlessConfig.MemorySizeInMB: {why}" for i, why in problems
+            ))
 
     async def describe_endpoint_config(self, name: str) -> EndpointConfigSpec:
         config = self.store.get_endpoint_config(name)
@@ -109,19 +122,7 @@ class ControlPlane:
     async def create_endpoint(self, name: str, config_name: str) -> EndpointRecord:
         config = await self.describe_endpoint_config(config_name)
         plans = self._plans(config)
-        record = EndpointRecord(
-            endpoint_name=name,
-            endpoint_config_name=config_name,
-            production_variants=[
-                VariantState(
-                    variant_name=v.variant_name,
-                    current_weight=v.initial_variant_weight,
-                    desired_weight=v.initial_variant_weight,
-                    desired_instance_count=v.initial_instance_count,
-                )
-                for v in config.production_variants
-            ],
-        )
+        record = EndpointRecord(endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans))
         try:
             self.store.add_endpoint(record)
         except AlreadyExists:
@@ -246,7 +247,7 @@ class ControlPlane:
             plans.append(VariantPlan(
                 name=variant.variant_name,
                 model_uri=model.uri,
-                instances=variant.initial_instance_count,
+                instances=variant.initial_instance_count or 0,  # serverless: its plan says (below)
                 weight=variant.initial_variant_weight,
                 env=model.instance_environment(),
             ))
@@ -312,6 +313,10 @@ class ControlPlane:
             live = {v.name: len(v.ready_instances()) for v in green.variants} if green else {}
             for variant in pending.production_variants:
                 variant.current_instance_count = live.get(variant.variant_name, 0)
+            # DesiredServerlessConfig: what the update moves each variant to (None: it will run instances).
+            moving_to = {v.variant_name: v.current_serverless_config for v in pending.production_variants}
+            for variant in record.production_variants:
+                variant.desired_serverless_config = moving_to.get(variant.variant_name)
         return record
 
 

@@ -147,7 +147,8 @@ class ServerlessConfig(Resource):
 class ProductionVariant(Resource):
     variant_name: str = Field(pattern=NAME_PATTERN)
     model_name: str = Field(pattern=NAME_PATTERN)
-    initial_instance_count: int = Field(1, ge=0, le=MAX_INSTANCES_PER_VARIANT)
+    # None on a serverless variant, as SageMaker stores it: it has no instance count of its own (see serverless.py).
+    initial_instance_count: int | None = Field(None, ge=0, le=MAX_INSTANCES_PER_VARIANT)
     initial_variant_weight: float = Field(1.0, ge=0.0)
     instance_type: str | None = Field(None, description="Accepted for compatibility; instances run on this machine.")
     serverless_config: ServerlessConfig | None = None
@@ -165,6 +166,12 @@ class ProductionVariant(Resource):
                     "(send ServerlessConfig alone, or drop it to run instances)"
                 )
         return data
+
+    @model_validator(mode="after")
+    def _one_instance_unless_serverless(self):
+        if self.serverless_config is None and self.initial_instance_count is None:
+            self.initial_instance_count = 1
+        return self
 
 
 class EndpointConfigSpec(Resource):

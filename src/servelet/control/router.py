@@ -74,7 +74,7 @@ class Route:
 
 
 class Cold(Exception):
-    """A serverless variant with no ready instance: the request waits for one to start."""
+    """A serverless variant with no ready instance, or a variant scaled to zero: the request waits for one to start."""
 
     def __init__(self, deployment: Deployment, variant: Variant):
         self.deployment, self.variant = deployment, variant
@@ -107,7 +107,8 @@ class Router:
             )
         instance = variant.pick_instance()
         if instance is None:
-            if variant.serverless is not None and self.serverless is not None:
+            # Serverless, or scaled to zero (target tracking with MinCapacity 0): the request starts an instance.
+            if (variant.serverless is not None or not variant.instances) and self.serverless is not None:
                 raise Cold(deployment, variant)
             raise Unavailable(f"endpoint {invocation.endpoint!r} has no ready instance yet (its model may still be loading)")
         return Route(deployment, variant, instance)

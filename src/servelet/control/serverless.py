@@ -4,7 +4,8 @@ A variant with a `ServerlessConfig` is deployed with `ProvisionedConcurrency` in
 (creation then proves that the model loads, as it does for any endpoint, and the idle timeout takes it to zero).
 Its instances get `SERVELET_THREADS` from `MemorySizeInMB` (one vCPU per 1,769 MB, as Lambda sells CPU).
 
-The router holds a request to a variant with no ready instance while `wake` starts one (bounded by
+The router holds a request to a variant with no ready instance (or an ordinary variant that target tracking
+scaled to zero) while `wake` starts one (bounded by
 SERVELET_SERVERLESS_START_TIMEOUT, then 429 ModelNotReadyException), and refuses requests over `MaxConcurrency`.
 The `ServerlessScaler` loop, beside the deployer and the autoscaler, compares the store's serverless variants
 with what runs and scales them through the fleet:
@@ -95,8 +96,8 @@ class ServerlessScaler(ControlLoop):
                     raise Unavailable(f"endpoint {endpoint!r} could not start an instance of variant {variant.name!r}: {why}")
                 if time.monotonic() >= deadline:
                     raise ModelNotReady(
-                        f"endpoint {endpoint!r} is starting an instance of its serverless variant {variant.name!r}; it was "
-                        f"not ready within {self.request_timeout:g} s (SERVELET_SERVERLESS_START_TIMEOUT): retry shortly"
+                        f"endpoint {endpoint!r} is starting an instance of its variant {variant.name!r} (it had none); it "
+                        f"was not ready within {self.request_timeout:g} s (SERVELET_SERVERLESS_START_TIMEOUT): retry shortly"
                     )
                 await asyncio.sleep(START_POLL_S)
             return instance

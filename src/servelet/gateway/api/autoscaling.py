@@ -22,7 +22,7 @@ from ...control.autoscaler import (
 )
 from ...control.plane import ControlPlane
 from ...control.resources import Resource
-from .sagemaker_control import Operation, epoch, invalid, operation, serverless_configs
+from .sagemaker_control import Operation, epoch, invalid, operation
 
 TARGET_PREFIX = "AnyScaleFrontendService."
 OPERATIONS: dict[str, Operation] = {}
@@ -102,7 +102,8 @@ def common(target: ScalableTarget) -> dict:
 def refuse_serverless(plane: ControlPlane, endpoint: str, variant: str) -> None:
     """A serverless variant scales by itself (0 or ProvisionedConcurrency up to MaxConcurrency): no policy applies."""
     record = plane.store.get_endpoint(endpoint)
-    serverless = serverless_configs(plane, record.endpoint_config_name if record else None).get(variant)
+    states = record.production_variants if record else []
+    serverless = next((v.current_serverless_config for v in states if v.variant_name == variant), None)
     if serverless is not None:
         raise invalid(
             f"endpoint/{endpoint}/variant/{variant} is a serverless variant: it scales by itself, up to its "

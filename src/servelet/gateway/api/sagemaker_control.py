@@ -8,7 +8,6 @@ Each operation reads its input shape, calls the `ControlPlane` and answers the s
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import logging
@@ -32,11 +31,9 @@ from ...control.resources import (
     EndpointRecord,
     ModelSpec,
     Resource,
-    ServerlessConfig,
     arn,
 )
 from ...errors import GatewayError, ResourceInUse, ResourceMissing
-from ...sizing import serverless_memory_problems
 from ..services import Services, json_body, read_body, services
 from . import tgi
 
@@ -290,30 +287,8 @@ async def delete_model(plane: ControlPlane, body: dict) -> dict:
 async def create_endpoint_config(plane: ControlPlane, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != "CreationTime"}
     spec = EndpointConfigSpec.model_validate(body)
-    await refuse_oversized(plane, spec)
     spec = await plane.create_endpoint_config(spec)
     return {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
-
-
-async def refuse_oversized(plane: ControlPlane, spec: EndpointConfigSpec) -> None:
-    """A serverless variant whose model cannot fit in its MemorySizeInMB is refused now, as SageMaker users see it."""
-    models = {}
-    for variant in spec.production_variants:
-        if variant.serverless_config is not None:
-            try:
-                models[variant.model_name] = await plane.describe_model(variant.model_name)
-            except ResourceMissing:
-                pass  # the plane names every missing model
-    problems = await asyncio.to_thread(serverless_memory_problems, spec, models) if models else []
-    if problems:
-        raise invalid("; ".join(f"ProductionVariants.{i}.ServerlessConfig.MemorySizeInMB: {why}" for i, why in problems))
-
-
-def serverless_configs(plane: ControlPlane, config_name: str | None) -> dict[str, ServerlessConfig]:
-    """Variant name -> its ServerlessConfig, for the serverless variants of a stored config (none if it is gone)."""
-    config = plane.store.get_endpoint_config(config_name) if config_name else None
-    variants = config.production_variants if config else []
-    return {v.variant_name: v.serverless_config for v in variants if v.serverless_config is not None}
 
 
 def serverless_wire(variants: list[dict]) -> None:
@@ -367,12 +342,6 @@ def endpoint_wire(record: EndpointRecord) -> dict:
 @operation("DescribeEndpoint", EndpointNameInput)
 async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
     record = await plane.describe_endpoint(EndpointNameInput.model_validate(body).endpoint_name)
-    current = serverless_configs(plane, record.endpoint_config_name)
-    pending = record.pending_deployment_summary
-    desired = serverless_configs(plane, pending.endpoint_config_name) if pending else current
-    for variant in record.production_variants:
-        variant.current_serverless_config = current.get(variant.variant_name)
-        variant.desired_serverless_config = desired.get(variant.variant_name)
     # A servelet extension (botocore drops members its model does not know; servelet's CLI reads it).
     events = [
         {"Time": epoch(e.time), "Variant": e.variant, "From": e.from_count, "To": e.to_count, "Reason": e.reason,
