@@ -122,3 +122,34 @@ def test_min_capacity_below_0_is_refused_saying_why(gateway, sagemaker):
                      ResourceId="endpoint/nowhere/variant/AllTraffic", MinCapacity=0, MaxCapacity=0)
     assert error["Code"] == "ValidationException" and "MaxCapacity (0) must be at least 1" in error["Message"]
 
+
+# -- MemorySizeInMB held on each instance ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def cramped(tmp_path_factory, model_path):
+    """Instances may use a fifth of MemorySizeInMB (a test-only setting): about 205 MB of 1024, which the default
+    model (some 300 MB resident) goes over as soon as it has loaded."""
+    env = {"SERVELET_INSTANCES": "0", "SERVELET_SERVERLESS_MEMORY_LIMIT_SCALE": "0.2"}
+    running = start_gateway(tmp_path_factory.mktemp("cramped"), env=env, ready=None)
+    yield running
+    stop_process(running.process)
+
+
+def test_an_instance_over_its_memory_size_is_stopped_and_its_request_told_why(cramped):
+    sagemaker = boto("sagemaker", cramped.base_url)
+    sagemaker.create_model(ModelName="cramped", PrimaryContainer={
+        "ModelDataUrl": DEFAULT_MODEL_URI, "Environment": {"SERVELET_MAX_BATCH_SIZE": "4"}})  # fits 1024 MB on paper
+    sagemaker.create_endpoint_config(EndpointConfigName="cramped", ProductionVariants=[{
+        "VariantName": "AllTraffic", "ModelName": "cramped",
+        "ServerlessConfig": {"MemorySizeInMB": 1024, "MaxConcurrency": 2}}])
+    sagemaker.create_endpoint(EndpointName="cramped", EndpointConfigName="cramped")
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="cramped", WaiterConfig=WAIT)
+
+    client = runtime(cramped)
+    with pytest.raises(client.exceptions.ModelError) as stopped:
+        client.invoke_endpoint(EndpointName="cramped", Body=LONG, ContentType="application/json")
+    message = stopped.value.response["Error"]["Message"]
+    assert "went over its MemorySizeInMB: it used" in message and "MB of 205 MB" in message, message
+    assert "went over its MemorySizeInMB" in cramped.log()
+    # The endpoint stays up: the fleet starts a new instance rather than failing it.
+    assert sagemaker.describe_endpoint(EndpointName="cramped")["EndpointStatus"] == "InService"
+    assert wait_for(lambda: "starting a replacement" in cramped.log(), 30)

@@ -99,3 +99,12 @@ def test_every_answer_carries_both_token_rates(gateway, metered):
     text = gateway.http(timeout=10).get("/metrics").text
     assert f'servelet_generated_tokens_per_second_count{{endpoint="{metered}"}}' in text
     assert f'servelet_prompt_tokens_per_second_count{{endpoint="{metered}"}}' in text
+
+
+def test_a_clean_stop_loses_no_billed_request(gateway, metered):
+    """Runs last: it stops the module's gateway right after an invocation, before a periodic flush need have come."""
+    before = billed(gateway, metered)["servelet_billed_requests_total"]  # the store may be a flush behind
+    runtime(gateway).invoke_endpoint(EndpointName=metered, Body=json.dumps(GENERATE), ContentType="application/json")
+    stop_process(gateway.process)  # SIGTERM: uvicorn's graceful shutdown, then the gateway's lifespan end
+    assert "Application shutdown complete" in gateway.log()
+    assert sum(row["Requests"] for row in usage_json(gateway, "--endpoint", metered)) == before + 1

@@ -191,6 +191,10 @@ class GatewaySettings(BaseSettings):
         60.0, gt=0, description="Serverless variants: seconds a request waits for an instance to start before "
         "429 ModelNotReadyException.",
     )
+    serverless_memory_limit_scale: float = Field(
+        1.0, gt=0, description="Serverless variants: the share of MemorySizeInMB an instance may use before it is "
+        "stopped (1: all of it; tests lower it to see the limit act on a small model).",
+    )
 
     # The cost meter's prices (`servelet usage`); the defaults are AWS Lambda's x86 list prices.
     price_per_gb_second: float = Field(

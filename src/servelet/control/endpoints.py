@@ -211,8 +211,12 @@ class Endpoint:
 class Fleet:
     """Every endpoint this gateway serves, and the instance processes behind them."""
 
-    def __init__(self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None, stream_channel: bool = True):
+    def __init__(
+        self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None, stream_channel: bool = True,
+        memory_limit_scale: float = 1.0,
+    ):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="servelet-"))
+        self.memory_limit_scale = memory_limit_scale  # of MemorySizeInMB, the memory a serverless instance may use
         self.stream_channel = stream_channel
         # The gateway logs every request itself; instances would log each health poll too. An instance killed by a
         # signal (a native crash) prints where its threads were into the gateway's log (Python's faulthandler).
@@ -264,20 +268,22 @@ class Fleet:
         variants = []
         for plan in plans:
             variant = Variant(plan.name, plan.model_uri, plan.weight, env=plan.env, serverless=plan.serverless)
-            variant.instances = [self._instance(name, plan.name, plan.model_uri, plan.env) for _ in range(plan.instances)]
+            variant.instances = [self._instance(name, variant) for _ in range(plan.instances)]
             variants.append(variant)
         return variants
 
-    def _instance(self, endpoint: str, variant: str, model_uri: str, env: dict[str, str]) -> Instance:
+    def _instance(self, endpoint: str, variant: Variant) -> Instance:
         # Numbered per endpoint and variant name, so that a green variant named like a blue one gets its own socket.
-        n = next(self._serials.setdefault(endpoint, {}).setdefault(variant, itertools.count()))
-        socket_path = self.run_dir / f"{endpoint}-{variant}-{n}.sock"
+        n = next(self._serials.setdefault(endpoint, {}).setdefault(variant.name, itertools.count()))
+        socket_path = self.run_dir / f"{endpoint}-{variant.name}-{n}.sock"
         if len(bytes(socket_path)) > MAX_SOCKET_PATH_BYTES:  # long names: a short, still unique, file name
-            digest = hashlib.sha256(f"{endpoint}/{variant}/{n}".encode()).hexdigest()[:16]
+            digest = hashlib.sha256(f"{endpoint}/{variant.name}/{n}".encode()).hexdigest()[:16]
             socket_path = self.run_dir / f"{digest}.sock"
-        model_file = self._models.get(model_uri)
+        model_file = self._models.get(variant.model_uri)
+        memory = variant.serverless.memory_size_in_mb * self.memory_limit_scale if variant.serverless else None
         return Instance(
-            f"{endpoint}/{variant}/{n}", model_uri, socket_path, self.instance_env | env, model_file, self.stream_channel
+            f"{endpoint}/{variant.name}/{n}", variant.model_uri, socket_path, self.instance_env | variant.env, model_file,
+            self.stream_channel, memory,
         )
 
     async def _materialize(self, plans: list["VariantPlan"]) -> None:
@@ -381,8 +387,7 @@ class Fleet:
         if variant is None:
             raise VariantNotFound(f"variant {variant_name!r} is not on endpoint {name!r}")
         if count >= len(variant.instances):
-            added = [self._instance(name, variant.name, variant.model_uri, variant.env)
-                     for _ in range(count - len(variant.instances))]
+            added = [self._instance(name, variant) for _ in range(count - len(variant.instances))]
             variant.instances.extend(added)
             await self._start_all(endpoint, added, start_timeout)
             return added
@@ -425,7 +430,7 @@ class Fleet:
                 return
             if instance.served:
                 crashes = 0
-            elif instance.exit_signal is not None:
+            elif instance.exit_signal is not None and not instance.over_memory:  # stopped for its memory: no crash
                 crashes += 1
                 if crashes >= CRASHES_BEFORE_FAILING:
                     self._give_up(endpoint, instance, crash_reason(instance, crashes))
@@ -495,7 +500,7 @@ def crash_reason(instance: Instance, crashes: int) -> str:
 
 def _counts(instance: Instance, crashes: int) -> str:
     """For the log: whether the exit counts toward giving up."""
-    if instance.exit_signal is None:
+    if instance.exit_signal is None or instance.over_memory:
         return ""
     if instance.served:
         return " after serving requests"

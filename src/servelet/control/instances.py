@@ -51,6 +51,21 @@ def signal_meaning(number: int) -> str:
         return signal_name(number)
 
 
+def resident_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, in MB, from /proc (0 where it cannot be read): what a
+    serverless instance is held to (the model's mapped weights count, as they do in Lambda's figure)."""
+    page, total, pending = os.sysconf("SC_PAGE_SIZE"), 0, [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * page
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(child) for child in (task / "children").read_text().split()]
+        except (OSError, ValueError, IndexError):
+            continue  # it exited meanwhile, or this is no Linux
+    return total / (1024 * 1024)
+
+
 class InstanceFailed(RuntimeError):
     """The instance process exited or never became ready."""
 
@@ -60,7 +75,7 @@ class Instance:
 
     def __init__(
         self, name: str, model_uri: str, socket_path: Path, env: dict[str, str] | None = None,
-        model_file: Materialized | None = None, stream_channel: bool = True,
+        model_file: Materialized | None = None, stream_channel: bool = True, memory_limit_mb: float | None = None,
     ):
         self.name = name
         self.model_uri = model_uri
@@ -78,6 +93,8 @@ class Instance:
         self.ever_ready = False
         self.served = False  # this process answered a request successfully: a crash after that is no broken build
         self.stopping = False
+        self.memory_limit_mb = memory_limit_mb  # a serverless variant's MemorySizeInMB: over it, the process is stopped
+        self.over_memory: str | None = None  # why it was stopped for its memory (what its requests are answered)
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._relay: asyncio.Task | None = None
 
@@ -88,6 +105,7 @@ class Instance:
             self.client = self._new_client()
             self.failure = None
         self.served = False
+        self.over_memory = None
         if self.socket_path.exists():
             self.socket_path.unlink()
         shared = self.model_file if self.model_file is not None and self.model_file.fds else None
@@ -154,9 +172,26 @@ class Instance:
             self.ready = status is not None
             self.occupancy = status or {}
             await asyncio.sleep(HEALTH_POLL_SECONDS)
+            # Read with the health poll: a few small /proc files a second, at most a second late.
+            if (self.memory_limit_mb and not self.stopping and self.process.returncode is None
+                    and (used := resident_mb(self.process.pid)) > self.memory_limit_mb):
+                await self._stop_over_memory(used)
+                break
         self.ready = False
         if self.process is not None and not self.stopping:  # a stop we asked for is no failure
-            self.failure = f"instance {self.name} {self.exit_description()}"
+            self.failure = self.over_memory or f"instance {self.name} {self.exit_description()}"
+
+    async def _stop_over_memory(self, used: float) -> None:
+        """Kill the process: the router answers its requests with `over_memory`, the fleet starts a new one."""
+        self.ready = False
+        self.over_memory = (
+            f"instance {self.name} went over its MemorySizeInMB: it used {used:,.0f} MB of {self.memory_limit_mb:,.0f} MB "
+            "and was stopped; the endpoint starts a new instance. Choose a larger MemorySizeInMB, or give the model "
+            "a smaller SERVELET_MAX_BATCH_SIZE or SERVELET_MAX_MODEL_LEN"
+        )
+        log.warning("%s", self.over_memory)
+        self.process.kill()
+        await self.process.wait()
 
     @property
     def exit_signal(self) -> str | None:

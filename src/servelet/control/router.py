@@ -191,9 +191,10 @@ def servelet_headers(headers) -> dict[str, str]:
 
 
 def _instance_failed(instance: Instance, exc: Exception, when: str = "while answering") -> ModelFailed:
-    """The connection broke: route around the instance until its health poll sees it answer again."""
+    """The connection broke: route around the instance until its health poll sees it answer again (or, stopped
+    for going over its MemorySizeInMB, say so)."""
     instance.ready = False
-    return ModelFailed(f"instance {instance.name} failed {when}: {exc!r}", 500)
+    return ModelFailed(instance.over_memory or f"instance {instance.name} failed {when}: {exc!r}", 500)
 
 
 async def _chunks(response: QueuedAnswer, instance: Instance) -> AsyncIterator[bytes]:

@@ -39,7 +39,9 @@ a WebSocket. `model` / `EndpointName` name an endpoint; `default` is the one `se
 
 
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
-    fleet = fleet or Fleet(settings.run_dir, stream_channel=settings.stream_channel)
+    fleet = fleet or Fleet(
+        settings.run_dir, stream_channel=settings.stream_channel, memory_limit_scale=settings.serverless_memory_limit_scale
+    )
     store = Store(database_url(settings))
     plane = ControlPlane(
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
