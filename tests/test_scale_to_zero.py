@@ -2,7 +2,8 @@
 
 A serverless variant is described from the endpoint itself (its config may be deleted while it runs) and refuses an
 instance count; a variant with MinCapacity 0 loses its last instance after ScaleInCooldown without load, and the
-next request starts one, through boto3 and the real default model."""
+next request starts one; an instance over its MemorySizeInMB is stopped and its request told why. Through boto3 and
+the real default model."""
 
 from __future__ import annotations
 
