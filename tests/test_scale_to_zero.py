@@ -154,3 +154,21 @@ def test_an_instance_over_its_memory_size_is_stopped_and_its_request_told_why(cr
     # The endpoint stays up: the fleet starts a new instance rather than failing it.
     assert sagemaker.describe_endpoint(EndpointName="cramped")["EndpointStatus"] == "InService"
     assert wait_for(lambda: "starting a replacement" in cramped.log(), 30)
+
+
+def test_a_serverless_endpoint_comes_back_from_a_restart_with_its_config(tmp_path, model_path):
+    env = {"SERVELET_INSTANCES": "0"}
+    first = start_gateway(tmp_path, env=env, ready=None)
+    try:
+        create(boto("sagemaker", first.base_url), "restarted", {"ServerlessConfig": SERVERLESS})
+    finally:
+        stop_process(first.process)
+    second = start_gateway(tmp_path, env=env, ready="restarted")
+    try:
+        sagemaker = boto("sagemaker", second.base_url)
+        sagemaker.delete_endpoint_config(EndpointConfigName="restarted")
+        [variant] = sagemaker.describe_endpoint(EndpointName="restarted")["ProductionVariants"]
+        assert variant["CurrentServerlessConfig"] == SERVERLESS
+        assert invoke(second, "restarted")
+    finally:
+        stop_process(second.process)

@@ -224,6 +224,7 @@ class ControlPlane:
                 self._fail(record, f"cannot restore the endpoint: {reason}")
                 continue
             log.info("restoring endpoint %s", record.endpoint_name)
+            self._keep_serverless_configs(record, plans)
             await self._start(record, plans)
 
     async def close(self) -> None:
@@ -257,6 +258,16 @@ class ControlPlane:
             if variant.serverless_config is not None:
                 serverless_plan(plans[-1], variant.serverless_config)
         return plans
+
+    def _keep_serverless_configs(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
+        """Endpoints stored before their variant states held serverless configs get them from their plans, so a
+        later deletion of the endpoint config does not lose them."""
+        configs = {p.name: p.serverless for p in plans if p.serverless is not None}
+        missing = [v for v in record.production_variants if v.current_serverless_config is None and v.variant_name in configs]
+        for variant in missing:
+            variant.current_serverless_config = variant.desired_serverless_config = configs[variant.variant_name]
+        if missing:
+            self.store.save_endpoint(record)
 
     async def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
         await self.fleet.deploy_variants(record.endpoint_name, plans, self.start_timeout, record.endpoint_config_name)
