@@ -7,7 +7,7 @@ import concurrent.futures
 import json
 import os
 import signal
-import time
+import threading
 from pathlib import Path
 
 import httpx
@@ -46,11 +46,17 @@ def ready(http: httpx.Client) -> bool:
     return http.get("/health").json()["endpoints"]["default"]["ready"]
 
 
-def stream_events(http: httpx.Client, body: dict) -> list[dict]:
-    """A TGI stream's events, read to its end."""
+def stream_events(http: httpx.Client, body: dict, first: threading.Event | None = None) -> list[dict]:
+    """A TGI stream's events, read to its end; `first` is set once the first event arrived."""
+    events = []
     with http.stream("POST", "/generate_stream", json=body) as response:
         assert response.status_code == 200, response.read()
-        return [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                events.append(json.loads(line[5:]))
+                if first is not None:
+                    first.set()
+    return events
 
 
 def test_a_killed_instance_fails_only_its_in_flight_requests_and_is_replaced(tmp_path):
@@ -59,8 +65,10 @@ def test_a_killed_instance_fails_only_its_in_flight_requests_and_is_replaced(tmp
         [pid] = instance_pids(gateway.process.pid)
         with gateway.http(timeout=120) as http, concurrent.futures.ThreadPoolExecutor(4) as pool:
             in_flight = [pool.submit(http.post, "/invocations", json=LONG) for _ in range(2)]
-            streaming = pool.submit(stream_events, http, LONG)  # on the instance's stream channel
-            time.sleep(2.0)  # all three are generating
+            first_token = threading.Event()
+            streaming = pool.submit(stream_events, http, LONG, first_token)  # on the instance's stream channel
+            assert first_token.wait(60), "the stream produced no token"  # all three are generating (a busy machine
+            # may take seconds to prefill them)
             os.kill(pid, signal.SIGKILL)
             answers = [f.result(timeout=60) for f in in_flight]  # they fail: they do not hang
             assert all(a.status_code == 424 for a in answers), [a.text for a in answers]

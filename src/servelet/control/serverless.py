@@ -132,6 +132,11 @@ class ServerlessScaler(ControlLoop):
         period = self._periods.setdefault(id(variant), _Period(now))
         period.peak = max(period.peak, variant.busy())
         live = len(variant.live_instances())
+        if live > len(variant.ready_instances()):
+            # A start in progress (perhaps for a request that gave up waiting): the idle clock begins once it is
+            # ready, or a slow start would be stopped before it could serve anyone.
+            variant.last_request = now
+            return
         if self._saturated(variant):
             log.info("endpoint %s variant %s: every instance has a full batch in flight; starting instance %d",
                      endpoint, variant.name, live + 1)
