@@ -28,7 +28,7 @@ def test_short_names_keep_readable_socket_names(tmp_path):
 def running_endpoint(fleet: Fleet, threads: int, instances: int) -> None:
     """An endpoint whose instances look started (a live process stand-in), each with `threads` threads."""
     variant = Variant("AllTraffic", "package://x", 1.0, env={"SERVELET_THREADS": str(threads)})
-    variant.instances = [fleet._instance("e", "AllTraffic", "package://x", variant.env) for _ in range(instances)]
+    variant.instances = [fleet._instance("e", variant) for _ in range(instances)]
     for instance in variant.instances:
         instance.process = SimpleNamespace(returncode=None)
     fleet.endpoints["e"] = Endpoint("e", Deployment([variant], "e"))
@@ -50,11 +50,12 @@ def test_instances_that_do_not_set_their_threads_split_the_cores(tmp_path, monke
     monkeypatch.delenv("SERVELET_THREADS", raising=False)
     cores = os.cpu_count() or 1
     fleet = Fleet(tmp_path)
-    pair = [fleet._instance("e", "AllTraffic", "package://x", {}) for _ in range(2)]
+    pair = [fleet._instance("e", Variant("AllTraffic", "package://x", 1.0)) for _ in range(2)]
     fleet._share_cores(pair)
     assert [i.env["SERVELET_THREADS"] for i in pair] == [str(max(1, cores // 2))] * 2
     # A model that sets its threads keeps them; one more instance gets what the running ones leave (at least 1).
     running_endpoint(fleet, threads=cores, instances=1)
-    pinned, new = fleet._instance("e", "v", "package://x", {"SERVELET_THREADS": "3"}), fleet._instance("e", "v", "package://x", {})
+    pinned = fleet._instance("e", Variant("v", "package://x", 1.0, env={"SERVELET_THREADS": "3"}))
+    new = fleet._instance("e", Variant("v", "package://x", 1.0))
     fleet._share_cores([pinned, new])
     assert pinned.env["SERVELET_THREADS"] == "3" and new.env["SERVELET_THREADS"] == "1"
