@@ -29,35 +29,35 @@ import asyncio
 import logging
 import math
 import time
-import uuid
 from collections import deque
-from datetime import datetime
-from typing import TYPE_CHECKING, Literal
-
-from pydantic import Field, model_validator
+from typing import Protocol
 
 from ..errors import GatewayError, ResourceInvalid, ResourceMissing
+from .endpoints import Fleet
 from .loop import ControlLoop
-from .resources import MAX_INSTANCES_PER_VARIANT, DesiredWeightAndCapacity, EndpointStatus, Resource, arn, now
-
-if TYPE_CHECKING:
-    from .plane import ControlPlane
+from .resources import (
+    CONCURRENCY,  # noqa: F401 - config.py and the autoscaling API name the metrics here
+    INVOCATIONS,
+    MAX_INSTANCES_PER_VARIANT,
+    METRICS,
+    DesiredWeightAndCapacity,
+    EndpointRecord,
+    EndpointStatus,
+    ScalableTarget,
+    ScalingEvent,
+    ScalingPolicy,
+    arn,
+    resource_id,
+)
+from .store import Store
 
 log = logging.getLogger("servelet.autoscaling")
 
-CONCURRENCY = "SageMakerVariantConcurrentRequestsPerModelHighResolution"
-INVOCATIONS = "SageMakerVariantInvocationsPerInstance"
-METRICS = {CONCURRENCY: "concurrent requests per instance", INVOCATIONS: "invocations per instance per minute"}
 NAMESPACE = "sagemaker"
 DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-DEFAULT_COOLDOWN_S = 300  # Application Auto Scaling's default for SageMaker variants
 EVENTS_KEPT = 20
 MAX_SCALE_IN_MEMORY_S = 3600  # samples kept for the scale-in decision, at most
 CONFIG_POLICY = "servelet-config"  # the policy a config file's `autoscaling` block registers
-
-
-def resource_id(endpoint: str, variant: str) -> str:
-    return f"endpoint/{endpoint}/variant/{variant}"
 
 
 def parse_resource_id(value: str) -> tuple[str, str]:
@@ -65,57 +65,6 @@ def parse_resource_id(value: str) -> tuple[str, str]:
     if len(parts) != 4 or parts[0] != "endpoint" or parts[2] != "variant" or not parts[1] or not parts[3]:
         raise ResourceInvalid(f"ResourceId {value!r}: write endpoint/ENDPOINT_NAME/variant/VARIANT_NAME")
     return parts[1], parts[3]
-
-
-class ScalingPolicy(Resource):
-    """One target-tracking policy (Application Auto Scaling's TargetTrackingScalingPolicyConfiguration)."""
-
-    policy_name: str = Field(min_length=1, max_length=256)
-    metric: str
-    target_value: float = Field(gt=0)
-    scale_out_cooldown: int = Field(DEFAULT_COOLDOWN_S, ge=0)
-    scale_in_cooldown: int = Field(DEFAULT_COOLDOWN_S, ge=0)
-    disable_scale_in: bool = False
-    creation_time: datetime = Field(default_factory=now)
-
-    @model_validator(mode="after")
-    def _known_metric(self):
-        if self.metric not in METRICS:
-            known = ", ".join(f"{m} ({what})" for m, what in METRICS.items())
-            raise ValueError(f"PredefinedMetricType {self.metric!r} is not one servelet measures; use {known}")
-        return self
-
-
-class ScalingEvent(Resource):
-    activity_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
-    time: datetime = Field(default_factory=now)
-    variant: str
-    from_count: int = Field(alias="From")
-    to_count: int = Field(alias="To")
-    reason: str
-    status: Literal["Successful", "Failed"] = "Successful"
-
-
-class ScalableTarget(Resource):
-    """A variant whose instance count autoscaling may change, within [min, max]; its policy and last events."""
-
-    endpoint_name: str
-    variant_name: str
-    min_capacity: int = Field(ge=0, le=MAX_INSTANCES_PER_VARIANT)
-    max_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
-    policy: ScalingPolicy | None = None
-    events: list[ScalingEvent] = Field(default_factory=list)
-    creation_time: datetime = Field(default_factory=now)
-
-    @model_validator(mode="after")
-    def _ordered(self):
-        if self.min_capacity > self.max_capacity:
-            raise ValueError(f"MinCapacity ({self.min_capacity}) is above MaxCapacity ({self.max_capacity})")
-        return self
-
-    @property
-    def resource_id(self) -> str:
-        return resource_id(self.endpoint_name, self.variant_name)
 
 
 def target_errors(min_capacity: int | None, max_capacity: int | None) -> str | None:
@@ -132,21 +81,50 @@ def target_errors(min_capacity: int | None, max_capacity: int | None) -> str | N
     return None
 
 
+class Updates(Protocol):
+    """What the autoscaler asks of the deployer: whether an endpoint is being updated, and a change of counts."""
+
+    def updating(self, name: str) -> bool: ...
+
+    async def change_weights_and_capacities(
+        self, name: str, desired: list[DesiredWeightAndCapacity]
+    ) -> EndpointRecord: ...
+
+
+class ScalingReport(Protocol):
+    """Where the autoscaler reports its readings and changes (the gateway's metrics: control/ never imports them)."""
+
+    def checked(self, endpoint: str, variant: str, metric: float | None, desired: int) -> None: ...
+
+    def scaled(self, endpoint: str, variant: str, direction: str) -> None: ...
+
+
+class Unreported:
+    """A ScalingReport for a control plane without a gateway (the CLI, tests): it reports nowhere."""
+
+    def checked(self, endpoint: str, variant: str, metric: float | None, desired: int) -> None:
+        pass
+
+    def scaled(self, endpoint: str, variant: str, direction: str) -> None:
+        pass
+
+
 class Autoscaler(ControlLoop):
     """Registers targets and policies (in the store) and runs the loop that applies them to the fleet."""
 
-    def __init__(self, plane: "ControlPlane", interval: float = 5.0):
-        self.plane = plane
+    def __init__(
+        self, store: Store, fleet: Fleet, updates: Updates, interval: float = 5.0, report: ScalingReport | None = None,
+    ):
+        self.store = store
+        self.fleet = fleet
+        self.updates = updates
+        self.report = report or Unreported()
         self.interval = interval
         # Concurrency is averaged over this long: SageMaker's high-resolution metric is per 10 s at 5 s ticks.
         self.window = max(2 * interval, 1.0)
         self._samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._last_out: dict[tuple[str, str], float] = {}
         self._last_any: dict[tuple[str, str], float] = {}
-
-    @property
-    def store(self):
-        return self.plane.store
 
     # -- registration ------------------------------------------------------------------------------------------
     async def register_target(self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None) -> ScalableTarget:
@@ -230,7 +208,7 @@ class Autoscaler(ControlLoop):
                 log.exception("autoscaling: the check failed")
 
     def _variant(self, target: ScalableTarget):
-        endpoint = self.plane.fleet.endpoints.get(target.endpoint_name)
+        endpoint = self.fleet.endpoints.get(target.endpoint_name)
         return endpoint.blue.find(target.variant_name) if endpoint else None
 
     def _sample(self, target: ScalableTarget) -> None:
@@ -268,13 +246,11 @@ class Autoscaler(ControlLoop):
 
     async def check(self, target: ScalableTarget) -> None:
         """One evaluation of one variant's policy; scales it if the policy says so and the cooldowns allow."""
-        from ..gateway import metrics  # the gateway owns the registry; the control plane only reports to it
-
         record = self.store.get_endpoint(target.endpoint_name)
         variant = self._variant(target)
         if (record is None or variant is None or record.endpoint_status is not EndpointStatus.IN_SERVICE
-                or self.plane.deployer.updating(target.endpoint_name)
-                or self.plane.fleet.endpoints[target.endpoint_name].green is not None):
+                or self.updates.updating(target.endpoint_name)
+                or self.fleet.endpoints[target.endpoint_name].green is not None):
             return
         policy, key = target.policy, (target.endpoint_name, target.variant_name)
         current = len(variant.instances)
@@ -282,9 +258,7 @@ class Autoscaler(ControlLoop):
         # Without a reading (no ready instance yet) only the bounds can move the count.
         wanted = current if value is None else math.ceil(current * value / policy.target_value - 1e-9)
         desired = max(target.min_capacity, min(target.max_capacity, wanted))
-        if value is not None:
-            metrics.AUTOSCALING_METRIC.labels(target.endpoint_name, target.variant_name).set(value)
-        metrics.DESIRED_INSTANCES.labels(target.endpoint_name, target.variant_name).set(desired)
+        self.report.checked(target.endpoint_name, target.variant_name, value, desired)
         moment = time.monotonic()
         measured = f"{METRICS[policy.metric]} was {value:.3g}, target {policy.target_value:g}" if value is not None else ""
         if desired > current:
@@ -316,12 +290,10 @@ class Autoscaler(ControlLoop):
         return peak is not None and math.ceil(current * peak / target.policy.target_value - 1e-9) >= current
 
     async def _scale(self, target: ScalableTarget, current: int, desired: int, reason: str) -> None:
-        from ..gateway import metrics
-
         direction = "out" if desired > current else "in"
         status = "Successful"
         try:
-            await self.plane.update_weights_and_capacities(
+            await self.updates.change_weights_and_capacities(
                 target.endpoint_name, [DesiredWeightAndCapacity(variant_name=target.variant_name, desired_instance_count=desired)]
             )
         except GatewayError as exc:
@@ -330,7 +302,7 @@ class Autoscaler(ControlLoop):
         log.info("autoscaling: endpoint %s variant %s scales %s from %d to %d instances: %s",
                  target.endpoint_name, target.variant_name, direction, current, desired, reason)
         if status == "Successful":
-            metrics.SCALING_EVENTS.labels(target.endpoint_name, target.variant_name, direction).inc()
+            self.report.scaled(target.endpoint_name, target.variant_name, direction)
         stored = self.store.get_scaling_target(target.resource_id)  # as it is now: an API call may have changed it
         if stored is not None:
             stored.events = (stored.events + [event])[-EVENTS_KEPT:]

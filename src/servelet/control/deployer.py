@@ -36,10 +36,10 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import ResourceInvalid, ResourceMissing
-from .endpoints import Deployment, Endpoint, Outcomes, VariantPlan
+from .endpoints import Deployment, Endpoint, Fleet, Outcomes, VariantPlan
 from .resources import (
     DeploymentConfig,
     DesiredWeightAndCapacity,
@@ -52,9 +52,7 @@ from .resources import (
     arn,
     now,
 )
-
-if TYPE_CHECKING:
-    from .plane import ControlPlane
+from .store import Store
 
 log = logging.getLogger("servelet.control")
 
@@ -136,20 +134,23 @@ class Rollback(Exception):
     """The update cannot go on; the message says why (it becomes the endpoint's FailureReason)."""
 
 
+class Configs(Protocol):
+    """What the deployer asks of the control plane: the endpoint config an update names, and what it runs."""
+
+    async def describe_endpoint_config(self, name: str) -> EndpointConfigSpec: ...
+
+    def plans(self, config: EndpointConfigSpec, record: EndpointRecord | None = None) -> list[VariantPlan]: ...
+
+
 class Deployer:
     """Runs endpoint updates for the control plane: at most one per endpoint at a time."""
 
-    def __init__(self, plane: "ControlPlane"):
-        self.plane = plane
+    def __init__(self, store: Store, fleet: Fleet, configs: Configs, start_timeout: float):
+        self.store = store
+        self.fleet = fleet
+        self.configs = configs
+        self.start_timeout = start_timeout
         self._tasks: dict[str, asyncio.Task] = {}
-
-    @property
-    def store(self):
-        return self.plane.store
-
-    @property
-    def fleet(self):
-        return self.plane.fleet
 
     def updating(self, name: str) -> bool:
         return name in self._tasks
@@ -165,11 +166,11 @@ class Deployer:
     ) -> EndpointRecord:
         """Check the request, mark the endpoint Updating and start the update in the background."""
         record = self._updatable(name)
-        config = await self.plane.describe_endpoint_config(config_name)
+        config = await self.configs.describe_endpoint_config(config_name)
         if deployment is None and retain_deployment_config:
             deployment = record.last_deployment_config
         policy = Policy.of(deployment)
-        plans = self.plane._plans(config)
+        plans = self.configs.plans(config)
         kept = {v.variant_name: v for v in record.production_variants}
         for plan in plans:  # RetainAllVariantProperties: same-named variants keep their weight and count
             if plan.name in kept and "DesiredWeight" in retain_variant_properties:
@@ -190,8 +191,8 @@ class Deployer:
         endpoint = self.fleet.get(name)
         try:
             async with asyncio.timeout(policy.timeout_s):
-                green = await self.fleet.deploy_green(name, plans, self.plane.start_timeout, config.endpoint_config_name)
-                failure = await self.fleet.wait_instances_ready(green.instances(), self.plane.start_timeout)
+                green = await self.fleet.deploy_green(name, plans, self.start_timeout, config.endpoint_config_name)
+                failure = await self.fleet.wait_instances_ready(green.instances(), self.start_timeout)
                 if failure:
                     raise Rollback(f"the new fleet (endpoint config {config.endpoint_config_name!r}) did not start: {failure}")
                 for share in policy.shares(len(green.instances())):
@@ -325,12 +326,12 @@ class Deployer:
     async def _scale(self, name: str, counts: dict[str, int]) -> None:
         added = []
         for variant, count in counts.items():
-            added += await self.fleet.scale(name, variant, count, self.plane.start_timeout, DRAIN_TIMEOUT_S)
-        failure = await self.fleet.wait_instances_ready(added, self.plane.start_timeout) if added else None
+            added += await self.fleet.scale(name, variant, count, self.start_timeout, DRAIN_TIMEOUT_S)
+        failure = await self.fleet.wait_instances_ready(added, self.start_timeout) if added else None
         if failure:  # keep the instances that did start
             for variant in counts:
                 live = self.fleet.get(name).blue.find(variant)
-                await self.fleet.scale(name, variant, len(live.ready_instances()), self.plane.start_timeout, DRAIN_TIMEOUT_S)
+                await self.fleet.scale(name, variant, len(live.ready_instances()), self.start_timeout, DRAIN_TIMEOUT_S)
         record = self.store.get_endpoint(name)
         if record is None:
             return

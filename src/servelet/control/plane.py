@@ -14,7 +14,7 @@ import logging
 
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
 from ..sizing import serverless_memory_problems
-from .autoscaler import Autoscaler
+from .autoscaler import Autoscaler, ScalingReport
 from .deployer import Deployer, variant_states
 from .endpoints import Fleet, VariantPlan
 from .resources import (
@@ -38,13 +38,14 @@ class ControlPlane:
     def __init__(
         self, store: Store, fleet: Fleet, start_timeout: float = 600.0, autoscale_interval: float = 5.0,
         serverless_idle_seconds: float = 300.0, serverless_start_timeout: float = 60.0,
+        scaling_report: ScalingReport | None = None,
     ):
         self.store = store
         self.fleet = fleet
         self.start_timeout = start_timeout
         self._tasks: set[asyncio.Task] = set()
-        self.deployer = Deployer(self)
-        self.autoscaler = Autoscaler(self, autoscale_interval)
+        self.deployer = Deployer(store, fleet, self, start_timeout)
+        self.autoscaler = Autoscaler(store, fleet, self.deployer, autoscale_interval, scaling_report)
         self.serverless = ServerlessScaler(store, fleet, start_timeout, serverless_idle_seconds, serverless_start_timeout)
         fleet.on_instance_given_up = self._instance_given_up
 
@@ -121,7 +122,7 @@ class ControlPlane:
     # -- endpoints ------------------------------------------------------------------------------------------
     async def create_endpoint(self, name: str, config_name: str) -> EndpointRecord:
         config = await self.describe_endpoint_config(config_name)
-        plans = self._plans(config)
+        plans = self.plans(config)
         record = EndpointRecord(endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans))
         try:
             self.store.add_endpoint(record)
@@ -215,7 +216,7 @@ class ControlPlane:
                 self.store.save_endpoint(record)
             config = self.store.get_endpoint_config(record.endpoint_config_name)
             try:
-                plans = self._plans(config, record) if config else None
+                plans = self.plans(config, record) if config else None
             except ResourceInvalid as exc:
                 plans, reason = None, exc.message
             else:
@@ -235,8 +236,9 @@ class ControlPlane:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def _plans(self, config: EndpointConfigSpec, record: EndpointRecord | None = None) -> list[VariantPlan]:
-        """What to run for `config`; with `record`, the weights and instance counts it was changed to since."""
+    def plans(self, config: EndpointConfigSpec, record: EndpointRecord | None = None) -> list[VariantPlan]:
+        """What to run for `config`; with `record`, the weights and instance counts it was changed to since.
+        Public for the deployer, which plans an update's new fleet as creation and restore plan theirs."""
         changed = {v.variant_name: v for v in record.production_variants} if record else {}
         plans = []
         for variant in config.production_variants:

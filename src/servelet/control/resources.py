@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import re
+import uuid
 from datetime import date, datetime, timezone
 from typing import Literal
 
@@ -340,3 +341,65 @@ class UsageDay(Resource):
     day: date
     gb_seconds: float = 0.0
     requests: int = 0
+
+
+# Autoscaling: Application Auto Scaling's shapes for SageMaker variants, one stored row per variant.
+CONCURRENCY = "SageMakerVariantConcurrentRequestsPerModelHighResolution"
+INVOCATIONS = "SageMakerVariantInvocationsPerInstance"
+METRICS = {CONCURRENCY: "concurrent requests per instance", INVOCATIONS: "invocations per instance per minute"}
+DEFAULT_COOLDOWN_S = 300  # Application Auto Scaling's default for SageMaker variants
+
+
+def resource_id(endpoint: str, variant: str) -> str:
+    return f"endpoint/{endpoint}/variant/{variant}"
+
+
+class ScalingPolicy(Resource):
+    """One target-tracking policy (Application Auto Scaling's TargetTrackingScalingPolicyConfiguration)."""
+
+    policy_name: str = Field(min_length=1, max_length=256)
+    metric: str
+    target_value: float = Field(gt=0)
+    scale_out_cooldown: int = Field(DEFAULT_COOLDOWN_S, ge=0)
+    scale_in_cooldown: int = Field(DEFAULT_COOLDOWN_S, ge=0)
+    disable_scale_in: bool = False
+    creation_time: datetime = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _known_metric(self):
+        if self.metric not in METRICS:
+            known = ", ".join(f"{m} ({what})" for m, what in METRICS.items())
+            raise ValueError(f"PredefinedMetricType {self.metric!r} is not one servelet measures; use {known}")
+        return self
+
+
+class ScalingEvent(Resource):
+    activity_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
+    time: datetime = Field(default_factory=now)
+    variant: str
+    from_count: int = Field(alias="From")
+    to_count: int = Field(alias="To")
+    reason: str
+    status: Literal["Successful", "Failed"] = "Successful"
+
+
+class ScalableTarget(Resource):
+    """A variant whose instance count autoscaling may change, within [min, max]; its policy and last events."""
+
+    endpoint_name: str
+    variant_name: str
+    min_capacity: int = Field(ge=0, le=MAX_INSTANCES_PER_VARIANT)
+    max_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
+    policy: ScalingPolicy | None = None
+    events: list[ScalingEvent] = Field(default_factory=list)
+    creation_time: datetime = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _ordered(self):
+        if self.min_capacity > self.max_capacity:
+            raise ValueError(f"MinCapacity ({self.min_capacity}) is above MaxCapacity ({self.max_capacity})")
+        return self
+
+    @property
+    def resource_id(self) -> str:
+        return resource_id(self.endpoint_name, self.variant_name)

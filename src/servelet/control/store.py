@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import (
@@ -19,10 +19,9 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import StaticPool
 
-from .resources import CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, UsageDay, now
-
-if TYPE_CHECKING:
-    from .autoscaler import ScalableTarget
+from .resources import (
+    CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, ScalableTarget, UsageDay, now,
+)
 
 DATABASE_FILE = "servelet.db"
 # How long a writer waits for another process's write lock on a SQLite file before giving up.
@@ -180,7 +179,7 @@ class Store:
 
     # Autoscaling targets
 
-    def save_scaling_target(self, target: "ScalableTarget") -> None:
+    def save_scaling_target(self, target: ScalableTarget) -> None:
         row = {
             "name": target.resource_id, "endpoint": target.endpoint_name,
             "creation_time": _utc(target.creation_time), "spec": target.model_dump(mode="json"),
@@ -192,14 +191,10 @@ class Store:
         with self.engine.begin() as connection:
             connection.execute(statement)
 
-    def get_scaling_target(self, resource_id: str) -> "ScalableTarget | None":
-        from .autoscaler import ScalableTarget
-
+    def get_scaling_target(self, resource_id: str) -> ScalableTarget | None:
         return self._get(scaling_targets, ScalableTarget, resource_id)
 
-    def list_scaling_targets(self, endpoint: str | None = None) -> list["ScalableTarget"]:
-        from .autoscaler import ScalableTarget
-
+    def list_scaling_targets(self, endpoint: str | None = None) -> list[ScalableTarget]:
         where = [] if endpoint is None else [scaling_targets.c.endpoint == endpoint]
         return self._list(scaling_targets, ScalableTarget, None, *where)
 

@@ -45,7 +45,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     store = Store(database_url(settings))
     plane = ControlPlane(
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
-        settings.serverless_idle_seconds, settings.serverless_start_timeout,
+        settings.serverless_idle_seconds, settings.serverless_start_timeout, metrics.AutoscalingMetrics(),
     )
     meter = CostMeter(store)
     router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)

@@ -60,6 +60,19 @@ AUTOSCALING_METRIC = Gauge(
 )
 
 
+class AutoscalingMetrics:
+    """The autoscaler's ScalingReport (control/autoscaler.py): the gateway gives it when it builds the control plane,
+    so the dependency points from the gateway to the control plane only."""
+
+    def checked(self, endpoint: str, variant: str, metric: float | None, desired: int) -> None:
+        if metric is not None:
+            AUTOSCALING_METRIC.labels(endpoint, variant).set(metric)
+        DESIRED_INSTANCES.labels(endpoint, variant).set(desired)
+
+    def scaled(self, endpoint: str, variant: str, direction: str) -> None:
+        SCALING_EVENTS.labels(endpoint, variant, direction).inc()
+
+
 # A multi-model instance's cache figures in its /ping (runtimes/multimodel.py), exposed as counters per instance.
 MODEL_CACHE_COUNTERS = {
     "model_loads": "Target models a multi-model instance loaded",
