@@ -1,14 +1,21 @@
-"""What the control loops (the autoscaler, the serverless scaler) share: each runs as one background task."""
+"""What the control loops (the autoscaler, the serverless scaler, the cost meter) share: each runs as one
+background task."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+
+log = logging.getLogger("servelet.control")
 
 
 class ControlLoop:
-    """A reconciler run as one task from the gateway's start to its close; subclasses write `_run`."""
+    """A reconciler run as one task from the gateway's start to its close. By default it calls `tick` every
+    `interval` seconds; a failing tick is logged and the next one tries again (`doing` names it in the log)."""
 
     _task: asyncio.Task | None = None
+    interval: float = 1.0
+    doing: str = "a control loop's pass"
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
@@ -19,4 +26,12 @@ class ControlLoop:
             await asyncio.gather(self._task, return_exceptions=True)
 
     async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad pass must not end the loop
+                log.exception("%s failed; trying again in %g s", self.doing, self.interval)
+
+    async def tick(self) -> None:
         raise NotImplementedError

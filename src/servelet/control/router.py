@@ -113,19 +113,19 @@ class Router:
             raise Unavailable(f"endpoint {invocation.endpoint!r} has no ready instance yet (its model may still be loading)")
         return Route(deployment, variant, instance)
 
-    async def _started(self, invocation: Invocation, cold: Cold) -> Route:
-        """The route once a serverless start is ready. Callers reach it only through `Cold`, so a request that finds
-        an instance ready costs no await for it."""
-        instance = await self.serverless.wake(invocation.endpoint, cold.variant)
-        return Route(cold.deployment, cold.variant, instance)
-
-    async def invoke(self, invocation: Invocation) -> Answer:
+    async def _resolve(self, invocation: Invocation) -> Route:
+        """The route, after deploying a catalog id on its first use and waiting for a serverless start where the
+        variant has no ready instance (only `Cold` awaits the start: a ready instance costs no wait)."""
         if self.catalog is not None:
             await self.catalog.ensure(invocation.endpoint)
         try:
-            route = self.route(invocation)
+            return self.route(invocation)
         except Cold as cold:
-            route = await self._started(invocation, cold)
+            instance = await self.serverless.wake(invocation.endpoint, cold.variant)
+            return Route(cold.deployment, cold.variant, instance)
+
+    async def invoke(self, invocation: Invocation) -> Answer:
+        route = await self._resolve(invocation)
         instance = route.instance
         with route.serving(self.meter, invocation.endpoint):
             try:
@@ -148,12 +148,7 @@ class Router:
     @asynccontextmanager
     async def stream(self, invocation: Invocation) -> AsyncIterator[ChunkStream]:
         """Open a streamed answer; errors before the first byte raise here, so routes can still answer 4xx/5xx."""
-        if self.catalog is not None:
-            await self.catalog.ensure(invocation.endpoint)
-        try:
-            route = self.route(invocation)
-        except Cold as cold:
-            route = await self._started(invocation, cold)
+        route = await self._resolve(invocation)
         instance = route.instance
         with route.serving(self.meter, invocation.endpoint) as timing:
             try:

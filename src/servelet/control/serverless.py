@@ -66,6 +66,8 @@ class _Period:
 class ServerlessScaler(ControlLoop):
     """The serverless reconciler, and the start of an instance for a request that finds none."""
 
+    doing = "serverless scaling"
+
     def __init__(self, store: Store, fleet: Fleet, start_timeout: float, idle_seconds: float, request_timeout: float):
         self.store = store
         self.fleet = fleet
@@ -106,13 +108,8 @@ class ServerlessScaler(ControlLoop):
             variant.last_request = time.monotonic()
 
     # -- the loop -------------------------------------------------------------------------------------------
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.reconcile()
-            except Exception:  # noqa: BLE001 - one bad tick must not end the loop
-                log.exception("serverless scaling failed; trying again in %g s", self.interval)
+    async def tick(self) -> None:
+        await self.reconcile()
 
     async def reconcile(self) -> None:
         """One pass over the InService endpoints' serverless variants (others are being created or updated)."""

@@ -10,7 +10,6 @@ off the event loop, and once more when it closes.
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -18,8 +17,6 @@ from datetime import date, datetime, timezone
 from .loop import ControlLoop
 from .resources import UsageDay
 from .store import Store
-
-log = logging.getLogger("servelet.usage")
 
 FLUSH_INTERVAL_S = 1.0
 
@@ -55,6 +52,8 @@ def gb_seconds(memory_size_in_mb: int, seconds: float) -> float:
 class CostMeter(ControlLoop):
     """Bills serverless invocations in memory and writes them to the store in batches."""
 
+    doing = "writing usage to the store"
+
     def __init__(self, store: Store, interval: float = FLUSH_INTERVAL_S):
         self.store = store
         self.interval = interval
@@ -84,13 +83,8 @@ class CostMeter(ControlLoop):
                 self._pending.setdefault(key, Billed()).add(billed.gb_seconds, billed.requests)
             raise
 
-    async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            try:
-                await self.flush()
-            except Exception:  # noqa: BLE001 - a store hiccup must not stop the meter; the next flush retries
-                log.exception("writing usage to the store failed; trying again in %g s", self.interval)
+    async def tick(self) -> None:
+        await self.flush()
 
     async def close(self) -> None:
         """Stop the loop and write what is left, so a clean stop loses nothing."""

@@ -206,8 +206,8 @@ class Engine:
         weights at load with a team of its own (ggml-cpu/amx parallel_for), so a model loaded on the caller's thread
         and decoded on this one made two teams, 3 threads on 2 cores. Simulated without AMX (bench/threads.py
         --openmp-at-load), decoding fell to 0.91x of `Llama`'s speed at 2 threads, with ~50 sleeps per token in each
-        of llama.cpp's threads. Loaded here, the load and every decode share one team. Nothing else may compute with llama.cpp on another thread while the engine
-        lives (docs/engine.md, "Threads and AMX")."""
+        of llama.cpp's threads. Loaded here, the load and every decode share one team. Nothing else may compute
+        with llama.cpp on another thread while the engine lives (docs/engine.md, "Threads and AMX")."""
         config = self.config
         unified = config.kv_cache_tokens is not None
         kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
