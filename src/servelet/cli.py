@@ -55,6 +55,23 @@ def container(
     _start_instance(model=model, host=host, port=port, socket=socket)
 
 
+@app.command(hidden=True)
+def template(
+    model: Annotated[str, typer.Option(help="Model URI.")],
+    socket: Annotated[Path, typer.Option(help="The Unix socket it takes fork requests on.")],
+):
+    """A snapshot template (started by the gateway): prepare the model once, then fork instances of it on request."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_instance_settings(model=model, socket=socket)
+    except SettingsError as exc:
+        typer.echo(f"servelet: {exc}", err=True)
+        raise typer.Exit(2) from None
+    from .instance.template import run_template
+
+    raise typer.Exit(run_template(settings))
+
+
 @app.command()
 def serve(
     model: Annotated[Optional[str], typer.Option(help="Model URI of the endpoint `default` (default: the Gemma 3 270M package).")] = None,

@@ -195,6 +195,19 @@ class GatewaySettings(BaseSettings):
         1.0, gt=0, description="Serverless variants: the share of MemorySizeInMB an instance may use before it is "
         "stopped (1: all of it; tests lower it to see the limit act on a small model).",
     )
+    snapshots: bool = Field(
+        True, description="Start serverless and scaled-to-zero instances by forking a snapshot template of their "
+        "model (off: every start is cold).",
+    )
+    snapshot_memory_mb: float = Field(
+        default_factory=lambda: _memory_total_mb() / 2, gt=0,
+        description="Snapshot templates together may hold this much memory (MB; default half the machine's); past "
+        "it, the least recently used are evicted.",
+    )
+    snapshot_min_available_mb: float = Field(
+        1024.0, ge=0, description="Snapshot templates are evicted, least recently used first, while the machine has "
+        "less memory available than this (MB).",
+    )
 
     # The cost meter's prices (`servelet usage`); the defaults are AWS Lambda's x86 list prices.
     price_per_gb_second: float = Field(
@@ -208,6 +221,15 @@ class GatewaySettings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+
+def _memory_total_mb() -> float:
+    """The machine's memory in MB (MemTotal), or 4 GB where /proc/meminfo cannot be read."""
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return pages * size / 1024**2
+    except (ValueError, OSError):
+        return 4096.0
 
 
 def default_data_dir() -> Path:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 from ..artifacts import Materialized, materialize, shared_in_memory
 from ..engine.errors import REBUILD_WITHOUT_AMX
-from .instances import Instance
+from .instances import Instance, StartRecord
 from .resources import ServerlessConfig
+from .snapshots import Snapshots, TemplateSpec
 
 log = logging.getLogger("servelet.control")
 
@@ -31,6 +32,7 @@ DEFAULT_ENDPOINT = "default"
 # A Unix socket's path must fit sun_path (108 bytes on Linux, with its terminating NUL).
 MAX_SOCKET_PATH_BYTES = 100
 DEFAULT_VARIANT = "AllTraffic"  # the name SageMaker's console gives a single variant
+STARTS_KEPT = 5  # per variant, for DescribeEndpoint
 RESTART_BACKOFF_SECONDS = 1.0
 MAX_RESTART_BACKOFF_SECONDS = 30.0
 # Instances killed by a signal before serving a request, in a row, after which the fleet stops restarting them: a
@@ -107,7 +109,13 @@ class Variant:
     serverless: ServerlessConfig | None = None
     waiting: int = 0  # requests held for an instance to start (serverless)
     last_request: float = field(default_factory=time.monotonic)  # when a request last came in or left
+    scaled_to_zero: bool = False  # it was, once: its starts are worth a snapshot template
+    starts: deque[StartRecord] = field(default_factory=lambda: deque(maxlen=STARTS_KEPT))  # the last ones
     _next: int = 0
+
+    def wants_template(self) -> bool:
+        """Whether its instances start from zero: serverless, or scaled to zero (by target tracking)."""
+        return self.serverless is not None or self.scaled_to_zero
 
     def busy(self) -> int:
         """Requests in flight on its instances, and those held for one to start."""
@@ -216,6 +224,7 @@ class Fleet:
         memory_limit_scale: float = 1.0,
     ):
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="servelet-"))
+        self.snapshots: Snapshots | None = None  # None: every instance starts cold
         self.memory_limit_scale = memory_limit_scale  # of MemorySizeInMB, the memory a serverless instance may use
         self.stream_channel = stream_channel
         # The gateway logs every request itself; instances would log each health poll too. An instance killed by a
@@ -230,6 +239,13 @@ class Fleet:
         # Told (endpoint name, why) when an instance is given up after it was ready: creation and updates wait on
         # their instances themselves, an endpoint in service learns it here.
         self.on_instance_given_up: Callable[[str, str], None] | None = None
+        # Told (endpoint, variant, start) each time an instance becomes ready: the gateway's metrics.
+        self.on_instance_started: Callable[[str, str, StartRecord], None] | None = None
+
+    def use_snapshots(self, snapshots: Snapshots) -> None:
+        """Start instances from snapshot templates (see control/snapshots.py) from now on."""
+        self.snapshots = snapshots
+        snapshots.wanted = self._wanted_templates
 
     def get(self, name: str) -> Endpoint:
         try:
@@ -251,6 +267,7 @@ class Fleet:
         await self._materialize(plans)
         endpoint = Endpoint(name, Deployment(self._variants(name, plans), config_name))
         self.endpoints[name] = endpoint
+        await self._prepare_templates(endpoint.blue.variants)
         await self._start_all(endpoint, endpoint.blue.instances(), start_timeout)
         return endpoint
 
@@ -261,6 +278,7 @@ class Fleet:
         endpoint = self.get(name)
         await self._materialize(plans)
         endpoint.green, endpoint.green_share = Deployment(self._variants(name, plans), config_name), 0.0
+        await self._prepare_templates(endpoint.green.variants)
         await self._start_all(endpoint, endpoint.green.instances(), start_timeout)
         return endpoint.green
 
@@ -283,8 +301,25 @@ class Fleet:
         memory = variant.serverless.memory_size_in_mb * self.memory_limit_scale if variant.serverless else None
         return Instance(
             f"{endpoint}/{variant.name}/{n}", variant.model_uri, socket_path, self.instance_env | variant.env, model_file,
-            self.stream_channel, memory,
+            self.stream_channel, memory, self.snapshots,
         )
+
+    async def _prepare_templates(self, variants: list[Variant], wait: bool = True) -> None:
+        """A snapshot template for each variant whose instances start from zero; a serverless variant's first
+        instances wait for it (they are forked from it, rather than loading beside it on the same cores)."""
+        if self.snapshots is None:
+            return
+        for variant in variants:
+            if variant.wants_template():
+                await self.snapshots.prepare(self._template_spec(variant), wait)
+
+    def _template_spec(self, variant: Variant) -> TemplateSpec:
+        return TemplateSpec(variant.model_uri, self.instance_env | variant.env, self._models.get(variant.model_uri))
+
+    def _wanted_templates(self) -> dict[str, TemplateSpec]:
+        """The templates some variant wants (the others are stopped), by key."""
+        specs = [self._template_spec(v) for e in self.endpoints.values() for v in e.variants if v.wants_template()]
+        return {spec.key: spec for spec in specs}
 
     async def _materialize(self, plans: list["VariantPlan"]) -> None:
         """Fetch each remote model file into memory once, here, rather than once per instance."""
@@ -397,6 +432,9 @@ class Fleet:
         variant.instances = keep
         for instance in removed:
             instance.stopping = True
+        if count == 0 and not variant.scaled_to_zero:
+            variant.scaled_to_zero = True  # from now on, its starts fork from a template
+            await self._prepare_templates([variant], wait=False)
         await _until(lambda: all(variant.in_flight[i.name] == 0 for i in removed), drain_timeout)
         await asyncio.gather(*(i.stop() for i in removed), return_exceptions=True)
         return []
@@ -425,6 +463,7 @@ class Fleet:
                     return  # a model that never loads: the endpoint fails rather than retrying forever
             else:
                 backoff = RESTART_BACKOFF_SECONDS
+                self._started(endpoint, instance)
                 await instance.watch()
             if self.endpoints.get(endpoint.name) is not endpoint or instance.stopping:
                 return
@@ -445,6 +484,14 @@ class Fleet:
                 return
             await instance.start()
 
+    def _started(self, endpoint: Endpoint, instance: Instance) -> None:
+        variant = next((v for v in endpoint.variants if instance in v.instances), None)
+        if variant is None or instance.last_start is None:
+            return
+        variant.starts.append(instance.last_start)
+        if self.on_instance_started is not None:
+            self.on_instance_started(endpoint.name, variant.name, instance.last_start)
+
     def _give_up(self, endpoint: Endpoint, instance: Instance, reason: str) -> None:
         """No more restarts: whoever waits on the instance sees `given_up`; an endpoint in service is told."""
         instance.given_up = reason
@@ -464,6 +511,8 @@ class Fleet:
             *(i.stop() for e in self.endpoints.values() for v in e.variants for i in v.instances),
             return_exceptions=True,
         )
+        if self.snapshots is not None:
+            await self.snapshots.close()
         for model in self._models.values():
             model.close()
         self._models.clear()

@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,16 +18,20 @@ from ..instance.client import InstanceClient
 
 if TYPE_CHECKING:
     from ..artifacts import Materialized
+    from .snapshots import Snapshots
 
 log = logging.getLogger("servelet.control")
 
 HEALTH_POLL_SECONDS = 1.0
+# Readiness polls start fast (a snapshot start is ready in a few tens of milliseconds) and slow down to the last.
+FIRST_READY_POLL_S, LAST_READY_POLL_S = 0.005, 0.2
+SNAPSHOT, COLD = "snapshot", "cold"  # how an instance started: forked from its model's template, or a new process
 LOG_TAIL_LINES = 40  # kept per instance, to say why it failed
 MAX_KEPT_LINE_CHARS = 2000
 RELAY_CHUNK_BYTES = 64 * 1024
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: if the gateway dies (even by SIGKILL), its instances get SIGTERM."""
     PR_SET_PDEATHSIG = 1
     try:
@@ -51,7 +56,7 @@ def signal_meaning(number: int) -> str:
         return signal_name(number)
 
 
-def resident_mb(pid: int) -> float:
+def resident_mb(pid: int, descendants: bool = True) -> float:
     """Resident memory of a process and its descendants, in MB, from /proc (0 where it cannot be read): what a
     serverless instance is held to (the model's mapped weights count, as they do in Lambda's figure)."""
     page, total, pending = os.sysconf("SC_PAGE_SIZE"), 0, [pid]
@@ -59,11 +64,22 @@ def resident_mb(pid: int) -> float:
         current = pending.pop()
         try:
             total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * page
+            if not descendants:
+                break
             for task in Path(f"/proc/{current}/task").iterdir():
                 pending += [int(child) for child in (task / "children").read_text().split()]
         except (OSError, ValueError, IndexError):
             continue  # it exited meanwhile, or this is no Linux
     return total / (1024 * 1024)
+
+
+@dataclass(frozen=True)
+class StartRecord:
+    """One instance start: its kind (SNAPSHOT or COLD) and its init duration (start asked -> instance ready)."""
+
+    kind: str
+    seconds: float
+    at: float  # epoch seconds
 
 
 class InstanceFailed(RuntimeError):
@@ -76,6 +92,7 @@ class Instance:
     def __init__(
         self, name: str, model_uri: str, socket_path: Path, env: dict[str, str] | None = None,
         model_file: Materialized | None = None, stream_channel: bool = True, memory_limit_mb: float | None = None,
+        snapshots: Snapshots | None = None,
     ):
         self.name = name
         self.model_uri = model_uri
@@ -97,6 +114,10 @@ class Instance:
         self.over_memory: str | None = None  # why it was stopped for its memory (what its requests are answered)
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._relay: asyncio.Task | None = None
+        self.snapshots = snapshots  # where a snapshot start forks it from (None: always cold)
+        self.start_kind = COLD
+        self._start_began = 0.0
+        self.last_start: StartRecord | None = None
 
     async def start(self) -> None:
         """Start the process (again, for a replacement: with a fresh client, old connections died with it)."""
@@ -108,16 +129,26 @@ class Instance:
         self.over_memory = None
         if self.socket_path.exists():
             self.socket_path.unlink()
+        self._start_began = time.monotonic()
+        forked = await self.snapshots.fork(self) if self.snapshots is not None else None
+        if forked is not None:
+            self.process, self.start_kind = forked, SNAPSHOT
+        else:
+            self.process, self.start_kind = await self._spawn(), COLD
+        self.log_tail.clear()
+        self._relay = asyncio.create_task(self._relay_output(self.process.stdout))
+        log.info("instance %s started (%s start, pid %d) for %s", self.name, self.start_kind, self.process.pid,
+                 self.model_uri)
+
+    async def _spawn(self) -> asyncio.subprocess.Process:
+        """A cold start: a new `servelet container` process, which imports and loads everything itself."""
         shared = self.model_file if self.model_file is not None and self.model_file.fds else None
         model = shared.path if shared else self.model_uri  # /proc/self/fd/N: the inherited file, same number
         args = [sys.executable, "-m", "servelet.cli", "container", "--model", model, "--socket", str(self.socket_path)]
-        self.process = await asyncio.create_subprocess_exec(
-            *args, env=os.environ | self.env, preexec_fn=_die_with_parent, pass_fds=shared.fds if shared else (),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        return await asyncio.create_subprocess_exec(
+            *args, env=os.environ | self.env | {"SERVELET_INSTANCE_NAME": self.name}, preexec_fn=die_with_parent,
+            pass_fds=shared.fds if shared else (), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
-        self.log_tail.clear()
-        self._relay = asyncio.create_task(self._relay_output(self.process.stdout))
-        log.info("instance %s started (pid %d) for %s", self.name, self.process.pid, self.model_uri)
 
     def _new_client(self) -> InstanceClient:
         return InstanceClient(f"unix:{self.socket_path}", timeout=None, stream_channel=self.stream_channel)
@@ -125,6 +156,7 @@ class Instance:
     async def wait_ready(self, timeout: float) -> None:
         """Poll /ping until 200; raise InstanceFailed if the process exits or time runs out."""
         deadline = time.monotonic() + timeout
+        poll = FIRST_READY_POLL_S
         while time.monotonic() < deadline:
             if self.process is not None and self.process.returncode is not None:
                 self.failure = f"instance {self.name} {self.exit_description()} while loading its model"
@@ -134,9 +166,12 @@ class Instance:
             if self.socket_path.exists() and await self.client.ping():
                 self.facts = (await self.client.model_facts()) or {}
                 self.ready = self.ever_ready = True
-                log.info("instance %s ready: %s", self.name, self.facts.get("name"))
+                self.last_start = StartRecord(self.start_kind, time.monotonic() - self._start_began, time.time())
+                log.info("instance %s ready: %s (%s start, init %.3f s)", self.name, self.facts.get("name"),
+                         self.start_kind, self.last_start.seconds)
                 return
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(poll)
+            poll = min(poll * 1.5, LAST_READY_POLL_S)
         self.failure = f"instance {self.name} was not ready after {timeout:.0f} s"
         raise InstanceFailed(self.failure)
 

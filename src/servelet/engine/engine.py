@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import REBUILD_WITHOUT_AMX, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
 from .generation import Generation
-from .llama import ContextShape, LlamaModel
+from .llama import ContextShape, LlamaModel, amx_compiled
 from .params import GenerationParams, allowed_new_tokens
 from .scheduler import Scheduler, SchedulerLimits
 from .sequence import Finished, Sequence
@@ -89,7 +89,8 @@ class EventSink:
 class Engine:
     """Continuous-batching LLM engine over one llama.cpp context."""
 
-    def __init__(self, model_path: str | Path, config: EngineConfig | None = None):
+    def __init__(self, model: str | Path | LlamaModel, config: EngineConfig | None = None):
+        """`model`: a GGUF path, or a model `prepare` opened (in a snapshot template, before the fork)."""
         self.config = config or EngineConfig()
         self._ids = itertools.count(1)
         self._outbox = Outbox()
@@ -101,7 +102,7 @@ class Engine:
         # The engine thread loads the model as well as decoding with it: see _load.
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(model_path,), name="servelet-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(model,), name="servelet-engine", daemon=True)
         self._thread.start()
         self._loaded.wait()
         if self._load_error is not None:
@@ -197,7 +198,18 @@ class Engine:
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _load(self, model_path: str | Path) -> None:
+    @staticmethod
+    def prepare(model_path: str | Path, config: EngineConfig) -> LlamaModel | None:
+        """The model loaded and its context opened (KV cells allocated, no token in them), for a snapshot template
+        to fork instances from; None where that cannot be done without threads: an AMX build converts the weights
+        with a team of OpenMP threads, which a forked child does not get, so its instances load after the fork."""
+        if amx_compiled():
+            log.info("this llama.cpp build has AMX, which loads the weights with a team of threads: the template "
+                     "imports llama.cpp but its instances load the model themselves after the fork")
+            return None
+        return open_model(model_path, config)
+
+    def _load(self, model: str | Path | LlamaModel) -> None:
         """Load the model and open its context, on the engine thread.
 
         llama.cpp's CPU backend (built with OpenMP) computes with a team of threads that belongs to the calling
@@ -207,30 +219,15 @@ class Engine:
         and decoded on this one made two teams, 3 threads on 2 cores. Simulated without AMX (bench/threads.py
         --openmp-at-load), decoding fell to 0.91x of `Llama`'s speed at 2 threads, with ~50 sleeps per token in each
         of llama.cpp's threads. Loaded here, the load and every decode share one team. Nothing else may compute
-        with llama.cpp on another thread while the engine lives (docs/engine.md, "Threads and AMX")."""
+        with llama.cpp on another thread while the engine lives (docs/engine.md, "Threads and AMX"). A model
+        `prepare` opened in a snapshot template ran no computation, so it has no team yet: the first decode here
+        makes it."""
         config = self.config
-        unified = config.kv_cache_tokens is not None
-        kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
-        self.model = LlamaModel(model_path)
-        if config.max_model_len > self.model.n_ctx_train:
-            self.model.close()
-            raise InvalidConfig(
-                f"max_model_len {config.max_model_len} exceeds the model's training context of "
-                f"{self.model.n_ctx_train} tokens"
-            )
-        try:
-            self.model.open_context(
-                ContextShape(
-                    n_seq_max=config.max_batch_size,
-                    kv_cells=kv_cells,
-                    n_batch=config.prefill_chunk + config.max_batch_size,
-                    unified=unified,
-                    n_threads=config.threads,
-                )
-            )
-        except Exception:
-            self.model.close()
-            raise
+        if isinstance(model, LlamaModel):
+            self.model = model
+            model.set_threads(config.threads)  # the template's were a placeholder: this instance's share of the cores
+        else:
+            self.model = open_model(model, config)
         self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
         self.scheduler = Scheduler(
             self.model,
@@ -242,9 +239,9 @@ class Engine:
             ),
         )
 
-    def _run(self, model_path: str | Path) -> None:
+    def _run(self, model: str | Path | LlamaModel) -> None:
         try:
-            self._load(model_path)
+            self._load(model)
         except BaseException as exc:  # raised again by __init__, in the caller's thread
             self._load_error = exc
             return
@@ -281,3 +278,29 @@ class Engine:
             if finished:
                 with self._wake:
                     self._in_engine -= finished
+
+
+def open_model(model_path: str | Path, config: EngineConfig) -> LlamaModel:
+    """Load the GGUF and open the one context `config` lays out."""
+    unified = config.kv_cache_tokens is not None
+    kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
+    model = LlamaModel(model_path)
+    if config.max_model_len > model.n_ctx_train:
+        model.close()
+        raise InvalidConfig(
+            f"max_model_len {config.max_model_len} exceeds the model's training context of {model.n_ctx_train} tokens"
+        )
+    try:
+        model.open_context(
+            ContextShape(
+                n_seq_max=config.max_batch_size,
+                kv_cells=kv_cells,
+                n_batch=config.prefill_chunk + config.max_batch_size,
+                unified=unified,
+                n_threads=config.threads,
+            )
+        )
+    except Exception:
+        model.close()
+        raise
+    return model

@@ -71,6 +71,12 @@ def build_facts() -> BuildFacts:
 _backend_ready = False
 
 
+def amx_compiled() -> bool:
+    """Whether this llama.cpp build has AMX kernels (known before any model loads)."""
+    _init_backend()
+    return "AMX_INT8 = 1" in C.llama_print_system_info().decode("utf-8", "replace")
+
+
 def _init_backend() -> None:
     """Once per process; the callback is module-level so it stays referenced (a freed one segfaults)."""
     global _backend_ready
@@ -223,6 +229,10 @@ class LlamaModel:
         self.kv_cells_per_seq = C.llama_n_ctx_seq(self._ctx)
         self.kv_cells = C.llama_n_ctx(self._ctx)
         self.batch = TokenBatch(shape.n_batch)
+
+    def set_threads(self, n_threads: int) -> None:
+        """Threads of every later decode (a forked instance gets its own share of the cores)."""
+        C.llama_set_n_threads(self._ctx, n_threads, n_threads)
 
     # -- text <-> tokens -------------------------------------------------------------------
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:

@@ -15,6 +15,7 @@ from ..control.catalog import Catalog
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
 from ..control.plane import ControlPlane
 from ..control.router import Router
+from ..control.snapshots import Snapshots
 from ..control.store import Store
 from ..control.usage import CostMeter
 from ..errors import GatewayError, Unprocessable
@@ -42,6 +43,10 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     fleet = fleet or Fleet(
         settings.run_dir, stream_channel=settings.stream_channel, memory_limit_scale=settings.serverless_memory_limit_scale
     )
+    if settings.snapshots and fleet.snapshots is None:
+        fleet.use_snapshots(Snapshots(
+            fleet.run_dir, settings.snapshot_memory_mb, settings.snapshot_min_available_mb, settings.instance_start_timeout
+        ))
     store = Store(database_url(settings))
     plane = ControlPlane(
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
@@ -52,6 +57,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     router.catalog = Catalog(plane)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
+    fleet.on_instance_started = metrics.observe_start
     metrics.watch_meter(meter)
 
     @asynccontextmanager
@@ -65,6 +71,8 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         await plane.restore()
         plane.autoscaler.start()
         plane.serverless.start()
+        if fleet.snapshots is not None:
+            fleet.snapshots.start()
         meter.start()
         yield
         await plane.close()

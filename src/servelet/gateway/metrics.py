@@ -54,6 +54,15 @@ DESIRED_INSTANCES = Gauge(
     "servelet_autoscaling_desired_instances", "Instances the variant's scaling policy asks for at its last check",
     ["endpoint", "variant"], registry=REGISTRY,
 )
+INSTANCE_STARTS = Counter(
+    "servelet_instance_starts", "Instances started, by kind: snapshot (forked from a template) or cold",
+    ["endpoint", "variant", "kind"], registry=REGISTRY,
+)
+INIT_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30, 60, 120)
+INSTANCE_INIT_SECONDS = Histogram(
+    "servelet_instance_init_seconds", "Time from an instance's start to its readiness, by start kind",
+    ["endpoint", "variant", "kind"], buckets=INIT_BUCKETS, registry=REGISTRY,
+)
 AUTOSCALING_METRIC = Gauge(
     "servelet_autoscaling_metric", "The scaling policy's metric at its last check (per instance)",
     ["endpoint", "variant"], registry=REGISTRY,
@@ -108,11 +117,25 @@ class FleetCollector:
                         loaded.add_metric(labels, instance.occupancy["models_loaded"])
                         for key, family in cache.items():
                             family.add_metric(labels, instance.occupancy.get(key, 0))
-        yield from (running, waiting, ready, loaded, *cache.values())
+        snapshots = self.fleet.snapshots if self.fleet is not None else None
+        templates = GaugeMetricFamily("servelet_snapshot_templates", "Snapshot templates ready to fork instances")
+        template_memory = GaugeMetricFamily(
+            "servelet_snapshot_template_memory_bytes", "Resident memory of the snapshot templates (mostly shared with "
+            "the instances forked from them)",
+        )
+        templates.add_metric([], len(snapshots.ready_keys()) if snapshots is not None else 0)
+        template_memory.add_metric([], snapshots.memory_mb() * 1024**2 if snapshots is not None else 0)
+        yield from (running, waiting, ready, loaded, *cache.values(), templates, template_memory)
 
 
 _fleet_collector = FleetCollector()
 REGISTRY.register(_fleet_collector)
+
+
+def observe_start(endpoint: str, variant: str, start) -> None:
+    """One instance became ready (a StartRecord: its kind and init duration)."""
+    INSTANCE_STARTS.labels(endpoint, variant, start.kind).inc()
+    INSTANCE_INIT_SECONDS.labels(endpoint, variant, start.kind).observe(start.seconds)
 
 
 def watch_fleet(fleet) -> None:

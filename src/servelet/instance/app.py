@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..engine import EngineError
-from ..runtimes import Call, InvocationError, Runtime, load_runtime
+from ..runtimes import Call, InvocationError, Prepared, Runtime, load_runtime
 from ..settings import InstanceSettings
 from .channel import PATH as CHANNEL_PATH
 from .channel_server import ChannelServer
@@ -30,13 +30,14 @@ class InstanceState:
     failure: str | None = None
 
 
-def create_app(settings: InstanceSettings, on_load_failure=None) -> FastAPI:
-    """An app that loads its model in the background: `/ping` answers 503 until the runtime is ready."""
+def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepared | None = None) -> FastAPI:
+    """An app that loads its model in the background: `/ping` answers 503 until the runtime is ready. `prepared`:
+    what the snapshot template this instance was forked from made of it already."""
     state = InstanceState()
 
     async def load_in_background() -> None:
         try:
-            state.runtime = await asyncio.to_thread(load_runtime, settings)
+            state.runtime = await asyncio.to_thread(load_runtime, settings, prepared)
             log.info("model %s loaded by the %s runtime; instance ready", settings.model, state.runtime.name)
         except Exception as exc:
             state.failure = f"{type(exc).__name__}: {exc}"

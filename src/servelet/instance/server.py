@@ -7,6 +7,7 @@ import os
 
 import uvicorn
 
+from ..runtimes import Prepared
 from ..settings import InstanceSettings
 from .app import create_app
 from .channel import MAX_MESSAGE_BYTES
@@ -14,8 +15,8 @@ from .channel import MAX_MESSAGE_BYTES
 log = logging.getLogger("servelet.instance")
 
 
-def run_instance(settings: InstanceSettings) -> int:
-    """Serve until stopped; a model that fails to load ends the process with status 1."""
+def run_instance(settings: InstanceSettings, prepared: Prepared | None = None) -> int:
+    """Serve until stopped; a model that fails to load ends the process with status 1. `prepared`: see create_app."""
     exit_code = 0
     server: uvicorn.Server | None = None
 
@@ -25,7 +26,7 @@ def run_instance(settings: InstanceSettings) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_load_failure=on_load_failure)
+    app = create_app(settings, on_load_failure=on_load_failure, prepared=prepared)
     # The stream channel (channel.py): its messages are tokens, not worth deflating; the peer is the gateway.
     options = dict(
         log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log,

@@ -11,12 +11,15 @@ from .lmi import TextGenerationRuntime
 class LlamaCppRuntime(TextGenerationRuntime):
     name = "llamacpp"
 
-    def __init__(self, path: Path, settings: InstanceSettings):
+    def __init__(self, path: Path, settings: InstanceSettings, prepared_model=None):
+        """`prepared_model`: the model and context `prepare` opened in a snapshot template, this instance's by fork."""
         refuse_options_llamacpp_cannot_apply(settings)
         from ..engine import Engine  # loads llama.cpp: only in an instance that serves a GGUF
 
-        super().__init__(Engine(path, settings.engine_config()))
+        super().__init__(Engine(prepared_model or path, settings.engine_config()))
         self.settings = settings
+        if prepared_model is not None:
+            return  # a snapshot start: its build passed its self-test at install, and the first token is what counts
         try:
             self.engine.warm_up()  # a build that crashes here does so before ready: the deployment fails, not a request
         except Exception:
@@ -50,5 +53,13 @@ def refuse_options_llamacpp_cannot_apply(settings: InstanceSettings) -> None:
         raise SettingsError("invalid settings:\n  " + "\n  ".join(problems))
 
 
-def load(path: Path, settings: InstanceSettings) -> LlamaCppRuntime:
-    return LlamaCppRuntime(path, settings)
+def prepare(path: Path, settings: InstanceSettings):
+    """For a snapshot template: the model loaded with its context open (None on an AMX build: see Engine.prepare)."""
+    refuse_options_llamacpp_cannot_apply(settings)
+    from ..engine import Engine
+
+    return Engine.prepare(path, settings.engine_config())
+
+
+def load(path: Path, settings: InstanceSettings, prepared_model=None) -> LlamaCppRuntime:
+    return LlamaCppRuntime(path, settings, prepared_model)
