@@ -508,8 +508,9 @@ def usage(
     since: Annotated[Optional[str], typer.Option("--since", help="From this UTC day on (YYYY-MM-DD).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per endpoint, variant and day.")] = False,
 ) -> None:
-    """What serverless variants were billed: GB-seconds, requests and cost per endpoint and UTC day (read from the
-    store `servelet serve` writes, so no gateway needs to run; prices from SERVELET_PRICE_PER_*)."""
+    """What serverless variants were billed: GB-seconds, requests, snapshot cache GB-seconds and restored GB, and
+    their cost, per endpoint and UTC day (read from the store `servelet serve` writes, so no gateway needs to run;
+    prices from SERVELET_PRICE_PER_*)."""
     from datetime import date
 
     from .control.store import Store
@@ -524,7 +525,8 @@ def usage(
         settings = load_gateway_settings()
     except SettingsError as exc:
         fail(str(exc), 2)
-    rates = Rates(settings.price_per_gb_second, settings.price_per_million_requests)
+    rates = Rates(settings.price_per_gb_second, settings.price_per_million_requests,
+                  settings.price_per_cached_gb_second, settings.price_per_restored_gb)
     store = Store(database_url(settings))
     try:
         days = store.list_usage(endpoint, first_day)
@@ -532,16 +534,17 @@ def usage(
         store.close()
     if as_json:
         for day in days:
-            print(json.dumps(day.model_dump(mode="json", by_alias=True) | {"Cost": rates.cost(day.gb_seconds, day.requests)}))
+            print(json.dumps(day.model_dump(mode="json", by_alias=True) | {"Cost": rates.cost(day)}))
         return
     if not days:
         say("no usage billed yet (only serverless variants are billed)")
         return
     for name in dict.fromkeys(d.endpoint_name for d in days):
-        table = Table("Day (UTC)", "Variant", "GB-seconds", "Requests", "Cost (USD)", title=name, highlight=False)
+        table = Table("Day (UTC)", "Variant", "GB-seconds", "Requests", "Cached GB-s", "Restored GB", "Cost (USD)",
+                      title=name, highlight=False)
         for day in (d for d in days if d.endpoint_name == name):
             table.add_row(day.day.isoformat(), day.variant_name, f"{day.gb_seconds:.3f}", str(day.requests),
-                          f"{rates.cost(day.gb_seconds, day.requests):.8f}")
+                          f"{day.cache_gb_seconds:.3f}", f"{day.restored_gb:.3f}", f"{rates.cost(day):.8f}")
         out.print(table)
 
 

@@ -216,6 +216,15 @@ class GatewaySettings(BaseSettings):
     price_per_million_requests: float = Field(
         0.20, ge=0, description="Cost meter: dollars per million requests billed to serverless variants."
     )
+    # Snapshot starts, priced as Lambda prices SnapStart (its x86 list prices by default).
+    price_per_cached_gb_second: float = Field(
+        0.0000015046, ge=0,
+        description="Cost meter: dollars per GB-second a serverless variant's snapshot template is held (cached).",
+    )
+    price_per_restored_gb: float = Field(
+        0.0001397998, ge=0,
+        description="Cost meter: dollars per GB restored, each time a serverless instance is forked from its template.",
+    )
 
     @field_validator("data_dir")
     @classmethod

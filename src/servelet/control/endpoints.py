@@ -321,6 +321,19 @@ class Fleet:
         specs = [self._template_spec(v) for e in self.endpoints.values() for v in e.variants if v.wants_template()]
         return {spec.key: spec for spec in specs}
 
+    def serverless_templates_held(self) -> list[tuple[str, str, int, float]]:
+        """(endpoint, variant, MemorySizeInMB, when its template became ready) of each serverless variant whose
+        snapshot template is ready: the cost meter bills their cache and restores (control/usage.HeldTemplate)."""
+        if self.snapshots is None:
+            return []
+        held = []
+        for endpoint in self.endpoints.values():
+            for variant in (v for v in endpoint.variants if v.serverless is not None):
+                template = self.snapshots.templates.get(self._template_spec(variant).key)
+                if template is not None and template.ready and template.alive:
+                    held.append((endpoint.name, variant.name, variant.serverless.memory_size_in_mb, template.started))
+        return held
+
     async def _materialize(self, plans: list["VariantPlan"]) -> None:
         """Fetch each remote model file into memory once, here, rather than once per instance."""
         async with self._fetching:

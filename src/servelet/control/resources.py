@@ -341,6 +341,8 @@ class UsageDay(Resource):
     day: date
     gb_seconds: float = 0.0
     requests: int = 0
+    cache_gb_seconds: float = 0.0  # its snapshot template held, MemorySizeInMB / 1024 per second
+    restored_gb: float = 0.0  # MemorySizeInMB / 1024 per instance forked from its template
 
 
 # Autoscaling: Application Auto Scaling's shapes for SageMaker variants, one stored row per variant.

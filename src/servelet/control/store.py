@@ -2,7 +2,9 @@
 
 A SQLite file in servelet's data folder by default, so that `servelet serve` and a CLI process share it;
 any SQLAlchemy URL otherwise (`postgresql+psycopg://...`). Each resource is kept as its pydantic model's
-JSON, beside the few columns we query by, so a new resource field needs no migration.
+JSON, beside the few columns we query by, so a new resource field needs no migration. servelet has no migration
+tool: a column added to a table later (the usage table's cache and restore figures) is added to an existing
+database when the store opens it (`_add_missing_columns`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 from sqlalchemy import (
-    JSON, Column, Date, DateTime, Float, Integer, MetaData, String, Table, create_engine, event, func, insert, select,
+    JSON, Column, Date, DateTime, Float, Integer, MetaData, String, Table, create_engine, event, func, insert, inspect,
+    select, text,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from .resources import (
@@ -68,7 +71,12 @@ usage = Table(
     Column("day", Date, primary_key=True),
     Column("gb_seconds", Float, nullable=False),
     Column("requests", Integer, nullable=False),
+    # Added with snapshot starts: databases made before them get these columns when the store opens them.
+    Column("cache_gb_seconds", Float, nullable=False, server_default="0"),
+    Column("restored_gb", Float, nullable=False, server_default="0"),
 )
+# What a usage row adds up, named as UsageDay's fields.
+USAGE_FIGURES = ("gb_seconds", "requests", "cache_gb_seconds", "restored_gb")
 
 Spec = TypeVar("Spec", bound=BaseModel)
 
@@ -96,6 +104,7 @@ class Store:
         self.url = url
         self.engine = _engine(url)
         metadata.create_all(self.engine)
+        _add_missing_columns(self.engine, usage)
 
     @staticmethod
     def default_url(data_dir: Path) -> str:
@@ -215,14 +224,11 @@ class Store:
         statement = _upsert(self.engine, usage)
         statement = statement.on_conflict_do_update(
             index_elements=[usage.c.endpoint, usage.c.variant, usage.c.day],
-            set_={
-                "gb_seconds": usage.c.gb_seconds + statement.excluded.gb_seconds,
-                "requests": usage.c.requests + statement.excluded.requests,
-            },
+            set_={figure: usage.c[figure] + statement.excluded[figure] for figure in USAGE_FIGURES},
         )
         rows = [
-            {"endpoint": d.endpoint_name, "variant": d.variant_name, "day": d.day, "gb_seconds": d.gb_seconds,
-             "requests": d.requests}
+            {"endpoint": d.endpoint_name, "variant": d.variant_name, "day": d.day,
+             **{figure: getattr(d, figure) for figure in USAGE_FIGURES}}
             for d in days
         ]
         with self.engine.begin() as connection:
@@ -237,8 +243,8 @@ class Store:
             query = query.where(usage.c.day >= since)
         with self.engine.connect() as connection:
             return [
-                UsageDay(endpoint_name=r.endpoint, variant_name=r.variant, day=r.day, gb_seconds=r.gb_seconds,
-                         requests=r.requests)
+                UsageDay(endpoint_name=r.endpoint, variant_name=r.variant, day=r.day,
+                         **{figure: r._mapping[figure] for figure in USAGE_FIGURES})
                 for r in connection.execute(query)
             ]
 
@@ -276,6 +282,28 @@ def _endpoint_columns(record: EndpointRecord) -> dict[str, Any]:
         "status": EndpointStatus(record.endpoint_status).value,
         "last_modified_time": _utc(record.last_modified_time),
     }
+
+
+def _add_missing_columns(engine: Engine, table: Table) -> None:
+    """Add the table's columns an existing database lacks (`create_all` makes missing tables, never missing
+    columns), each with its server default so that the rows already there read as zero. Another process opening
+    the same database at once may add one first: what counts is that it is there afterwards."""
+    for column in _missing_columns(engine, table):
+        preparer = engine.dialect.identifier_preparer
+        try:
+            with engine.begin() as connection:
+                connection.execute(text(
+                    f"ALTER TABLE {preparer.format_table(table)} ADD COLUMN {preparer.format_column(column)} "
+                    f"{column.type.compile(engine.dialect)} NOT NULL DEFAULT {column.server_default.arg}"
+                ))
+        except DBAPIError:
+            if column.name in {c.name for c in _missing_columns(engine, table)}:
+                raise
+
+
+def _missing_columns(engine: Engine, table: Table) -> list[Column]:
+    present = {c["name"] for c in inspect(engine).get_columns(table.name)}
+    return [c for c in table.columns if c.name not in present]
 
 
 def _upsert(engine: Engine, table: Table = endpoints):

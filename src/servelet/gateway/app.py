@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,6 +14,7 @@ from .. import __version__
 from ..config import apply_config, load_config
 from ..control.catalog import Catalog
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
+from ..control.instances import StartRecord
 from ..control.plane import ControlPlane
 from ..control.router import Router
 from ..control.snapshots import Snapshots
@@ -39,6 +41,16 @@ a WebSocket. `model` / `EndpointName` name an endpoint; `default` is the one `se
 """
 
 
+def _instance_started(meter: CostMeter) -> Callable[[str, str, StartRecord], None]:
+    """The fleet's one start hook, for its two listeners: the metrics count each start, the meter bills restores."""
+
+    def started(endpoint: str, variant: str, start: StartRecord) -> None:
+        metrics.observe_start(endpoint, variant, start)
+        meter.instance_started(endpoint, variant, start)
+
+    return started
+
+
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
     fleet = fleet or Fleet(
         settings.run_dir, stream_channel=settings.stream_channel, memory_limit_scale=settings.serverless_memory_limit_scale
@@ -52,12 +64,12 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
         settings.serverless_idle_seconds, settings.serverless_start_timeout, metrics.AutoscalingMetrics(),
     )
-    meter = CostMeter(store)
+    meter = CostMeter(store, fleet.serverless_templates_held)
     router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)
     router.catalog = Catalog(plane)
     services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
     metrics.watch_fleet(fleet)
-    fleet.on_instance_started = metrics.observe_start
+    fleet.on_instance_started = _instance_started(meter)
     metrics.watch_meter(meter)
 
     @asynccontextmanager

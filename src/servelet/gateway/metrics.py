@@ -157,6 +157,15 @@ def observe_rate_headers(endpoint: str, headers: dict[str, str]) -> None:
         observe_rates(endpoint, float(prompt), float(generated))
 
 
+# The cost meter's units (its Billed fields), each a counter per endpoint and variant.
+BILLED = {
+    "gb_seconds": "GB-seconds billed to serverless variants",
+    "requests": "Requests billed to serverless variants",
+    "cache_gb_seconds": "GB-seconds billed to serverless variants for holding their snapshot template (cached)",
+    "restored_gb": "GB billed to serverless variants for instances forked from their snapshot template (restored)",
+}
+
+
 class MeterCollector:
     """The cost meter's totals since the gateway started, per endpoint and variant (read at scrape time)."""
 
@@ -164,14 +173,15 @@ class MeterCollector:
         self.meter = None
 
     def collect(self):
-        labels = ["endpoint", "variant"]
-        gb_seconds = CounterMetricFamily("servelet_billed_gb_seconds", "GB-seconds billed to serverless variants", labels=labels)
-        requests = CounterMetricFamily("servelet_billed_requests", "Requests billed to serverless variants", labels=labels)
+        families = {
+            figure: CounterMetricFamily(f"servelet_billed_{figure}", text, labels=["endpoint", "variant"])
+            for figure, text in BILLED.items()
+        }
         totals = dict(self.meter.totals) if self.meter is not None else {}
         for (endpoint, variant), billed in totals.items():
-            gb_seconds.add_metric([endpoint, variant], billed.gb_seconds)
-            requests.add_metric([endpoint, variant], billed.requests)
-        yield from (gb_seconds, requests)
+            for figure, family in families.items():
+                family.add_metric([endpoint, variant], getattr(billed, figure))
+        yield from families.values()
 
 
 _meter_collector = MeterCollector()
