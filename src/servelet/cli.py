@@ -325,6 +325,10 @@ def describe_endpoint(
             f"{capacity_words(v, 'instances {current} ready of {desired}')}")
         if v["VariantName"] in scaling:
             say(f"    autoscaling: {scaling[v['VariantName']]}")
+        if v.get("LastInstanceStarts"):
+            say("    last starts: " + ", ".join(
+                f"{s['Kind']} {s['InitDurationInSeconds']:.3f} s ({when(s['StartTime'])})" for s in v["LastInstanceStarts"]
+            ))
     events = described.get("ScalingEvents", [])
     if events:
         say("Scaling events:")

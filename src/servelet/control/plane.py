@@ -24,6 +24,7 @@ from .resources import (
     EndpointConfigSpec,
     EndpointRecord,
     EndpointStatus,
+    InstanceStart,
     ModelSpec,
     ProductionVariant,
     arn,
@@ -317,9 +318,14 @@ class ControlPlane:
     def _with_live_counts(self, record: EndpointRecord) -> EndpointRecord:
         endpoint = self.fleet.endpoints.get(record.endpoint_name)
         record = record.model_copy(deep=True)
-        blue = {v.name: len(v.ready_instances()) for v in endpoint.blue.variants} if endpoint else {}
+        blue = {v.name: v for v in endpoint.blue.variants} if endpoint else {}
         for variant in record.production_variants:
-            variant.current_instance_count = blue.get(variant.variant_name, 0)
+            running = blue.get(variant.variant_name)
+            variant.current_instance_count = len(running.ready_instances()) if running else 0
+            variant.last_instance_starts = [
+                InstanceStart(kind=s.kind, init_duration_in_seconds=round(s.seconds, 3), start_time=s.at)
+                for s in running.starts
+            ] if running and running.starts else None
         pending = record.pending_deployment_summary
         if pending is not None:
             green = endpoint.green if endpoint else None

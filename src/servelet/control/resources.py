@@ -209,6 +209,14 @@ class VariantStep(Resource):
     start_time: datetime = Field(default_factory=now)
 
 
+class InstanceStart(Resource):
+    """One instance start as DescribeEndpoint shows it (a servelet extension: botocore drops it, the CLI reads it)."""
+
+    kind: Literal["snapshot", "cold"]
+    init_duration_in_seconds: float
+    start_time: float  # epoch seconds, as the wire's other times
+
+
 class VariantState(Resource):
     """What DescribeEndpoint reports per variant (SageMaker's ProductionVariantSummary)."""
 
@@ -221,6 +229,7 @@ class VariantState(Resource):
     # Serverless variants: the config serving now and the one an update moves to, in place of instance counts.
     current_serverless_config: ServerlessConfig | None = None
     desired_serverless_config: ServerlessConfig | None = None
+    last_instance_starts: list[InstanceStart] | None = None  # live, never stored: the fleet's last few
 
 
 # -- updates: UpdateEndpoint's DeploymentConfig and UpdateEndpointWeightsAndCapacities ------------------------

@@ -263,7 +263,6 @@ class Snapshots(ControlLoop):
         if not template.alive:
             log.warning("snapshot template for %s has ended (%s): instance %s starts cold", template.model_uri,
                         _how_it_ended(template), instance.name)
-            template.ready = False
             return None
         try:
             return await template.fork(instance)
@@ -287,7 +286,7 @@ class Snapshots(ControlLoop):
                 continue
             if key not in wanted:
                 await self._remove(template, "no variant uses its model any more")
-            elif template.ready and not template.alive:
+            elif not template.alive and not template.refused:  # killed, or it failed to start
                 self._ended[key] += 1
                 log.warning("snapshot template for %s ended (%s); %s", template.model_uri, _how_it_ended(template),
                             "starting another" if self._ended[key] < MAX_TEMPLATE_DEATHS else
