@@ -23,8 +23,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("servelet.control")
 
 HEALTH_POLL_SECONDS = 1.0
-# Readiness polls start fast (a snapshot start is ready in a few tens of milliseconds) and slow down to the last.
-FIRST_READY_POLL_S, LAST_READY_POLL_S = 0.005, 0.2
+# Readiness is polled every 5 ms for the first second (a snapshot start is ready in a few tens of milliseconds),
+# then less and less often, down to every 0.2 s (a cold start takes seconds).
+FAST_READY_POLL_S, FAST_READY_POLLS_FOR_S, SLOWEST_READY_POLL_S = 0.005, 1.0, 0.2
 SNAPSHOT, COLD = "snapshot", "cold"  # how an instance started: forked from its model's template, or a new process
 LOG_TAIL_LINES = 40  # kept per instance, to say why it failed
 MAX_KEPT_LINE_CHARS = 2000
@@ -156,7 +157,7 @@ class Instance:
     async def wait_ready(self, timeout: float) -> None:
         """Poll /ping until 200; raise InstanceFailed if the process exits or time runs out."""
         deadline = time.monotonic() + timeout
-        poll = FIRST_READY_POLL_S
+        poll = FAST_READY_POLL_S
         while time.monotonic() < deadline:
             if self.process is not None and self.process.returncode is not None:
                 self.failure = f"instance {self.name} {self.exit_description()} while loading its model"
@@ -171,7 +172,8 @@ class Instance:
                          self.start_kind, self.last_start.seconds)
                 return
             await asyncio.sleep(poll)
-            poll = min(poll * 1.5, LAST_READY_POLL_S)
+            if time.monotonic() - self._start_began > FAST_READY_POLLS_FOR_S:
+                poll = min(poll * 1.5, SLOWEST_READY_POLL_S)
         self.failure = f"instance {self.name} was not ready after {timeout:.0f} s"
         raise InstanceFailed(self.failure)
 

@@ -34,7 +34,7 @@ from typing import NoReturn
 
 from ..runtimes import NotSnapshottable, Prepared, prepare_runtime
 from ..settings import InstanceSettings, load_instance_settings
-from .server import run_instance  # the instance's web stack too: imported once, here, not in every instance
+from .server import preload_web_stack, run_instance  # the instance's web stack: imported here, not per instance
 
 log = logging.getLogger("servelet.template")
 
@@ -46,6 +46,7 @@ MAX_REQUEST_BYTES = 1 << 20
 def run_template(settings: InstanceSettings) -> int:
     """Prepare, then fork instances until stopped (SIGTERM, or the gateway's death: see the gateway's side)."""
     started = time.perf_counter()
+    preload_web_stack()
     try:
         prepared = prepare_runtime(settings)
     except NotSnapshottable as exc:
@@ -217,10 +218,11 @@ def _become_instance(
 
 def reseed() -> None:
     """New seeds for every random generator the instance may sample with. Python's `random` reseeds itself in a
-    forked child; NumPy's and PyTorch's global generators do not. (llama.cpp's samplers take a seed from os.urandom
-    per request: unique already.)"""
-    if (numpy := sys.modules.get("numpy")) is not None:
-        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+    forked child; NumPy's and PyTorch's global generators do not (seeded only where imported: an import of
+    numpy.random here would cost an instance 13 ms). llama.cpp's samplers take a seed from os.urandom per
+    request: unique already."""
+    if (numpy_random := sys.modules.get("numpy.random")) is not None:  # not imported: nothing drew from it
+        numpy_random.seed(int.from_bytes(os.urandom(4), "little"))
     if (torch := sys.modules.get("torch")) is not None:
         torch.seed()
 
