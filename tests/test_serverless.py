@@ -129,8 +129,11 @@ def test_requests_over_max_concurrency_are_refused_while_the_first_completes(gat
 @pytest.fixture(scope="module")
 def impatient(tmp_path_factory, model_path):
     """A gateway whose requests wait for no start at all (a second gateway: the bound is the gateway's setting);
-    its serverless variants with ProvisionedConcurrency never make a request wait for a start."""
-    running = serverless_gateway(tmp_path_factory, "impatient", SERVELET_SERVERLESS_START_TIMEOUT="0.001")
+    its serverless variants with ProvisionedConcurrency never make a request wait for a start. Its starts are cold:
+    a snapshot start would be over before the test's second request could see it going on."""
+    running = serverless_gateway(
+        tmp_path_factory, "impatient", SERVELET_SERVERLESS_START_TIMEOUT="0.001", SERVELET_SNAPSHOTS="false"
+    )
     yield running
     stop_process(running.process)
 
