@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import textwrap
 from pathlib import Path
@@ -101,8 +102,10 @@ def test_deploy_list_invoke_describe_and_delete(gateway):
     assert "Status:   InService" in described.stdout
     assert f"AllTraffic: model chat ({DEFAULT_MODEL_URI})" in described.stdout
     assert "instances 1 ready of 1" in described.stdout
+    assert re.search(r"last starts: cold \d+\.\d{3} s \(\d{4}-\d\d-\d\d ", described.stdout), described.stdout
     raw = json.loads(servelet("endpoints", "describe", "chat", "--json", url=gateway.url).stdout)
     assert raw["EndpointStatus"] == "InService" and raw["ProductionVariants"][0]["CurrentInstanceCount"] == 1
+    assert raw["ProductionVariants"][0]["LastInstanceStarts"][0]["Kind"] == "cold"
 
     deleted = servelet("endpoints", "delete", "chat", url=gateway.url)
     assert deleted.returncode == 0, deleted.stderr
