@@ -195,6 +195,14 @@ class GatewaySettings(BaseSettings):
         1.0, gt=0, description="Serverless variants: the share of MemorySizeInMB an instance may use before it is "
         "stopped (1: all of it; tests lower it to see the limit act on a small model).",
     )
+    async_max_input_bytes: int = Field(
+        6 * 1024 * 1024, ge=1024, description="Async inference: the largest input a job may read from its input "
+        "location (the instances' own body limit, SERVELET_MAX_PAYLOAD_BYTES, applies too).",
+    )
+    async_lease_seconds: float = Field(
+        30.0, gt=0, description="Async inference: how long a job stays leased to a gateway that stopped renewing it "
+        "(killed) before another takes it again.",
+    )
     snapshots: bool = Field(
         True, description="Start serverless and scaled-to-zero instances by forking a snapshot template of their "
         "model (off: every start is cold).",

@@ -175,11 +175,83 @@ class ProductionVariant(Resource):
         return self
 
 
+# -- async inference: SageMaker's AsyncInferenceConfig ---------------------------------------------------------
+OBJECT_URI = re.compile(r"^(s3://[^/]+(/.*)?|file:///.*)$")
+
+
+def _object_uri(value: str | None) -> str | None:
+    """An s3:// or file:// location without its trailing slash; an absolute path is taken as file://."""
+    if value is not None and value.startswith("/"):
+        value = f"file://{value}"
+    if value is not None and not OBJECT_URI.match(value):
+        raise ValueError(f"{value!r} is not an object store location: use s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH")
+    return value.rstrip("/") if value else value
+
+
+def _webhook(value: str | None) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ValueError(
+            f"{value!r} cannot be notified: servelet calls webhook URLs (http:// or https://) where SageMaker "
+            "publishes to SNS topics"
+        )
+    return value
+
+
+class AsyncNotificationConfig(Resource):
+    """Where to say that a job ended: webhook URLs, in the place of SageMaker's SNS topic ARNs."""
+
+    success_topic: str | None = None
+    error_topic: str | None = None
+    include_inference_response_in: list[str] | None = None
+
+    _urls = field_validator("success_topic", "error_topic")(lambda v: _webhook(v))
+
+
+class AsyncOutputConfig(Resource):
+    s3_output_path: str = Field(alias="S3OutputPath")
+    s3_failure_path: str | None = Field(None, alias="S3FailurePath")
+    notification_config: AsyncNotificationConfig | None = None
+    kms_key_id: str | None = Field(None, description="Accepted for compatibility; nothing is encrypted by servelet.")
+
+    _locations = field_validator("s3_output_path", "s3_failure_path")(lambda v: _object_uri(v))
+
+
+class AsyncClientConfig(Resource):
+    max_concurrent_invocations_per_instance: int | None = Field(None, ge=1, le=1000)
+
+
+class AsyncInferenceConfig(Resource):
+    """How an endpoint serves `InvokeEndpointAsync`: where answers and failures go, who is told, how many at once."""
+
+    output_config: AsyncOutputConfig
+    client_config: AsyncClientConfig | None = None
+
+    @property
+    def concurrency_per_instance(self) -> int:
+        """SageMaker chooses it when unset; servelet takes the instances' batch room (see async_worker)."""
+        configured = self.client_config.max_concurrent_invocations_per_instance if self.client_config else None
+        return configured or DEFAULT_ASYNC_CONCURRENCY
+
+
+DEFAULT_ASYNC_CONCURRENCY = 4
+
+
 class EndpointConfigSpec(Resource):
     endpoint_config_name: str = Field(pattern=NAME_PATTERN)
     production_variants: list[ProductionVariant] = Field(min_length=1, max_length=10)
-    async_inference_config: dict | None = None
+    async_inference_config: dict | None = None  # kept as sent; `async_config` reads it
     creation_time: datetime = Field(default_factory=now)
+
+    @field_validator("async_inference_config")
+    @classmethod
+    def _async_config_valid(cls, value: dict | None) -> dict | None:
+        if value is not None:
+            AsyncInferenceConfig.model_validate(value)
+        return value
+
+    @property
+    def async_config(self) -> AsyncInferenceConfig | None:
+        return AsyncInferenceConfig.model_validate(self.async_inference_config) if self.async_inference_config else None
 
     @model_validator(mode="after")
     def _variants_make_sense(self):

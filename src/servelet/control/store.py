@@ -160,7 +160,7 @@ class Store:
         record.last_modified_time = now()
         row = {"name": record.endpoint_name, "spec": record.model_dump(mode="json"), **_endpoint_columns(record)}
         # One statement, not read-then-write: two SQLite writers never deadlock upgrading their locks.
-        statement = _upsert(self.engine).values(row)
+        statement = upsert(self.engine).values(row)
         statement = statement.on_conflict_do_update(
             index_elements=[endpoints.c.name],
             set_={key: statement.excluded[key] for key in row if key != "name"},
@@ -193,7 +193,7 @@ class Store:
             "name": target.resource_id, "endpoint": target.endpoint_name,
             "creation_time": _utc(target.creation_time), "spec": target.model_dump(mode="json"),
         }
-        statement = _upsert(self.engine, scaling_targets).values(row)
+        statement = upsert(self.engine, scaling_targets).values(row)
         statement = statement.on_conflict_do_update(
             index_elements=[scaling_targets.c.name], set_={"spec": statement.excluded.spec}
         )
@@ -221,7 +221,7 @@ class Store:
         """Add each day's figures to what its row holds already, in one transaction."""
         if not days:
             return
-        statement = _upsert(self.engine, usage)
+        statement = upsert(self.engine, usage)
         statement = statement.on_conflict_do_update(
             index_elements=[usage.c.endpoint, usage.c.variant, usage.c.day],
             set_={figure: usage.c[figure] + statement.excluded[figure] for figure in USAGE_FIGURES},
@@ -306,7 +306,7 @@ def _missing_columns(engine: Engine, table: Table) -> list[Column]:
     return [c for c in table.columns if c.name not in present]
 
 
-def _upsert(engine: Engine, table: Table = endpoints):
+def upsert(engine: Engine, table: Table = endpoints):
     """INSERT ... ON CONFLICT for the engine's dialect (both SQLite and PostgreSQL have it)."""
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert

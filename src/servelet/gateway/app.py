@@ -12,6 +12,8 @@ from fastapi.responses import Response
 
 from .. import __version__
 from ..config import apply_config, load_config
+from ..control.async_queue import JobQueue
+from ..control.async_worker import AsyncWorker, async_endpoints
 from ..control.catalog import Catalog
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
 from ..control.instances import StartRecord
@@ -24,7 +26,7 @@ from ..errors import GatewayError, Unprocessable
 from ..settings import GatewaySettings, database_url
 from . import metrics
 from .api import autoscaling
-from .api import openai, qa, sagemaker, sagemaker_control, tgi, websocket
+from .api import openai, qa, sagemaker, sagemaker_async, sagemaker_control, tgi, websocket
 from .disconnect import ClientGone
 from .errors import describe_validation, render
 from .services import Services
@@ -67,7 +69,14 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     meter = CostMeter(store, fleet.serverless_templates_held)
     router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)
     router.catalog = Catalog(plane)
-    services = Services(settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane)
+    jobs = JobQueue(store)
+    async_worker = AsyncWorker(
+        jobs, router, lambda: async_endpoints(store), settings.async_max_input_bytes, settings.async_lease_seconds
+    )
+    services = Services(
+        settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane, jobs=jobs,
+        async_worker=async_worker,
+    )
     metrics.watch_fleet(fleet)
     fleet.on_instance_started = _instance_started(meter)
     metrics.watch_meter(meter)
@@ -86,7 +95,9 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         if fleet.snapshots is not None:
             fleet.snapshots.start()
         meter.start()
+        async_worker.start()
         yield
+        await async_worker.close()  # first: its jobs in progress go back to the queue for the next start
         await plane.close()
         await fleet.close()
         await meter.close()  # last: requests cut short by the close are billed too
@@ -144,6 +155,6 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
 
     # Application Auto Scaling shares the control route: AWS JSON 1.1 on `POST /`, its own X-Amz-Target prefix.
     sagemaker_control.add_service(autoscaling.TARGET_PREFIX, autoscaling.OPERATIONS)
-    for family in (sagemaker, sagemaker_control, tgi, qa, openai, websocket):
+    for family in (sagemaker, sagemaker_async, sagemaker_control, tgi, qa, openai, websocket):
         app.include_router(family.router)
     return app

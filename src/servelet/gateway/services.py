@@ -9,6 +9,8 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from ..control.async_queue import JobQueue
+from ..control.async_worker import AsyncWorker
 from ..control.endpoints import Fleet
 from ..control.plane import ControlPlane
 from ..control.router import Router
@@ -27,6 +29,8 @@ class Services:
     router: Router
     textgen: TextGenerator
     plane: ControlPlane
+    jobs: JobQueue
+    async_worker: AsyncWorker
 
 
 def services(request: Request) -> Services:

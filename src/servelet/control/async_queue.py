@@ -1,0 +1,213 @@
+"""The async-inference queue: each accepted `InvokeEndpointAsync` is a row in the store, so a crash loses none.
+
+A job is `Pending` until a worker leases it (`InProgress`, with a lease it renews while it works), then `Completed`,
+`Failed` or `Expired` (its TTL passed before it started). A job whose lease ran out (its worker died with the
+gateway) is leased again. Only the worker holding a job's lease may end it, so it ends once; its output object's
+name is fixed by its InferenceId and written atomically, so a job run twice still leaves one output. A job that
+ended waits for its notification (a webhook) to be delivered, or given up, before it is `notified`.
+
+Every method is one short transaction; the gateway calls them from a thread (`asyncio.to_thread`).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+import uuid
+from dataclasses import dataclass, fields
+
+from sqlalchemy import Boolean, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, select, update
+from sqlalchemy.engine import Engine
+
+from .store import Store, upsert
+
+metadata = MetaData()
+
+
+class JobStatus(str, enum.Enum):
+    PENDING = "Pending"
+    IN_PROGRESS = "InProgress"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    EXPIRED = "Expired"
+
+
+ENDED = (JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.EXPIRED.value)
+
+jobs = Table(
+    "async_jobs",
+    metadata,
+    Column("inference_id", String(64), primary_key=True),
+    Column("endpoint", String(63), nullable=False, index=True),
+    Column("status", String(16), nullable=False, index=True),
+    Column("created", Float, nullable=False, index=True),  # epoch seconds, as every time here
+    Column("expires", Float, nullable=False),  # created + RequestTTLSeconds: not started by then, it expires
+    Column("invocation_timeout", Integer, nullable=False),
+    Column("input_location", Text),
+    Column("inline_body", LargeBinary),  # a body sent with the request instead of an input location (≤ 128,000 B)
+    Column("content_type", String(256)),
+    Column("accept", String(256)),
+    Column("custom_attributes", String(1024)),
+    Column("output_location", Text, nullable=False),
+    Column("failure_location", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Float),
+    Column("ended", Float),
+    Column("failure_reason", Text),
+    Column("notified", Boolean, nullable=False, default=False),
+)
+
+
+@dataclass
+class Job:
+    inference_id: str
+    endpoint: str
+    status: str
+    created: float
+    expires: float
+    invocation_timeout: int
+    output_location: str
+    input_location: str | None = None
+    inline_body: bytes | None = None
+    content_type: str | None = None
+    accept: str | None = None
+    custom_attributes: str | None = None
+    failure_location: str | None = None
+    attempts: int = 0
+    lease_owner: str | None = None
+    lease_until: float | None = None
+    ended: float | None = None
+    failure_reason: str | None = None
+    notified: bool = False
+
+    @classmethod
+    def from_row(cls, row) -> Job:
+        return cls(**{f.name: row._mapping[f.name] for f in fields(cls)})
+
+    def row(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def new_inference_id() -> str:
+    return str(uuid.uuid4())
+
+
+class JobQueue:
+    """The jobs table of the store's database."""
+
+    def __init__(self, store: Store):
+        self.engine: Engine = store.engine
+        metadata.create_all(self.engine)
+
+    def enqueue(self, job: Job) -> Job:
+        """Add the job; a job of the same InferenceId already there is kept and returned instead (a client that
+        resends its request after a lost answer gets the same job, not a second one)."""
+        statement = upsert(self.engine, jobs).values(job.row()).on_conflict_do_nothing(index_elements=[jobs.c.inference_id])
+        with self.engine.begin() as connection:
+            if connection.execute(statement).rowcount:
+                return job
+        return self.get(job.inference_id)
+
+    def get(self, inference_id: str) -> Job | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(jobs).where(jobs.c.inference_id == inference_id)).first()
+        return None if row is None else Job.from_row(row)
+
+    def list(self, endpoint: str | None = None, status: str | None = None, limit: int = 100) -> list[Job]:
+        query = select(jobs).order_by(jobs.c.created.desc()).limit(limit)
+        if endpoint is not None:
+            query = query.where(jobs.c.endpoint == endpoint)
+        if status is not None:
+            query = query.where(jobs.c.status == JobStatus(status).value)
+        with self.engine.connect() as connection:
+            return [Job.from_row(row) for row in connection.execute(query)]
+
+    def backlog(self, endpoint: str) -> int:
+        """Jobs waiting or running: what an async endpoint scales on (ApproximateBacklogSize)."""
+        with self.engine.connect() as connection:
+            return len(connection.execute(
+                select(jobs.c.inference_id).where(jobs.c.endpoint == endpoint, jobs.c.status.not_in(ENDED))
+            ).all())
+
+    def lease(self, endpoint: str, owner: str, count: int, lease_seconds: float) -> list[Job]:
+        """Up to `count` of the endpoint's jobs, oldest first: pending ones, and running ones whose worker's lease
+        ran out. Each taken job counts an attempt."""
+        if count <= 0:
+            return []
+        now = time.time()
+        takeable = (jobs.c.endpoint == endpoint) & (
+            (jobs.c.status == JobStatus.PENDING.value)
+            | ((jobs.c.status == JobStatus.IN_PROGRESS.value) & (jobs.c.lease_until < now))
+        )
+        with self.engine.begin() as connection:
+            ids = connection.execute(select(jobs.c.inference_id).where(takeable).order_by(jobs.c.created).limit(count)).scalars().all()
+            taken = []
+            for inference_id in ids:
+                claimed = connection.execute(
+                    update(jobs).where(takeable, jobs.c.inference_id == inference_id).values(
+                        status=JobStatus.IN_PROGRESS.value, lease_owner=owner, lease_until=now + lease_seconds,
+                        attempts=jobs.c.attempts + 1,
+                    )
+                ).rowcount
+                if claimed:
+                    taken.append(inference_id)
+            rows = connection.execute(select(jobs).where(jobs.c.inference_id.in_(taken)).order_by(jobs.c.created)).all()
+        return [Job.from_row(row) for row in rows]
+
+    def renew(self, owner: str, inference_ids: list[str], lease_seconds: float) -> None:
+        """The worker's heartbeat: its leases last `lease_seconds` more."""
+        if not inference_ids:
+            return
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(jobs).where(jobs.c.inference_id.in_(inference_ids), jobs.c.lease_owner == owner,
+                                   jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .values(lease_until=time.time() + lease_seconds)
+            )
+
+    def release(self, owner: str, inference_id: str) -> None:
+        """Give a leased job back untouched (the gateway is closing): pending again, the attempt not counted."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(jobs).where(jobs.c.inference_id == inference_id, jobs.c.lease_owner == owner,
+                                   jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .values(status=JobStatus.PENDING.value, lease_owner=None, lease_until=None, attempts=jobs.c.attempts - 1)
+            )
+
+    def finish(self, owner: str, inference_id: str, status: JobStatus, failure_reason: str | None = None) -> bool:
+        """End a job this worker holds; False when it no longer holds it (its lease ran out and another took it)."""
+        with self.engine.begin() as connection:
+            return connection.execute(
+                update(jobs).where(jobs.c.inference_id == inference_id, jobs.c.lease_owner == owner,
+                                   jobs.c.status == JobStatus.IN_PROGRESS.value)
+                .values(status=status.value, ended=time.time(), failure_reason=failure_reason, lease_until=None)
+            ).rowcount > 0
+
+    def expire(self) -> list[Job]:
+        """Pending jobs past their TTL: expired, and returned for their failure notice."""
+        now = time.time()
+        late = (jobs.c.status == JobStatus.PENDING.value) & (jobs.c.expires < now)
+        with self.engine.begin() as connection:
+            ids = connection.execute(select(jobs.c.inference_id).where(late)).scalars().all()
+            if not ids:
+                return []
+            connection.execute(update(jobs).where(late, jobs.c.inference_id.in_(ids)).values(
+                status=JobStatus.EXPIRED.value, ended=now,
+                failure_reason="the job was not started before its RequestTTLSeconds passed",
+            ))
+            rows = connection.execute(select(jobs).where(jobs.c.inference_id.in_(ids))).all()
+        return [Job.from_row(row) for row in rows]
+
+    def unnotified(self, limit: int = 100) -> list[Job]:
+        """Ended jobs whose notification is still to be delivered (after a crash too)."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(jobs).where(jobs.c.status.in_(ENDED), jobs.c.notified.is_(False)).order_by(jobs.c.ended).limit(limit)
+            ).all()
+        return [Job.from_row(row) for row in rows]
+
+    def mark_notified(self, inference_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(update(jobs).where(jobs.c.inference_id == inference_id).values(notified=True))
+

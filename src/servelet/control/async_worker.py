@@ -1,0 +1,256 @@
+"""Async inference, the worker: runs the queue's jobs on their endpoint's instances, writes each answer to its
+output location (or the error to its failure location), and tells the endpoint's webhooks.
+
+One `AsyncWorker` per gateway, leasing jobs under an owner id of its own. Each pass (every `interval`, and at once
+when a job is accepted) it expires jobs past their TTL, leases as many of each async endpoint's jobs as its ready
+instances take (`MaxConcurrentInvocationsPerInstance` each), renews its leases (the heartbeat: a gateway killed
+mid-job leaves leases that run out, and the next gateway's worker takes those jobs again) and delivers pending
+notifications. A job retried after its output was already written (the worker died between writing and recording
+it) is completed without running the model again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+import httpx
+
+from .. import objects
+from ..errors import GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable
+from .async_queue import Job, JobQueue, JobStatus
+from .invocation import Invocation
+from .loop import ControlLoop
+from .resources import AsyncInferenceConfig, EndpointStatus
+from .router import Router
+from .store import Store
+
+log = logging.getLogger("servelet.async")
+
+LEASE_SECONDS = 30.0  # the default: renewed every pass, a lease outlives its worker by at most this
+NOTIFY_ATTEMPTS = 5
+NOTIFY_TIMEOUT_S = 10.0
+# Refusals that say "not now" rather than "never": the job goes back to the queue and is tried again.
+NOT_NOW = (ModelNotReady, Overloaded, Unavailable)
+
+
+class AsyncWorker(ControlLoop):
+    """Runs async jobs; `configs()` gives the async endpoints in service and their AsyncInferenceConfig."""
+
+    doing = "running async inference jobs"
+
+    def __init__(
+        self, queue: JobQueue, router: Router, configs: Callable[[], dict[str, AsyncInferenceConfig]],
+        max_input_bytes: int, lease_seconds: float = LEASE_SECONDS, interval: float = 0.5,
+    ):
+        self.queue = queue
+        self.lease_seconds = lease_seconds
+        self.router = router
+        self.configs = configs
+        self.max_input_bytes = max_input_bytes
+        self.interval = interval
+        self.owner = f"gateway-{uuid.uuid4()}"
+        self.running: dict[str, asyncio.Task] = {}  # by InferenceId
+        self._running_for: dict[str, str] = {}  # InferenceId -> endpoint
+        self._notifying: dict[str, asyncio.Task] = {}
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """A job was accepted: run a pass now rather than at the next interval."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval)
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.tick()
+            except Exception:  # noqa: BLE001 - one bad pass must not end the loop
+                log.exception("%s failed; trying again in %g s", self.doing, self.interval)
+
+    async def tick(self) -> None:
+        await asyncio.to_thread(self.queue.expire)
+        configs = await asyncio.to_thread(self.configs)
+        for endpoint, config in configs.items():
+            await self._lease(endpoint, config)
+        await asyncio.to_thread(self.queue.renew, self.owner, list(self.running), self.lease_seconds)
+        await self._notify(configs)
+
+    async def _lease(self, endpoint: str, config: AsyncInferenceConfig) -> None:
+        # With no ready instance, one job still goes: invoking a variant at zero starts its instance.
+        ready = max(self._ready_instances(endpoint), 1)
+        room = ready * config.concurrency_per_instance - sum(1 for e in self._running_for.values() if e == endpoint)
+        if room <= 0:
+            return
+        for job in await asyncio.to_thread(self.queue.lease, endpoint, self.owner, room, self.lease_seconds):
+            self._running_for[job.inference_id] = endpoint
+            self.running[job.inference_id] = asyncio.create_task(self._run_job(job))
+
+    def _ready_instances(self, endpoint: str) -> int:
+        running = self.router.fleet.endpoints.get(endpoint)
+        return sum(len(v.ready_instances()) for v in running.variants) if running is not None else 0
+
+    async def _run_job(self, job: Job) -> None:
+        try:
+            await self._answer(job)
+        except asyncio.CancelledError:
+            await asyncio.shield(asyncio.to_thread(self.queue.release, self.owner, job.inference_id))
+            raise
+        except Exception as exc:  # noqa: BLE001 - a job that breaks the worker's own code fails, loudly, alone
+            log.exception("async job %s failed in the worker", job.inference_id)
+            await self._fail(job, f"servelet could not run the job: {type(exc).__name__}: {exc}")
+        finally:
+            self.running.pop(job.inference_id, None)
+            self._running_for.pop(job.inference_id, None)
+
+    async def _answer(self, job: Job) -> None:
+        if job.attempts > 1 and await objects.exists(job.output_location):
+            log.info("async job %s: its output was written before its worker stopped; completing it", job.inference_id)
+            await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.COMPLETED)
+            return
+        try:
+            body = job.inline_body if job.input_location is None else await self._read_input(job.input_location)
+        except objects.ObjectStoreError as exc:
+            await self._fail(job, f"the input could not be read: {exc}")
+            return
+        invocation = Invocation(
+            endpoint=job.endpoint, body=body, content_type=job.content_type or "application/json", accept=job.accept,
+            custom_attributes=job.custom_attributes, inference_id=job.inference_id,
+        )
+        try:
+            async with asyncio.timeout(job.invocation_timeout):
+                answer = await self.router.invoke(invocation)
+        except TimeoutError:
+            await self._fail(job, f"the model did not answer within InvocationTimeoutSeconds ({job.invocation_timeout} s)")
+            return
+        except NOT_NOW as exc:
+            log.info("async job %s goes back to the queue: %s", job.inference_id, exc.message)
+            await asyncio.to_thread(self.queue.release, self.owner, job.inference_id)
+            return
+        except GatewayError as exc:
+            await self._fail(job, _model_failure(exc), exc)
+            return
+        await objects.write_bytes(job.output_location, answer.body, answer.content_type)
+        if await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.COMPLETED):
+            log.info("async job %s completed: %s", job.inference_id, job.output_location)
+
+    async def _read_input(self, location: str) -> bytes:
+        size = await objects.size(location)
+        if size > self.max_input_bytes:
+            raise objects.ObjectStoreError(
+                f"{location} has {size:,} bytes; async inputs may have {self.max_input_bytes:,} "
+                "(SERVELET_ASYNC_MAX_INPUT_BYTES)"
+            )
+        return b"".join([chunk async for chunk in objects.read_chunks(location)])
+
+    async def _fail(self, job: Job, reason: str, error: GatewayError | None = None) -> None:
+        """Record the failure, and write it to the failure location when the endpoint has one."""
+        if job.failure_location:
+            body = json.dumps({"InferenceId": job.inference_id, "ErrorMessage": reason}
+                              | ({"OriginalStatusCode": error.original_status} if isinstance(error, ModelFailed) else {}))
+            try:
+                await objects.write_bytes(job.failure_location, body.encode(), "application/json")
+            except objects.ObjectStoreError as exc:
+                reason += f" (and the failure location could not be written: {exc})"
+        if await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.FAILED, reason):
+            log.warning("async job %s failed: %s", job.inference_id, reason)
+
+    # -- notifications --------------------------------------------------------------------------------------
+    async def _notify(self, configs: dict[str, AsyncInferenceConfig]) -> None:
+        for job in await asyncio.to_thread(self.queue.unnotified):
+            if job.inference_id in self._notifying:
+                continue
+            config = configs.get(job.endpoint)
+            notification = config.output_config.notification_config if config else None
+            url = None
+            if notification is not None:
+                url = notification.success_topic if job.status == JobStatus.COMPLETED.value else notification.error_topic
+            if url is None:
+                await asyncio.to_thread(self.queue.mark_notified, job.inference_id)
+                continue
+            task = asyncio.create_task(self._deliver(job, url))
+            self._notifying[job.inference_id] = task
+            task.add_done_callback(lambda _, i=job.inference_id: self._notifying.pop(i, None))
+
+    async def _deliver(self, job: Job, url: str) -> None:
+        """POST the job's outcome, as SageMaker publishes it to SNS; retried with backoff, then given up (logged)."""
+        delay = 1.0
+        async with httpx.AsyncClient(timeout=NOTIFY_TIMEOUT_S) as client:
+            for attempt in range(1, NOTIFY_ATTEMPTS + 1):
+                try:
+                    response = await client.post(url, json=notification_body(job))
+                    if response.status_code < 300:
+                        break
+                    problem = f"answered {response.status_code}"
+                except httpx.HTTPError as exc:
+                    problem = f"{type(exc).__name__}: {exc}"
+                if attempt == NOTIFY_ATTEMPTS:
+                    log.warning("async job %s: webhook %s not told after %d attempts (%s); giving up",
+                                job.inference_id, url, attempt, problem)
+                    break
+                await asyncio.sleep(delay)
+                delay *= 2
+        await asyncio.to_thread(self.queue.mark_notified, job.inference_id)
+
+    async def close(self) -> None:
+        """Stop: jobs in progress go back to the queue (the next gateway runs them), nothing half-done is kept."""
+        await super().close()
+        tasks = list(self.running.values()) + list(self._notifying.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def async_endpoints(store: Store) -> dict[str, AsyncInferenceConfig]:
+    """The endpoints serving (in service, or updating) whose endpoint config has an AsyncInferenceConfig."""
+    found = {}
+    for status in (EndpointStatus.IN_SERVICE, EndpointStatus.UPDATING):
+        for record in store.list_endpoints(status=status):
+            spec = store.get_endpoint_config(record.endpoint_config_name)
+            if spec is not None and spec.async_config is not None:
+                found[record.endpoint_name] = spec.async_config
+    return found
+
+
+def _model_failure(error: GatewayError) -> str:
+    if isinstance(error, ModelFailed):
+        return f"the model answered {error.original_status}: {error.message}"
+    return error.message
+
+
+def notification_body(job: Job) -> dict:
+    """SageMaker's async notification message (what its SNS topics carry), for a webhook."""
+    completed = job.status == JobStatus.COMPLETED.value
+    body = {
+        "awsRegion": "local",
+        "eventTime": _iso(job.ended or time.time()),
+        "receivedTime": _iso(job.created),
+        "invocationStatus": job.status,
+        "requestParameters": {
+            "contentType": job.content_type, "endpointName": job.endpoint,
+            "inputLocation": job.input_location or "(sent with the request)",
+        },
+        "inferenceId": job.inference_id,
+        "eventVersion": "1.0",
+        "eventSource": "aws:sagemaker",
+        "eventName": "InferenceResult" if completed else "InferenceFailed",
+    }
+    if completed:
+        body["responseParameters"] = {"contentType": job.accept or job.content_type, "outputLocation": job.output_location}
+    else:
+        body["failureReason"] = job.failure_reason
+        if job.failure_location:
+            body["responseParameters"] = {"failureLocation": job.failure_location}
+    return body
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
