@@ -54,7 +54,7 @@ def webhook():
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, model_path, s3_server):
-    env = s3_server.env | {"SERVELET_INSTANCES": "0", "SERVELET_THREADS": "2"}
+    env = s3_server.env | {"SERVELET_INSTANCES": "0", "SERVELET_THREADS": "2", "SERVELET_AUTOSCALE_INTERVAL": "0.5"}
     running = start_gateway(tmp_path_factory.mktemp("async"), env=env, ready=None)
     yield running
     stop_process(running.process)
@@ -167,6 +167,45 @@ def test_bad_requests_are_refused_naming_what_is_wrong(gateway, answering):
     with pytest.raises(ClientError) as unknown:
         client.invoke_endpoint_async(EndpointName="nowhere", Body=b"{}")
     assert "not found" in unknown.value.response["Error"]["Message"]
+
+
+def test_an_async_endpoint_scales_to_zero_on_an_empty_queue_and_starts_when_work_arrives(gateway, tmp_path):
+    name = create_async_endpoint(gateway, "elastic", f"file://{tmp_path}/out")
+    scaling = boto("application-autoscaling", gateway.base_url)
+    resource = f"endpoint/{name}/variant/AllTraffic"
+    scaling.register_scalable_target(ServiceNamespace="sagemaker", ResourceId=resource, MinCapacity=0, MaxCapacity=2,
+                                     ScalableDimension="sagemaker:variant:DesiredInstanceCount")
+    scaling.put_scaling_policy(
+        PolicyName="backlog", ServiceNamespace="sagemaker", ResourceId=resource, PolicyType="TargetTrackingScaling",
+        ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+        TargetTrackingScalingPolicyConfiguration={
+            "TargetValue": 5.0, "ScaleInCooldown": 1, "ScaleOutCooldown": 1,
+            "CustomizedMetricSpecification": {
+                "MetricName": "ApproximateBacklogSizePerInstance", "Namespace": "AWS/SageMaker", "Statistic": "Average",
+                "Dimensions": [{"Name": "EndpointName", "Value": name}],
+            },
+        },
+    )
+    policy = scaling.describe_scaling_policies(ServiceNamespace="sagemaker", ResourceId=resource)["ScalingPolicies"][0]
+    metric = policy["TargetTrackingScalingPolicyConfiguration"]["CustomizedMetricSpecification"]
+    assert metric["MetricName"] == "ApproximateBacklogSizePerInstance"
+
+    def instances() -> int:
+        return gateway.http(timeout=10).get("/health").json()["endpoints"][name]["variants"]["AllTraffic"]["instances"]
+
+    assert wait_for(lambda: instances() == 0, 60)  # nothing queued: down to MinCapacity 0
+    accepted = runtime(gateway).invoke_endpoint_async(EndpointName=name, Body=json.dumps(PROMPT).encode(),
+                                                      ContentType="application/json")
+    assert wait_for(lambda: (tmp_path / "out" / f"{accepted['InferenceId']}.out").exists(), 120)
+
+    with pytest.raises(ClientError) as unknown_metric:
+        scaling.put_scaling_policy(
+            PolicyName="other", ServiceNamespace="sagemaker", ResourceId=resource, PolicyType="TargetTrackingScaling",
+            ScalableDimension="sagemaker:variant:DesiredInstanceCount",
+            TargetTrackingScalingPolicyConfiguration={"TargetValue": 1.0, "CustomizedMetricSpecification": {
+                "MetricName": "CPUUtilization", "Namespace": "AWS/SageMaker", "Statistic": "Average"}},
+        )
+    assert "ApproximateBacklogSizePerInstance" in unknown_metric.value.response["Error"]["Message"]
 
 
 def test_no_accepted_job_is_lost_and_none_is_written_twice_when_the_gateway_is_killed(tmp_path_factory, model_path):

@@ -16,7 +16,7 @@ import time
 import uuid
 from dataclasses import dataclass, fields
 
-from sqlalchemy import Boolean, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, select, update
+from sqlalchemy import Boolean, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, func, select, update
 from sqlalchemy.engine import Engine
 
 from .store import Store, upsert
@@ -126,9 +126,9 @@ class JobQueue:
     def backlog(self, endpoint: str) -> int:
         """Jobs waiting or running: what an async endpoint scales on (ApproximateBacklogSize)."""
         with self.engine.connect() as connection:
-            return len(connection.execute(
-                select(jobs.c.inference_id).where(jobs.c.endpoint == endpoint, jobs.c.status.not_in(ENDED))
-            ).all())
+            return connection.execute(
+                select(func.count()).select_from(jobs).where(jobs.c.endpoint == endpoint, jobs.c.status.not_in(ENDED))
+            ).scalar_one()
 
     def lease(self, endpoint: str, owner: str, count: int, lease_seconds: float) -> list[Job]:
         """Up to `count` of the endpoint's jobs, oldest first: pending ones, and running ones whose worker's lease

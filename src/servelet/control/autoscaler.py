@@ -8,6 +8,7 @@ The loop, every `interval` seconds, per variant with a policy:
 
     metric   concurrency: requests in flight per ready instance, averaged over the last `window` seconds
              invocations: requests answered in the last 60 s per ready instance
+             backlog: an async endpoint's jobs waiting or running (the queue's), per ready instance
     desired  ceil(instances x metric / target), within [min, max]
     out      when desired > instances, at most once per ScaleOutCooldown, straight to desired
     in       when desired < instances, one instance at a time, at most once per ScaleInCooldown after any
@@ -30,12 +31,14 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from ..errors import GatewayError, ResourceInvalid, ResourceMissing
 from .endpoints import Fleet
 from .loop import ControlLoop
 from .resources import (
+    BACKLOG,
     CONCURRENCY,  # noqa: F401 - config.py and the autoscaling API name the metrics here
     INVOCATIONS,
     MAX_INSTANCES_PER_VARIANT,
@@ -116,6 +119,8 @@ class Autoscaler(ControlLoop):
         self, store: Store, fleet: Fleet, updates: Updates, interval: float = 5.0, report: ScalingReport | None = None,
     ):
         self.store = store
+        # An async endpoint's queue length (jobs waiting or running), told by whoever runs the queue.
+        self.backlog: Callable[[str], int] = lambda _endpoint: 0
         self.fleet = fleet
         self.updates = updates
         self.report = report or Unreported()
@@ -232,13 +237,15 @@ class Autoscaler(ControlLoop):
             return None
         if target.policy.metric == INVOCATIONS:
             return variant.served.count / len(variant.ready_instances())
+        if target.policy.metric == BACKLOG:
+            return self.backlog(target.endpoint_name) / len(variant.ready_instances())
         samples = self._samples.get((target.endpoint_name, target.variant_name))
         recent = [value for moment, value in samples or () if moment >= time.monotonic() - self.window]
         return sum(recent) / len(recent) if recent else None
 
     def peak(self, target: ScalableTarget, seconds: float) -> float | None:
-        """The highest concurrency sampled over the last `seconds` (invocations: the per-minute count itself)."""
-        if target.policy.metric == INVOCATIONS:
+        """The highest concurrency sampled over the last `seconds` (invocations and backlog: their value now)."""
+        if target.policy.metric in (INVOCATIONS, BACKLOG):
             return self.measure(target)
         samples = self._samples.get((target.endpoint_name, target.variant_name))
         values = [value for moment, value in samples or () if moment >= time.monotonic() - seconds]

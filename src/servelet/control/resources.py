@@ -429,7 +429,13 @@ class UsageDay(Resource):
 # Autoscaling: Application Auto Scaling's shapes for SageMaker variants, one stored row per variant.
 CONCURRENCY = "SageMakerVariantConcurrentRequestsPerModelHighResolution"
 INVOCATIONS = "SageMakerVariantInvocationsPerInstance"
-METRICS = {CONCURRENCY: "concurrent requests per instance", INVOCATIONS: "invocations per instance per minute"}
+BACKLOG = "ApproximateBacklogSizePerInstance"  # a CloudWatch metric SageMaker publishes for async endpoints
+METRICS = {
+    CONCURRENCY: "concurrent requests per instance", INVOCATIONS: "invocations per instance per minute",
+    BACKLOG: "async jobs waiting or running per instance",
+}
+# Metrics a policy names in a CustomizedMetricSpecification, as SageMaker's async users register them.
+CUSTOMIZED_METRICS = (BACKLOG,)
 DEFAULT_COOLDOWN_S = 300  # Application Auto Scaling's default for SageMaker variants
 
 
@@ -452,7 +458,7 @@ class ScalingPolicy(Resource):
     def _known_metric(self):
         if self.metric not in METRICS:
             known = ", ".join(f"{m} ({what})" for m, what in METRICS.items())
-            raise ValueError(f"PredefinedMetricType {self.metric!r} is not one servelet measures; use {known}")
+            raise ValueError(f"metric {self.metric!r} is not one servelet measures; use {known}")
         return self
 
 

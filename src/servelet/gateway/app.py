@@ -70,6 +70,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)
     router.catalog = Catalog(plane)
     jobs = JobQueue(store)
+    plane.autoscaler.backlog = jobs.backlog
     async_worker = AsyncWorker(
         jobs, router, lambda: async_endpoints(store), settings.async_max_input_bytes, settings.async_lease_seconds
     )

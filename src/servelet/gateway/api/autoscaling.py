@@ -21,7 +21,7 @@ from ...control.autoscaler import (
     target_errors,
 )
 from ...control.plane import ControlPlane
-from ...control.resources import Resource
+from ...control.resources import CUSTOMIZED_METRICS, Resource
 from .sagemaker_control import Operation, epoch, invalid, operation
 
 TARGET_PREFIX = "AnyScaleFrontendService."
@@ -139,16 +139,42 @@ async def put_scaling_policy(plane: ControlPlane, body: dict) -> dict:
         raise invalid(f"PolicyType {args.policy_type!r} is not supported: servelet runs TargetTrackingScaling policies")
     if config is None:
         raise invalid("TargetTrackingScalingPolicyConfiguration: required for a TargetTrackingScaling policy")
-    if config.customized_metric_specification is not None or config.predefined_metric_specification is None:
-        raise invalid("TargetTrackingScalingPolicyConfiguration: give a PredefinedMetricSpecification (customized "
-                      "CloudWatch metrics do not exist here)")
     policy = ScalingPolicy(
-        policy_name=args.policy_name, metric=config.predefined_metric_specification.predefined_metric_type,
+        policy_name=args.policy_name, metric=policy_metric(config, endpoint),
         target_value=config.target_value, scale_out_cooldown=config.scale_out_cooldown,
         scale_in_cooldown=config.scale_in_cooldown, disable_scale_in=config.disable_scale_in,
     )
     target = await plane.autoscaler.put_policy(endpoint, variant, policy)
     return {"PolicyARN": policy_arn(target), "Alarms": []}
+
+
+def policy_metric(config, endpoint: str) -> str:
+    """A predefined metric, or the one customized metric servelet measures: an async endpoint's backlog, named as
+    SageMaker's users name it (MetricName ApproximateBacklogSizePerInstance, Dimensions EndpointName)."""
+    customized, predefined = config.customized_metric_specification, config.predefined_metric_specification
+    if (customized is None) == (predefined is None):
+        raise invalid("TargetTrackingScalingPolicyConfiguration: give one PredefinedMetricSpecification or one "
+                      f"CustomizedMetricSpecification (servelet measures {', '.join(CUSTOMIZED_METRICS)} of the latter)")
+    if predefined is not None:
+        return predefined.predefined_metric_type
+    name = customized.get("MetricName")
+    if name not in CUSTOMIZED_METRICS:
+        raise invalid(f"CustomizedMetricSpecification.MetricName {name!r}: servelet measures only "
+                      f"{', '.join(CUSTOMIZED_METRICS)} (CloudWatch metrics do not exist here)")
+    named = {d.get("Name"): d.get("Value") for d in customized.get("Dimensions", [])}
+    if named.get("EndpointName", endpoint) != endpoint:
+        raise invalid(f"CustomizedMetricSpecification.Dimensions: EndpointName {named['EndpointName']!r} is not the "
+                      f"policy's endpoint {endpoint!r}")
+    return name
+
+
+def metric_wire(metric: str, endpoint: str) -> dict:
+    if metric in CUSTOMIZED_METRICS:
+        return {"CustomizedMetricSpecification": {
+            "MetricName": metric, "Namespace": "AWS/SageMaker", "Statistic": "Average",
+            "Dimensions": [{"Name": "EndpointName", "Value": endpoint}],
+        }}
+    return {"PredefinedMetricSpecification": {"PredefinedMetricType": metric}}
 
 
 @register("DescribeScalableTargets", DescribeInput)
@@ -169,7 +195,7 @@ def policy_wire(target: ScalableTarget) -> dict:
         "PolicyARN": policy_arn(target), "PolicyName": policy.policy_name, "PolicyType": "TargetTrackingScaling",
         "TargetTrackingScalingPolicyConfiguration": {
             "TargetValue": policy.target_value,
-            "PredefinedMetricSpecification": {"PredefinedMetricType": policy.metric},
+            **metric_wire(policy.metric, target.endpoint_name),
             "ScaleOutCooldown": policy.scale_out_cooldown, "ScaleInCooldown": policy.scale_in_cooldown,
             "DisableScaleIn": policy.disable_scale_in,
         },
