@@ -1,0 +1,380 @@
+"""Async inference, the queue itself: invocations accepted per second, the 202's latency, and jobs through the queue.
+
+Why: an async endpoint is only as good as its queue: every `InvokeEndpointAsync` is a row written to the store before
+the 202 goes out, so the store (SQLite by default, PostgreSQL by SERVELET_DATABASE_URL) sets how many jobs a gateway
+takes in and how long a client waits for its 202 (issue 15: >= 1,000 jobs/s through the queue, enqueue p99 <= 10 ms).
+
+Per store: one `servelet serve --instances 0` (its own run and data folders) with one async endpoint of a trivial
+handler model (`transform_fn` echoes the body: the model costs nothing, the queue is what is measured), outputs to a
+`file://` folder. N invocations with small inline bodies are POSTed to `/endpoints/NAME/async-invocations` (what
+botocore's `invoke_endpoint_async` sends) by K concurrent clients (httpx.AsyncClient, one connection each: cheaper
+than boto3, so the client takes less of the cores from the gateway). Measured:
+- accepted/s: N / the wall time of the submitting phase; the 202 round trip's p50 and p99 per request;
+- through the queue: N / the time from the first request to the last output file (jobs completed end to end);
+- where the time goes: the same POST to an endpoint that does not exist (answered 400 before the store is touched:
+  the HTTP stack's and this client's own ceiling on this machine), and `JobQueue.enqueue` called in this process on
+  a fresh database of the same kind (the store's own ceiling, no HTTP).
+PostgreSQL is a private server started here (as tests/postgres.py starts one, but with fsync on: the queue is
+durable), or skipped with the reason printed when none is installed.
+
+    python bench/async_queue.py [--jobs 5000] [--clients 32] [--stores sqlite,postgres] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import textwrap
+import time
+import uuid
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import httpx
+from botocore.exceptions import WaiterError
+
+import engine as engine_bench  # bench/engine.py: free ports, server processes, markdown tables
+from cold_start import Gateway
+from machine import describe as describe_machine
+from machine import machine
+from servelet.control.async_queue import Job, JobQueue, JobStatus
+from servelet.control.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import postgres as test_postgres  # noqa: E402  tests/postgres.py: finds the installed server, runs a private one
+
+ENDPOINT = "echo"
+PER_INSTANCE = 32  # MaxConcurrentInvocationsPerInstance
+STORES = ("sqlite", "postgres")
+ACCEPTED_TARGET = 1_000.0  # issue 15: jobs/s through the queue on the default SQLite store...
+ENQUEUE_P99_TARGET_MS = 10.0  # ...and the enqueue's p99
+IN_SERVICE_WAIT = {"Delay": 1, "MaxAttempts": 120}
+DRAIN_SECONDS = 300.0  # bound on waiting for every output
+ECHO = '''
+def model_fn(model_dir):
+    return None
+
+def transform_fn(model, body, content_type, accept):
+    return body, content_type
+'''
+
+
+# -- the handler model, the gateway and its async endpoint (bench/async_crash.py uses these too) -------------------
+
+
+def handler_model(folder: Path, script: str) -> Path:
+    """A SageMaker model folder whose `code/inference.py` is `script`: a handler model, no weights."""
+    code = folder / "code"
+    code.mkdir(parents=True)
+    (code / "inference.py").write_text(textwrap.dedent(script))
+    return folder
+
+
+def serve_command(port: int) -> list[str]:
+    return [str(Path(sys.executable).with_name("servelet")), "serve", "--port", str(port), "--instances", "0"]
+
+
+def gateway_env(folder: Path, database_url: str | None, **settings: str) -> dict[str, str]:
+    """The gateway's environment: the run folder `folder`, the data folder in it, the store at `database_url`
+    (None: SQLite in the data folder), and any other SERVELET_ settings."""
+    env = os.environ | {"SERVELET_RUN_DIR": str(folder), "SERVELET_DATA_DIR": str(folder / "data")}
+    env.pop("SERVELET_DATABASE_URL", None)
+    if database_url:
+        env["SERVELET_DATABASE_URL"] = database_url
+    return env | {f"SERVELET_{name.upper()}": value for name, value in settings.items()}
+
+
+@contextmanager
+def gateway(folder: Path, database_url: str | None) -> Iterator[Gateway]:
+    """`servelet serve --instances 0` on the store at `database_url`, its log in `folder`/gateway.log."""
+    folder.mkdir(parents=True)
+    port = engine_bench.free_port()
+    log_path = folder / "gateway.log"
+    env = gateway_env(folder, database_url)
+    with log_path.open("w+b") as log, engine_bench.running(serve_command(port), env=env, stdout=log,
+                                                           stderr=log) as process:
+        engine_bench.wait_until_healthy(process, f"http://127.0.0.1:{port}/health", log)
+        yield Gateway(f"http://127.0.0.1:{port}", log_path)
+
+
+def create_async_endpoint(gw: Gateway, name: str, model: Path, outputs: Path, per_instance: int) -> None:
+    """An async endpoint of the handler model, one instance, its outputs in `outputs`; waited for InService."""
+    sagemaker = gw.client("sagemaker")
+    sagemaker.create_model(ModelName=name, PrimaryContainer={"ModelDataUrl": str(model)},
+                           ExecutionRoleArn="arn:aws:iam::1:role/x")
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1}],
+        AsyncInferenceConfig={"OutputConfig": {"S3OutputPath": f"file://{outputs}"},
+                              "ClientConfig": {"MaxConcurrentInvocationsPerInstance": per_instance}},
+    )
+    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    try:
+        sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=name, WaiterConfig=IN_SERVICE_WAIT)
+    except WaiterError:
+        reason = sagemaker.describe_endpoint(EndpointName=name).get("FailureReason", "no reason given")
+        raise RuntimeError(f"endpoint {name} did not come into service: {reason} (log: {gw.log_path})") from None
+
+
+def async_headers(inference_id: str) -> dict[str, str]:
+    """The headers botocore's invoke_endpoint_async sends with an inline body and an InferenceId."""
+    return {"X-Amzn-SageMaker-Content-Type": "application/json", "X-Amzn-SageMaker-Inference-Id": inference_id}
+
+
+def outputs_written(folder: Path) -> int:
+    """Output files in the folder (the atomic writes' hidden `.partial` files are not outputs)."""
+    try:
+        return sum(1 for entry in os.scandir(folder) if entry.name.endswith(".out") and not entry.name.startswith("."))
+    except FileNotFoundError:
+        return 0
+
+
+def p99(values: list[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------------------
+
+
+class DurableCluster(test_postgres.PostgresCluster):
+    """tests/postgres.py's private server, but with fsync on: a benchmark of a durable queue must pay for it."""
+
+    def start(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--locale=C", "-E", "UTF8")
+        options = f"-k {self.base} -p {self.port} -c listen_addresses='' -c max_connections=200"
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options, "-w", "-t", "60", "start")
+
+
+def postgres_problem() -> str | None:
+    """Why no PostgreSQL server can be started here, or None."""
+    if test_postgres._postgres_bin() is None:
+        return test_postgres.INSTALL_HINT
+    if os.geteuid() == 0 and (shutil.which("runuser") is None or not test_postgres._has_user("postgres")):
+        return f"{test_postgres.INSTALL_HINT}: running as root needs the `postgres` user and `runuser`"
+    return None
+
+
+@contextmanager
+def postgres_cluster() -> Iterator[DurableCluster]:
+    cluster = DurableCluster(test_postgres._postgres_bin())
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+# -- the load --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Load:
+    requests: int
+    clients: int
+    wall_s: float
+    per_s: float
+    p50_ms: float
+    p99_ms: float
+    statuses: dict[str, int]
+
+
+async def post_all(url: str, count: int, clients: int, body: bytes, expect: int) -> tuple[float, list[float], dict]:
+    """`count` POSTs of `body` to `url` by `clients` concurrent clients: the wall time, each request's seconds, and
+    the answers' status codes counted (any status but `expect` is named in the table)."""
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    left = iter(range(count))
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def client(http: httpx.AsyncClient) -> None:
+        for _ in left:
+            began = time.perf_counter()
+            answer = await http.post(url, content=body, headers=async_headers(str(uuid.uuid4())))
+            latencies.append(time.perf_counter() - began)
+            statuses[str(answer.status_code)] = statuses.get(str(answer.status_code), 0) + 1
+
+    async with httpx.AsyncClient(limits=limits, timeout=60) as http:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - began
+    if set(statuses) != {str(expect)}:
+        print(f"  answers to {url}: {statuses} (expected only {expect})", flush=True)
+    return wall, latencies, statuses
+
+
+def load(url: str, count: int, clients: int, expect: int) -> Load:
+    wall, latencies, statuses = asyncio.run(post_all(url, count, clients, b'{"inputs": "hello"}', expect))
+    ms = [s * 1000 for s in latencies]
+    return Load(count, clients, wall, count / wall, statistics.median(ms), p99(ms), statuses)
+
+
+def drain_seconds(outputs: Path, count: int, began: float) -> float | None:
+    """Seconds from `began` (perf_counter) until `count` outputs exist; None when they do not within the bound."""
+    deadline = time.monotonic() + DRAIN_SECONDS
+    while outputs_written(outputs) < count:
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.02)
+    return time.perf_counter() - began
+
+
+def enqueue_in_process(url: str, count: int) -> Load:
+    """`JobQueue.enqueue` called `count` times here, one after another, on a fresh database: the store's ceiling."""
+    store = Store(url)
+    queue, latencies = JobQueue(store), []
+    began = time.perf_counter()
+    for _ in range(count):
+        job = Job(inference_id=str(uuid.uuid4()), endpoint=ENDPOINT, status=JobStatus.PENDING.value,
+                  created=time.time(), expires=time.time() + 3600, invocation_timeout=900,
+                  inline_body=b'{"inputs": "hello"}', content_type="application/json", output_location="file:///tmp/unused.out")
+        start = time.perf_counter()
+        queue.enqueue(job)
+        latencies.append((time.perf_counter() - start) * 1000)
+    wall = time.perf_counter() - began
+    store.close()
+    return Load(count, 1, wall, count / wall, statistics.median(latencies), p99(latencies), {})
+
+
+# -- one store ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StoreRun:
+    store: str
+    accepted: Load
+    completed_per_s: float | None  # N / first request -> last output; None: not all outputs within DRAIN_SECONDS
+    http_ceiling: Load  # the same POST to an endpoint that does not exist: 400 before the store is touched
+    store_ceiling: Load  # JobQueue.enqueue in this process, no HTTP
+
+
+def run_store(kind: str, folder: Path, urls: tuple[str | None, str], jobs: int, clients: int) -> StoreRun:
+    """The whole measurement on one store: `urls` = (the gateway's database URL, a fresh one for the in-process run)."""
+    model = handler_model(folder / "model", ECHO)
+    outputs = folder / "out"
+    with gateway(folder / "gateway", urls[0]) as gw:
+        create_async_endpoint(gw, ENDPOINT, model, outputs, PER_INSTANCE)
+        warm = min(50, jobs)
+        load(f"{gw.base_url}/endpoints/{ENDPOINT}/async-invocations", warm, clients, 202)
+        if drain_seconds(outputs, warm, time.perf_counter()) is None:
+            raise RuntimeError(f"{kind}: the warm-up's {warm} jobs did not complete within {DRAIN_SECONDS:g} s")
+        ceiling = load(f"{gw.base_url}/endpoints/no-such-endpoint/async-invocations", jobs, clients, 400)
+        began = time.perf_counter()
+        accepted = load(f"{gw.base_url}/endpoints/{ENDPOINT}/async-invocations", jobs, clients, 202)
+        through = drain_seconds(outputs, warm + jobs, began)
+    store_ceiling = enqueue_in_process(urls[1], jobs)
+    result = StoreRun(kind, accepted, jobs / through if through else None, ceiling, store_ceiling)
+    print(f"  {kind}: accepted {accepted.per_s:.0f}/s (p50 {accepted.p50_ms:.1f} ms, p99 {accepted.p99_ms:.1f} ms), "
+          f"through the queue {'-' if through is None else f'{result.completed_per_s:.0f}/s'}; HTTP ceiling "
+          f"{ceiling.per_s:.0f}/s, store alone {store_ceiling.per_s:.0f}/s", flush=True)
+    return result
+
+
+def sqlite_urls(folder: Path) -> tuple[None, str]:
+    return None, Store.default_url(folder / "in-process")
+
+
+@contextmanager
+def store_urls(kind: str, folder: Path, stack: ExitStack) -> Iterator[tuple[str | None, str] | None]:
+    """The two database URLs of a store kind (gateway, in-process run); None (reason printed) when it cannot run."""
+    if kind == "sqlite":
+        yield sqlite_urls(folder)
+        return
+    problem = postgres_problem()
+    if problem:
+        print(f"  postgres: skipped: {problem}", flush=True)
+        yield None
+        return
+    cluster = stack.enter_context(postgres_cluster())
+    yield test_postgres.new_database(cluster)[1], test_postgres.new_database(cluster)[1]
+
+
+# -- the report ----------------------------------------------------------------------------------------------------
+
+
+def met(ok: bool | None) -> str:
+    return "not measured" if ok is None else "met" if ok else "NOT met"
+
+
+def results_table(runs: list[StoreRun]) -> str:
+    rows = []
+    for r in runs:
+        a = r.accepted
+        through = "-" if r.completed_per_s is None else f"{r.completed_per_s:.0f}"
+        rows.append([r.store, str(a.requests), str(a.clients), f"{a.per_s:.0f}", f"{a.p50_ms:.1f}", f"{a.p99_ms:.1f}",
+                     through, f"{r.http_ceiling.per_s:.0f}", f"{r.http_ceiling.p99_ms:.1f}",
+                     f"{r.store_ceiling.per_s:.0f}", f"{r.store_ceiling.p99_ms:.2f}"])
+    header = ["store", "jobs", "clients", "accepted/s", "202 p50 (ms)", "202 p99 (ms)", "completed/s end to end",
+              "HTTP ceiling req/s (400, no store)", "HTTP ceiling p99 (ms)", "enqueue alone/s (no HTTP)",
+              "enqueue alone p99 (ms)"]
+    return engine_bench.markdown(header, rows)
+
+
+def targets(run: StoreRun) -> dict[str, bool | None]:
+    through = run.completed_per_s
+    return {f"accepted >= {ACCEPTED_TARGET:,.0f}/s": run.accepted.per_s >= ACCEPTED_TARGET,
+            f"through the queue >= {ACCEPTED_TARGET:,.0f} jobs/s": through and through >= ACCEPTED_TARGET,
+            f"enqueue (202) p99 <= {ENQUEUE_P99_TARGET_MS:g} ms": run.accepted.p99_ms <= ENQUEUE_P99_TARGET_MS}
+
+
+def verdict(runs: list[StoreRun]) -> str:
+    return "\n".join(f"{r.store}: target {target}: {met(ok)}" for r in runs for target, ok in targets(r).items())
+
+
+# -- the run ---------------------------------------------------------------------------------------------------------
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {path}")
+
+
+def parse_options(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--jobs", type=int, default=5000, help="async invocations per store (N)")
+    parser.add_argument("--clients", type=int, default=32, help="concurrent clients (K)")
+    parser.add_argument("--stores", type=store_list, default=list(STORES), help=", ".join(STORES))
+    parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def store_list(text: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names or set(names) - set(STORES) or len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(STORES)}, each once")
+    return names
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = parse_options(argv)
+    signal.signal(signal.SIGTERM, engine_bench.exit_on_sigterm)
+    setup = {"jobs": options.jobs, "clients": options.clients, "per_instance": PER_INSTANCE, "machine": machine(),
+             "client": "httpx.AsyncClient, one connection per client, raw POSTs as botocore's invoke_endpoint_async",
+             "model": "handler model, transform_fn echoes the body"}
+    print(describe_machine(setup["machine"]))
+    print(f"\n{options.jobs} async invocations per store by {options.clients} concurrent clients ({setup['client']}); "
+          f"{setup['model']}; MaxConcurrentInvocationsPerInstance {PER_INSTANCE}", flush=True)
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="servelet-async-queue-") as folder, ExitStack() as stack:
+        for kind in options.stores:
+            with store_urls(kind, Path(folder) / kind, stack) as urls:
+                if urls is not None:
+                    runs.append(run_store(kind, Path(folder) / kind, urls, options.jobs, options.clients))
+    print("\n" + results_table(runs) + "\n\n" + verdict(runs))
+    if options.json:
+        write_json(options.json, {"setup": setup, "runs": [asdict(r) | {"targets": targets(r)} for r in runs]})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("interrupted; the servers started here were stopped")
