@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
@@ -553,6 +554,9 @@ def usage(
 
 
 # -- invoke -----------------------------------------------------------------------------------------------------
+ASYNC_PANEL = "Async (--async FILE)"
+
+
 @app.command()
 def invoke(
     name: Annotated[str, typer.Argument(help="The endpoint.")],
@@ -562,9 +566,42 @@ def invoke(
     content_type: Annotated[Optional[str], typer.Option(help="Send the body as is with this content type.")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Set parameters.max_new_tokens.")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they come (asks the model to stream: \"stream\": true).")] = False,
+    async_file: Annotated[Optional[Path], typer.Option(
+        "--async", help="Invoke asynchronously (InvokeEndpointAsync) with this file, sent as it is (--content-type, "
+        "default application/json): as the body up to 128,000 bytes, else uploaded to --input-location.",
+        rich_help_panel=ASYNC_PANEL)] = None,
+    input_location: Annotated[Optional[str], typer.Option(
+        help="Upload the file here first (s3://BUCKET/KEY or file:///PATH) and send its location; needed over 128,000 bytes.",
+        rich_help_panel=ASYNC_PANEL)] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait", help="Wait until the job ends, then print its output (exit 1 if it failed or expired).",
+        rich_help_panel=ASYNC_PANEL)] = False,
+    wait_timeout: Annotated[float, typer.Option(
+        help="Seconds --wait waits before giving up (the job goes on).", rich_help_panel=ASYNC_PANEL)] = 600.0,
+    inference_id: Annotated[Optional[str], typer.Option(
+        help="The job's InferenceId (default: a new UUID; sending one again gets the same job).",
+        rich_help_panel=ASYNC_PANEL)] = None,
+    ttl: Annotated[Optional[int], typer.Option(
+        help="Seconds the job may wait to start before it expires (60-21600, RequestTTLSeconds).",
+        rich_help_panel=ASYNC_PANEL)] = None,
+    timeout: Annotated[Optional[int], typer.Option(
+        help="Seconds the model may take (1-3600, InvocationTimeoutSeconds).", rich_help_panel=ASYNC_PANEL)] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the gateway's 202 answer as JSON (on stderr with --wait, whose stdout is the output).",
+        rich_help_panel=ASYNC_PANEL)] = False,
     url: Url = DEFAULT_URL,
 ) -> None:
-    """Invoke an endpoint (InvokeEndpoint) and print its answer."""
+    """Invoke an endpoint (InvokeEndpoint) and print its answer; with --async FILE, queue it (InvokeEndpointAsync)."""
+    if async_file is not None:
+        if body is not None or file is not None or stream or max_new_tokens is not None:
+            fail("--async FILE sends the file as it is: give no BODY, --file, --stream or --max-new-tokens with it", 2)
+        request = AsyncRequest(content_type or "application/json", inference_id, ttl, timeout)
+        invoke_async(url, name, async_file, request, input_location, as_json, wait_timeout if wait else None)
+        return
+    async_only = {"--input-location": input_location is not None, "--wait": wait, "--inference-id": inference_id is not None,
+                  "--ttl": ttl is not None, "--timeout": timeout is not None, "--json": as_json}
+    if any(async_only.values()):
+        fail(f"{', '.join(k for k, given in async_only.items() if given)}: only with --async FILE", 2)
     raw = read_body(body, file)
     if content_type and content_type.split(";")[0].strip() != "application/json":
         if max_new_tokens is not None or stream:
@@ -585,6 +622,161 @@ def invoke(
             sys.stdout.write(token_text(part))
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+# -- invoke --async ---------------------------------------------------------------------------------------------
+ASYNC_BODY_BYTES = 128_000  # the most an InvokeEndpointAsync request carries as its body
+JOB_ENDED = ("Completed", "Failed", "Expired")
+
+
+@dataclass
+class AsyncRequest:
+    """How the job is asked for: InvokeEndpointAsync's headers."""
+
+    content_type: str
+    inference_id: str | None
+    ttl_seconds: int | None
+    invocation_timeout_seconds: int | None
+
+
+def invoke_async(url: str, name: str, file: Path, request: AsyncRequest, input_location: str | None, as_json: bool,
+                 wait_timeout: float | None) -> None:
+    """Queue FILE for the endpoint: inline when small enough, else from where --input-location uploads it; then
+    either say where the answer will be or (wait_timeout given) wait for it and print it."""
+    size = file_size(file)
+    if input_location is None and size > ASYNC_BODY_BYTES:
+        fail(f"{file} has {size:,} bytes, more than the {ASYNC_BODY_BYTES:,} an async request may carry: "
+             "give --input-location s3://…/KEY (or file:///…) to upload it there", 2)
+    if input_location is not None:
+        check_object_uri(input_location)
+    with gateway(url) as client:
+        if input_location is None:
+            accepted = client.invoke_async(name, body=read_file(file), **asdict(request))
+        else:
+            require_async_endpoint(client, name)  # refused before the upload, not after it
+            upload(file, input_location, request.content_type)
+            accepted = client.invoke_async(name, input_location=input_location, **asdict(request))
+        show_accepted(accepted, as_json, err if wait_timeout is not None else out)
+        if wait_timeout is None:
+            return
+        ended = wait_for_job(client, accepted["InferenceId"], wait_timeout)
+    print_job_result(ended)
+
+
+def file_size(file: Path) -> int:
+    try:
+        return file.stat().st_size
+    except OSError as exc:
+        fail(f"--async {file}: {exc.strerror or exc}", 2)
+
+
+def read_file(file: Path) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        fail(f"--async {file}: {exc.strerror or exc}", 2)
+
+
+def check_object_uri(uri: str) -> None:
+    """A URI the upload could never write is refused before anything is sent."""
+    from . import objects
+
+    try:
+        objects.parse(uri)
+    except objects.ObjectStoreError as exc:
+        fail(f"--input-location {exc}", 2)
+
+
+def require_async_endpoint(client: Client, name: str) -> None:
+    """What the gateway would refuse after a long upload: no such endpoint, or one with no AsyncInferenceConfig."""
+    described = existing_endpoint(client, name)
+    config = client.control("DescribeEndpointConfig", EndpointConfigName=described["EndpointConfigName"])
+    if not config.get("AsyncInferenceConfig"):
+        fail(f"endpoint {name!r} is not asynchronous: its endpoint config has no AsyncInferenceConfig")
+
+
+def upload(file: Path, uri: str, content_type: str) -> None:
+    """Stream the file to `uri` a chunk at a time (an async input may be up to 1 GB); all of it or nothing lands."""
+    import asyncio
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from . import objects
+
+    async def chunks():
+        with file.open("rb") as source:
+            while chunk := source.read(objects.CHUNK_BYTES):
+                yield chunk
+
+    try:
+        with err.status(f"uploading {file} to {uri}"):
+            asyncio.run(objects.write_chunks(uri, chunks(), content_type))
+    except OSError as exc:
+        fail(f"--async {file}: {exc.strerror or exc}", 2)
+    except (objects.ObjectStoreError, BotoCoreError, ClientError) as exc:
+        fail(f"could not upload {file} to {uri}: {exc}")
+
+
+def show_accepted(accepted: dict, as_json: bool, console: Console) -> None:
+    """The 202's answer: the job's id and where its answer (or failure) will be written."""
+    if as_json:
+        console.print(json.dumps(accepted), markup=False, soft_wrap=True)
+        return
+    for key in ("InferenceId", "OutputLocation", "FailureLocation"):
+        if accepted.get(key):
+            console.print(f"{key + ':':<17}{accepted[key]}", markup=False, soft_wrap=True)
+
+
+def wait_for_job(client: Client, inference_id: str, timeout: float) -> dict:
+    """Poll the job's status, every 0.2 s at first, growing to every 2 s, until it ends; a job still running after
+    `timeout` (or Ctrl-C) ends the command, not the job."""
+    start, pause = time.monotonic(), 0.2
+    follow = f"it goes on in the gateway (follow it with `servelet jobs show {inference_id}`)"
+    try:
+        with err.status(f"{inference_id}: Pending") as spinner:
+            while (status := client.async_status(inference_id))["Status"] not in JOB_ENDED:
+                elapsed = time.monotonic() - start
+                if elapsed > timeout:
+                    fail(f"async invocation {inference_id} is still {status['Status']} after {timeout:g}s; {follow}")
+                spinner.update(f"{inference_id}: {status['Status']} ({elapsed:.0f}s)")
+                time.sleep(min(pause, timeout - elapsed + 0.05))
+                pause = min(pause * 1.5, 2.0)
+    except KeyboardInterrupt:
+        fail(f"stopped waiting for async invocation {inference_id}; {follow}", 130)
+    return status
+
+
+def print_job_result(status: dict) -> None:
+    """A Completed job's output as it was written; a Failed or Expired one ends the command with its reason."""
+    if status["Status"] != "Completed":
+        details = status.get("FailureLocation") if status["Status"] == "Failed" else None
+        where = f" (details at {details})" if details else ""
+        fail(f"async invocation {status['InferenceId']} {status['Status']}: {status.get('FailureReason') or 'no reason given'}{where}")
+    write_object(status["OutputLocation"])
+
+
+def write_object(uri: str) -> None:
+    """Copy the object at `uri` to stdout a chunk at a time, ending with a newline as `invoke` does."""
+    import asyncio
+
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    from . import objects
+
+    async def copy() -> bytes:
+        last = b""
+        async for chunk in objects.read_chunks(uri):
+            sys.stdout.buffer.write(chunk)
+            last = chunk
+        return last
+
+    try:
+        last = asyncio.run(copy())
+    except (objects.ObjectStoreError, BotoCoreError, ClientError) as exc:
+        fail(f"the job completed, but its output cannot be read: {exc}")
+    if not last.endswith(b"\n"):
+        sys.stdout.buffer.write(b"\n")
+    sys.stdout.buffer.flush()
 
 
 def existing_endpoint(client: Client, name: str) -> dict:
@@ -665,9 +857,9 @@ app.add_typer(catalog_app, name="catalog")
 
 
 @contextmanager
-def catalog_store() -> Iterator["Store"]:
-    """The store `servelet serve` reads (same SERVELET_DATA_DIR / SERVELET_DATABASE_URL): the catalog needs no
-    running gateway. What it refuses ends the command with its message."""
+def local_store() -> Iterator["Store"]:
+    """The store `servelet serve` reads (same SERVELET_DATA_DIR / SERVELET_DATABASE_URL): the catalog and the jobs
+    need no running gateway. What it refuses ends the command with its message."""
     from .control.store import Store
     from .errors import GatewayError
     from .settings import database_url
@@ -691,7 +883,7 @@ def catalog(ctx: typer.Context) -> None:
         return
     from .control.catalog import catalog_entries
 
-    with catalog_store() as store:
+    with local_store() as store:
         table = Table("Id", "Model", "Source", highlight=False)
         for entry in catalog_entries(store):
             table.add_row(entry.model_id, entry.model_data_url, "built in" if entry.built_in else "added")
@@ -707,7 +899,7 @@ def catalog_add(
     """Register a model under an id; nothing is deployed until the id is first invoked."""
     from .control.catalog import add_to_catalog
 
-    with catalog_store() as store:
+    with local_store() as store:
         add_to_catalog(store, name, uri)
     say(f"added {name}: {uri} (its first invocation deploys it)")
 
@@ -717,9 +909,91 @@ def catalog_remove(name: Annotated[str, typer.Argument(help="The id to forget.")
     """Forget an id you added; an endpoint it already deployed keeps running (`servelet endpoints delete`)."""
     from .control.catalog import remove_from_catalog
 
-    with catalog_store() as store:
+    with local_store() as store:
         remove_from_catalog(store, name)
     say(f"removed {name}")
+
+
+# -- jobs | jobs show ------------------------------------------------------------------------------------------------
+jobs_app = typer.Typer(help="Async invocations (`servelet invoke --async`, boto3's invoke_endpoint_async), read from the store.")
+app.add_typer(jobs_app, name="jobs")
+JOB_TIMES = ("CreationTime", "EndTime", "ExpirationTime")
+
+
+@jobs_app.callback(invoke_without_command=True)
+def jobs(
+    ctx: typer.Context,
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Only this endpoint's jobs.")] = None,
+    status: Annotated[Optional[str], typer.Option(
+        "--status", help="Only jobs in this state: Pending, InProgress, Completed, Failed or Expired.")] = None,
+    limit: Annotated[int, typer.Option("--limit", min=1, help="The newest N jobs.")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per job, as GET /async-invocations/{id} answers.")] = False,
+) -> None:
+    """A table of the async invocations, newest first: where each stands, its attempts, and where its output went
+    or why it failed (read from the store `servelet serve` writes, so no gateway needs to run)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from .control.async_queue import JobQueue
+    from .gateway.api.sagemaker_async import describe
+
+    wanted = job_status(status) if status is not None else None
+    with local_store() as store:
+        shown = [describe(job) for job in JobQueue(store).list(endpoint, wanted, limit)]
+    if as_json:
+        for job in shown:
+            print(json.dumps(job))
+        return
+    if not shown:
+        say("no async invocations" + (" like that" if endpoint or status else "")
+            + " (queue one with `servelet invoke ENDPOINT --async FILE`)")
+        return
+    table = Table("InferenceId", "Endpoint", "Status", "Attempts", "Created", "Ended", "Output or failure", highlight=False)
+    for job in shown:
+        table.add_row(job["InferenceId"], job["EndpointName"], job["Status"], str(job["Attempts"]), when(job["CreationTime"]),
+                      when(job.get("EndTime")), job.get("FailureReason") or job["OutputLocation"])
+    out.print(table)
+
+
+@jobs_app.command("show")
+def show_job(
+    inference_id: Annotated[str, typer.Argument(help="The job's InferenceId.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print its fields as JSON.")] = False,
+) -> None:
+    """One async invocation with all its fields: what it was sent, where it stands, where its output goes."""
+    from .control.async_queue import JobQueue
+
+    with local_store() as store:
+        job = JobQueue(store).get(inference_id)
+    if job is None:
+        fail(f"no async invocation has InferenceId {inference_id!r} (see `servelet jobs`)")
+    shown = job_fields(job)
+    if as_json:
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    for label, value in shown.items():
+        say(f"{label + ':':<26}{when(value) if label in JOB_TIMES else value}")
+
+
+def job_fields(job) -> dict:
+    """What the status route shows, and what the request asked for besides (its TTL, timeout, content types)."""
+    from .gateway.api.sagemaker_async import describe
+
+    asked = {
+        "ContentType": job.content_type, "Accept": job.accept, "CustomAttributes": job.custom_attributes,
+        "InlineInputBytes": len(job.inline_body) if job.inline_body is not None else None,
+        "ExpirationTime": job.expires, "InvocationTimeoutSeconds": job.invocation_timeout, "Notified": job.notified,
+    }
+    return describe(job) | {key: value for key, value in asked.items() if value is not None}
+
+
+def job_status(value: str) -> str:
+    """The job status `value` names, in any case; anything else ends the command with the valid ones."""
+    from .control.async_queue import JobStatus
+
+    statuses = {status.value.lower(): status.value for status in JobStatus}
+    if value.lower() not in statuses:
+        fail(f"--status {value!r} is not a job status: give one of {', '.join(statuses.values())}", 2)
+    return statuses[value.lower()]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import httpx
 
@@ -112,6 +113,25 @@ class Client:
         except httpx.TransportError as exc:
             raise self._unreachable(exc) from None
 
+    def invoke_async(self, endpoint: str, body: bytes | None = None, input_location: str | None = None,
+                     content_type: str = "application/json", inference_id: str | None = None,
+                     ttl_seconds: int | None = None, invocation_timeout_seconds: int | None = None) -> dict:
+        """InvokeEndpointAsync as botocore sends it: the input at `input_location`, or `body` itself (≤ 128,000
+        bytes). The 202's JSON: InferenceId, OutputLocation, and FailureLocation when the endpoint has one."""
+        headers = {"X-Amzn-SageMaker-Content-Type": content_type, "Content-Type": content_type}
+        optional = {
+            "X-Amzn-SageMaker-InputLocation": input_location, "X-Amzn-SageMaker-Inference-Id": inference_id,
+            "X-Amzn-SageMaker-RequestTTLSeconds": ttl_seconds,
+            "X-Amzn-SageMaker-InvocationTimeoutSeconds": invocation_timeout_seconds,
+        }
+        headers |= {name: str(value) for name, value in optional.items() if value is not None}
+        response = self._send("POST", f"/endpoints/{endpoint}/async-invocations", content=body or b"", headers=headers)
+        return _runtime_json(response)
+
+    def async_status(self, inference_id: str) -> dict:
+        """Where an async invocation stands (GET /async-invocations/{id}): Status, Attempts, OutputLocation, ..."""
+        return _runtime_json(self._send("GET", f"/async-invocations/{quote(inference_id, safe='')}"))
+
     # -- plumbing ---------------------------------------------------------------------------------------------
     def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
         try:
@@ -155,6 +175,16 @@ def _runtime_error(response: httpx.Response) -> ServeletError:
         if message:
             return ServeletError(str(message), code)
     return ServeletError(_text(response), code)
+
+
+def _runtime_json(response: httpx.Response) -> dict:
+    """A runtime answer's JSON object, or its error as ServeletError."""
+    if not response.is_success:
+        raise _runtime_error(response)
+    data = _json(response)
+    if not isinstance(data, dict):
+        raise ServeletError(f"the gateway answered HTTP {response.status_code} without a JSON object: {_text(response)[:200]}")
+    return data
 
 
 def _raise_if_error_line(line: str) -> None:
