@@ -4,9 +4,10 @@ told, and a gateway killed mid-way loses no accepted job and writes no output tw
 
 from __future__ import annotations
 
+import hashlib
 import json
+import textwrap
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -206,6 +207,59 @@ def test_an_async_endpoint_scales_to_zero_on_an_empty_queue_and_starts_when_work
                 "MetricName": "CPUUtilization", "Namespace": "AWS/SageMaker", "Statistic": "Average"}},
         )
     assert "ApproximateBacklogSizePerInstance" in unknown_metric.value.response["Error"]["Message"]
+
+
+COUNTER = """
+import hashlib, json
+
+def model_fn(model_dir):
+    return None
+
+def transform_fn(model, body, content_type, accept):
+    return json.dumps({"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest()}), "application/json"
+"""
+ONE_GB = 10**9
+
+
+def test_a_1_gb_input_streams_through_the_gateway(gateway, tmp_path):
+    """The input goes from its file to the instance, and the answer to its output, a chunk at a time: the
+    gateway's peak resident memory stays far below the input's size."""
+    model = tmp_path / "counter"
+    (model / "code").mkdir(parents=True)
+    (model / "code" / "inference.py").write_text(textwrap.dedent(COUNTER))
+    sagemaker = boto("sagemaker", gateway.base_url)
+    sagemaker.create_model(ModelName="counter", PrimaryContainer={"ModelDataUrl": str(model)})
+    sagemaker.create_endpoint_config(
+        EndpointConfigName="counter", ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": "counter",
+                                                            "InitialInstanceCount": 1}],
+        AsyncInferenceConfig={"OutputConfig": {"S3OutputPath": f"file://{tmp_path}/out"}},
+    )
+    sagemaker.create_endpoint(EndpointName="counter", EndpointConfigName="counter")
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="counter", WaiterConfig=WAIT)
+
+    big, digest = tmp_path / "big.bin", hashlib.sha256()
+    with open(big, "wb") as out:
+        block = bytes(range(256)) * 4096  # 1 MiB
+        for start in range(0, ONE_GB, len(block)):
+            piece = block[: min(len(block), ONE_GB - start)]
+            digest.update(piece)
+            out.write(piece)
+    accepted = runtime(gateway).invoke_endpoint_async(
+        EndpointName="counter", InputLocation=f"file://{big}", ContentType="application/octet-stream",
+    )
+    output = tmp_path / "out" / f"{accepted['InferenceId']}.out"
+    assert wait_for(output.exists, 600), gateway.http(timeout=10).get(f"/async-invocations/{accepted['InferenceId']}").json()
+    assert json.loads(output.read_text()) == {"bytes": ONE_GB, "sha256": digest.hexdigest()}
+    peak_mb = _peak_resident_mb(gateway.process.pid)
+    assert peak_mb < 600, f"the gateway's resident memory peaked at {peak_mb:.0f} MB"
+
+
+def _peak_resident_mb(pid: int) -> float:
+    """VmHWM: the most resident memory the process ever had."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM in /proc")
 
 
 def test_no_accepted_job_is_lost_and_none_is_written_twice_when_the_gateway_is_killed(tmp_path_factory, model_path):

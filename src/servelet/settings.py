@@ -79,6 +79,9 @@ class InstanceSettings(BaseSettings):
     port: int = Field(8080, ge=0, le=65535, validation_alias=AliasChoices("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
     socket: Path | None = Field(None, description="Listen on this Unix socket instead of host:port.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
+    max_async_payload_bytes: int = Field(
+        1024**3, ge=1024, description="Largest body of an async job's invocation (SageMaker async: 1 GB)."
+    )
     access_log: bool = Field(True, description="Log each request (a gateway turns it off: it logs them itself).")
 
     @field_validator("rolling_batch")
@@ -196,8 +199,9 @@ class GatewaySettings(BaseSettings):
         "stopped (1: all of it; tests lower it to see the limit act on a small model).",
     )
     async_max_input_bytes: int = Field(
-        6 * 1024 * 1024, ge=1024, description="Async inference: the largest input a job may read from its input "
-        "location (the instances' own body limit, SERVELET_MAX_PAYLOAD_BYTES, applies too).",
+        1024**3, ge=1024, description="Async inference: the largest input a job may read from its input location "
+        "(SageMaker's limit, 1 GB); it streams through the gateway (instances take up to their "
+        "SERVELET_MAX_ASYNC_PAYLOAD_BYTES).",
     )
     async_lease_seconds: float = Field(
         30.0, gt=0, description="Async inference: how long a job stays leased to a gateway that stopped renewing it "

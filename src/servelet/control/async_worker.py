@@ -116,20 +116,18 @@ class AsyncWorker(ControlLoop):
             log.info("async job %s: its output was written before its worker stopped; completing it", job.inference_id)
             await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.COMPLETED)
             return
-        try:
-            body = job.inline_body if job.input_location is None else await self._read_input(job.input_location)
-        except objects.ObjectStoreError as exc:
-            await self._fail(job, f"the input could not be read: {exc}")
-            return
         invocation = Invocation(
-            endpoint=job.endpoint, body=body, content_type=job.content_type or "application/json", accept=job.accept,
-            custom_attributes=job.custom_attributes, inference_id=job.inference_id,
+            endpoint=job.endpoint, body=job.inline_body or b"", content_type=job.content_type or "application/json",
+            accept=job.accept, custom_attributes=job.custom_attributes, inference_id=job.inference_id,
         )
         try:
             async with asyncio.timeout(job.invocation_timeout):
-                answer = await self.router.invoke(invocation)
+                await self._invoke(job, invocation)
         except TimeoutError:
             await self._fail(job, f"the model did not answer within InvocationTimeoutSeconds ({job.invocation_timeout} s)")
+            return
+        except objects.ObjectStoreError as exc:
+            await self._fail(job, f"the input could not be read: {exc}")
             return
         except NOT_NOW as exc:
             log.info("async job %s goes back to the queue: %s", job.inference_id, exc.message)
@@ -138,18 +136,25 @@ class AsyncWorker(ControlLoop):
         except GatewayError as exc:
             await self._fail(job, _model_failure(exc), exc)
             return
-        await objects.write_bytes(job.output_location, answer.body, answer.content_type)
         if await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.COMPLETED):
             log.info("async job %s completed: %s", job.inference_id, job.output_location)
 
-    async def _read_input(self, location: str) -> bytes:
-        size = await objects.size(location)
+    async def _invoke(self, job: Job, invocation: Invocation) -> None:
+        """Run the model and write its answer. A body sent with the request is small (128,000 bytes at most); an
+        input location's object streams to the instance and the answer streams to the output location, so the
+        gateway holds a few chunks of either, whatever their size."""
+        if job.input_location is None:
+            answer = await self.router.invoke(invocation)
+            await objects.write_bytes(job.output_location, answer.body, answer.content_type)
+            return
+        size = await objects.size(job.input_location)
         if size > self.max_input_bytes:
             raise objects.ObjectStoreError(
-                f"{location} has {size:,} bytes; async inputs may have {self.max_input_bytes:,} "
+                f"{job.input_location} has {size:,} bytes; async inputs may have {self.max_input_bytes:,} "
                 "(SERVELET_ASYNC_MAX_INPUT_BYTES)"
             )
-        return b"".join([chunk async for chunk in objects.read_chunks(location)])
+        async with self.router.upload(invocation, objects.read_chunks(job.input_location), size) as answer:
+            await objects.write_chunks(job.output_location, answer.chunks, answer.content_type)
 
     async def _fail(self, job: Job, reason: str, error: GatewayError | None = None) -> None:
         """Record the failure, and write it to the failure location when the endpoint has one."""

@@ -17,6 +17,7 @@ from ..errors import (
     BadRequest, GatewayError, ModelFailed, ModelTimedOut, NotFound, PayloadTooLarge, Throttled, Unavailable,
     Unprocessable, UnsupportedMediaType, from_instance,
 )
+from ..instance.contract import ASYNC_INVOCATION_HEADER
 from ..instance.stream import QueuedAnswer
 from .catalog import CATALOG_HINT
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
@@ -168,6 +169,27 @@ class Router:
                         content_type=response.headers.get("content-type", "application/octet-stream"),
                         variant=route.variant.name,
                         headers=servelet_headers(response.headers),
+                    )
+            except httpx.TransportError as exc:
+                raise _instance_failed(instance, exc) from None
+
+    @asynccontextmanager
+    async def upload(self, invocation: Invocation, chunks: AsyncIterator[bytes], length: int) -> AsyncIterator[ChunkStream]:
+        """Like `stream`, for a body of `length` bytes that arrives in `chunks` (`invocation.body` unused): what
+        async jobs send, whose inputs may be far larger than the gateway should hold."""
+        route = await self._resolve(invocation)
+        instance = route.instance
+        headers = invocation.instance_headers() | {"Content-Length": str(length), ASYNC_INVOCATION_HEADER: invocation.inference_id or ""}
+        with route.serving(self.meter, invocation.endpoint):
+            try:
+                async with instance.client.open_upload(chunks, headers) as response:
+                    if response.status_code != 200:
+                        raise from_instance(response.status_code, await response.aread())
+                    instance.served = True
+                    yield ChunkStream(
+                        chunks=response.aiter_raw(),
+                        content_type=response.headers.get("content-type", "application/octet-stream"),
+                        variant=route.variant.name,
                     )
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None

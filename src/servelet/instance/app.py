@@ -16,6 +16,7 @@ from ..runtimes import Call, InvocationError, Prepared, Runtime, load_runtime
 from ..settings import InstanceSettings
 from .channel import PATH as CHANNEL_PATH
 from .channel_server import ChannelServer
+from .contract import ASYNC_INVOCATION_HEADER
 
 log = logging.getLogger("servelet.instance")
 
@@ -85,7 +86,7 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
         runtime = ready_runtime()
         headers = request.headers
         call = Call(
-            body=await _read_body(request, settings.max_payload_bytes),
+            body=await _read_body(request, _body_limit(request, settings)),
             content_type=headers.get("content-type", "application/json"),
             accept=headers.get("accept"),
             custom_attributes=headers.get("x-amzn-sagemaker-custom-attributes"),
@@ -100,6 +101,14 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
         await ChannelServer(app, websocket).serve()
 
     return app
+
+
+def _body_limit(request: Request, settings: InstanceSettings) -> int:
+    """An async job's input may be larger than a real-time request (only the gateway sends the header: the
+    instance's socket is its own)."""
+    if ASYNC_INVOCATION_HEADER.lower() in request.headers:
+        return max(settings.max_payload_bytes, settings.max_async_payload_bytes)
+    return settings.max_payload_bytes
 
 
 async def _read_body(request: Request, limit: int) -> bytes:

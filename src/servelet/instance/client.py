@@ -103,6 +103,17 @@ class InstanceClient:
                 )
             yield answer
 
+    @asynccontextmanager
+    async def open_upload(self, chunks: AsyncIterator[bytes], headers: dict[str, str]):
+        """Forward a body that arrives in chunks (an async job's input, read from the object store as it is sent);
+        yields the answer with its head read and its body not yet, so neither side is ever whole in memory."""
+        request = self._http.build_request("POST", "/invocations", content=chunks, headers=headers)
+        response = await self._http.send(request, stream=True)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
     async def invoke(self, body: dict) -> httpx.Response:
         return await self._http.post("/invocations", json=body)
 
