@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -181,6 +182,11 @@ class GatewaySettings(BaseSettings):
     data_dir: Path = Field(default_factory=lambda: default_data_dir(), description="Where servelet keeps its state.")
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the control-plane store (postgresql+psycopg://...); unset: SQLite in data_dir."
+    )
+    sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="The SQLite store's durability: NORMAL survives any crash of servelet (kill -9) and "
+        "commits without waiting for the disk; FULL also survives a power loss, and every commit (each accepted "
+        "async job among them) waits for a disk flush.",
     )
     config: Path | None = Field(None, description="A YAML file of models and endpoints to deploy at start (`--config`).")
     autoscale_interval: float = Field(5.0, gt=0, description="Seconds between two checks of the scaling policies.")

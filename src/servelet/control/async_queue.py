@@ -11,6 +11,7 @@ Every method is one short transaction; the gateway calls them from a thread (`as
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 import uuid
@@ -101,13 +102,23 @@ class JobQueue:
         metadata.create_all(self.engine)
 
     def enqueue(self, job: Job) -> Job:
-        """Add the job; a job of the same InferenceId already there is kept and returned instead (a client that
-        resends its request after a lost answer gets the same job, not a second one)."""
-        statement = upsert(self.engine, jobs).values(job.row()).on_conflict_do_nothing(index_elements=[jobs.c.inference_id])
+        return self.enqueue_many([job])[0]
+
+    def enqueue_many(self, new: list[Job]) -> list[Job]:
+        """Add the jobs in one transaction; where a job of the same InferenceId is there already, that one is kept
+        and returned instead (a client that resends its request after a lost answer gets the same job, not a
+        second one)."""
+        statement = upsert(self.engine, jobs).on_conflict_do_nothing(index_elements=[jobs.c.inference_id])
+        ids = [job.inference_id for job in new]
         with self.engine.begin() as connection:
-            if connection.execute(statement).rowcount:
-                return job
-        return self.get(job.inference_id)
+            existing = {
+                row.inference_id: Job.from_row(row)
+                for row in connection.execute(select(jobs).where(jobs.c.inference_id.in_(ids)))
+            }
+            fresh = {job.inference_id: job for job in new if job.inference_id not in existing}
+            if fresh:
+                connection.execute(statement, [job.row() for job in fresh.values()])
+        return [existing.get(i) or fresh[i] for i in ids]
 
     def get(self, inference_id: str) -> Job | None:
         with self.engine.connect() as connection:
@@ -175,13 +186,17 @@ class JobQueue:
                 .values(status=JobStatus.PENDING.value, lease_owner=None, lease_until=None, attempts=jobs.c.attempts - 1)
             )
 
-    def finish(self, owner: str, inference_id: str, status: JobStatus, failure_reason: str | None = None) -> bool:
-        """End a job this worker holds; False when it no longer holds it (its lease ran out and another took it)."""
+    def finish(
+        self, owner: str, inference_id: str, status: JobStatus, failure_reason: str | None = None, notify: bool = True,
+    ) -> bool:
+        """End a job this worker holds; False when it no longer holds it (its lease ran out and another took it).
+        `notify=False`: nobody is to be told (the endpoint has no webhook for it), so it is notified already."""
         with self.engine.begin() as connection:
             return connection.execute(
                 update(jobs).where(jobs.c.inference_id == inference_id, jobs.c.lease_owner == owner,
                                    jobs.c.status == JobStatus.IN_PROGRESS.value)
-                .values(status=status.value, ended=time.time(), failure_reason=failure_reason, lease_until=None)
+                .values(status=status.value, ended=time.time(), failure_reason=failure_reason, lease_until=None,
+                        notified=not notify)
             ).rowcount > 0
 
     def expire(self) -> list[Job]:
@@ -211,3 +226,38 @@ class JobQueue:
         with self.engine.begin() as connection:
             connection.execute(update(jobs).where(jobs.c.inference_id == inference_id).values(notified=True))
 
+
+class GroupCommit:
+    """Jobs accepted at the same moment go to the store in one transaction: each request waits for the commit that
+    holds its job (so its 202 still means "stored"), and while one commit runs the next requests gather for the
+    following one. A request alone waits for nobody."""
+
+    def __init__(self, queue: JobQueue):
+        self.queue = queue
+        self._pending: list[tuple[Job, asyncio.Future]] = []
+        self._committing = False
+
+    async def enqueue(self, job: Job) -> Job:
+        stored = asyncio.get_running_loop().create_future()
+        self._pending.append((job, stored))
+        if not self._committing:
+            self._committing = True
+            asyncio.create_task(self._commit())
+        return await stored
+
+    async def _commit(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    stored = await asyncio.to_thread(self.queue.enqueue_many, [job for job, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every request of the batch hears of it
+                    for _, waiting in batch:
+                        if not waiting.done():
+                            waiting.set_exception(exc)
+                    continue
+                for (_, waiting), job in zip(batch, stored):
+                    if not waiting.done():
+                        waiting.set_result(job)
+        finally:
+            self._committing = False

@@ -23,7 +23,7 @@ import httpx
 
 from .. import objects
 from ..errors import GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable
-from .async_queue import Job, JobQueue, JobStatus
+from .async_queue import GroupCommit, Job, JobQueue, JobStatus
 from .invocation import Invocation
 from .loop import ControlLoop
 from .resources import AsyncInferenceConfig, EndpointStatus
@@ -34,6 +34,8 @@ log = logging.getLogger("servelet.async")
 
 LEASE_SECONDS = 30.0  # the default: renewed every pass, a lease outlives its worker by at most this
 NOTIFY_ATTEMPTS = 5
+SLOW_WORK_EVERY_S = 0.5
+MIN_PASS_GAP_S = 0.01  # a burst of accepted jobs wakes the worker once per gap, not once per job
 NOTIFY_TIMEOUT_S = 10.0
 # Refusals that say "not now" rather than "never": the job goes back to the queue and is tried again.
 NOT_NOW = (ModelNotReady, Overloaded, Unavailable)
@@ -55,6 +57,9 @@ class AsyncWorker(ControlLoop):
         self.max_input_bytes = max_input_bytes
         self.interval = interval
         self.owner = f"gateway-{uuid.uuid4()}"
+        self.commits = GroupCommit(queue)
+        self.known: dict[str, AsyncInferenceConfig] = {}  # the async endpoints at the last pass
+        self._slow_work_at = self._renewed_at = 0.0
         self.running: dict[str, asyncio.Task] = {}  # by InferenceId
         self._running_for: dict[str, str] = {}  # InferenceId -> endpoint
         self._notifying: dict[str, asyncio.Task] = {}
@@ -64,6 +69,18 @@ class AsyncWorker(ControlLoop):
         """A job was accepted: run a pass now rather than at the next interval."""
         self._wake.set()
 
+    async def accept(self, job: Job) -> Job:
+        """Store a new job (with the others accepted at the same moment) and wake the worker for it."""
+        stored = await self.commits.enqueue(job)
+        self.wake()
+        return stored
+
+    async def config_of(self, endpoint: str) -> AsyncInferenceConfig | None:
+        """The endpoint's AsyncInferenceConfig as of the last pass; read now for an endpoint the pass has not seen."""
+        if endpoint not in self.known:
+            self.known = await asyncio.to_thread(self.configs)
+        return self.known.get(endpoint)
+
     async def _run(self) -> None:
         while True:
             try:
@@ -71,18 +88,28 @@ class AsyncWorker(ControlLoop):
             except asyncio.TimeoutError:
                 pass
             self._wake.clear()
+            await asyncio.sleep(MIN_PASS_GAP_S)
             try:
                 await self.tick()
             except Exception:  # noqa: BLE001 - one bad pass must not end the loop
                 log.exception("%s failed; trying again in %g s", self.doing, self.interval)
 
     async def tick(self) -> None:
-        await asyncio.to_thread(self.queue.expire)
-        configs = await asyncio.to_thread(self.configs)
-        for endpoint, config in configs.items():
+        """Lease what the instances have room for; the rest (expiry, configs, heartbeat, notifications) at most
+        once per SLOW_WORK_EVERY_S, so that a burst of accepted jobs costs a lease transaction per pass and no more."""
+        now = time.monotonic()
+        slow_work = now - self._slow_work_at >= SLOW_WORK_EVERY_S
+        if slow_work:
+            self._slow_work_at = now
+            await asyncio.to_thread(self.queue.expire)
+            self.known = await asyncio.to_thread(self.configs)
+        for endpoint, config in self.known.items():
             await self._lease(endpoint, config)
-        await asyncio.to_thread(self.queue.renew, self.owner, list(self.running), self.lease_seconds)
-        await self._notify(configs)
+        if now - self._renewed_at >= self.lease_seconds / 4:  # the heartbeat: well before a lease runs out
+            self._renewed_at = now
+            await asyncio.to_thread(self.queue.renew, self.owner, list(self.running), self.lease_seconds)
+        if slow_work:
+            await self._notify(self.known)
 
     async def _lease(self, endpoint: str, config: AsyncInferenceConfig) -> None:
         # With no ready instance, one job still goes: invoking a variant at zero starts its instance.
@@ -114,7 +141,7 @@ class AsyncWorker(ControlLoop):
     async def _answer(self, job: Job) -> None:
         if job.attempts > 1 and await objects.exists(job.output_location):
             log.info("async job %s: its output was written before its worker stopped; completing it", job.inference_id)
-            await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.COMPLETED)
+            await self._finish(job, JobStatus.COMPLETED)
             return
         invocation = Invocation(
             endpoint=job.endpoint, body=job.inline_body or b"", content_type=job.content_type or "application/json",
@@ -136,7 +163,7 @@ class AsyncWorker(ControlLoop):
         except GatewayError as exc:
             await self._fail(job, _model_failure(exc), exc)
             return
-        if await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.COMPLETED):
+        if await self._finish(job, JobStatus.COMPLETED):
             log.info("async job %s completed: %s", job.inference_id, job.output_location)
 
     async def _invoke(self, job: Job, invocation: Invocation) -> None:
@@ -165,19 +192,19 @@ class AsyncWorker(ControlLoop):
                 await objects.write_bytes(job.failure_location, body.encode(), "application/json")
             except objects.ObjectStoreError as exc:
                 reason += f" (and the failure location could not be written: {exc})"
-        if await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, JobStatus.FAILED, reason):
+        if await self._finish(job, JobStatus.FAILED, reason):
             log.warning("async job %s failed: %s", job.inference_id, reason)
+
+    async def _finish(self, job: Job, status: JobStatus, reason: str | None = None) -> bool:
+        notify = webhook_for(self.known.get(job.endpoint), status.value) is not None
+        return await asyncio.to_thread(self.queue.finish, self.owner, job.inference_id, status, reason, notify)
 
     # -- notifications --------------------------------------------------------------------------------------
     async def _notify(self, configs: dict[str, AsyncInferenceConfig]) -> None:
         for job in await asyncio.to_thread(self.queue.unnotified):
             if job.inference_id in self._notifying:
                 continue
-            config = configs.get(job.endpoint)
-            notification = config.output_config.notification_config if config else None
-            url = None
-            if notification is not None:
-                url = notification.success_topic if job.status == JobStatus.COMPLETED.value else notification.error_topic
+            url = webhook_for(configs.get(job.endpoint), job.status)
             if url is None:
                 await asyncio.to_thread(self.queue.mark_notified, job.inference_id)
                 continue
@@ -212,6 +239,14 @@ class AsyncWorker(ControlLoop):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def webhook_for(config: AsyncInferenceConfig | None, status: str) -> str | None:
+    """The URL to tell of a job that ended with `status`, if the endpoint has one."""
+    notification = config.output_config.notification_config if config else None
+    if notification is None:
+        return None
+    return notification.success_topic if status == JobStatus.COMPLETED.value else notification.error_topic
 
 
 def async_endpoints(store: Store) -> dict[str, AsyncInferenceConfig]:

@@ -18,7 +18,6 @@ from .autoscaler import Autoscaler, ScalingReport
 from .deployer import Deployer, variant_states
 from .endpoints import Fleet, VariantPlan
 from .resources import (
-    AsyncInferenceConfig,
     ContainerSpec,
     DeploymentConfig,
     DesiredWeightAndCapacity,
@@ -138,12 +137,6 @@ class ControlPlane:
         if record is None:
             raise ResourceMissing(f'Could not find endpoint "{arn("endpoint", name)}".')
         return self._with_live_counts(record)
-
-    async def async_config(self, name: str) -> AsyncInferenceConfig | None:
-        """The endpoint's AsyncInferenceConfig, None when it has none (or its endpoint config is gone)."""
-        record = self.store.get_endpoint(name)
-        spec = self.store.get_endpoint_config(record.endpoint_config_name) if record is not None else None
-        return spec.async_config if spec is not None else None
 
     async def list_endpoints(self, name_contains: str | None = None, status: str | None = None) -> list[EndpointRecord]:
         return [

@@ -61,7 +61,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         fleet.use_snapshots(Snapshots(
             fleet.run_dir, settings.snapshot_memory_mb, settings.snapshot_min_available_mb, settings.instance_start_timeout
         ))
-    store = Store(database_url(settings))
+    store = Store(database_url(settings), settings.sqlite_synchronous)
     plane = ControlPlane(
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
         settings.serverless_idle_seconds, settings.serverless_start_timeout, metrics.AutoscalingMetrics(),

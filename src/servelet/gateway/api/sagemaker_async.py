@@ -43,7 +43,7 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
     if EndpointName not in services.fleet.endpoints:
         known = ", ".join(sorted(services.fleet.endpoints)) or "none"
         raise BadRequest(f"Endpoint {EndpointName} of account {ACCOUNT} not found. (endpoints here: {known})")
-    config = await services.plane.async_config(EndpointName)
+    config = await services.async_worker.config_of(EndpointName)
     if config is None:
         raise BadRequest(
             f"Endpoint {EndpointName} of account {ACCOUNT} is not an asynchronous endpoint: its endpoint config has "
@@ -81,8 +81,7 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
         output_location=objects.join(_output_folder(output.s3_output_path, headers), _output_name(headers, inference_id)),
         failure_location=objects.join(output.s3_failure_path, f"{inference_id}-error.out") if output.s3_failure_path else None,
     )
-    job = await asyncio.to_thread(services.jobs.enqueue, job)
-    services.async_worker.wake()
+    job = await services.async_worker.accept(job)
     locations = {"X-Amzn-SageMaker-OutputLocation": job.output_location}
     if job.failure_location:
         locations["X-Amzn-SageMaker-FailureLocation"] = job.failure_location
