@@ -112,3 +112,7 @@ class ResourceInUse(GatewayError):
     """A model or endpoint config that an endpoint still uses."""
 
     status, kind = 400, "resource_in_use"
+
+
+# Refusals that say "not now" rather than "never": work that gets one waits and tries again.
+NOT_NOW = (ModelNotReady, Overloaded, Unavailable)

@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 import httpx
 
 from .. import objects
-from ..errors import GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable
+from ..errors import NOT_NOW, GatewayError, ModelFailed
 from .async_queue import GroupCommit, Job, JobQueue, JobStatus
 from .invocation import Invocation
 from .loop import ControlLoop
@@ -37,8 +37,6 @@ NOTIFY_ATTEMPTS = 5
 SLOW_WORK_EVERY_S = 0.5
 MIN_PASS_GAP_S = 0.01  # a burst of accepted jobs wakes the worker once per gap, not once per job
 NOTIFY_TIMEOUT_S = 10.0
-# Refusals that say "not now" rather than "never": the job goes back to the queue and is tried again.
-NOT_NOW = (ModelNotReady, Overloaded, Unavailable)
 
 
 class AsyncWorker(ControlLoop):

@@ -22,6 +22,7 @@ from .base import GENERATED_RATE_HEADER, PROMPT_RATE_HEADER, Call, InvocationErr
 from .lmi_schemas import InvocationRequest, describe
 
 JSON_LINES = "application/jsonlines"
+JSON_LINES_TYPES = (JSON_LINES, "application/x-jsonlines", "application/jsonl")
 DISCONNECT_POLL_SECONDS = 0.25
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 JSON_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded", "")
@@ -51,6 +52,8 @@ class TextGenerationRuntime(Runtime):
         self.engine.close()
 
     async def invoke(self, call: Call) -> Response:
+        if call.media_type in JSON_LINES_TYPES:
+            return await self._invoke_lines(call)
         invocation = parse_invocation(call)
         prompts = [invocation.inputs] if isinstance(invocation.inputs, str) else invocation.inputs
         if invocation.stream and len(prompts) != 1:
@@ -69,6 +72,47 @@ class TextGenerationRuntime(Runtime):
         if isinstance(invocation.inputs, str):
             return JSONResponse(answers[0], headers=rate_headers(results[0][1]))
         return JSONResponse(answers)  # a list's generations ran batched together: no one rate is theirs
+
+
+    async def _invoke_lines(self, call: Call) -> Response:
+        """A JSON-lines body (a batch transform's MultiRecord request): each line an LMI request, all decoded
+        together by the engine, one answer line per request line, in order."""
+        invocations = [parse_line(line, number) for number, line in enumerate(call.body.splitlines(), 1) if line.strip()]
+        if not invocations:
+            raise InvocationError(400, "the request body has no JSON line; send one LMI request per line")
+        generations: list[list] = []
+        try:
+            for invocation in invocations:
+                prompts = [invocation.inputs] if isinstance(invocation.inputs, str) else invocation.inputs
+                generations.append(submit_all(self.engine, prompts, invocation))
+        except EngineError:
+            for batch in generations:
+                for generation in batch:
+                    generation.cancel()
+            raise
+        flat = [g for batch in generations for g in batch]
+        results = await until_disconnect(call, collect_all(flat), flat)
+        if results is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        lines, at = [], 0
+        for invocation, batch in zip(invocations, generations):
+            prompts = [invocation.inputs] if isinstance(invocation.inputs, str) else invocation.inputs
+            answers = [answer(p, *results[at + i], invocation.parameters.details) for i, p in enumerate(prompts)]
+            at += len(batch)
+            lines.append(orjson.dumps(answers[0] if isinstance(invocation.inputs, str) else answers) + b"\n")
+        return Response(b"".join(lines), media_type=JSON_LINES)
+
+
+def parse_line(line: bytes, number: int) -> InvocationRequest:
+    try:
+        invocation = InvocationRequest.model_validate(json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvocationError(400, f"line {number} is not valid JSON: {exc}") from None
+    except ValidationError as exc:
+        raise InvocationError(422, f"line {number}: {describe(exc)}") from None
+    if invocation.stream:
+        raise InvocationError(422, f"line {number}: stream is not taken in a JSON-lines request")
+    return invocation
 
 
 def parse_invocation(call: Call) -> InvocationRequest:
