@@ -492,3 +492,189 @@ class ScalableTarget(Resource):
     @property
     def resource_id(self) -> str:
         return resource_id(self.endpoint_name, self.variant_name)
+
+
+# -- batch transform: SageMaker's CreateTransformJob, and the job's state as DescribeTransformJob reports it ------
+# Imported here rather than at the top: the transform package's record layer needs nothing from this module.
+from ..transform import choices as transform_choices  # noqa: E402
+from ..transform.filters import DataProcessing, FilterError  # noqa: E402
+
+MAX_CONCURRENT_TRANSFORMS = 100
+MAX_TRANSFORM_INSTANCES = 10
+# SageMaker's limit on MaxConcurrentTransforms × MaxPayloadInMB: what one instance may hold in flight, in MB.
+MAX_TRANSFORM_MB_IN_FLIGHT = 100
+MAX_RECORD_FAILURES = 20  # failed records a job keeps for DescribeTransformJob; the count goes on past them
+
+
+# The fields a transform job's runner keeps, never sent by users; servelet's progress extension among them.
+TRANSFORM_JOB_STATE = (
+    "transform_job_status", "failure_reason", "creation_time", "last_modified_time", "transform_start_time",
+    "transform_end_time", "records_done", "records_failed", "files_done", "files_total", "record_failures",
+)
+TRANSFORM_JOB_PROGRESS = ("records_done", "records_failed", "files_done", "files_total", "record_failures")
+
+
+class TransformJobStatus(str, enum.Enum):
+    IN_PROGRESS = "InProgress"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    STOPPING = "Stopping"
+    STOPPED = "Stopped"
+
+
+def _setting(check, value):
+    """A transform setting checked by `transform.choices`, which names the field itself: pydantic's error names
+    where it sits (`TransformInput.SplitType`), so only the rest of the message is kept."""
+    try:
+        return check(value)
+    except transform_choices.InvalidSetting as exc:
+        raise ValueError(str(exc).partition(": ")[2] or str(exc)) from None
+
+
+def _object_prefix(value: str) -> str:
+    """As `_object_uri`, but a trailing slash is kept: an S3Prefix matches keys by their first characters, so
+    `s3://b/in/` and `s3://b/in` name different objects."""
+    return _object_uri(value) + ("/" if value.endswith("/") and not value.endswith(":///") else "")
+
+
+class TransformS3DataSource(Resource):
+    s3_data_type: str
+    s3_uri: str
+
+    _data_type = field_validator("s3_data_type")(lambda v: _setting(transform_choices.s3_data_type, v))
+    _location = field_validator("s3_uri")(lambda v: _object_prefix(v))
+
+
+class TransformDataSource(Resource):
+    s3_data_source: TransformS3DataSource
+
+
+class TransformInput(Resource):
+    data_source: TransformDataSource
+    content_type: str | None = None
+    compression_type: str = "None"
+    split_type: str = "None"
+
+    _compression = field_validator("compression_type")(lambda v: _setting(transform_choices.compression_type, v))
+    _split = field_validator("split_type")(lambda v: _setting(transform_choices.split_type, v))
+
+
+class TransformOutput(Resource):
+    s3_output_path: str = Field(alias="S3OutputPath")
+    accept: str | None = None
+    assemble_with: str = "None"
+    kms_key_id: str | None = Field(None, description="Accepted for compatibility; nothing is encrypted by servelet.")
+
+    _location = field_validator("s3_output_path")(lambda v: _object_uri(v))
+    _assemble = field_validator("assemble_with")(lambda v: _setting(transform_choices.assemble_with, v))
+
+
+class TransformResources(Resource):
+    instance_type: str | None = Field(None, description="Accepted for compatibility; instances run on this machine.")
+    instance_count: int = Field(1, ge=1, le=MAX_TRANSFORM_INSTANCES)
+
+
+class ModelClientConfig(Resource):
+    """How each request to the model is timed and retried (SageMaker's defaults)."""
+
+    invocations_timeout_in_seconds: int = Field(600, ge=1, le=3600)
+    invocations_max_retries: int = Field(3, ge=0, le=3)
+
+
+class RecordFailure(Resource):
+    """One record the model (or a filter) failed on: the input file (its name, or its number among the job's
+    inputs), the record's number in it, and why."""
+
+    file: int | str
+    record: int
+    reason: str
+
+
+class TransformJobSpec(Resource):
+    """A batch transform job: what CreateTransformJob sent, checked before anything runs, and the state the runner
+    keeps (status, times, and servelet's progress counts, which DescribeTransformJob adds as `Progress`)."""
+
+    transform_job_name: str = Field(pattern=NAME_PATTERN)
+    model_name: str = Field(pattern=NAME_PATTERN)
+    max_concurrent_transforms: int = Field(1, ge=1, le=MAX_CONCURRENT_TRANSFORMS)
+    model_client_config: ModelClientConfig = Field(default_factory=ModelClientConfig)
+    max_payload_in_mb: int = Field(transform_choices.DEFAULT_MAX_PAYLOAD_MB, alias="MaxPayloadInMB")
+    batch_strategy: str = "MultiRecord"
+    environment: dict[str, str] = Field(default_factory=dict)
+    transform_input: TransformInput
+    transform_output: TransformOutput
+    transform_resources: TransformResources = Field(default_factory=TransformResources)
+    data_processing: dict | None = None  # kept as sent; `filters` reads it
+    tags: list[dict] | None = Field(None, description="Accepted for compatibility; servelet keeps no tags.")
+    # The job's state: the server's, never the user's (`from_request` drops any sent).
+    transform_job_status: TransformJobStatus = TransformJobStatus.IN_PROGRESS
+    failure_reason: str | None = None
+    creation_time: datetime = Field(default_factory=now)
+    last_modified_time: datetime = Field(default_factory=now)
+    transform_start_time: datetime | None = None
+    transform_end_time: datetime | None = None
+    records_done: int = 0
+    records_failed: int = 0
+    files_done: int = 0
+    files_total: int = 0
+    record_failures: list[RecordFailure] = Field(default_factory=list)
+
+    @classmethod
+    def from_request(cls, body: dict) -> TransformJobSpec:
+        """A new job as a user asked for it: state fields in the request (by either name) are ignored."""
+        state = {name for field in TRANSFORM_JOB_STATE for name in (field, to_pascal(field))}
+        return cls.model_validate({key: value for key, value in body.items() if key not in state})
+
+    @field_validator("max_concurrent_transforms", mode="before")
+    @classmethod
+    def _unset_is_one(cls, value):
+        # 0 is SageMaker's "let the service choose": without an execution-parameters route that is 1.
+        return 1 if value == 0 else value
+
+    @field_validator("max_payload_in_mb")
+    @classmethod
+    def _payload_within_limits(cls, value: int) -> int:
+        _setting(transform_choices.max_payload_bytes, value)
+        return value
+
+    @field_validator("batch_strategy")
+    @classmethod
+    def _known_strategy(cls, value: str) -> str:
+        return _setting(transform_choices.batch_strategy, value)
+
+    @field_validator("data_processing")
+    @classmethod
+    def _filters_valid(cls, value: dict | None) -> dict | None:
+        try:
+            DataProcessing.parse(value)
+        except FilterError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _fits_sagemakers_limits(self):
+        in_flight = self.max_concurrent_transforms * self.max_payload_in_mb
+        if in_flight > MAX_TRANSFORM_MB_IN_FLIGHT:
+            raise ValueError(
+                f"MaxConcurrentTransforms ({self.max_concurrent_transforms}) × MaxPayloadInMB ({self.max_payload_in_mb}) "
+                f"is {in_flight} MB, more than {MAX_TRANSFORM_MB_IN_FLIGHT}: lower one of them"
+            )
+        content_type = self.transform_input.content_type
+        if not self.filters.passes_through:
+            if content_type is None:
+                raise ValueError("DataProcessing filters and joins need TransformInput.ContentType (JSON, JSON Lines or CSV)")
+            try:
+                self.filters.check_content_type(content_type)
+            except FilterError as exc:
+                raise ValueError(f"DataProcessing with TransformInput.ContentType {content_type!r}: {exc}") from None
+        return self
+
+    @property
+    def filters(self) -> DataProcessing:
+        return DataProcessing.parse(self.data_processing)
+
+    def add_record_failure(self, file: int | str, record: int, reason: str) -> None:
+        """Count a failed record; keep the first MAX_RECORD_FAILURES of them to show."""
+        self.records_failed += 1
+        if len(self.record_failures) < MAX_RECORD_FAILURES:
+            self.record_failures.append(RecordFailure(file=file, record=record, reason=reason))

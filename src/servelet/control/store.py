@@ -23,7 +23,8 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.pool import StaticPool
 
 from .resources import (
-    CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, ScalableTarget, UsageDay, now,
+    CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, ScalableTarget, TransformJobSpec,
+    TransformJobStatus, UsageDay, now,
 )
 
 DATABASE_FILE = "servelet.db"
@@ -54,6 +55,8 @@ endpoints = _table(
 )
 # The model catalog: ids a caller may invoke before any endpoint serves them (the user's; built-ins live in code).
 catalog = _table("catalog")
+# Batch transform jobs: the request and the runner's state and progress, queried by status.
+transform_jobs = _table("transform_jobs", Column("status", String(16), nullable=False, index=True))
 # Autoscaling: one row per variant registered (its ResourceId `endpoint/E/variant/V`), with its policy and events.
 scaling_targets = Table(
     "scaling_targets",
@@ -176,6 +179,35 @@ class Store:
     def delete_endpoint(self, name: str) -> bool:
         return self._delete(endpoints, name)
 
+    # Batch transform jobs
+
+    def add_transform_job(self, job: TransformJobSpec) -> None:
+        self._add(transform_jobs, "transform job", job.transform_job_name, job, status=_status(job))
+
+    def get_transform_job(self, name: str) -> TransformJobSpec | None:
+        return self._get(transform_jobs, TransformJobSpec, name)
+
+    def list_transform_jobs(
+        self, name_contains: str | None = None, status: TransformJobStatus | str | None = None
+    ) -> list[TransformJobSpec]:
+        where = [] if status is None else [transform_jobs.c.status == TransformJobStatus(status).value]
+        return self._list(transform_jobs, TransformJobSpec, name_contains, *where)
+
+    def save_transform_job(self, job: TransformJobSpec) -> TransformJobSpec:
+        """Insert or replace the job (the runner saves its progress so); stamps `job.last_modified_time` in place."""
+        job.last_modified_time = now()
+        row = {
+            "name": job.transform_job_name, "creation_time": _utc(job.creation_time), "status": _status(job),
+            "spec": job.model_dump(mode="json"),
+        }
+        statement = upsert(self.engine, transform_jobs).values(row)
+        statement = statement.on_conflict_do_update(
+            index_elements=[transform_jobs.c.name], set_={"status": statement.excluded.status, "spec": statement.excluded.spec}
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+        return job
+
     # The model catalog
 
     def add_catalog_entry(self, entry: CatalogEntry) -> None:
@@ -286,6 +318,10 @@ def _endpoint_columns(record: EndpointRecord) -> dict[str, Any]:
         "status": EndpointStatus(record.endpoint_status).value,
         "last_modified_time": _utc(record.last_modified_time),
     }
+
+
+def _status(job: TransformJobSpec) -> str:
+    return TransformJobStatus(job.transform_job_status).value
 
 
 def _add_missing_columns(engine: Engine, table: Table) -> None:
