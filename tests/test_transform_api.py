@@ -1,7 +1,9 @@
 """Batch transform jobs' control API through boto3's `sagemaker` client: jobs written for SageMaker are created,
 described, listed and stopped unchanged, and a job SageMaker would refuse is refused before it runs.
 
-No runner is assumed: a created job stays InProgress, so only what the API itself does is checked here.
+The gateway runs what it accepts; these jobs name an input folder that does not exist, so each ends Failed at
+once, before starting an instance: what is checked here is what the API itself does (jobs that run, stop and
+resume: test_transform_job.py).
 """
 
 from __future__ import annotations
@@ -10,13 +12,14 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 from botocore.exceptions import ClientError
-from conftest import boto, start_gateway, stop_process
+from conftest import boto, start_gateway, stop_process, wait_for
 
 from servelet.control.resources import TransformJobSpec, TransformJobStatus
 from servelet.control.store import AlreadyExists, Store
 from servelet.settings import DEFAULT_MODEL_URI
 
 MODEL = "transform-model"
+MISSING_INPUT = "file:///nonexistent-servelet-input/"
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def job(name: str, **settings) -> dict:
         "TransformJobName": name,
         "ModelName": MODEL,
         "TransformInput": {
-            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://bucket/input/"}},
+            "DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": MISSING_INPUT}},
             "ContentType": "application/jsonlines",
             "SplitType": "Line",
         },
@@ -67,23 +70,27 @@ def test_create_describe_and_stop_a_job(sagemaker):
     assert created["TransformJobArn"] == "arn:aws:sagemaker:local:000000000000:transform-job/story-job"
 
     described = sagemaker.describe_transform_job(TransformJobName="story-job")
-    assert described["TransformJobStatus"] == "InProgress"  # no runner in this gateway
+    assert described["TransformJobStatus"] in ("InProgress", "Failed")
     assert described["TransformJobArn"] == created["TransformJobArn"]
     assert (described["ModelName"], described["MaxConcurrentTransforms"], described["MaxPayloadInMB"]) == (MODEL, 4, 10)
     assert described["BatchStrategy"] == "SingleRecord"
     assert described["Environment"] == {"TEMPERATURE": "0"}
     assert described["ModelClientConfig"] == {"InvocationsTimeoutInSeconds": 60, "InvocationsMaxRetries": 3}
     assert described["DataProcessing"] == {"InputFilter": "$.features", "JoinSource": "Input"}
-    assert described["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == "s3://bucket/input/"
+    assert described["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"] == MISSING_INPUT
     assert described["TransformOutput"]["S3OutputPath"] == "s3://bucket/output"
     assert described["TransformResources"] == {"InstanceType": "ml.m5.large", "InstanceCount": 1}
     assert abs(described["CreationTime"] - datetime.now(timezone.utc)) < timedelta(minutes=1)
-    assert "TransformEndTime" not in described
 
-    assert sagemaker.stop_transform_job(TransformJobName="story-job")["ResponseMetadata"]["HTTPStatusCode"] == 200
-    assert sagemaker.describe_transform_job(TransformJobName="story-job")["TransformJobStatus"] == "Stopping"
+    assert wait_for(lambda: status(sagemaker, "story-job") == "Failed", 30)
+    failed = sagemaker.describe_transform_job(TransformJobName="story-job")
+    assert "nonexistent-servelet-input" in failed["FailureReason"] and "TransformEndTime" in failed
     again = refused(sagemaker.stop_transform_job, TransformJobName="story-job")
-    assert again["Code"] == "ValidationException" and "Stopping" in again["Message"]
+    assert again["Code"] == "ValidationException" and "Failed" in again["Message"]
+
+
+def status(sagemaker, name: str) -> str:
+    return sagemaker.describe_transform_job(TransformJobName=name)["TransformJobStatus"]
 
 
 def test_sagemaker_defaults_fill_what_is_unset(gateway, sagemaker):
@@ -103,18 +110,17 @@ def test_list_filters_sorts_and_pages(sagemaker):
     names = [f"listed-{i}" for i in range(5)]
     for name in names:
         sagemaker.create_transform_job(**job(name))
-    sagemaker.stop_transform_job(TransformJobName="listed-3")
+    assert wait_for(lambda: all(status(sagemaker, n) == "Failed" for n in names), 30)
 
     listed = sagemaker.list_transform_jobs(NameContains="LISTED", SortBy="Name", SortOrder="Ascending")
     assert [s["TransformJobName"] for s in listed["TransformJobSummaries"]] == names
     summary = listed["TransformJobSummaries"][0]
-    assert summary["TransformJobArn"].endswith(":transform-job/listed-0") and summary["TransformJobStatus"] == "InProgress"
-    assert summary["LastModifiedTime"] >= summary["CreationTime"]
+    assert summary["TransformJobArn"].endswith(":transform-job/listed-0") and summary["TransformJobStatus"] == "Failed"
+    assert summary["LastModifiedTime"] >= summary["CreationTime"] and "FailureReason" in summary
 
-    stopping = sagemaker.list_transform_jobs(NameContains="listed", StatusEquals="Stopping")["TransformJobSummaries"]
-    assert [s["TransformJobName"] for s in stopping] == ["listed-3"]
-    by_status = sagemaker.list_transform_jobs(NameContains="listed", SortBy="Status", SortOrder="Descending")
-    assert by_status["TransformJobSummaries"][0]["TransformJobName"] == "listed-3"  # Stopping sorts after InProgress
+    failed = sagemaker.list_transform_jobs(NameContains="listed", StatusEquals="Failed")["TransformJobSummaries"]
+    assert sorted(s["TransformJobName"] for s in failed) == names
+    assert not sagemaker.list_transform_jobs(NameContains="listed", StatusEquals="InProgress")["TransformJobSummaries"]
 
     paged, token = [], None
     while True:

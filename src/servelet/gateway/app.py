@@ -21,11 +21,13 @@ from ..control.plane import ControlPlane
 from ..control.router import Router
 from ..control.snapshots import Snapshots
 from ..control.store import Store
+from ..control.transform_runner import TransformRunner
 from ..control.usage import CostMeter
 from ..errors import GatewayError, Unprocessable
 from ..settings import GatewaySettings, database_url
 from . import metrics
 from .api import autoscaling
+from .api import sagemaker_transform  # noqa: F401 - registers the batch transform operations
 from .api import openai, qa, sagemaker, sagemaker_async, sagemaker_control, tgi, websocket
 from .disconnect import ClientGone
 from .errors import describe_validation, render
@@ -70,6 +72,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)
     router.catalog = Catalog(plane)
     jobs = JobQueue(store)
+    plane.transforms = TransformRunner(store, fleet, router, settings.instance_start_timeout)
     plane.autoscaler.backlog = jobs.backlog
     async_worker = AsyncWorker(
         jobs, router, lambda: async_endpoints(store), settings.async_max_input_bytes, settings.async_lease_seconds
@@ -91,6 +94,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         if config:
             await apply_config(plane, config)
         await plane.restore()
+        await plane.transforms.resume()
         plane.autoscaler.start()
         plane.serverless.start()
         if fleet.snapshots is not None:
@@ -99,6 +103,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         async_worker.start()
         yield
         await async_worker.close()  # first: its jobs in progress go back to the queue for the next start
+        await plane.transforms.close()  # its jobs stay InProgress: the next start resumes them
         await plane.close()
         await fleet.close()
         await meter.close()  # last: requests cut short by the close are billed too
