@@ -164,6 +164,20 @@ def test_embeddings_through_invoke_endpoint_and_the_default_model(hf_gateway, ru
         assert_same_vectors([body["data"][0]["embedding"]], expected)
 
 
+def test_a_json_lines_body_gets_one_answer_line_per_request_line(runtime, sentence_transformer):
+    """What a batch transform's MultiRecord request sends: the lines' texts share forward passes."""
+    body = b"\n".join(json.dumps({"inputs": text}).encode() for text in TEXTS) + b"\n"
+    answer = runtime.invoke_endpoint(EndpointName="default", Body=body, ContentType="application/jsonlines")
+    assert answer["ContentType"] == "application/jsonlines"
+    lines = [json.loads(line) for line in answer["Body"].read().splitlines()]
+    assert len(lines) == len(TEXTS)
+    assert_same_vectors([line["embeddings"][0] for line in lines], sentence_transformer.encode(TEXTS))
+    with pytest.raises(runtime.exceptions.ModelError) as refused:
+        runtime.invoke_endpoint(EndpointName="default", Body=b'{"inputs": "x"}\n{"inputs": 3}\n',
+                                ContentType="application/jsonlines")
+    assert "line 2" in str(refused.value)
+
+
 def test_embeddings_refused_with_the_reason(hf_gateway):
     with hf_gateway.http(timeout=60) as http:
         wrong_task = http.post("/v1/embeddings", json={"model": "qa", "input": "hello"})

@@ -104,6 +104,22 @@ class EmbeddingRuntime(JsonTaskRuntime):
 
     def answer(self, request: EmbeddingRequest) -> dict:
         texts = [request.inputs] if isinstance(request.inputs, str) else request.inputs
+        vectors, counts = self.embed(texts)
+        return {"embeddings": vectors, "token_counts": counts, "dimensions": len(vectors[0])}
+
+    def answer_many(self, requests: list[EmbeddingRequest]) -> list[dict]:
+        """Every line's texts in shared forward passes (BATCH_SIZE texts each), then each line's answer."""
+        texts = [[r.inputs] if isinstance(r.inputs, str) else r.inputs for r in requests]
+        vectors, counts = self.embed([text for group in texts for text in group])
+        answers, at = [], 0
+        for group in texts:
+            answers.append({"embeddings": vectors[at : at + len(group)], "token_counts": counts[at : at + len(group)],
+                            "dimensions": len(vectors[0])})
+            at += len(group)
+        return answers
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        """Pooled vectors and token counts, BATCH_SIZE texts per forward pass."""
         if self.pipeline.lower_case:
             texts = [t.lower() for t in texts]
         vectors, counts = [], []
@@ -115,7 +131,7 @@ class EmbeddingRuntime(JsonTaskRuntime):
                 states = self.model(**{k: batch[k] for k in self.tokenizer.model_input_names if k in batch}).last_hidden_state
                 vectors += self.pipeline.pool(states, batch["attention_mask"]).float().tolist()
             counts += batch["attention_mask"].sum(1).tolist()
-        return {"embeddings": vectors, "token_counts": counts, "dimensions": len(vectors[0])}
+        return vectors, counts
 
     def facts(self) -> dict:
         return super().facts() | {"max_input_tokens": self.max_seq_length}

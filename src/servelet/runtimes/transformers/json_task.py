@@ -9,18 +9,20 @@ that the instance answers 429. A request in SageMaker's Hugging Face style is `{
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, TypeVar
 
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from ...settings import InstanceSettings
 from ..base import Call, InvocationError, Runtime
-from ..lmi import read_json
+from ..lmi import JSON_LINES, JSON_LINES_TYPES, read_json
 
 log = logging.getLogger("servelet.runtimes.transformers")
 R = TypeVar("R", bound=BaseModel)
@@ -60,15 +62,28 @@ class JsonTaskRuntime(Runtime):
     def answer(self, request: Any) -> Any:
         """The JSON answer to one validated request (runs in the worker thread)."""
 
+    def answer_many(self, requests: list[Any]) -> list[Any]:
+        """The answers to the lines of a JSON-lines body (a batch transform's MultiRecord request); a task that
+        can run them in fewer forward passes than one each says how."""
+        return [self.answer(request) for request in requests]
+
     async def invoke(self, call: Call) -> Response:
+        if call.media_type in JSON_LINES_TYPES:
+            requests = [validate_line(self.request_type, line, n) for n, line in json_lines(call.body)]
+            answers = await self._run(self.answer_many, requests)
+            return Response(b"".join(orjson.dumps(a) + b"\n" for a in answers), media_type=JSON_LINES)
         request = validate(self.request_type, read_json(call))
+        return JSONResponse(await self._run(self.answer, request))
+
+    async def _run(self, work, request) -> Any:
+        """`work(request)` on the worker thread, behind the requests already waiting (at most max_waiting)."""
         if self._in_flight > self.max_waiting:
             waiting = self._in_flight - 1
             message = f"overloaded: 1 request is running and {waiting} are waiting (SERVELET_MAX_WAITING); retry later"
             raise InvocationError(429, message, "overloaded")
         self._in_flight += 1
         try:
-            answer = await asyncio.get_running_loop().run_in_executor(self._worker, self.answer, request)
+            return await asyncio.get_running_loop().run_in_executor(self._worker, work, request)
         except InvocationError:
             raise
         except Exception as exc:  # the model failed on a request it accepted: SageMaker's ModelError
@@ -76,7 +91,6 @@ class JsonTaskRuntime(Runtime):
             raise InvocationError(500, f"the {self.task} model failed: {type(exc).__name__}: {exc}", "model_error") from None
         finally:
             self._in_flight -= 1
-        return JSONResponse(answer)
 
     def facts(self) -> dict:
         return {"runtime": self.name, "task": self.task, "name": self.path.name}
@@ -86,6 +100,25 @@ class JsonTaskRuntime(Runtime):
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
+
+
+def json_lines(body: bytes) -> list[tuple[int, bytes]]:
+    """The non-empty lines of a JSON-lines body, numbered from 1; 400 when there is none."""
+    lines = [(n, line) for n, line in enumerate(body.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise InvocationError(400, "the request body has no JSON line; send one request per line")
+    return lines
+
+
+def validate_line(request_type: type[R], line: bytes, number: int) -> R:
+    try:
+        body = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvocationError(400, f"line {number} is not valid JSON: {exc}") from None
+    try:
+        return request_type.model_validate(body)
+    except ValidationError as exc:
+        raise InvocationError(422, f"line {number}: {describe(exc)}") from None
 
 
 def validate(request_type: type[R], body) -> R:
