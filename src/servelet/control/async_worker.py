@@ -135,6 +135,7 @@ class AsyncWorker(ControlLoop):
         finally:
             self.running.pop(job.inference_id, None)
             self._running_for.pop(job.inference_id, None)
+            self.wake()  # its room goes to the next job now, not at the next interval
 
     async def _answer(self, job: Job) -> None:
         if job.attempts > 1 and await objects.exists(job.output_location):
@@ -155,7 +156,7 @@ class AsyncWorker(ControlLoop):
             await self._fail(job, f"the input could not be read: {exc}")
             return
         except NOT_NOW as exc:
-            log.info("async job %s goes back to the queue: %s", job.inference_id, exc.message)
+            log.debug("async job %s goes back to the queue: %s", job.inference_id, exc.message)
             await asyncio.to_thread(self.queue.release, self.owner, job.inference_id)
             return
         except GatewayError as exc:
