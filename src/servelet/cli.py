@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, NoReturn, Optional
 
+import click
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
+from typer.core import TyperGroup
 
 from .client import DEFAULT_URL, Client, ServeletError
 from .settings import SettingsError, load_gateway_settings, load_instance_settings
@@ -225,37 +228,22 @@ def deploy(
         if not sep or not key:
             fail(f"--env {item!r}: write KEY=VALUE", 2)
         environment[key] = value
-    if "://" not in model_uri and Path(model_uri).exists():
-        model_uri = str(Path(model_uri).resolve())  # the gateway runs elsewhere in the file system
+    model_uri = local_model_uri(model_uri)
     capacity = serverless_config(serverless) if serverless else None
     with gateway(url) as client:
         if client.describe_endpoint(name) is not None:
             fail(f"endpoint {name!r} already exists: delete it first (`servelet endpoints delete {name}`) or pick another --name")
-        container = {"ModelDataUrl": model_uri} | ({"Environment": environment} if environment else {})
         variant = {"VariantName": "AllTraffic", "ModelName": name, "InitialVariantWeight": 1.0}
         if serverless:
             variant["ServerlessConfig"] = capacity
         if instances is not None or not serverless:  # with --serverless too, so that the gateway says why not
             variant["InitialInstanceCount"] = 1 if instances is None else instances
-        steps = [
-            ("CreateModel", {"ModelName": name, "PrimaryContainer": container, "Runtime": runtime}, ("DeleteModel", "ModelName")),
+        create_all(client, name, [
+            model_step(name, model_uri, runtime, environment),
             ("CreateEndpointConfig", {"EndpointConfigName": name, "ProductionVariants": [variant]},
              ("DeleteEndpointConfig", "EndpointConfigName")),
             ("CreateEndpoint", {"EndpointName": name, "EndpointConfigName": name}, None),
-        ]
-        done: list[tuple[str, str]] = []
-        for operation, body, undo in steps:
-            try:
-                client.control(operation, **body)
-            except ServeletError:
-                for undo_operation, key in reversed(done):  # leave nothing half-made behind: a retry must work
-                    try:
-                        client.control(undo_operation, **{key: name})
-                    except ServeletError:
-                        pass
-                raise
-            if undo:
-                done.append(undo)
+        ])
         if not wait:
             say(f"endpoint {name} is Creating; follow it with `servelet endpoints describe {name}`")
             return
@@ -264,6 +252,40 @@ def deploy(
         [variant] = described["ProductionVariants"]
         serving = capacity_words(variant, "{current} instance(s)")
         say(f"endpoint {name} is InService: {serving} of {model_uri} ({time.monotonic() - start:.0f}s)")
+
+
+def local_model_uri(model_uri: str) -> str:
+    """A local path as an absolute one (the gateway runs elsewhere in the file system); a URI as it is."""
+    if "://" not in model_uri and Path(model_uri).exists():
+        return str(Path(model_uri).resolve())
+    return model_uri
+
+
+Step = tuple[str, dict, Optional[tuple[str, str]]]  # operation, its body, and the Delete* (and key) that undoes it
+
+
+def model_step(name: str, model_uri: str, runtime: str = "auto", environment: dict | None = None) -> Step:
+    """CreateModel `name` of `model_uri`, as `deploy` makes a model for its endpoint."""
+    container = {"ModelDataUrl": model_uri} | ({"Environment": environment} if environment else {})
+    return "CreateModel", {"ModelName": name, "PrimaryContainer": container, "Runtime": runtime}, ("DeleteModel", "ModelName")
+
+
+def create_all(client: Client, name: str, steps: list[Step]) -> None:
+    """Run the Create* steps in order; where one is refused, delete what the earlier ones made (each named `name`)
+    so that a corrected retry works, then end the command with the gateway's message."""
+    done: list[tuple[str, str]] = []
+    for operation, body, undo in steps:
+        try:
+            client.control(operation, **body)
+        except ServeletError:
+            for undo_operation, key in reversed(done):  # leave nothing half-made behind
+                try:
+                    client.control(undo_operation, **{key: name})
+                except ServeletError:
+                    pass
+            raise
+        if undo:
+            done.append(undo)
 
 
 def serverless_config(value: str) -> dict:
@@ -994,6 +1016,248 @@ def job_status(value: str) -> str:
     if value.lower() not in statuses:
         fail(f"--status {value!r} is not a job status: give one of {', '.join(statuses.values())}", 2)
     return statuses[value.lower()]
+
+
+# -- transform [run] | transform list | describe | stop --------------------------------------------------------------
+class DefaultRunGroup(TyperGroup):
+    """Lets `servelet transform MODEL INPUT OUTPUT` mean `servelet transform run MODEL INPUT OUTPUT`: Click cannot
+    give a group positional arguments besides its subcommands, so what names no subcommand (nor asks for help)
+    goes to `run` (a model named `list`, `describe`, `stop` or `run` needs the `run`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+transform_app = typer.Typer(
+    cls=DefaultRunGroup, no_args_is_help=True,
+    help="Batch transform jobs (boto3's create_transform_job): `servelet transform MODEL INPUT OUTPUT` runs one.",
+)
+app.add_typer(transform_app, name="transform")
+TRANSFORM_ENDED = ("Completed", "Failed", "Stopped")
+FAILURES_SHOWN = 5
+JOB_PANEL = "The job (CreateTransformJob)"
+
+
+@transform_app.command("run")
+def transform_run(
+    model: Annotated[str, typer.Argument(help="A model's name (CreateModel, `servelet deploy`), or a model URI or path: "
+                                              "then a model named as the job is made of it, as `deploy` makes one.")],
+    input: Annotated[str, typer.Argument(help="The inputs (S3Uri): an s3:// or file:// prefix, or a path (a folder: "
+                                              "the files below it); with --manifest, a manifest file.")],
+    output: Annotated[str, typer.Argument(help="Where the outputs go (S3OutputPath): s3://, file:// or a path; "
+                                               "one <input>.out per input, keeping its relative key.")],
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="The job's name (default: MODEL-YYYYMMDD-HHMMSS, UTC).")] = None,
+    content_type: Annotated[str, typer.Option(help="ContentType of the records.", rich_help_panel=JOB_PANEL)] = "application/jsonlines",
+    split: Annotated[str, typer.Option(help="SplitType: Line (a record a line) or None (a record a file).", rich_help_panel=JOB_PANEL)] = "Line",
+    compression: Annotated[str, typer.Option(help="CompressionType of the inputs: None or Gzip.", rich_help_panel=JOB_PANEL)] = "None",
+    strategy: Annotated[str, typer.Option(help="BatchStrategy: MultiRecord or SingleRecord.", rich_help_panel=JOB_PANEL)] = "MultiRecord",
+    max_payload_mb: Annotated[Optional[int], typer.Option(help="MaxPayloadInMB, 1-100 (default 6).", rich_help_panel=JOB_PANEL)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(
+        help="MaxConcurrentTransforms: requests at once per instance (× --max-payload-mb ≤ 100).", rich_help_panel=JOB_PANEL)] = None,
+    instances: Annotated[Optional[int], typer.Option(help="InstanceCount: the job's own instances, 1-10 (default 1).", rich_help_panel=JOB_PANEL)] = None,
+    assemble_with: Annotated[str, typer.Option(help="AssembleWith: Line (an answer a line) or None.", rich_help_panel=JOB_PANEL)] = "Line",
+    accept: Annotated[Optional[str], typer.Option(help="Accept: the answers' content type.", rich_help_panel=JOB_PANEL)] = None,
+    input_filter: Annotated[Optional[str], typer.Option(help="DataProcessing InputFilter (JSONPath).", rich_help_panel=JOB_PANEL)] = None,
+    output_filter: Annotated[Optional[str], typer.Option(help="DataProcessing OutputFilter (JSONPath).", rich_help_panel=JOB_PANEL)] = None,
+    join_input: Annotated[bool, typer.Option(help="DataProcessing JoinSource Input: each answer joined to its record.", rich_help_panel=JOB_PANEL)] = False,
+    manifest: Annotated[bool, typer.Option(help="INPUT is a manifest file (S3DataType ManifestFile).", rich_help_panel=JOB_PANEL)] = False,
+    timeout: Annotated[Optional[int], typer.Option(
+        help="Seconds the model may take per request, 1-3600 (InvocationsTimeoutInSeconds, default 600).", rich_help_panel=JOB_PANEL)] = None,
+    retries: Annotated[Optional[int], typer.Option(
+        help="Retries of a failed request, 0-3 (InvocationsMaxRetries, default 3).", rich_help_panel=JOB_PANEL)] = None,
+    wait: Annotated[bool, typer.Option(
+        help="Show the job's progress until it ends; Ctrl-C stops the waiting, not the job (stop it with "
+             "`servelet transform stop NAME`).")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print DescribeTransformJob's answer (with --no-wait: once created).")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Run a batch transform job over INPUT's records and write the answers under OUTPUT, showing its progress; exit
+    status 0 when it completes, 1 when it fails or is stopped."""
+    name = name or job_name_for(model)
+    settings = {
+        "BatchStrategy": strategy, "MaxPayloadInMB": max_payload_mb, "MaxConcurrentTransforms": concurrency,
+        "ModelClientConfig": given(InvocationsTimeoutInSeconds=timeout, InvocationsMaxRetries=retries) or None,
+        "TransformInput": {
+            "DataSource": {"S3DataSource": {"S3DataType": "ManifestFile" if manifest else "S3Prefix",
+                                            "S3Uri": local_uri(input, folder=not manifest)}},
+            "ContentType": content_type, "SplitType": split, "CompressionType": compression,
+        },
+        "TransformOutput": given(S3OutputPath=local_uri(output), AssembleWith=assemble_with, Accept=accept),
+        "TransformResources": given(InstanceType="ml.m5.large", InstanceCount=instances),
+        "DataProcessing": given(InputFilter=input_filter, OutputFilter=output_filter,
+                                JoinSource="Input" if join_input else None) or None,
+    }
+    with gateway(url) as client:
+        steps = job_model_steps(client, model, name)
+        job = {"TransformJobName": name, "ModelName": name if steps else model} | given(**settings)
+        create_all(client, name, [*steps, ("CreateTransformJob", job, None)])
+        if not wait:
+            if as_json:
+                typer.echo(json.dumps(client.describe_transform_job(name), indent=2))
+            else:
+                say(f"transform job {name} is InProgress; follow it with `servelet transform describe {name}`, "
+                    f"stop it with `servelet transform stop {name}`")
+            return
+        described = wait_for_transform(client, name)
+    show_transform(described, as_json)
+    if described["TransformJobStatus"] != "Completed":
+        reason = described.get("FailureReason")
+        fail(f"transform job {name} {described['TransformJobStatus']}" + (f": {reason}" if reason else ""))
+
+
+def given(**fields) -> dict:
+    """The fields set: the gateway's defaults (SageMaker's) stand for the others."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def job_name_for(model: str) -> str:
+    """`<model>-<UTC timestamp>` as a valid SageMaker name: a URI's last part, without its file suffix, stands
+    for the model; letters, digits and single hyphens only, 63 characters at most."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    last = re.split(r"[#?]", model)[0].rstrip("/").rsplit("/", 1)[-1]
+    stem = re.sub(r"(\.tar\.gz|\.tgz|\.gguf|\.zip)$", "", last)
+    base = re.sub(r"[^a-zA-Z0-9]+", "-", stem)[: 62 - len(stamp)].strip("-")
+    return f"{base or 'transform'}-{stamp}"
+
+
+def local_uri(value: str, folder: bool = False) -> str:
+    """A path as a file:// URI of its absolute path (the gateway runs elsewhere in the file system); with `folder`,
+    an existing directory means the files below it (a trailing slash: the prefix's directory is itself). s3://
+    and file:// pass as given: SageMaker's prefix rules are the gateway's."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser().resolve()
+    slash = value.endswith("/") or (folder and path.is_dir())
+    return f"file://{path}{'/' if slash and str(path) != '/' else ''}"
+
+
+def job_model_steps(client: Client, model: str, name: str) -> list[Step]:
+    """Nothing to make for a model in the store; a URI or path gets a model named as the job (deleted again
+    if the job is refused)."""
+    from .control.resources import NAME_PATTERN
+
+    looks_like_name = re.fullmatch(NAME_PATTERN, model) is not None
+    if looks_like_name and client.describe_model(model) is not None:
+        return []
+    if looks_like_name and not Path(model).exists():
+        fail(f"no model named {model!r}: give a model URI (package://, file://, s3://, http(s)://, a path) or the "
+             "name of a model in the store (CreateModel, `servelet deploy`)")
+    return [model_step(name, local_model_uri(model))]
+
+
+def wait_for_transform(client: Client, name: str) -> dict:
+    """Poll DescribeTransformJob (its raw JSON, for servelet's Progress) every 0.2 s, growing to every 1 s, with a
+    progress bar over the job's files, until the job ends; Ctrl-C ends the waiting, not the job (it is resumable
+    and may be long: stopping it is asked for by name)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[counts]}"),
+               TimeElapsedColumn())
+    pause = 0.2
+    try:
+        with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:  # the summary follows
+            task = bar.add_task(name, total=None, counts="")
+            while True:
+                described = client.describe_transform_job(name)
+                progress = described.get("Progress", {})
+                bar.update(task, completed=progress.get("FilesDone", 0), total=progress.get("FilesTotal") or None,
+                           counts=progress_words(described))
+                if described["TransformJobStatus"] in TRANSFORM_ENDED:
+                    return described
+                time.sleep(pause)
+                pause = min(pause * 1.5, 1.0)
+    except KeyboardInterrupt:
+        fail(f"stopped waiting for transform job {name}; it goes on in the gateway (follow it with "
+             f"`servelet transform describe {name}`, stop it with `servelet transform stop {name}`)", 130)
+
+
+def progress_words(described: dict) -> str:
+    """Where a job stands, in one line: its status, records done and failed, files done of total."""
+    progress = described.get("Progress", {})
+    files = f"{progress.get('FilesDone', 0)}/{progress.get('FilesTotal') or '?'} files"
+    return (f"{described['TransformJobStatus']}: {progress.get('RecordsDone', 0)} records done, "
+            f"{progress.get('RecordsFailed', 0)} failed, {files}")
+
+
+def show_transform(described: dict, as_json: bool) -> None:
+    """DescribeTransformJob's answer as JSON, or in words: status, progress, the first failures, where the outputs are."""
+    if as_json:
+        typer.echo(json.dumps(described, indent=2))
+        return
+    name, output = described["TransformJobName"], described["TransformOutput"]["S3OutputPath"]
+    source = described["TransformInput"]["DataSource"]["S3DataSource"]
+    fields = [
+        ("Job", name), ("Status", progress_words(described)), ("Model", described["ModelName"]),
+        ("Input", f"{source['S3Uri']} ({source['S3DataType']})"),
+        ("Outputs", f"{output} (one <input>.out per input)"),
+        ("Created", when(described.get("CreationTime"))), ("Ended", when(described.get("TransformEndTime"))),
+    ]
+    if described["TransformJobStatus"] in ("Stopping", "Stopped"):
+        fields.append(("Parts", f"{output.rstrip('/')}/.servelet-parts/{name}/ (kept: what was done)"))
+    if described.get("FailureReason"):
+        fields.append(("Failure", described["FailureReason"]))
+    for label, value in fields:
+        say(f"{label + ':':<9}{value}")
+    failures = described.get("Progress", {}).get("RecordFailures", [])
+    for failure in failures[:FAILURES_SHOWN]:
+        say(f"  failed: file {failure['File']}, record {failure['Record']}: {failure['Reason']}")
+    if len(failures) > FAILURES_SHOWN:
+        say(f"  ... {len(failures) - FAILURES_SHOWN} more (`servelet transform describe {name} --json`)")
+
+
+@transform_app.command("list")
+def transform_list(
+    status: Annotated[Optional[str], typer.Option(
+        "--status", help="Only jobs in this state: InProgress, Completed, Failed, Stopping or Stopped.")] = None,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """A table of the transform jobs, newest first: status, progress, creation and end times, why one failed."""
+    with gateway(url) as client:
+        summaries = client.list_all("ListTransformJobs", "TransformJobSummaries", SortBy="CreationTime",
+                                    SortOrder="Descending", **given(StatusEquals=status))
+        if not summaries:
+            say("no transform jobs" + (" like that" if status else "") + " (run one with `servelet transform MODEL INPUT OUTPUT`)")
+            return
+        table = Table(Column("Name", overflow="fold"), "Status", "Progress", "Created", "Ended", "Failure", highlight=False)
+        for summary in summaries:
+            described = client.describe_transform_job(summary["TransformJobName"])
+            table.add_row(summary["TransformJobName"], summary["TransformJobStatus"],
+                          progress_words(described).partition(": ")[2], when(summary.get("CreationTime")),
+                          when(summary.get("TransformEndTime")), summary.get("FailureReason") or "-")
+    out.print(table)
+
+
+@transform_app.command("describe")
+def transform_describe(
+    name: Annotated[str, typer.Argument(help="The transform job.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print DescribeTransformJob's answer as it came (with Progress).")] = False,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """A transform job: where it stands, its records done and failed (the first failures' reasons), its outputs."""
+    with gateway(url) as client:
+        show_transform(client.describe_transform_job(name), as_json)
+
+
+@transform_app.command("stop")
+def transform_stop(
+    name: Annotated[str, typer.Argument(help="The transform job.")],
+    wait: Annotated[bool, typer.Option(help="Wait until it is Stopped.")] = True,
+    timeout: Timeout = 60.0,
+    url: Url = DEFAULT_URL,
+) -> None:
+    """Stop a job InProgress (StopTransformJob): it stops within seconds, keeping the parts it wrote."""
+    with gateway(url) as client:
+        client.control("StopTransformJob", TransformJobName=name)
+        status, start = "Stopping", time.monotonic()
+        with err.status(f"{name}: stopping"):
+            while wait and status not in TRANSFORM_ENDED and time.monotonic() - start < timeout:
+                time.sleep(0.2)
+                status = client.describe_transform_job(name)["TransformJobStatus"]
+    if wait and status not in TRANSFORM_ENDED:
+        fail(f"transform job {name!r} is still {status} after {timeout:g}s")
+    say(f"transform job {name} is {status}" + ("" if wait else f"; follow it with `servelet transform describe {name}`"))
 
 
 if __name__ == "__main__":

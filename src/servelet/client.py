@@ -72,8 +72,21 @@ class Client:
 
     def describe_endpoint(self, name: str) -> dict | None:
         """DescribeEndpoint, or None where the endpoint does not exist."""
+        return self._described("DescribeEndpoint", EndpointName=name)
+
+    def describe_model(self, name: str) -> dict | None:
+        """DescribeModel, or None where there is no model of that name."""
+        return self._described("DescribeModel", ModelName=name)
+
+    def describe_transform_job(self, name: str) -> dict:
+        """DescribeTransformJob's raw JSON: it carries servelet's `Progress` (RecordsDone, RecordsFailed, FilesDone,
+        FilesTotal, RecordFailures), which botocore would drop."""
+        return self.control("DescribeTransformJob", TransformJobName=name)
+
+    def _described(self, operation: str, **body) -> dict | None:
+        """A Describe* answer, or None where SageMaker says it could not find the resource."""
         try:
-            return self.control("DescribeEndpoint", EndpointName=name)
+            return self.control(operation, **body)
         except ServeletError as exc:
             if exc.code == "ValidationException" and "Could not find" in exc.message:
                 return None
