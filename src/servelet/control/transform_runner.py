@@ -94,9 +94,11 @@ class TransformRunner:
         self.instance_start_timeout = instance_start_timeout
         self.tasks: dict[str, asyncio.Task] = {}
         self._stop_asked: set[str] = set()
+        self._ended: set[str] = set()  # jobs this runner ended
 
     def start(self, spec: TransformJobSpec) -> None:
         name = spec.transform_job_name
+        self._ended.discard(name)
         if name not in self.tasks:
             self.tasks[name] = asyncio.create_task(self._run(name))
             self.tasks[name].add_done_callback(lambda _: self.tasks.pop(name, None))
@@ -175,16 +177,21 @@ class TransformRunner:
         slots = asyncio.Semaphore(plan.concurrency * plan.instances)
         running: set[asyncio.Task] = set()
         records_in = self._filtered(plan, source, originals, unfilterable)
-        async for batch in batches(records_in, plan.strategy, plan.max_payload_bytes, file=index):
-            if batch.first in done:
-                _forget(originals, batch)
-                continue
-            await slots.acquire()
-            task = asyncio.create_task(self._batch(plan, spec, endpoint, index, batch, originals, unfilterable))
-            task.add_done_callback(lambda _: slots.release())
-            running.add(task)
-            task.add_done_callback(running.discard)
-        await asyncio.gather(*running)
+        try:
+            async for batch in batches(records_in, plan.strategy, plan.max_payload_bytes, file=index):
+                if batch.first in done:
+                    _forget(originals, batch)
+                    continue
+                await slots.acquire()
+                task = asyncio.create_task(self._batch(plan, spec, endpoint, index, batch, originals, unfilterable))
+                task.add_done_callback(lambda _: slots.release())
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+        finally:  # stopped or failed: no batch may outlive its job (and count into a job that ended)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         await self._assemble(plan, index, source)
 
     async def _filtered(self, plan: JobPlan, source: InputObject, originals: dict[int, bytes],
@@ -278,6 +285,8 @@ class TransformRunner:
 
     # -- the job's record in the store ------------------------------------------------------------------------
     def _count(self, spec: TransformJobSpec, done: int = 0, failed: int = 0, failure: tuple | None = None) -> None:
+        if spec.transform_job_name in self._ended:
+            return  # a straggler of a job that has ended: its record says how it ended
         spec.records_done += done
         if failure is not None:
             file, first, reason = failure
@@ -292,6 +301,7 @@ class TransformRunner:
     def _end(self, spec: TransformJobSpec | None, status: TransformJobStatus, reason: str | None) -> None:
         if spec is None:
             return
+        self._ended.add(spec.transform_job_name)
         spec.transform_job_status = status
         spec.failure_reason = reason
         spec.transform_end_time = now()
