@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
 from ..sizing import serverless_memory_problems
@@ -32,6 +33,9 @@ from .resources import (
 from .serverless import ServerlessScaler, serverless_plan
 from .store import AlreadyExists, Store
 
+if TYPE_CHECKING:
+    from .transform_runner import TransformRunner
+
 log = logging.getLogger("servelet.control")
 
 
@@ -49,6 +53,8 @@ class ControlPlane:
         self.autoscaler = Autoscaler(store, fleet, self.deployer, autoscale_interval, scaling_report)
         self.serverless = ServerlessScaler(store, fleet, start_timeout, serverless_idle_seconds, serverless_start_timeout)
         fleet.on_instance_given_up = self._instance_given_up
+        # Runs batch transform jobs (control/transform_runner.py); the gateway sets it, the control API calls it.
+        self.transforms: TransformRunner | None = None
 
     # -- models ---------------------------------------------------------------------------------------------
     async def create_model(self, spec: ModelSpec) -> ModelSpec:
