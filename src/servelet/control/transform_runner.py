@@ -232,12 +232,15 @@ class TransformRunner:
         """One request, retried InvocationsMaxRetries times when it fails or times out (a refusal that says "not
         now" waits and retries without counting)."""
         invocation = Invocation(endpoint=endpoint, body=body, content_type=plan.content_type, accept=plan.accept)
-        attempt = 0
+        attempt, waiting_since = 0, None
         while True:
             try:
                 async with asyncio.timeout(plan.timeout):
                     return (await self.router.invoke(invocation)).body
-            except NOT_NOW:
+            except NOT_NOW as exc:
+                waiting_since = waiting_since or asyncio.get_running_loop().time()
+                if asyncio.get_running_loop().time() - waiting_since > plan.timeout:
+                    raise RecordsFailed(f"the instances kept refusing the batch for {plan.timeout:g} s: {exc.message}") from None
                 await asyncio.sleep(RETRY_DELAY_S)
                 continue
             except (GatewayError, TimeoutError) as exc:

@@ -23,6 +23,7 @@ from .lmi_schemas import InvocationRequest, describe
 
 JSON_LINES = "application/jsonlines"
 JSON_LINES_TYPES = (JSON_LINES, "application/x-jsonlines", "application/jsonl")
+DEFAULT_LINES_IN_FLIGHT = 32  # for an engine that does not say its batch size
 DISCONNECT_POLL_SECONDS = 0.25
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 JSON_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded", "")
@@ -75,31 +76,30 @@ class TextGenerationRuntime(Runtime):
 
 
     async def _invoke_lines(self, call: Call) -> Response:
-        """A JSON-lines body (a batch transform's MultiRecord request): each line an LMI request, all decoded
-        together by the engine, one answer line per request line, in order."""
+        """A JSON-lines body (a batch transform's MultiRecord request): each line an LMI request, one answer line
+        per request line, in order. Lines enter the engine as its batch has room (at most its max batch size in
+        flight), so a body of thousands of lines is decoded batch after batch rather than refused as overload."""
         invocations = [parse_line(line, number) for number, line in enumerate(call.body.splitlines(), 1) if line.strip()]
         if not invocations:
             raise InvocationError(400, "the request body has no JSON line; send one LMI request per line")
-        generations: list[list] = []
-        try:
-            for invocation in invocations:
-                prompts = [invocation.inputs] if isinstance(invocation.inputs, str) else invocation.inputs
-                generations.append(submit_all(self.engine, prompts, invocation))
-        except EngineError:
-            for batch in generations:
-                for generation in batch:
-                    generation.cancel()
-            raise
-        flat = [g for batch in generations for g in batch]
-        results = await until_disconnect(call, collect_all(flat), flat)
-        if results is None:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        lines, at = [], 0
-        for invocation, batch in zip(invocations, generations):
+        room = asyncio.Semaphore(getattr(getattr(self.engine, "config", None), "max_batch_size", DEFAULT_LINES_IN_FLIGHT))
+
+        async def answer_line(invocation: InvocationRequest) -> bytes:
             prompts = [invocation.inputs] if isinstance(invocation.inputs, str) else invocation.inputs
-            answers = [answer(p, *results[at + i], invocation.parameters.details) for i, p in enumerate(prompts)]
-            at += len(batch)
-            lines.append(orjson.dumps(answers[0] if isinstance(invocation.inputs, str) else answers) + b"\n")
+            async with room:
+                generations = submit_all(self.engine, prompts, invocation)
+                try:
+                    results = await collect_all(generations)
+                except BaseException:
+                    for generation in generations:
+                        generation.cancel()
+                    raise
+            answers = [answer(p, tokens, end, invocation.parameters.details) for p, (tokens, end) in zip(prompts, results)]
+            return orjson.dumps(answers[0] if isinstance(invocation.inputs, str) else answers) + b"\n"
+
+        lines = await until_disconnect(call, asyncio.gather(*(answer_line(i) for i in invocations)), [])
+        if lines is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return Response(b"".join(lines), media_type=JSON_LINES)
 
 
