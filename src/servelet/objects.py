@@ -19,7 +19,7 @@ from typing import BinaryIO, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from .artifacts.s3 import CLIENT_SETTINGS, _client, _status
+from .artifacts.s3 import CLIENT_SETTINGS, client_for, http_status
 
 CHUNK_BYTES = 1 << 20
 # S3 takes up to 5 GB in one PUT, but a multipart upload sends a large payload without holding it whole.
@@ -128,7 +128,7 @@ async def read_chunks(uri: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator
     location = parse(uri)
     reader = await asyncio.to_thread(_open_reader, location)
     try:
-        with _errors(location):
+        with translated_errors(location):
             while chunk := await asyncio.to_thread(reader.read, chunk_bytes):
                 yield chunk
     finally:
@@ -142,7 +142,7 @@ async def write_chunks(uri: str, chunks: AsyncIterator[bytes], content_type: str
     writer = await asyncio.to_thread(_open_writer, location, content_type)
     written = 0
     try:
-        with _errors(location):
+        with translated_errors(location):
             async for chunk in chunks:
                 await asyncio.to_thread(writer.write, chunk)
                 written += len(chunk)
@@ -174,43 +174,43 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
 
 
 def _size_of(location: Location) -> int:
-    with _errors(location):
+    with translated_errors(location):
         if isinstance(location, S3Location):
-            return _s3().head_object(Bucket=location.bucket, Key=location.key)["ContentLength"]
+            return s3().head_object(Bucket=location.bucket, Key=location.key)["ContentLength"]
         if not location.path.is_file():
             raise FileNotFoundError(location.path)
         return location.path.stat().st_size
 
 
 def _delete(location: Location) -> None:
-    with _errors(location):
+    with translated_errors(location):
         if isinstance(location, S3Location):
-            _s3().delete_object(Bucket=location.bucket, Key=location.key)
+            s3().delete_object(Bucket=location.bucket, Key=location.key)
         else:
             location.path.unlink(missing_ok=True)
 
 
 def _open_reader(location: Location) -> Reader:
-    with _errors(location):
+    with translated_errors(location):
         if isinstance(location, S3Location):
-            return _s3().get_object(Bucket=location.bucket, Key=location.key)["Body"]
+            return s3().get_object(Bucket=location.bucket, Key=location.key)["Body"]
         return open(location.path, "rb")
 
 
 def _open_writer(location: Location, content_type: str | None) -> Writer:
-    with _errors(location):
+    with translated_errors(location):
         if isinstance(location, S3Location):
-            return S3Writer(_s3(), location, content_type)
+            return S3Writer(s3(), location, content_type)
         return FileWriter(location.path)
 
 
 @contextmanager
-def _errors(location: Location) -> Iterator[None]:
+def translated_errors(location: Location) -> Iterator[None]:
     """Turn the store's own errors about the caller's URI into ObjectStoreError / ObjectMissing, in words."""
     try:
         yield
     except ClientError as exc:
-        if not 400 <= _status(exc) < 500:
+        if not 400 <= http_status(exc) < 500:
             raise  # S3's own trouble (5xx), not the caller's
         raise _s3_error(location, exc) from None
     except FileNotFoundError:
@@ -303,17 +303,17 @@ class S3Writer:
         return {"Bucket": self.location.bucket, "Key": self.location.key}
 
 
-def _s3():
+def s3():
     """The S3 client model artifacts use (one per process and AWS settings): same endpoint, credentials, region."""
     try:
-        return _client(S3_POOL_CONNECTIONS, tuple(os.environ.get(name) for name in CLIENT_SETTINGS))
+        return client_for(S3_POOL_CONNECTIONS, tuple(os.environ.get(name) for name in CLIENT_SETTINGS))
     except (BotoCoreError, ValueError) as exc:  # a missing profile, an endpoint URL that is no URL, ...
         raise ObjectStoreError(f"the AWS settings do not make an S3 client: {exc}") from None
 
 
 def _s3_error(location: Location, exc: ClientError) -> ObjectStoreError:
     """What S3's answer means for this URI (a HEAD's bare 404 says neither whether the bucket or the key is missing)."""
-    status, error = _status(exc), exc.response.get("Error", {})
+    status, error = http_status(exc), exc.response.get("Error", {})
     code = error.get("Code", "")
     if code == "NoSuchBucket" or (status == 404 and code != "NoSuchKey" and not _bucket_exists(location.bucket)):
         return ObjectStoreError(f"{location.uri}: the bucket {location.bucket!r} does not exist")
@@ -327,7 +327,7 @@ def _s3_error(location: Location, exc: ClientError) -> ObjectStoreError:
 
 def _bucket_exists(bucket: str) -> bool:
     try:
-        _s3().head_bucket(Bucket=bucket)
+        s3().head_bucket(Bucket=bucket)
         return True
     except ClientError as exc:
-        return _status(exc) != 404
+        return http_status(exc) != 404

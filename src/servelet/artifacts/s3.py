@@ -38,7 +38,7 @@ class S3Object(RemoteObject):
             raise ArtifactError(f"{uri}: an s3:// model URI names one object: s3://BUCKET/KEY")
         self.name = self.key.rsplit("/", 1)[-1]
         try:
-            self.client = _client(concurrency, tuple(os.environ.get(name) for name in CLIENT_SETTINGS))
+            self.client = client_for(concurrency, tuple(os.environ.get(name) for name in CLIENT_SETTINGS))
         except (BotoCoreError, ValueError) as exc:  # a missing profile, an endpoint URL that is no URL, ...
             raise ArtifactError(f"{uri}: the AWS settings do not make an S3 client: {exc}") from None
         head = self._head()
@@ -56,7 +56,7 @@ class S3Object(RemoteObject):
             # IfMatch: every part comes from the same version of the object, or the fetch fails.
             response = self.client.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={start}-{last}", IfMatch=self.etag)
         except ClientError as exc:
-            if _status(exc) == 412:
+            if http_status(exc) == 412:
                 raise ArtifactError(f"{self.uri}: the object changed while it was being fetched; deploy again") from None
             raise ArtifactError(self._explain(exc)) from None
         yield from response["Body"].iter_chunks(CHUNK_BYTES)
@@ -65,13 +65,13 @@ class S3Object(RemoteObject):
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self.key, ChecksumMode="ENABLED")
         except ClientError as exc:
-            raise (ArtifactMissing if _status(exc) == 404 else ArtifactError)(self._explain(exc)) from None
+            raise (ArtifactMissing if http_status(exc) == 404 else ArtifactError)(self._explain(exc)) from None
         except BotoCoreError as exc:
             raise ArtifactError(f"{self.uri}: cannot reach S3 at {self.client.meta.endpoint_url}: {exc}") from None
 
     def _explain(self, exc: ClientError) -> str:
         """What a failed call means, in words (a HEAD's 404 says neither whether the bucket or the key is missing)."""
-        status, code = _status(exc), exc.response.get("Error", {}).get("Code", "")
+        status, code = http_status(exc), exc.response.get("Error", {}).get("Code", "")
         where = f"(S3 endpoint {self.client.meta.endpoint_url})"
         if status == 404:
             if not self._bucket_exists():
@@ -87,11 +87,11 @@ class S3Object(RemoteObject):
             self.client.head_bucket(Bucket=self.bucket)
             return True
         except ClientError as exc:
-            return _status(exc) != 404
+            return http_status(exc) != 404
 
 
 @lru_cache(maxsize=4)
-def _client(concurrency: int, settings: tuple[str | None, ...]):
+def client_for(concurrency: int, settings: tuple[str | None, ...]):
     """One client per process and settings (they are thread-safe): building one reads botocore's models, ~0.2 s."""
     session = boto3.session.Session()
     config = Config(max_pool_connections=max(10, concurrency), retries={"mode": "standard", "max_attempts": 5})
@@ -100,5 +100,5 @@ def _client(concurrency: int, settings: tuple[str | None, ...]):
     return session.client("s3", region_name=session.region_name or DEFAULT_REGION, config=config)
 
 
-def _status(exc: ClientError) -> int:
+def http_status(exc: ClientError) -> int:
     return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)

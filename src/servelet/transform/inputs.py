@@ -65,8 +65,8 @@ def _s3_under_prefix(prefix: str) -> list[InputObject]:
         raise ObjectStoreError(f"{prefix!r}: an s3:// prefix names a bucket")
     directory = key_prefix[: key_prefix.rfind("/") + 1]
     found = []
-    with objects._errors(S3Location(prefix, bucket, key_prefix)):
-        for page in objects._s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
+    with objects.translated_errors(S3Location(prefix, bucket, key_prefix)):
+        for page in objects.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key_prefix):
             for entry in page.get("Contents", []):
                 key = entry["Key"]
                 if not key.endswith("/"):  # a console's "folder" marker, not an object to transform
