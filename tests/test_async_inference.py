@@ -170,6 +170,17 @@ def test_bad_requests_are_refused_naming_what_is_wrong(gateway, answering):
     assert "not found" in unknown.value.response["Error"]["Message"]
 
 
+def test_the_endpoint_keeps_its_async_config_when_its_endpoint_config_is_deleted(gateway, s3_server, answering):
+    sagemaker = boto("sagemaker", gateway.base_url)
+    described = sagemaker.describe_endpoint(EndpointName=answering)
+    assert described["AsyncInferenceConfig"]["OutputConfig"]["S3OutputPath"].endswith("/out")
+    sagemaker.delete_endpoint_config(EndpointConfigName=answering)  # SageMaker allows it while the endpoint runs
+
+    accepted = runtime(gateway).invoke_endpoint_async(EndpointName=answering, Body=json.dumps(PROMPT).encode(),
+                                                      ContentType="application/json")
+    assert wait_for(lambda: s3_text(s3_server, accepted["OutputLocation"]) is not None, 120)
+
+
 def test_an_async_endpoint_scales_to_zero_on_an_empty_queue_and_starts_when_work_arrives(gateway, tmp_path):
     name = create_async_endpoint(gateway, "elastic", f"file://{tmp_path}/out")
     scaling = boto("application-autoscaling", gateway.base_url)

@@ -249,13 +249,16 @@ def webhook_for(config: AsyncInferenceConfig | None, status: str) -> str | None:
 
 
 def async_endpoints(store: Store) -> dict[str, AsyncInferenceConfig]:
-    """The endpoints serving (in service, or updating) whose endpoint config has an AsyncInferenceConfig."""
+    """The endpoints serving (in service, or updating) with an AsyncInferenceConfig: the one their record keeps
+    (endpoints created before records kept it: their endpoint config's)."""
     found = {}
     for status in (EndpointStatus.IN_SERVICE, EndpointStatus.UPDATING):
         for record in store.list_endpoints(status=status):
-            spec = store.get_endpoint_config(record.endpoint_config_name)
-            if spec is not None and spec.async_config is not None:
-                found[record.endpoint_name] = spec.async_config
+            config = record.async_inference_config
+            if config is None and (spec := store.get_endpoint_config(record.endpoint_config_name)) is not None:
+                config = spec.async_inference_config
+            if config is not None:
+                found[record.endpoint_name] = AsyncInferenceConfig.model_validate(config)
     return found
 
 

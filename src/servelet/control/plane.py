@@ -130,7 +130,10 @@ class ControlPlane:
     async def create_endpoint(self, name: str, config_name: str) -> EndpointRecord:
         config = await self.describe_endpoint_config(config_name)
         plans = self.plans(config)
-        record = EndpointRecord(endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans))
+        record = EndpointRecord(
+            endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans),
+            async_inference_config=config.async_inference_config,
+        )
         try:
             self.store.add_endpoint(record)
         except AlreadyExists:

@@ -389,6 +389,9 @@ class EndpointRecord(Resource):
     last_modified_time: datetime = Field(default_factory=now)
     last_deployment_config: DeploymentConfig | None = None
     pending_deployment_summary: PendingDeployment | None = None
+    # The AsyncInferenceConfig serving now, kept with the endpoint as SageMaker's DescribeEndpoint shows it (its
+    # endpoint config may be deleted while it runs).
+    async_inference_config: dict | None = None
 
 
 def arn(kind: str, name: str) -> str:
