@@ -40,7 +40,7 @@ def error_format(family: str, renderer: Renderer):
     """A router dependency: errors raised under this router are rendered by `renderer`."""
     _renderers[family] = renderer
 
-    def mark(request: Request) -> None:
+    async def mark(request: Request) -> None:  # async: no thread-pool hop (see services.services)
         request.state.api_family = family
 
     return mark

@@ -33,7 +33,9 @@ class Services:
     async_worker: AsyncWorker
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """Async, as every dependency here: FastAPI runs a plain `def` dependency on its thread pool, a thread hop on
+    every request."""
     return request.app.state.services
 
 

@@ -476,5 +476,5 @@ ERROR = {"example": {"__type": "ValidationException", "message": 'Could not find
 async def post_root(request: Request, hub: Services = Depends(services)):
     if TARGET_HEADER in request.headers:
         return await call(request, hub)
-    tgi.as_tgi(request)  # errors from here on render as TGI's
+    await tgi.as_tgi(request)  # errors from here on render as TGI's
     return await tgi.compat_generate(request, hub)
