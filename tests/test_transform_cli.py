@@ -105,6 +105,6 @@ def test_a_job_started_without_waiting_is_stopped_by_name(gateway, tmp_path):
     raw = described(gateway, "big")
     assert raw["TransformJobStatus"] == "Stopped" and 2 <= raw["Progress"]["RecordsDone"] < 400, raw
     shown = servelet("transform", "describe", "big", url=gateway.base_url)
-    assert "Status:  Stopped" in shown.stdout and f"/.servelet-parts/big/" in shown.stdout, shown.stdout
+    assert "Status:  Stopped" in shown.stdout and "/.servelet-parts/big/" in shown.stdout, shown.stdout
     again = servelet("transform", "stop", "big", url=gateway.base_url)
     assert again.returncode != 0 and "only a job InProgress can be stopped" in again.stderr, again.stderr

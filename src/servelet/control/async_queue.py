@@ -235,14 +235,13 @@ class GroupCommit:
     def __init__(self, queue: JobQueue):
         self.queue = queue
         self._pending: list[tuple[Job, asyncio.Future]] = []
-        self._committing = False
+        self._committer: asyncio.Task | None = None  # referenced, or the loop may collect it mid-commit
 
     async def enqueue(self, job: Job) -> Job:
         stored = asyncio.get_running_loop().create_future()
         self._pending.append((job, stored))
-        if not self._committing:
-            self._committing = True
-            asyncio.create_task(self._commit())
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit())
         return await stored
 
     async def _commit(self) -> None:
@@ -260,4 +259,4 @@ class GroupCommit:
                     if not waiting.done():
                         waiting.set_result(job)
         finally:
-            self._committing = False
+            self._committer = None

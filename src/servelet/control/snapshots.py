@@ -40,8 +40,9 @@ FORK_REPLY_TIMEOUT_S = 5.0
 TEMPLATE_POLL_S = 0.02
 EVICT_INTERVAL_S = 2.0
 MAX_TEMPLATE_DEATHS = 3
-# A fork copies the page tables of the template's private memory (the repacked weights, the KV cells): 4 KB pages
-# made it 11-14 ms for the default model; glibc's malloc asking for transparent huge pages made it 1.6-2.6 ms.
+# A fork copies the page tables of the template's private memory (the repacked weights, the KV cells): with 4 KB
+# pages it took 17.7 ms for the default model; with glibc's malloc asking for transparent huge pages, 1.3 ms
+# (bench/snapshot_parts.py).
 HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 

@@ -219,7 +219,7 @@ def _become_instance(
 def reseed() -> None:
     """New seeds for every random generator the instance may sample with. Python's `random` reseeds itself in a
     forked child; NumPy's and PyTorch's global generators do not (seeded only where imported: an import of
-    numpy.random here would cost an instance 13 ms). llama.cpp's samplers take a seed from os.urandom per
+    numpy.random here would cost an instance 22 ms). llama.cpp's samplers take a seed from os.urandom per
     request: unique already."""
     if (numpy_random := sys.modules.get("numpy.random")) is not None:  # not imported: nothing drew from it
         numpy_random.seed(int.from_bytes(os.urandom(4), "little"))

@@ -79,9 +79,7 @@ class TextGenerationRuntime(Runtime):
         """A JSON-lines body (a batch transform's MultiRecord request): each line an LMI request, one answer line
         per request line, in order. Lines enter the engine as its batch has room (at most its max batch size in
         flight), so a body of thousands of lines is decoded batch after batch rather than refused as overload."""
-        invocations = [parse_line(line, number) for number, line in enumerate(call.body.splitlines(), 1) if line.strip()]
-        if not invocations:
-            raise InvocationError(400, "the request body has no JSON line; send one LMI request per line")
+        invocations = [parse_line(decoded, number) for number, decoded in request_lines(call.body)]
         room = asyncio.Semaphore(getattr(getattr(self.engine, "config", None), "max_batch_size", DEFAULT_LINES_IN_FLIGHT))
 
         async def answer_line(invocation: InvocationRequest) -> bytes:
@@ -103,11 +101,25 @@ class TextGenerationRuntime(Runtime):
         return Response(b"".join(lines), media_type=JSON_LINES)
 
 
-def parse_line(line: bytes, number: int) -> InvocationRequest:
+def request_lines(body: bytes) -> list[tuple[int, object]]:
+    """The non-empty lines of a JSON-lines body, numbered from 1 and decoded; 400 naming a line that is not JSON,
+    or when there is none."""
+    lines = []
+    for number, line in enumerate(body.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            lines.append((number, json.loads(line)))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise InvocationError(400, f"line {number} is not valid JSON: {exc}") from None
+    if not lines:
+        raise InvocationError(400, "the request body has no JSON line; send one request per line")
+    return lines
+
+
+def parse_line(decoded: object, number: int) -> InvocationRequest:
     try:
-        invocation = InvocationRequest.model_validate(json.loads(line))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvocationError(400, f"line {number} is not valid JSON: {exc}") from None
+        invocation = InvocationRequest.model_validate(decoded)
     except ValidationError as exc:
         raise InvocationError(422, f"line {number}: {describe(exc)}") from None
     if invocation.stream:

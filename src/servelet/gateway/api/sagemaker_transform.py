@@ -1,13 +1,11 @@
 """SageMaker batch transform's control operations, as boto3's `sagemaker` client sends them.
 
 They join sagemaker_control's registry (same route, same errors, same paging), so importing this module is what
-serves them. This module checks a job, stores it and hands it to the runner (`plane.transforms`, when the gateway
-has one); the runner reads the inputs, calls the model and keeps the job's status and progress in the store.
+serves them. This module checks a job, stores it and hands it to the runner (`plane.transforms`, which the gateway
+sets); the runner reads the inputs, calls the model and keeps the job's status and progress in the store.
 """
 
 from __future__ import annotations
-
-import inspect
 
 from ...control.plane import ControlPlane
 from ...control.resources import (
@@ -43,16 +41,6 @@ def find_job(plane: ControlPlane, name: str) -> TransformJobSpec:
     if job is None:
         raise missing_job(name)
     return job
-
-
-async def tell_runner(plane: ControlPlane, action: str, argument) -> None:
-    """Hand the job to the runner, when this gateway has one; its hooks may be plain or async."""
-    runner = getattr(plane, "transforms", None)
-    if runner is None:
-        return
-    result = getattr(runner, action)(argument)
-    if inspect.isawaitable(result):
-        await result
 
 
 def to_alias(field: str) -> str:
@@ -96,7 +84,8 @@ async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
             "Job name must be unique within an AWS account and region, and a job with this name already exists "
             f"({arn(JOB_KIND, job.transform_job_name)})"
         ) from None
-    await tell_runner(plane, "start", job)
+    if plane.transforms is not None:
+        plane.transforms.start(job)
     return {"TransformJobArn": arn(JOB_KIND, job.transform_job_name)}
 
 
@@ -115,7 +104,8 @@ async def stop_transform_job(plane: ControlPlane, body: dict) -> dict:
         )
     job.transform_job_status = TransformJobStatus.STOPPING
     plane.store.save_transform_job(job)
-    await tell_runner(plane, "stop", job.transform_job_name)
+    if plane.transforms is not None:
+        plane.transforms.stop(job.transform_job_name)
     return {}
 
 

@@ -9,7 +9,6 @@ that the instance answers 429. A request in SageMaker's Hugging Face style is `{
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from ...settings import InstanceSettings
 from ..base import Call, InvocationError, Runtime
-from ..lmi import JSON_LINES, JSON_LINES_TYPES, read_json
+from ..lmi import JSON_LINES, JSON_LINES_TYPES, read_json, request_lines
 
 log = logging.getLogger("servelet.runtimes.transformers")
 R = TypeVar("R", bound=BaseModel)
@@ -69,7 +68,7 @@ class JsonTaskRuntime(Runtime):
 
     async def invoke(self, call: Call) -> Response:
         if call.media_type in JSON_LINES_TYPES:
-            requests = [validate_line(self.request_type, line, n) for n, line in json_lines(call.body)]
+            requests = [validate_line(self.request_type, decoded, n) for n, decoded in request_lines(call.body)]
             answers = await self._run(self.answer_many, requests)
             return Response(b"".join(orjson.dumps(a) + b"\n" for a in answers), media_type=JSON_LINES)
         request = validate(self.request_type, read_json(call))
@@ -102,21 +101,9 @@ class JsonTaskRuntime(Runtime):
         self._worker.shutdown(wait=True, cancel_futures=True)
 
 
-def json_lines(body: bytes) -> list[tuple[int, bytes]]:
-    """The non-empty lines of a JSON-lines body, numbered from 1; 400 when there is none."""
-    lines = [(n, line) for n, line in enumerate(body.splitlines(), 1) if line.strip()]
-    if not lines:
-        raise InvocationError(400, "the request body has no JSON line; send one request per line")
-    return lines
-
-
-def validate_line(request_type: type[R], line: bytes, number: int) -> R:
+def validate_line(request_type: type[R], decoded, number: int) -> R:
     try:
-        body = json.loads(line)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvocationError(400, f"line {number} is not valid JSON: {exc}") from None
-    try:
-        return request_type.model_validate(body)
+        return request_type.model_validate(decoded)
     except ValidationError as exc:
         raise InvocationError(422, f"line {number}: {describe(exc)}") from None
 
