@@ -172,6 +172,10 @@ class GatewaySettings(BaseSettings):
     run_dir: Path | None = Field(None, description="Folder for instance sockets (default: a new temporary folder).")
     instance_start_timeout: float = Field(600.0, gt=0, description="Seconds an instance may take to load its model.")
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
+    # 64 as .NET's System.Text.Json; the most Python's json reaches is under its recursion limit (1,000).
+    max_json_depth: int = Field(
+        64, ge=1, le=512, description="Deepest nesting of arrays and objects in a client's JSON before 400."
+    )
     keepalive_seconds: float = Field(15.0, gt=0, description="Silence after which a stream sends a keep-alive.")
     invocation_timeout: float = Field(
         600.0, gt=0, description="Seconds an instance may take to answer an invocation (a stream: to start answering)."

@@ -16,6 +16,7 @@ from ..control.plane import ControlPlane
 from ..control.router import Router
 from ..errors import BadRequest, PayloadTooLarge, Unprocessable
 from ..settings import GatewaySettings
+from . import client_json
 from .errors import describe_validation
 from .textgen import TextGenerator
 
@@ -59,13 +60,13 @@ async def read_body(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-async def read_json(request: Request, limit: int):
-    """The body as JSON, with a 400 that says what is wrong when it is not."""
-    body = await read_body(request, limit)
+async def read_json(request: Request, settings: GatewaySettings):
+    """The body as JSON within the size and nesting limits, with a 400 that says what is wrong when it is not."""
+    body = await read_body(request, settings.max_payload_bytes)
     if not body.strip():
         raise BadRequest("the request body is empty; send a JSON object")
     try:
-        return json.loads(body)
+        return client_json.loads(body, settings.max_json_depth)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the request body is not valid JSON: {exc}") from None
 

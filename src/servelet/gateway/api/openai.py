@@ -102,7 +102,7 @@ def _param(loc: tuple) -> str:
 
 async def read(request: Request, svc: Services, model: type[M]) -> M:
     """The body within the payload limit, validated: bad JSON or fields answer OpenAI's 400."""
-    return parse(model, await read_json(request, svc.settings.max_payload_bytes))
+    return parse(model, await read_json(request, svc.settings))
 
 
 router = APIRouter(

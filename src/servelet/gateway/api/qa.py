@@ -64,5 +64,5 @@ async def question_by_query(
     openapi_extra=json_body(QuestionRequest),
 )
 async def question_by_body(request: Request, hub: Services = Depends(services)):
-    body = parse(QuestionRequest, await read_json(request, hub.settings.max_payload_bytes))
+    body = parse(QuestionRequest, await read_json(request, hub.settings))
     return await answer(request, hub, body)

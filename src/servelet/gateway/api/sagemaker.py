@@ -19,7 +19,7 @@ from ...control.catalog import CATALOG_HINT
 from ...control.endpoints import DEFAULT_ENDPOINT
 from ...control.invocation import ChunkStream, Invocation
 from ...errors import BadRequest, GatewayError, ModelFailed, ModelNotReady, Overloaded, Unavailable, Unprocessable
-from .. import framing, metrics
+from .. import client_json, framing, metrics
 from ..disconnect import unless_disconnected
 from ..errors import error_format
 from ..services import Services, note_endpoint, read_body, services
@@ -116,17 +116,18 @@ def is_json(content_type: str) -> bool:
     return media in ("application/json", "text/json") or media.endswith("+json")
 
 
-def ask_to_stream(body: bytes, content_type: str) -> bytes:
+def ask_to_stream(body: bytes, content_type: str, max_depth: int) -> bytes:
     """Add `"stream": true` to a JSON body that does not say.
 
     An LMI container streams token by token only when the body asks for it; SageMaker LMI users write it in
     the body themselves, but a caller of InvokeEndpointWithResponseStream has already said it wants a stream.
-    An explicit `"stream"` and anything that is not a JSON object travel untouched (the instance judges them).
+    An explicit `"stream"` and anything that is not a JSON object travel untouched (the instance judges them);
+    JSON nested deeper than `max_depth` is refused here, as every JSON the gateway reads.
     """
     if not is_json(content_type):
         return body
     try:
-        payload = json.loads(body)
+        payload = client_json.loads(body, max_depth)
     except (ValueError, UnicodeDecodeError):
         return body
     if not isinstance(payload, dict) or "stream" in payload:
@@ -178,7 +179,7 @@ async def invoke_endpoint_with_response_stream(
     request: Request, EndpointName: str = ENDPOINT_NAME, services: Services = Depends(services)
 ):
     invocation = await read_invocation(request, services, EndpointName, request.headers.get("x-amzn-sagemaker-accept"))
-    invocation.body = ask_to_stream(invocation.body, invocation.content_type)
+    invocation.body = ask_to_stream(invocation.body, invocation.content_type, services.settings.max_json_depth)
     # Opened here, not in the generator, so failures before the first byte still answer an HTTP error.
     instance_stream = AsyncExitStack()
     with model_errors():
@@ -228,7 +229,7 @@ def _raise_if_error(line: bytes) -> None:
         return  # most lines are tokens; no need to parse them
     try:
         payload = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # a model's own output, however deep, is not an error line
         return
     if isinstance(payload, dict) and "error" in payload and "token" not in payload:
         raise ModelFailed(str(payload["error"]), 500)

@@ -34,6 +34,8 @@ from ...control.resources import (
     arn,
 )
 from ...errors import GatewayError, ResourceInUse, ResourceMissing
+from ...settings import GatewaySettings
+from .. import client_json
 from ..services import Services, json_body, read_body, services
 from . import tgi
 
@@ -210,10 +212,10 @@ def read_token(token: str | None) -> int:
     if not token:
         return 0
     try:
-        offset = json.loads(base64.urlsafe_b64decode(token.encode()))["offset"]
+        offset = client_json.loads(base64.urlsafe_b64decode(token.encode()), max_depth=1)["offset"]
         if isinstance(offset, int) and offset >= 0:
             return offset
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, client_json.TooDeep):
         pass
     raise invalid("NextToken: not a token this server gave; list again without it")
 
@@ -402,12 +404,12 @@ def find_operation(target: str) -> Operation:
     return operations[name]
 
 
-async def read_input(request: Request, limit: int) -> dict:
-    body = await read_body(request, limit)
+async def read_input(request: Request, settings: GatewaySettings) -> dict:
+    body = await read_body(request, settings.max_payload_bytes)
     if not body.strip():
         return {}  # AWS JSON services take an empty body as no input
     try:
-        data = json.loads(body)
+        data = client_json.loads(body, settings.max_json_depth)  # too deep: a ValidationException naming the limit
     except (ValueError, UnicodeDecodeError) as exc:
         raise ControlError("SerializationException", f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
@@ -422,7 +424,7 @@ async def call(request: Request, hub: Services) -> Response:
     op = None
     try:
         op = find_operation(target)
-        body = await read_input(request, hub.settings.max_payload_bytes)
+        body = await read_input(request, hub.settings)
         return answer(await op.run(hub.plane, body))
     except Exception as exc:  # noqa: BLE001 - botocore must always get an error it can parse
         error = control_error(exc, op.raises if op else ())

@@ -306,7 +306,7 @@ Also takes `{"question", "context"}` and answers `{"score", "start", "end", "ans
     openapi_extra=json_body(TGIRequest, qa.QuestionRequest),
 )
 async def generate(request: Request, hub: Services = Depends(services)):
-    body = generate_body(await read_json(request, hub.settings.max_payload_bytes))
+    body = generate_body(await read_json(request, hub.settings))
     if isinstance(body, qa.QuestionRequest):
         return JSONResponse(await qa.answer(request, hub, body))
     if body.stream:
@@ -317,7 +317,7 @@ async def generate(request: Request, hub: Services = Depends(services)):
 async def compat_generate(request: Request, hub: Services) -> Response:
     """TGI's compat route `POST /` (what `huggingface_hub.InferenceClient(model=<URL>)` posts to): generate, or
     stream when the body says `stream: true`. The route is `sagemaker_control.post_root`, which shares the path."""
-    body = parse(TGIRequest, await read_json(request, hub.settings.max_payload_bytes))
+    body = parse(TGIRequest, await read_json(request, hub.settings))
     return await (stream_text if body.stream else generate_text)(request, hub, body)
 
 
@@ -331,7 +331,7 @@ async def compat_generate(request: Request, hub: Services) -> Response:
     openapi_extra=json_body(TGIRequest),
 )
 async def generate_stream(request: Request, hub: Services = Depends(services)):
-    body = parse(TGIRequest, await read_json(request, hub.settings.max_payload_bytes))
+    body = parse(TGIRequest, await read_json(request, hub.settings))
     return await stream_text(request, hub, body)
 
 

@@ -22,7 +22,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 from ... import __version__
 from ...control.endpoints import DEFAULT_ENDPOINT
 from ...errors import BadRequest, GatewayError, Overloaded, PayloadTooLarge
-from .. import metrics
+from .. import client_json, metrics
 from ..chat import chat_prompt
 from ..errors import describe_validation
 from ..questions import QuestionAnswer, stream_answer
@@ -142,6 +142,7 @@ class Connection:
             "limits": {
                 "max_message_bytes": self.services.settings.max_payload_bytes,
                 "max_requests_in_flight": MAX_REQUESTS_IN_FLIGHT,
+                "max_json_depth": self.services.settings.max_json_depth,
             },
         }
 
@@ -168,11 +169,11 @@ class Connection:
         text = message.get("text")
         if text is None:
             raise BadRequest("send each request as a JSON text message, not a binary one")
-        limit = self.services.settings.max_payload_bytes
-        if (size := len(text.encode())) > limit:
-            raise PayloadTooLarge(f"the message has {size} bytes; the limit is {limit}")
+        settings = self.services.settings
+        if (size := len(text.encode())) > settings.max_payload_bytes:
+            raise PayloadTooLarge(f"the message has {size} bytes; the limit is {settings.max_payload_bytes}")
         try:
-            payload = json.loads(text)
+            payload = client_json.loads(text, settings.max_json_depth)
         except json.JSONDecodeError as exc:
             raise BadRequest(f"the message is not valid JSON: {exc}") from None
         if not isinstance(payload, dict):
