@@ -142,8 +142,21 @@ def watch_fleet(fleet) -> None:
     _fleet_collector.fleet = fleet
 
 
+UNKNOWN_ENDPOINT = "unknown"
+
+
+def endpoint_label(name: str) -> str:
+    """The endpoint as a label value. Clients name endpoints before anything checks them, and every value a label
+    takes is a series kept until the gateway stops: names the fleet does not hold share one label."""
+    fleet = _fleet_collector.fleet
+    if not name or fleet is None or name in fleet.endpoints:
+        return name
+    return UNKNOWN_ENDPOINT
+
+
 def observe_rates(endpoint: str, prompt_per_second: float, generated_per_second: float) -> None:
     """One answer's two token rates (an answer with no generated token has no rate to count)."""
+    endpoint = endpoint_label(endpoint)
     if prompt_per_second > 0:
         PROMPT_TOKEN_RATE.labels(endpoint).observe(prompt_per_second)
     if generated_per_second > 0:
@@ -225,6 +238,6 @@ class RequestMetrics:
             template = getattr(route, "path", None)
             if template and template != "/metrics":
                 state = scope.get("state", {})
-                endpoint = state.get("endpoint", "")
+                endpoint = endpoint_label(state.get("endpoint", ""))
                 REQUESTS.labels(endpoint, state.get("variant", ""), template, str(status)).inc()
                 REQUEST_LATENCY.labels(endpoint, template).observe(time.perf_counter() - started)

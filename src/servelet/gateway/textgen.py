@@ -83,7 +83,8 @@ class TextGenerator:
         invocation = Invocation(endpoint=endpoint, body=body, content_type="application/json", target_model=target)
         started = time.perf_counter()
         first_at = last_at = None
-        inter_token_latency = metrics.INTER_TOKEN_LATENCY.labels(endpoint)  # looked up once, observed per token
+        label = metrics.endpoint_label(endpoint)
+        inter_token_latency = metrics.INTER_TOKEN_LATENCY.labels(label)  # looked up once, observed per token
         async with self.router.stream(invocation) as answer:
             lines = JsonLines()
             async for chunk in answer.chunks:
@@ -93,7 +94,7 @@ class TextGenerator:
                     now = time.perf_counter()
                     if first_at is None:
                         first_at = now
-                        metrics.TIME_TO_FIRST_TOKEN.labels(endpoint).observe(now - started)
+                        metrics.TIME_TO_FIRST_TOKEN.labels(label).observe(now - started)
                     else:
                         inter_token_latency.observe(now - last_at)
                     last_at = now
@@ -101,8 +102,8 @@ class TextGenerator:
                     yield Token(token["id"], token["text"], token.get("log_prob"), last="details" in line)
                     if "details" in line:
                         details = line["details"]
-                        metrics.PROMPT_TOKENS.labels(endpoint).inc(details["prompt_tokens"])
-                        metrics.GENERATED_TOKENS.labels(endpoint).inc(details["generated_tokens"])
+                        metrics.PROMPT_TOKENS.labels(label).inc(details["prompt_tokens"])
+                        metrics.GENERATED_TOKENS.labels(label).inc(details["generated_tokens"])
                         metrics.observe_rates(
                             endpoint, details.get("prompt_tokens_per_second", 0), details.get("generated_tokens_per_second", 0)
                         )

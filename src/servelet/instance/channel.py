@@ -27,6 +27,9 @@ REQUEST, CANCEL, START, BODY, END, ABORT = range(1, 7)
 MAX_CHANNEL_BODY_BYTES = 1024 * 1024
 # The instance accepts messages up to this size: the largest request plus its head.
 MAX_MESSAGE_BYTES = MAX_CHANNEL_BODY_BYTES + 64 * 1024
+# The instance's messages stay within this (a longer chunk goes as several BODY frames), so the gateway can refuse
+# anything larger instead of holding whatever an instance sends in memory.
+MAX_ANSWER_MESSAGE_BYTES = 1024 * 1024
 
 
 class ChannelProtocolError(ValueError):
@@ -49,6 +52,27 @@ def frames(message: bytes) -> Iterator[tuple[int, int, bytes]]:
             raise ChannelProtocolError(f"frame {kind} of stream {stream_id} claims {length} bytes; {size - offset} remain")
         yield stream_id, kind, bytes(view[offset : offset + length])
         offset += length
+
+
+def body_frames(stream_id: int, chunk: bytes, limit: int = MAX_ANSWER_MESSAGE_BYTES) -> Iterator[bytes]:
+    """A chunk as BODY frames of at most `limit` bytes each, head included."""
+    size = limit - FRAME_HEAD.size
+    for start in range(0, len(chunk), size):
+        yield frame(stream_id, BODY, chunk[start : start + size])
+
+
+def messages(pending: list[bytes], limit: int = MAX_ANSWER_MESSAGE_BYTES) -> Iterator[bytes]:
+    """Frames joined into as few messages as stay within `limit` (a frame longer than it goes alone)."""
+    group: list[bytes] = []
+    size = 0
+    for item in pending:
+        if group and size + len(item) > limit:
+            yield b"".join(group)
+            group, size = [], 0
+        group.append(item)
+        size += len(item)
+    if group:
+        yield b"".join(group)
 
 
 def request_frame(stream_id: int, path: str, headers: dict[str, str], body: bytes) -> bytes:

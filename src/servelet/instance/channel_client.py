@@ -20,7 +20,10 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from .channel import ABORT, BODY, CANCEL, END, PATH, START, ChannelProtocolError, frame, frames, parse_start, request_frame
+from .channel import (
+    ABORT, BODY, CANCEL, END, MAX_ANSWER_MESSAGE_BYTES, PATH, START, ChannelProtocolError, frame, frames, parse_start,
+    request_frame,
+)
 from .stream import QueuedAnswer, check_headers
 
 CLOSE_TIMEOUT_S = 2.0
@@ -99,10 +102,13 @@ class ChannelAnswer(QueuedAnswer):
 
 
 class StreamChannel:
-    """Streamed calls to one instance (`http://host:port` or `unix:/path`), all on one WebSocket."""
+    """Streamed calls to one instance (`http://host:port` or `unix:/path`), all on one WebSocket.
 
-    def __init__(self, address: str):
+    A message over `max_message_bytes` closes the channel (its streams fail as on a broken connection)."""
+
+    def __init__(self, address: str, max_message_bytes: int = MAX_ANSWER_MESSAGE_BYTES):
         self._address = address
+        self._max_message_bytes = max_message_bytes
         self._connection: ClientConnection | None = None
         self._connecting = asyncio.Lock()
         self._answers: dict[int, ChannelAnswer] = {}
@@ -111,7 +117,9 @@ class StreamChannel:
         self.unsupported = False
 
     async def _connect(self) -> ClientConnection:
-        options = dict(compression=None, max_size=None, open_timeout=None, close_timeout=CLOSE_TIMEOUT_S)
+        options = dict(
+            compression=None, max_size=self._max_message_bytes, open_timeout=None, close_timeout=CLOSE_TIMEOUT_S
+        )
         if self._address.startswith("unix:"):
             return await unix_connect(self._address.removeprefix("unix:"), uri=f"ws://instance{PATH}", **options)
         url = urlsplit(self._address)

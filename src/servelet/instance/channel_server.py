@@ -16,7 +16,8 @@ from starlette.types import ASGIApp, Message
 from starlette.websockets import WebSocket
 
 from .channel import (
-    ABORT, BODY, CANCEL, END, REQUEST, START, ChannelProtocolError, frame, frames, parse_request, start_payload,
+    ABORT, BODY, CANCEL, END, REQUEST, START, ChannelProtocolError, body_frames, frame, frames, messages, parse_request,
+    start_payload,
 )
 
 log = logging.getLogger("servelet.instance")
@@ -62,17 +63,22 @@ class ChannelServer:
             writer.cancel()
 
     def _queue(self, stream_id: int, kind: int, payload: bytes = b"") -> None:
-        self._pending.append(frame(stream_id, kind, payload))
+        if kind == BODY:
+            self._pending.extend(body_frames(stream_id, payload))
+        else:
+            self._pending.append(frame(stream_id, kind, payload))
         self._has_pending.set()
 
     async def _write(self) -> None:
-        """Wakes a turn after the first frame was queued, so the frames of that whole turn leave together."""
+        """Wakes a turn after the first frame was queued, so the frames of that whole turn leave together (in
+        messages no larger than the gateway reads)."""
         while True:
             await self._has_pending.wait()
             self._has_pending.clear()
-            message, self._pending = b"".join(self._pending), []
+            pending, self._pending = self._pending, []
             try:
-                await self._websocket.send_bytes(message)
+                for message in messages(pending):
+                    await self._websocket.send_bytes(message)
             except Exception as exc:  # the gateway left; the reader sees the disconnect
                 log.debug("stream channel write failed: %r", exc)
                 return

@@ -21,8 +21,11 @@ from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
 from ... import __version__
 from ...control.endpoints import DEFAULT_ENDPOINT
+from ...control.scopes import EVERYONE, Grant
 from ...errors import BadRequest, GatewayError, Overloaded, PayloadTooLarge
 from .. import client_json, metrics
+from ..auth.errors import Forbidden
+from ..auth.handshake import AUTH_MESSAGE, websocket_grant
 from ..chat import chat_prompt
 from ..errors import describe_validation
 from ..questions import QuestionAnswer, stream_answer
@@ -39,6 +42,7 @@ FORMATS = [
     '{"id"?, "endpoint"?, "inputs", "parameters"?}: text generation (TGI parameters)',
     '{"id"?, "endpoint"?, "messages", "parameters"?}: chat (the model\'s chat template, else a plain one)',
     '{"type": "cancel", "id"}: stop a request in flight',
+    AUTH_MESSAGE,
 ]
 
 RequestId = str | int
@@ -97,9 +101,10 @@ def parse_request(message: dict) -> _Request:
 class Connection:
     """One client's socket: reads requests, runs each as a task, serializes the frames they send."""
 
-    def __init__(self, websocket: WebSocket, services: Services):
+    def __init__(self, websocket: WebSocket, services: Services, grant: Grant = EVERYONE):
         self.websocket = websocket
         self.services = services
+        self.grant = grant  # what the connection's key may invoke, checked per request
         self.in_flight: dict[RequestId, asyncio.Task] = {}
         self.outcomes: dict[RequestId, str] = {}  # ok / error, once the request's last frame is sent
         self.sending = asyncio.Lock()
@@ -155,6 +160,8 @@ class Connection:
                 await self.cancel(request_id)
                 return
             request = parse_request(payload)
+            if not self.grant.may_invoke(request.endpoint):
+                raise Forbidden(f"key {self.grant.name!r} may not invoke endpoint {request.endpoint!r}")
             if request.id in self.in_flight:
                 request_id = None  # an error frame with this id would read as the running request's failure
                 raise BadRequest(f"a request with id {request.id!r} is already in flight on this connection")
@@ -203,7 +210,7 @@ class Connection:
             self.in_flight.pop(request.id, None)
             kind = type(request).__name__.removesuffix("Request").lower()
             outcome = self.outcomes.pop(request.id, "cancelled")
-            metrics.WEBSOCKET_REQUESTS.labels(request.endpoint, kind, outcome).inc()
+            metrics.WEBSOCKET_REQUESTS.labels(metrics.endpoint_label(request.endpoint), kind, outcome).inc()
 
     async def respond(self, request: _Request) -> None:
         """Stream the tokens and the final answer; a failure becomes an error frame for the request's id.
@@ -287,4 +294,5 @@ def _is_id(value: Any) -> bool:
 async def websocket_requests(websocket: WebSocket):
     """One connection, many requests: see FORMATS (the welcome frame repeats them)."""
     await websocket.accept()
-    await Connection(websocket, websocket.app.state.services).serve()
+    if (grant := await websocket_grant(websocket)) is not None:
+        await Connection(websocket, websocket.app.state.services, grant).serve()
