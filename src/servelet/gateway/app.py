@@ -29,6 +29,7 @@ from . import metrics
 from .api import autoscaling
 from .api import sagemaker_transform  # noqa: F401 - registers the batch transform operations
 from .api import openai, qa, sagemaker, sagemaker_async, sagemaker_control, tgi, websocket
+from .auth.setup import guard
 from .disconnect import ClientGone
 from .errors import describe_validation, render
 from .services import Services
@@ -112,6 +113,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     app = FastAPI(title="servelet", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.services = services
     app.add_middleware(metrics.RequestMetrics)
+    guard(app, settings, store, jobs)  # outside the metrics: a refused request costs nothing past the gate
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError):

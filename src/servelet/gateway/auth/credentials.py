@@ -1,0 +1,81 @@
+"""Who a request is: an API key (`Authorization: Bearer KEY` or `x-api-key: KEY`) or a SigV4 signature.
+
+Lookups are cached for a few seconds so that a request costs no store query on the event loop; a key revoked
+with `servelet keys revoke` (another process, writing the store) is refused within `CACHE_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from starlette.datastructures import Headers
+
+from ...control.api_keys import ApiKeys
+from ...control.scopes import Grant
+from . import sigv4
+from .errors import NoCredentials, Unauthenticated
+
+CACHE_SECONDS = 5.0
+CACHE_ENTRIES = 10_000  # past it the cache starts afresh: unknown keys sent by a stranger cannot grow it for ever
+T = TypeVar("T")
+
+
+def api_key_in(headers: Headers) -> str | None:
+    """The API key the request carries, if it carries one (a SigV4 Authorization header is not one)."""
+    if key := headers.get("x-api-key"):
+        return key.strip()
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    return None
+
+
+def carries_credentials(headers: Headers) -> bool:
+    return api_key_in(headers) is not None or sigv4.is_sigv4(headers.get("authorization"))
+
+
+class Authenticator:
+    def __init__(self, keys: ApiKeys, clock: Callable[[], float] = time.monotonic):
+        self.keys = keys
+        self.clock = clock
+        self._cache: dict[tuple[str, str], tuple[float, object]] = {}
+
+    def by_key(self, key: str) -> Grant:
+        grant = self._cached(("key", key), lambda: self.keys.grant_for_key(key))
+        if grant is None:
+            raise Unauthenticated("the API key is not valid (unknown or revoked)")
+        return grant
+
+    def by_signature(self, method: str, url: str, headers: Headers, body: bytes) -> Grant:
+        signed = sigv4.parse_authorization(headers["authorization"])
+        found = self._cached(("aws", signed.access_key_id), lambda: self.keys.sigv4_credentials(signed.access_key_id))
+        if found is None:
+            raise Unauthenticated("The security token included in the request is invalid.")  # AWS's words
+        grant, secret = found
+        sigv4.verify(signed, secret, method, url, headers, body)
+        return grant
+
+    def grant(self, method: str, url: str, headers: Headers, body: bytes | None) -> Grant:
+        """The request's grant; `body` is needed (read whole) only for a SigV4 request."""
+        if sigv4.is_sigv4(headers.get("authorization")):
+            return self.by_signature(method, url, headers, body or b"")
+        key = api_key_in(headers)
+        if key is None:
+            raise NoCredentials(
+                "this gateway requires a key: send `Authorization: Bearer KEY` or `x-api-key: KEY`, or SigV4 "
+                "credentials (make one with `servelet keys create NAME --scope SCOPE`)"
+            )
+        return self.by_key(key)
+
+    def _cached(self, name: tuple[str, str], look_up: Callable[[], T]) -> T:
+        now = self.clock()
+        hit = self._cache.get(name)
+        if hit is not None and now - hit[0] < CACHE_SECONDS:
+            return hit[1]  # type: ignore[return-value]
+        if len(self._cache) >= CACHE_ENTRIES:
+            self._cache.clear()
+        value = look_up()
+        self._cache[name] = (now, value)
+        return value
