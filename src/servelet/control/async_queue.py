@@ -15,7 +15,9 @@ import asyncio
 import enum
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Generic, TypeVar
 
 from sqlalchemy import Boolean, Column, Float, Integer, LargeBinary, MetaData, String, Table, Text, func, select, update
 from sqlalchemy.engine import Engine
@@ -23,6 +25,8 @@ from sqlalchemy.engine import Engine
 from .store import Store, upsert
 
 metadata = MetaData()
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class JobStatus(str, enum.Enum):
@@ -88,6 +92,16 @@ class Job:
 
     def row(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Ending:
+    """How a job ended, for `JobQueue.finish_many`."""
+
+    inference_id: str
+    status: JobStatus
+    failure_reason: str | None = None
+    notify: bool = True
 
 
 def new_inference_id() -> str:
@@ -191,13 +205,21 @@ class JobQueue:
     ) -> bool:
         """End a job this worker holds; False when it no longer holds it (its lease ran out and another took it).
         `notify=False`: nobody is to be told (the endpoint has no webhook for it), so it is notified already."""
+        return self.finish_many(owner, [Ending(inference_id, status, failure_reason, notify)])[0]
+
+    def finish_many(self, owner: str, endings: list[Ending]) -> list[bool]:
+        """`finish` for many jobs, in one transaction."""
+        now = time.time()
         with self.engine.begin() as connection:
-            return connection.execute(
-                update(jobs).where(jobs.c.inference_id == inference_id, jobs.c.lease_owner == owner,
-                                   jobs.c.status == JobStatus.IN_PROGRESS.value)
-                .values(status=status.value, ended=time.time(), failure_reason=failure_reason, lease_until=None,
-                        notified=not notify)
-            ).rowcount > 0
+            return [
+                connection.execute(
+                    update(jobs).where(jobs.c.inference_id == ending.inference_id, jobs.c.lease_owner == owner,
+                                       jobs.c.status == JobStatus.IN_PROGRESS.value)
+                    .values(status=ending.status.value, ended=now, failure_reason=ending.failure_reason,
+                            lease_until=None, notified=not ending.notify)
+                ).rowcount > 0
+                for ending in endings
+            ]
 
     def expire(self) -> list[Job]:
         """Pending jobs past their TTL: expired, and returned for their failure notice."""
@@ -227,36 +249,37 @@ class JobQueue:
             connection.execute(update(jobs).where(jobs.c.inference_id == inference_id).values(notified=True))
 
 
-class GroupCommit:
-    """Jobs accepted at the same moment go to the store in one transaction: each request waits for the commit that
-    holds its job (so its 202 still means "stored"), and while one commit runs the next requests gather for the
-    following one. A request alone waits for nobody."""
+class GroupCommit(Generic[Item, Result]):
+    """Calls made at the same moment go to the store in one transaction: `commit` takes a list of items and
+    returns one result per item, in a thread. Each caller waits for the commit that holds its item (so a 202
+    still means "stored"), and while one commit runs the next callers gather for the following one. A caller
+    alone waits for nobody. Used for accepting jobs and for ending them."""
 
-    def __init__(self, queue: JobQueue):
-        self.queue = queue
-        self._pending: list[tuple[Job, asyncio.Future]] = []
+    def __init__(self, commit: Callable[[list[Item]], list[Result]]):
+        self.commit = commit
+        self._pending: list[tuple[Item, asyncio.Future]] = []
         self._committer: asyncio.Task | None = None  # referenced, or the loop may collect it mid-commit
 
-    async def enqueue(self, job: Job) -> Job:
-        stored = asyncio.get_running_loop().create_future()
-        self._pending.append((job, stored))
+    async def __call__(self, item: Item) -> Result:
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((item, done))
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit())
-        return await stored
+        return await done
 
     async def _commit(self) -> None:
         try:
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    stored = await asyncio.to_thread(self.queue.enqueue_many, [job for job, _ in batch])
-                except Exception as exc:  # noqa: BLE001 - every request of the batch hears of it
+                    results = await asyncio.to_thread(self.commit, [item for item, _ in batch])
+                except Exception as exc:  # noqa: BLE001 - every caller of the batch hears of it
                     for _, waiting in batch:
                         if not waiting.done():
                             waiting.set_exception(exc)
                     continue
-                for (_, waiting), job in zip(batch, stored):
+                for (_, waiting), result in zip(batch, results):
                     if not waiting.done():
-                        waiting.set_result(job)
+                        waiting.set_result(result)
         finally:
             self._committer = None

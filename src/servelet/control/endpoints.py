@@ -161,6 +161,8 @@ class Deployment:
     def pick_variant(self) -> Variant:
         """By weight among variants with a ready instance (all variants while none is ready)."""
         candidates = [v for v in self.variants if v.ready_instances() and v.weight > 0] or self.variants
+        if len(candidates) == 1:
+            return candidates[0]
         return random.choices(candidates, weights=[max(v.weight, 1e-9) for v in candidates])[0]
 
 

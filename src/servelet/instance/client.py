@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import httpx
 import orjson
@@ -44,11 +45,21 @@ async def iter_json_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[dict]:
         yield obj
 
 
+@dataclass
+class WholeAnswer:
+    """An invocation's answer, read whole."""
+
+    status_code: int
+    headers: httpx.Headers
+    content: bytes
+
+
 class InstanceClient:
     """An async client for one instance; `address` is `http://host:port` or `unix:/path/to.sock`.
 
-    Streamed calls share one stream channel (channel.py) unless `stream_channel` is off, the body is too large
-    for it, or the instance refuses it; then each goes on a connection of its own (stream.py)."""
+    Invocations, streamed or whole, share one stream channel (channel.py) unless `stream_channel` is off, the body
+    is too large for it, or the instance refuses it; then a streamed call goes on a connection of its own
+    (stream.py) and a whole one through httpx's pool."""
 
     def __init__(self, address: str, timeout: float | None = 300.0, stream_channel: bool = True):
         self._address, self._timeout = address, timeout
@@ -82,9 +93,19 @@ class InstanceClient:
             return None
         return response.json() if response.status_code == 200 else None
 
-    async def post(self, body: bytes, headers: dict[str, str]) -> httpx.Response:
-        """Forward raw invocation bytes with their headers; the whole answer is read."""
-        return await self._http.post("/invocations", content=body, headers=headers)
+    async def post(self, body: bytes, headers: dict[str, str]) -> WholeAnswer:
+        """Forward raw invocation bytes with their headers; the whole answer is read. On the channel where it can
+        go: httpx's pool checks every idle connection for each request it sends (a `getpeername` and a `poll`
+        each), which with many calls in flight cost the gateway more than the call itself (docs/benchmarks.md)."""
+        channel = self._channel
+        if channel is not None and not channel.unsupported and len(body) <= MAX_CHANNEL_BODY_BYTES:
+            try:
+                async with channel.open_stream("/invocations", body, headers, self._timeout) as answer:
+                    return WholeAnswer(answer.status_code, answer.headers, await answer.aread())
+            except ChannelUnsupported:
+                pass
+        response = await self._http.post("/invocations", content=body, headers=headers)
+        return WholeAnswer(response.status_code, response.headers, response.content)
 
     @asynccontextmanager
     async def open_stream(self, body: bytes, headers: dict[str, str]):
