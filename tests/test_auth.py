@@ -270,6 +270,8 @@ def test_browser_requests_are_refused_before_any_key_is_asked_for(keys, gateway)
         assert http.get("/openapi.json", headers={"Origin": "https://evil.example"}).status_code == 403
         assert http.get("/openapi.json", headers={"Origin": gateway.base_url}).status_code == 200
         assert "access-control-allow-origin" not in http.get("/openapi.json").headers
+    with pytest.raises(Exception, match="403"):  # a page's WebSocket, even with a key
+        connect(ws_url(gateway), origin="https://evil.example", additional_headers=bearer(keys, "admin")).close()
 
 
 # -- servelet keys, and the gateway seeing a revocation ------------------------------------------------------

@@ -14,6 +14,8 @@ from starlette.datastructures import Headers
 
 from ...control.api_keys import ApiKeys
 from ...control.scopes import Grant
+from ...control.secret_box import SecretBoxError
+from ...errors import Unavailable
 from . import sigv4
 from .errors import NoCredentials, Unauthenticated
 
@@ -50,7 +52,10 @@ class Authenticator:
 
     def by_signature(self, method: str, url: str, headers: Headers, body: bytes) -> Grant:
         signed = sigv4.parse_authorization(headers["authorization"])
-        found = self._cached(("aws", signed.access_key_id), lambda: self.keys.sigv4_credentials(signed.access_key_id))
+        try:
+            found = self._cached(("aws", signed.access_key_id), lambda: self.keys.sigv4_credentials(signed.access_key_id))
+        except SecretBoxError as exc:  # the data folder's key file is not the store's: no SigV4 key can be checked
+            raise Unavailable(f"SigV4 credentials cannot be checked: {exc}") from None
         if found is None:
             raise Unauthenticated("The security token included in the request is invalid.")  # AWS's words
         grant, secret = found

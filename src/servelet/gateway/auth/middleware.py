@@ -4,7 +4,6 @@ no credentials must send them as its first message (`handshake.py`)."""
 
 from __future__ import annotations
 
-import json
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,6 +13,7 @@ from ...control.endpoints import DEFAULT_ENDPOINT
 from ...control.scopes import EVERYONE, Grant
 from ...errors import GatewayError, PayloadTooLarge
 from ...settings import GatewaySettings
+from .. import client_json
 from .browser import BrowserChecks
 from .credentials import Authenticator, carries_credentials
 from .errors import Forbidden, render_refusal
@@ -31,6 +31,7 @@ class Gate:
         self.authenticator = authenticator  # None: auth is off
         self.jobs = jobs
         self.body_limit = settings.max_payload_bytes
+        self.max_json_depth = settings.max_json_depth
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -79,7 +80,7 @@ class Gate:
             job = self.jobs.get(need.job)
             return job.endpoint if job is not None else None
         if need.body_field is not None and body is not None:
-            return _endpoint_in_body(body, need.body_field)
+            return _endpoint_in_body(body, need.body_field, self.max_json_depth)
         return None
 
     async def refuse(self, scope: Scope, send: Send, need: Need, error: GatewayError) -> None:
@@ -89,11 +90,12 @@ class Gate:
         await response(scope, _nothing, send)
 
 
-def _endpoint_in_body(body: bytes, field: str) -> str | None:
-    """The endpoint a JSON body names (OpenAI's `model` may be `ENDPOINT/TARGET`); None when it cannot be told."""
+def _endpoint_in_body(body: bytes, field: str, max_depth: int) -> str | None:
+    """The endpoint a JSON body names (OpenAI's `model` may be `ENDPOINT/TARGET`); None when it cannot be told.
+    Parsed as the routes parse it (client_json), so that both read the same field."""
     try:
-        payload = json.loads(body)
-    except (ValueError, RecursionError):
+        payload = client_json.loads(body, max_depth)
+    except (ValueError, GatewayError):
         return None
     if not isinstance(payload, dict):
         return None

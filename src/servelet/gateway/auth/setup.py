@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
@@ -13,9 +15,12 @@ from ...settings import GatewaySettings
 from .credentials import Authenticator
 from .middleware import Gate
 
+log = logging.getLogger("servelet.gateway")
+
 
 def guard(app: FastAPI, settings: GatewaySettings, store: Store, jobs: JobQueue) -> None:
     authenticator = Authenticator(ApiKeys(store, SecretBox(settings.data_dir))) if settings.auth else None
+    log.info("auth %s", "on: every route but /ping and /health needs a key" if settings.auth else "off")
     app.state.authenticator = authenticator  # the WebSocket route authenticates a first message with it
     app.add_middleware(Gate, settings=settings, authenticator=authenticator, jobs=jobs)
     if settings.cors_origins:  # outermost: a preflight carries no credentials
