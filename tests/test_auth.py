@@ -98,6 +98,8 @@ def test_runtime_refuses_strangers_wrong_secrets_and_wrong_scopes_and_serves_the
     invoke = dict(EndpointName="default", Body=b'{"x": 1}', ContentType="application/json")
     answer = aws(keys, "sagemaker-runtime", gateway, "aws-default").invoke_endpoint(**invoke)
     assert json.loads(answer["Body"].read())["echo"] == '{"x": 1}'
+    streamed = aws(keys, "sagemaker-runtime", gateway, "aws-default").invoke_endpoint_with_response_stream(**invoke)
+    assert b"".join(event["PayloadPart"]["Bytes"] for event in streamed["Body"] if "PayloadPart" in event)
     assert error_code(lambda: aws(keys, "sagemaker-runtime", gateway, "aws-default", secret="wrong" * 8)
                       .invoke_endpoint(**invoke)) == "InvalidSignatureException"
     assert error_code(lambda: aws(keys, "sagemaker-runtime", gateway, key_id="SVLTNOSUCHKEY0000000", secret="x" * 40)
