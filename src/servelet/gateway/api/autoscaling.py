@@ -22,7 +22,7 @@ from ...control.autoscaler import (
 )
 from ...control.plane import ControlPlane
 from ...control.resources import CUSTOMIZED_METRICS, Resource
-from .sagemaker_control import Operation, epoch, invalid, operation
+from .sagemaker_control import Operation, epoch, invalid, operation, request_input
 
 TARGET_PREFIX = "AnyScaleFrontendService."
 OPERATIONS: dict[str, Operation] = {}
@@ -51,6 +51,7 @@ class Scope(Resource):
 class RegisterInput(Scope):
     min_capacity: int | None = None
     max_capacity: int | None = None
+    role_arn: str | None = Field(None, alias="RoleARN", description="Accepted for compatibility, as IAM roles are.")
 
 
 class PredefinedMetric(Resource):
@@ -119,7 +120,7 @@ def selected(plane: ControlPlane, args: DescribeInput) -> list[ScalableTarget]:
 
 @register("RegisterScalableTarget", RegisterInput)
 async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
-    args = RegisterInput.model_validate(body).check()
+    args = request_input(RegisterInput, body).check()
     endpoint, variant = args.variant()
     refuse_serverless(plane, endpoint, variant)
     problem = target_errors(args.min_capacity, args.max_capacity)
@@ -131,7 +132,7 @@ async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
 
 @register("PutScalingPolicy", PutPolicyInput, raises=("ObjectNotFoundException",))
 async def put_scaling_policy(plane: ControlPlane, body: dict) -> dict:
-    args = PutPolicyInput.model_validate(body).check()
+    args = request_input(PutPolicyInput, body).check()
     endpoint, variant = args.variant()
     refuse_serverless(plane, endpoint, variant)
     config = args.target_tracking_scaling_policy_configuration
@@ -179,7 +180,7 @@ def metric_wire(metric: str, endpoint: str) -> dict:
 
 @register("DescribeScalableTargets", DescribeInput)
 async def describe_scalable_targets(plane: ControlPlane, body: dict) -> dict:
-    args = DescribeInput.model_validate(body).check()
+    args = request_input(DescribeInput, body).check()
     return {"ScalableTargets": [
         common(t) | {
             "MinCapacity": t.min_capacity, "MaxCapacity": t.max_capacity, "CreationTime": epoch(t.creation_time),
@@ -205,7 +206,7 @@ def policy_wire(target: ScalableTarget) -> dict:
 
 @register("DescribeScalingPolicies", DescribeInput)
 async def describe_scaling_policies(plane: ControlPlane, body: dict) -> dict:
-    args = DescribeInput.model_validate(body).check()
+    args = request_input(DescribeInput, body).check()
     return {"ScalingPolicies": [
         policy_wire(t) for t in selected(plane, args)
         if t.policy is not None and (not args.policy_names or t.policy.policy_name in args.policy_names)
@@ -214,21 +215,21 @@ async def describe_scaling_policies(plane: ControlPlane, body: dict) -> dict:
 
 @register("DeleteScalingPolicy", DeletePolicyInput, raises=("ObjectNotFoundException",))
 async def delete_scaling_policy(plane: ControlPlane, body: dict) -> dict:
-    args = DeletePolicyInput.model_validate(body).check()
+    args = request_input(DeletePolicyInput, body).check()
     await plane.autoscaler.delete_policy(*args.variant(), args.policy_name)
     return {}
 
 
 @register("DeregisterScalableTarget", Scope, raises=("ObjectNotFoundException",))
 async def deregister_scalable_target(plane: ControlPlane, body: dict) -> dict:
-    args = Scope.model_validate(body).check()
+    args = request_input(Scope, body).check()
     await plane.autoscaler.deregister(*args.variant())
     return {}
 
 
 @register("DescribeScalingActivities", DescribeInput)
 async def describe_scaling_activities(plane: ControlPlane, body: dict) -> dict:
-    args = DescribeInput.model_validate(body).check()
+    args = request_input(DescribeInput, body).check()
     activities = []
     for target in selected(plane, args):
         for event in target.events:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
@@ -45,6 +45,7 @@ TARGET_HEADER = "x-amz-target"
 TARGET_PREFIX = "SageMaker."
 AMZ_JSON = "application/x-amz-json-1.1"
 NAME_RULE = "use letters, digits and hyphens (at most 63), starting with a letter or digit"
+UNSUPPORTED_MEMBER = "servelet does not support this member (it would have no effect here); leave it out"
 
 
 # -- errors: {"__type": code, "message": text}, as botocore's JSON parser reads them ------------------------
@@ -87,6 +88,8 @@ def describe(exc: ValidationError) -> str:
         message = err.get("msg", "invalid").removeprefix("Value error, ")
         if err.get("type") == "missing":
             message = "required"
+        elif err.get("type") == "extra_forbidden":
+            message = UNSUPPORTED_MEMBER
         elif err.get("type") == "string_pattern_mismatch" and err.get("ctx", {}).get("pattern") == NAME_PATTERN:
             message = f"{err.get('input')!r} is not a valid name: {NAME_RULE}"
         lines.append(f"{where}: {message}" if where else message)
@@ -101,8 +104,18 @@ def answer(body: dict, status: int = 200) -> Response:
     return JSONResponse(body, status_code=status, media_type=AMZ_JSON, headers={"x-amzn-RequestId": str(uuid.uuid4())})
 
 
-# -- input shapes: PascalCase like the resources; members servelet does not read are ignored -------------
+# -- input shapes: PascalCase like the resources; members servelet does not read are refused -------------
 # A ValidationError from any of them (or from the resources) answers ValidationException naming the field.
+I = TypeVar("I", bound=BaseModel)
+
+
+def request_input(shape: type[I], body: dict) -> I:
+    """An operation's input. A member servelet does not read (VpcConfig, DataCaptureConfig, ...) is refused with a
+    ValidationException naming it: dropped, it would look honoured. The resources themselves ignore unknown
+    fields, so the store reads records that older versions wrote."""
+    return shape.model_validate(body, extra="forbid")
+
+
 class ModelNameInput(Resource):
     model_name: str
 
@@ -116,9 +129,9 @@ class EndpointNameInput(Resource):
 
 
 class CreateEndpointInput(Resource):
+    # No DeploymentConfig: servelet applies one to UpdateEndpoint only, so on CreateEndpoint it is refused.
     endpoint_name: str = Field(pattern=NAME_PATTERN)
     endpoint_config_name: str
-    deployment_config: dict | None = Field(None, description="Accepted; blue/green updates come with UpdateEndpoint.")
 
 
 class VariantProperty(Resource):
@@ -258,19 +271,19 @@ async def create_model(plane: ControlPlane, body: dict) -> dict:
         if len(containers) > 1:
             raise invalid("Containers: inference pipelines (more than one container) are not supported; send one")
         body["PrimaryContainer"] = containers[0]
-    spec = await plane.create_model(ModelSpec.model_validate(body))
+    spec = await plane.create_model(request_input(ModelSpec, body))
     return {"ModelArn": arn("model", spec.model_name)}
 
 
 @operation("DescribeModel", ModelNameInput)
 async def describe_model(plane: ControlPlane, body: dict) -> dict:
-    spec = await plane.describe_model(ModelNameInput.model_validate(body).model_name)
+    spec = await plane.describe_model(request_input(ModelNameInput, body).model_name)
     return wire(spec, "creation_time") | {"ModelArn": arn("model", spec.model_name)}
 
 
 @operation("ListModels", ListInput)
 async def list_models(plane: ControlPlane, body: dict) -> dict:
-    args = ListInput.model_validate(body)
+    args = request_input(ListInput, body)
     shown, token = page(await plane.list_models(args.name_contains), args, "model_name")
     summaries = [
         {"ModelName": m.model_name, "ModelArn": arn("model", m.model_name), "CreationTime": epoch(m.creation_time)}
@@ -281,14 +294,14 @@ async def list_models(plane: ControlPlane, body: dict) -> dict:
 
 @operation("DeleteModel", ModelNameInput)
 async def delete_model(plane: ControlPlane, body: dict) -> dict:
-    await plane.delete_model(ModelNameInput.model_validate(body).model_name)
+    await plane.delete_model(request_input(ModelNameInput, body).model_name)
     return {}
 
 
 @operation("CreateEndpointConfig", EndpointConfigSpec, raises=("ResourceLimitExceeded",))
 async def create_endpoint_config(plane: ControlPlane, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != "CreationTime"}
-    spec = EndpointConfigSpec.model_validate(body)
+    spec = request_input(EndpointConfigSpec, body)
     spec = await plane.create_endpoint_config(spec)
     return {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
 
@@ -303,7 +316,7 @@ def serverless_wire(variants: list[dict]) -> None:
 
 @operation("DescribeEndpointConfig", EndpointConfigNameInput)
 async def describe_endpoint_config(plane: ControlPlane, body: dict) -> dict:
-    spec = await plane.describe_endpoint_config(EndpointConfigNameInput.model_validate(body).endpoint_config_name)
+    spec = await plane.describe_endpoint_config(request_input(EndpointConfigNameInput, body).endpoint_config_name)
     described = wire(spec, "creation_time")
     serverless_wire(described["ProductionVariants"])
     return described | {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
@@ -311,7 +324,7 @@ async def describe_endpoint_config(plane: ControlPlane, body: dict) -> dict:
 
 @operation("ListEndpointConfigs", ListInput)
 async def list_endpoint_configs(plane: ControlPlane, body: dict) -> dict:
-    args = ListInput.model_validate(body)
+    args = request_input(ListInput, body)
     shown, token = page(await plane.list_endpoint_configs(args.name_contains), args, "endpoint_config_name")
     summaries = [
         {
@@ -326,24 +339,26 @@ async def list_endpoint_configs(plane: ControlPlane, body: dict) -> dict:
 
 @operation("DeleteEndpointConfig", EndpointConfigNameInput)
 async def delete_endpoint_config(plane: ControlPlane, body: dict) -> dict:
-    await plane.delete_endpoint_config(EndpointConfigNameInput.model_validate(body).endpoint_config_name)
+    await plane.delete_endpoint_config(request_input(EndpointConfigNameInput, body).endpoint_config_name)
     return {}
 
 
 @operation("CreateEndpoint", CreateEndpointInput, raises=("ResourceLimitExceeded",))
 async def create_endpoint(plane: ControlPlane, body: dict) -> dict:
-    args = CreateEndpointInput.model_validate(body)
+    args = request_input(CreateEndpointInput, body)
     record = await plane.create_endpoint(args.endpoint_name, args.endpoint_config_name)
     return {"EndpointArn": arn("endpoint", record.endpoint_name)}
 
 
 def endpoint_wire(record: EndpointRecord) -> dict:
-    return wire(record, "creation_time", "last_modified_time") | {"EndpointArn": arn("endpoint", record.endpoint_name)}
+    described = wire(record, "creation_time", "last_modified_time") | {"EndpointArn": arn("endpoint", record.endpoint_name)}
+    described.pop("EndpointConfig", None)  # the record's own copy (resources.EndpointRecord), not SageMaker's
+    return described
 
 
 @operation("DescribeEndpoint", EndpointNameInput)
 async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
-    record = await plane.describe_endpoint(EndpointNameInput.model_validate(body).endpoint_name)
+    record = await plane.describe_endpoint(request_input(EndpointNameInput, body).endpoint_name)
     # A servelet extension (botocore drops members its model does not know; servelet's CLI reads it).
     events = [
         {"Time": epoch(e.time), "Variant": e.variant, "From": e.from_count, "To": e.to_count, "Reason": e.reason,
@@ -357,7 +372,7 @@ async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
 
 @operation("ListEndpoints", ListEndpointsInput)
 async def list_endpoints(plane: ControlPlane, body: dict) -> dict:
-    args = ListEndpointsInput.model_validate(body)
+    args = request_input(ListEndpointsInput, body)
     # Filtered here rather than by the plane: SageMaker's statuses include some servelet never reports.
     records = [
         r for r in await plane.list_endpoints(args.name_contains)
@@ -371,7 +386,7 @@ async def list_endpoints(plane: ControlPlane, body: dict) -> dict:
 
 @operation("UpdateEndpoint", UpdateEndpointInput, raises=("ResourceLimitExceeded",))
 async def update_endpoint(plane: ControlPlane, body: dict) -> dict:
-    args = UpdateEndpointInput.model_validate(body)
+    args = request_input(UpdateEndpointInput, body)
     retained = set()
     if args.retain_all_variant_properties:
         retained = {"DesiredInstanceCount", "DesiredWeight"} - {p.variant_property_type for p in args.exclude_retained_variant_properties}
@@ -383,14 +398,14 @@ async def update_endpoint(plane: ControlPlane, body: dict) -> dict:
 
 @operation("UpdateEndpointWeightsAndCapacities", UpdateEndpointWeightsAndCapacitiesInput, raises=("ResourceLimitExceeded",))
 async def update_endpoint_weights_and_capacities(plane: ControlPlane, body: dict) -> dict:
-    args = UpdateEndpointWeightsAndCapacitiesInput.model_validate(body)
+    args = request_input(UpdateEndpointWeightsAndCapacitiesInput, body)
     record = await plane.update_weights_and_capacities(args.endpoint_name, args.desired_weights_and_capacities)
     return {"EndpointArn": arn("endpoint", record.endpoint_name)}
 
 
 @operation("DeleteEndpoint", EndpointNameInput)
 async def delete_endpoint(plane: ControlPlane, body: dict) -> dict:
-    await plane.delete_endpoint(EndpointNameInput.model_validate(body).endpoint_name)
+    await plane.delete_endpoint(request_input(EndpointNameInput, body).endpoint_name)
     return {}
 
 

@@ -17,7 +17,7 @@ from ...control.resources import (
 )
 from ...control.store import AlreadyExists
 from ...errors import ResourceInUse, ResourceMissing
-from .sagemaker_control import ListEndpointsInput, epoch, invalid, operation, page, wire
+from .sagemaker_control import ListEndpointsInput, epoch, invalid, operation, page, request_input, wire
 
 # The job's kind in its ARN, and the times the wire carries as epoch seconds when set.
 JOB_KIND = "transform-job"
@@ -91,12 +91,12 @@ async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
 
 @operation("DescribeTransformJob", TransformJobNameInput, raises=("ResourceNotFound",))
 async def describe_transform_job(plane: ControlPlane, body: dict) -> dict:
-    return job_wire(find_job(plane, TransformJobNameInput.model_validate(body).transform_job_name))
+    return job_wire(find_job(plane, request_input(TransformJobNameInput, body).transform_job_name))
 
 
 @operation("StopTransformJob", TransformJobNameInput, raises=("ResourceNotFound",))
 async def stop_transform_job(plane: ControlPlane, body: dict) -> dict:
-    job = find_job(plane, TransformJobNameInput.model_validate(body).transform_job_name)
+    job = find_job(plane, request_input(TransformJobNameInput, body).transform_job_name)
     if job.transform_job_status != TransformJobStatus.IN_PROGRESS:
         raise invalid(
             f"The transform job {job.transform_job_name} is {job.transform_job_status.value}: "
@@ -111,7 +111,7 @@ async def stop_transform_job(plane: ControlPlane, body: dict) -> dict:
 
 @operation("ListTransformJobs", ListTransformJobsInput)
 async def list_transform_jobs(plane: ControlPlane, body: dict) -> dict:
-    args = ListTransformJobsInput.model_validate(body)
+    args = request_input(ListTransformJobsInput, body)
     jobs = plane.store.list_transform_jobs(args.name_contains, args.status_equals)
     if args.sort_by == "Status":
         # `page` sorts by status through the endpoint's field; its Name sort reads any field it is given.

