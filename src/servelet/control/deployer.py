@@ -239,6 +239,7 @@ class Deployer:
             return
         record.endpoint_config_name = config.endpoint_config_name
         record.async_inference_config = config.async_inference_config
+        record.endpoint_config = config
         record.production_variants = variant_states(
             [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight, serverless=v.serverless) for v in green.variants]
         )

@@ -123,7 +123,7 @@ class ControlPlane:
 
     async def delete_endpoint_config(self, name: str) -> None:
         await self.describe_endpoint_config(name)
-        # SageMaker lets a config be deleted under a running endpoint; the endpoint keeps what it runs.
+        # SageMaker lets a config be deleted under a running endpoint; the endpoint keeps a copy (EndpointRecord).
         self.store.delete_endpoint_config(name)
 
     # -- endpoints ------------------------------------------------------------------------------------------
@@ -132,7 +132,7 @@ class ControlPlane:
         plans = self.plans(config)
         record = EndpointRecord(
             endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans),
-            async_inference_config=config.async_inference_config,
+            async_inference_config=config.async_inference_config, endpoint_config=config,
         )
         try:
             self.store.add_endpoint(record)
@@ -224,7 +224,7 @@ class ControlPlane:
                 )
                 record.pending_deployment_summary = None
                 self.store.save_endpoint(record)
-            config = self.store.get_endpoint_config(record.endpoint_config_name)
+            config = record.endpoint_config or self.store.get_endpoint_config(record.endpoint_config_name)
             try:
                 plans = self.plans(config, record) if config else None
             except ResourceInvalid as exc:

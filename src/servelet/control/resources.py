@@ -392,6 +392,9 @@ class EndpointRecord(Resource):
     # The AsyncInferenceConfig serving now, kept with the endpoint as SageMaker's DescribeEndpoint shows it (its
     # endpoint config may be deleted while it runs).
     async_inference_config: dict | None = None
+    # The endpoint config it runs, kept whole for the same reason: a restart restores the endpoint from this copy
+    # (records written before it was kept: from the store's config of that name). Not on the wire.
+    endpoint_config: EndpointConfigSpec | None = None
 
 
 def arn(kind: str, name: str) -> str:
