@@ -21,6 +21,7 @@ from rich.table import Column, Table
 from typer.core import TyperGroup
 
 from .client import DEFAULT_URL, Client, ServeletError
+from .redaction import configure_logging
 from .settings import SettingsError, load_gateway_settings, load_instance_settings
 
 if TYPE_CHECKING:
@@ -37,7 +38,7 @@ err = Console(stderr=True, highlight=False)
 
 
 def _start_instance(**overrides) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = load_instance_settings(**overrides)
     except SettingsError as exc:
@@ -61,11 +62,11 @@ def container(
 
 @app.command(hidden=True)
 def template(
-    model: Annotated[str, typer.Option(help="Model URI.")],
     socket: Annotated[Path, typer.Option(help="The Unix socket it takes fork requests on.")],
+    model: Annotated[Optional[str], typer.Option(help="Model URI (default: $SERVELET_MODEL, as the gateway passes it).")] = None,
 ):
     """A snapshot template (started by the gateway): prepare the model once, then fork instances of it on request."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = load_instance_settings(model=model, socket=socket)
     except SettingsError as exc:
@@ -92,7 +93,7 @@ def serve(
         "--insecure", help="Serve a non-loopback --host with auth off (anyone who reaches the port may use it).")] = False,
 ) -> None:
     """Run the gateway (every API family on one port) with the endpoint `default` deployed."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         settings = load_gateway_settings(model=model, host=host, port=port, instances=instances, config=config, auth=auth)
     except SettingsError as exc:

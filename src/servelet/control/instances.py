@@ -145,9 +145,11 @@ class Instance:
         """A cold start: a new `servelet container` process, which imports and loads everything itself."""
         shared = self.model_file if self.model_file is not None and self.model_file.fds else None
         model = shared.path if shared else self.model_uri  # /proc/self/fd/N: the inherited file, same number
-        args = [sys.executable, "-m", "servelet.cli", "container", "--model", model, "--socket", str(self.socket_path)]
+        args = [sys.executable, "-m", "servelet.cli", "container", "--socket", str(self.socket_path)]
+        # The model in the environment, not on the command line: a URI may carry a token (redaction.py).
+        env = os.environ | self.env | {"SERVELET_MODEL": model, "SERVELET_INSTANCE_NAME": self.name}
         return await asyncio.create_subprocess_exec(
-            *args, env=os.environ | self.env | {"SERVELET_INSTANCE_NAME": self.name}, preexec_fn=die_with_parent,
+            *args, env=env, preexec_fn=die_with_parent,
             pass_fds=shared.fds if shared else (), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
 

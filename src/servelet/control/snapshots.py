@@ -138,9 +138,10 @@ class Template:
         shared = self.model_file if self.model_file is not None and self.model_file.fds else None
         model = shared.path if shared else self.model_uri
         env = os.environ | self.env | {"OPENBLAS_NUM_THREADS": "1", "SERVELET_THREADS": "1"}  # one thread until forked
+        env["SERVELET_MODEL"] = model  # not on the command line: a URI may carry a token (redaction.py)
         env["GLIBC_TUNABLES"] = ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE]))
         self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "servelet.cli", "template", "--model", model, "--socket", str(self.socket_path),
+            sys.executable, "-m", "servelet.cli", "template", "--socket", str(self.socket_path),
             env=env, preexec_fn=die_with_parent, pass_fds=shared.fds if shared else (),
         )  # its log goes straight to the gateway's: it serves no request, so nothing of it is kept to explain one
         log.info("snapshot template for %s starting (pid %d)", self.model_uri, self.process.pid)

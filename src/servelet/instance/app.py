@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 
 from .. import __version__
 from ..engine import EngineError
+from ..redaction import redact
 from ..runtimes import Call, InvocationError, Prepared, Runtime, load_runtime
 from ..settings import InstanceSettings
 from .channel import PATH as CHANNEL_PATH
@@ -41,7 +42,7 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
             state.runtime = await asyncio.to_thread(load_runtime, settings, prepared)
             log.info("model %s loaded by the %s runtime; instance ready", settings.model, state.runtime.name)
         except Exception as exc:
-            state.failure = f"{type(exc).__name__}: {exc}"
+            state.failure = redact(f"{type(exc).__name__}: {exc}")
             log.error("could not load the model %s: %s", settings.model, state.failure)
             if on_load_failure:
                 on_load_failure(state.failure)
@@ -72,14 +73,15 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
     @app.get("/ping")
     async def ping():
         if state.runtime is not None:
-            return {"status": "healthy", "model": settings.model} | state.runtime.occupancy()
+            return {"status": "healthy", "model": redact(settings.model)} | state.runtime.occupancy()
         status = "failed" if state.failure else "loading"
         return JSONResponse({"status": status, "error": state.failure}, status_code=503)
 
     @app.get("/model")
     async def model_facts():
         """What a gateway needs to speak for this model: its runtime, task, name, limits and chat template."""
-        return {"uri": settings.model, "name": settings.model} | ready_runtime().facts()
+        shown = redact(settings.model)
+        return {"uri": shown, "name": shown} | ready_runtime().facts()
 
     @app.post("/invocations")
     async def invocations(request: Request):
