@@ -291,7 +291,12 @@ def test_keys_cli_creates_lists_and_revokes_and_the_gateway_follows(keys, gatewa
     listed = keys_cli(keys, "list", "--json")
     rows = {row["name"]: row for row in map(json.loads, listed.stdout.splitlines())}
     assert rows["ci"]["scopes"] == ["invoke:endpoint/default"] and rows["ci-aws"]["kind"] == "aws"
-    assert key not in listed.stdout and json.loads(aws_made.stdout)["secret_access_key"] not in listed.stdout
+    secret = json.loads(aws_made.stdout)["secret_access_key"]
+    assert key not in listed.stdout and secret not in listed.stdout
+    data = keys["root"] / "data"
+    stored = b"".join(p.read_bytes() for p in data.glob("servelet.db*"))
+    assert key.encode() not in stored and secret.encode() not in stored  # a hash, and an encrypted secret
+    assert (data / "secrets.key").stat().st_mode & 0o777 == 0o600
     with gateway.http(headers={"x-api-key": key}) as http:
         assert http.post("/invocations", content=b"{}").status_code == 200
         assert keys_cli(keys, "revoke", "ci").returncode == 0
