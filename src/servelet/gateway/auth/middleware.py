@@ -50,10 +50,10 @@ class Gate:
             else:
                 body = None
                 if scope["type"] == "http" and is_sigv4(headers.get("authorization")):
-                    body, receive = await _read_whole(receive, self.body_limit)
+                    body, receive = await _read_whole(receive, headers, self.body_limit)
                 grant = self.authenticator.grant(method, _url(scope), headers, body)
                 if need.reads_body and not grant.may_invoke_all() and body is None:
-                    body, receive = await _read_whole(receive, self.body_limit)
+                    body, receive = await _read_whole(receive, headers, self.body_limit)
                 self.authorize(grant, need, body)
         except GatewayError as error:
             return await self.refuse(scope, send, need, error)
@@ -85,7 +85,8 @@ class Gate:
 
     async def refuse(self, scope: Scope, send: Send, need: Need, error: GatewayError) -> None:
         if scope["type"] == "websocket":
-            return await send({"type": "websocket.close", "code": POLICY_VIOLATION, "reason": error.message[:120]})
+            reason = error.message.encode()[:120].decode(errors="ignore")  # a close reason holds 123 bytes at most
+            return await send({"type": "websocket.close", "code": POLICY_VIOLATION, "reason": reason})
         response = render_refusal(Request(scope), need.family, error)
         await response(scope, _nothing, send)
 
@@ -103,8 +104,11 @@ def _endpoint_in_body(body: bytes, field: str, max_depth: int) -> str | None:
     return value.partition("/")[0] if isinstance(value, str) else None
 
 
-async def _read_whole(receive: Receive, limit: int) -> tuple[bytes, Receive]:
+async def _read_whole(receive: Receive, headers: Headers, limit: int) -> tuple[bytes, Receive]:
     """The whole body (refusing more than `limit`), and a receive that hands it to the route as if unread."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body has {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     while True:
         message = await receive()
