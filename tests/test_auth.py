@@ -306,6 +306,31 @@ def test_keys_cli_creates_lists_and_revokes_and_the_gateway_follows(keys, gatewa
     assert bad.returncode == 2 and "invoke:endpoint/NAME" in bad.stderr
 
 
+def test_the_cli_sends_servelet_api_key(keys, gateway):
+    def endpoints_list(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([SERVELET, "endpoints", "list", "--url", gateway.base_url], capture_output=True, text=True,
+                              env={"PATH": "/usr/bin:/bin", **env}, timeout=60)
+
+    refused = endpoints_list()
+    assert refused.returncode != 0 and "SERVELET_API_KEY" in refused.stderr
+    listed = endpoints_list(SERVELET_API_KEY=keys["admin"]["key"])
+    assert listed.returncode == 0 and "default" in listed.stdout
+
+
+def test_boto3_finds_the_credentials_where_users_keep_them(keys, gateway, tmp_path, monkeypatch):
+    creds = keys["aws-admin"]
+    (tmp_path / "credentials").write_text(
+        f"[servelet]\naws_access_key_id = {creds['access_key_id']}\naws_secret_access_key = {creds['secret_access_key']}\n"
+    )
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    profile = boto3.Session(profile_name="servelet").client("sagemaker", endpoint_url=gateway.base_url, region_name="eu-west-3")
+    assert profile.list_endpoints()["Endpoints"][0]["EndpointName"] == "default"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", creds["access_key_id"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", creds["secret_access_key"])
+    environment = boto3.Session().client("sagemaker", endpoint_url=gateway.base_url, region_name="us-west-2")
+    assert environment.list_endpoints()["Endpoints"][0]["EndpointName"] == "default"
+
+
 def test_no_key_or_secret_reaches_the_log(keys, gateway):
     log = gateway.log()
     secrets = [made.get("key") or made["secret_access_key"] for name, made in keys.items() if name != "root"]

@@ -7,6 +7,7 @@ what the CLI shows is what the server says.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -15,6 +16,7 @@ import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8080"  # `servelet serve`'s address; the CLI reads --url / SERVELET_URL
 AMZ_JSON = "application/x-amz-json-1.1"
+API_KEY_VARIABLE = "SERVELET_API_KEY"  # the key a gateway run with --auth wants (`servelet keys create`)
 
 
 class ServeletError(Exception):
@@ -38,10 +40,13 @@ class Answer:
 
 
 class Client:
-    def __init__(self, url: str = DEFAULT_URL, timeout: float = 300.0):
+    def __init__(self, url: str = DEFAULT_URL, timeout: float = 300.0, api_key: str | None = None):
         self.url = url.rstrip("/")
+        api_key = api_key or os.environ.get(API_KEY_VARIABLE)
         # Generations can take a while; connecting must not, so a stopped gateway is reported at once.
-        self.http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0))
+        self.http = httpx.Client(
+            base_url=self.url, timeout=httpx.Timeout(timeout, connect=5.0), headers={"x-api-key": api_key} if api_key else {}
+        )
 
     def close(self) -> None:
         self.http.close()

@@ -70,7 +70,8 @@ class Authenticator:
         if key is None:
             raise NoCredentials(
                 "this gateway requires a key: send `Authorization: Bearer KEY` or `x-api-key: KEY`, or SigV4 "
-                "credentials (make one with `servelet keys create NAME --scope SCOPE`)"
+                "credentials (make one with `servelet keys create NAME --scope SCOPE`; the servelet CLI sends "
+                "$SERVELET_API_KEY)"
             )
         return self.by_key(key)
 
