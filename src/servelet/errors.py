@@ -39,6 +39,7 @@ class Unprocessable(GatewayError):
 
 class Overloaded(GatewayError):
     status, kind = 429, "overloaded"
+    retry_after = 1  # a full queue (an instance's, the engine's) has room again within moments
 
 
 class Throttled(Overloaded):

@@ -18,7 +18,7 @@ _VALUE = re.compile(r"=[^&;]*")
 
 
 def redact(text: str) -> str:
-    """`text` with the userinfo and query values of every URL in it masked: `https://***@host/m.tar.gz?X-Amz-Signature=***`."""
+    """`text` with the userinfo and query values of every URL in it masked (`https://***@host/m?X-Amz-Signature=***`)."""
     if "://" not in text:
         return text
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)

@@ -68,7 +68,12 @@ class InstanceSettings(BaseSettings):
         None, gt=0, le=1, validation_alias=AliasChoices("SERVELET_GPU_MEMORY_UTILIZATION", "OPTION_GPU_MEMORY_UTILIZATION"),
         description="vLLM: the share of GPU memory for weights and KV cache; unset: vLLM's default.",
     )
-    max_waiting: int = Field(128, ge=0, description="Requests queued beyond the batch before 429 overloaded.")
+    max_waiting: int = Field(128, ge=0, description="Requests queued beyond the batch (handler models: beyond their "
+                             "workers) before 429 overloaded.")
+    handler_workers: int = Field(
+        1, ge=1, le=256, validation_alias=AliasChoices("SERVELET_HANDLER_WORKERS", "SAGEMAKER_MODEL_SERVER_WORKERS"),
+        description="Handler models: requests their predict_fn runs at once (the SageMaker toolkit's worker runs one).",
+    )
     prefill_chunk: int = Field(128, ge=16, le=8192, description="Prompt tokens fed per engine step.")
     max_prefill_wait: float = Field(2.0, ge=0, description="Seconds before a long prompt goes ahead of short ones.")
     max_decode_stall: float = Field(

@@ -22,8 +22,9 @@ from .contract import ASYNC_INVOCATION_HEADER
 log = logging.getLogger("servelet.instance")
 
 
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"code": status, "error_type": kind, "error": message}, status_code=status)
+def error_response(status: int, message: str, kind: str, retry_after: int | None = None) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"code": status, "error_type": kind, "error": message}, status_code=status, headers=headers)
 
 
 @dataclass
@@ -59,7 +60,7 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
 
     @app.exception_handler(InvocationError)
     async def _invocation_error(_req: Request, exc: InvocationError):
-        return error_response(exc.status, str(exc), exc.kind)
+        return error_response(exc.status, str(exc), exc.kind, exc.retry_after)
 
     @app.exception_handler(EngineError)
     async def _engine_error(_req: Request, exc: EngineError):

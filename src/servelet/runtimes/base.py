@@ -8,10 +8,11 @@ request object, so the Ray executor can drive them the same way.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from starlette.responses import Response
 
@@ -27,9 +28,10 @@ class InvocationError(Exception):
     `kind` names the error family the gateway maps: "validation", "unsupported_media_type", "payload_too_large",
     "unavailable", "overloaded", "model_error" (the user's model or handler failed: SageMaker's ModelError)."""
 
-    def __init__(self, status: int, message: str, kind: str = "validation"):
+    def __init__(self, status: int, message: str, kind: str = "validation", retry_after: int | None = None):
         super().__init__(message)
         self.status, self.kind = status, kind
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
 
 @dataclass
@@ -51,6 +53,30 @@ class Call:
 
 async def _never() -> bool:
     return False
+
+
+DISCONNECT_POLL_SECONDS = 0.25
+T = TypeVar("T")
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready; nobody is left to answer."""
+
+
+async def unless_disconnected(client, work: Awaitable[T]) -> T:
+    """Await `work`; if the client (a Call, a Starlette request: what has `is_disconnected()`) leaves first, cancel
+    the work and raise ClientGone. The gateway's routes and the runtimes stop work for departed clients alike."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
+            if done:
+                return task.result()
+            if await client.is_disconnected():
+                raise ClientGone()
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 class Runtime(ABC):

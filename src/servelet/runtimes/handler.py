@@ -16,6 +16,7 @@ import logging
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
@@ -24,11 +25,12 @@ from starlette.responses import Response
 from ..settings import InstanceSettings
 from . import HANDLER_SCRIPTS
 from . import codecs
-from .base import Call, InvocationError, Runtime
+from .base import Call, ClientGone, InvocationError, Runtime, unless_disconnected
 
 log = logging.getLogger("servelet.handler")
 
 STEPS = ("input_fn", "predict_fn", "output_fn")
+RETRY_AFTER_S = 1
 # sys.path and sys.modules are one for the process: a multi-model instance loading two scripts at once must not let
 # one find the other's `code/` first on sys.path and import its sibling modules.
 IMPORTING = threading.Lock()
@@ -47,7 +49,12 @@ class HandlerRuntime(Runtime):
         prepare_requirements(script.parent / "requirements.txt", settings.install_requirements)
         self.code_dir = str(script.parent)
         self.script = import_script(script, self.code_dir)
-        self.running = 0
+        # The user's code runs SERVELET_HANDLER_WORKERS requests at once, as many workers as the toolkit would
+        # run; up to SERVELET_MAX_WAITING more wait their turn, and past them a request is refused (429).
+        self.workers = settings.handler_workers
+        self.max_waiting = settings.max_waiting
+        self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="handler")
+        self.admitted = 0  # running or waiting
         try:
             self.model = self._load_model(script)
         except BaseException:
@@ -71,12 +78,24 @@ class HandlerRuntime(Runtime):
         return model_fn(str(self.folder))
 
     async def invoke(self, call: Call) -> Response:
-        self.running += 1
-        try:
-            body, content_type = await asyncio.to_thread(self.answer, call)  # the event loop stays free meanwhile
-        finally:
-            self.running -= 1
+        if self.admitted >= self.workers + self.max_waiting:
+            raise InvocationError(
+                429, f"the model is busy: {self.workers} request(s) running and {self.max_waiting} waiting "
+                "(SERVELET_HANDLER_WORKERS, SERVELET_MAX_WAITING); retry later", "overloaded", RETRY_AFTER_S,
+            )
+        loop = asyncio.get_running_loop()
+        work = self.pool.submit(self.answer, call)  # on the runtime's own workers: the event loop stays free
+        self.admitted += 1
+        # Its place is held until the user's code returns, even for a client that left: a thread cannot be stopped.
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+        try:  # a client that leaves while its request waits: the request never runs
+            body, content_type = await unless_disconnected(call, asyncio.wrap_future(work))
+        except ClientGone:
+            raise InvocationError(499, "the client left before the answer", "unavailable") from None
         return Response(body, media_type=content_type)
+
+    def _release(self) -> None:
+        self.admitted -= 1
 
     def answer(self, call: Call) -> tuple[bytes, str]:
         """Run the script's steps on one request; its exceptions become ModelError with its message."""
@@ -98,9 +117,10 @@ class HandlerRuntime(Runtime):
         return {"runtime": self.name, "task": None, "name": self.folder.name}
 
     def occupancy(self) -> dict:
-        return {"running": self.running}
+        return {"running": min(self.admitted, self.workers), "waiting": max(0, self.admitted - self.workers)}
 
     def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
         with IMPORTING:
             sys.modules.pop(self.script.__name__, None)
             if self.code_dir in sys.path:

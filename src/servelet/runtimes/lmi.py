@@ -18,13 +18,14 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..engine import EngineError, Finished, GenerationParams, Token
-from .base import GENERATED_RATE_HEADER, PROMPT_RATE_HEADER, Call, InvocationError, Runtime
+from .base import (
+    GENERATED_RATE_HEADER, PROMPT_RATE_HEADER, Call, ClientGone, InvocationError, Runtime, unless_disconnected,
+)
 from .lmi_schemas import InvocationRequest, describe
 
 JSON_LINES = "application/jsonlines"
 JSON_LINES_TYPES = (JSON_LINES, "application/x-jsonlines", "application/jsonl")
 DEFAULT_LINES_IN_FLIGHT = 32  # for an engine that does not say its batch size
-DISCONNECT_POLL_SECONDS = 0.25
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that left; nobody reads it
 JSON_TYPES = ("application/json", "text/json", "application/x-www-form-urlencoded", "")
 
@@ -168,19 +169,14 @@ async def collect_all(generations: list):
 
 async def until_disconnect(call: Call, work, generations: list):
     """Await `work`; None (and the generations cancelled) if the client goes away first."""
-    task = asyncio.ensure_future(work)
     try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_SECONDS)
-            if done:
-                return task.result()
-            if await call.is_disconnected():
-                return None
-    finally:
-        if not task.done():
-            task.cancel()
-            for g in generations:
-                g.cancel()
+        return await unless_disconnected(call, work)
+    except (ClientGone, asyncio.CancelledError) as stopped:
+        for g in generations:
+            g.cancel()
+        if isinstance(stopped, asyncio.CancelledError):
+            raise
+        return None
 
 
 def token_json(token: Token) -> dict:

@@ -351,7 +351,8 @@ async def create_endpoint(plane: ControlPlane, body: dict) -> dict:
 
 
 def endpoint_wire(record: EndpointRecord) -> dict:
-    described = wire(record, "creation_time", "last_modified_time") | {"EndpointArn": arn("endpoint", record.endpoint_name)}
+    described = wire(record, "creation_time", "last_modified_time")
+    described["EndpointArn"] = arn("endpoint", record.endpoint_name)
     described.pop("EndpointConfig", None)  # the record's own copy (resources.EndpointRecord), not SageMaker's
     return described
 
