@@ -1,9 +1,12 @@
-"""SageMaker control requests with members servelet does not honour are refused, naming the member, as boto3 shows it.
+"""SageMaker control requests with members servelet does not honour are refused, naming the member, as boto3 shows it;
+ContainerStartupHealthCheckTimeoutInSeconds is honoured as the variant's instance start timeout.
 
 They used to be dropped, so a VpcConfig, a KmsKeyId or a DataCaptureConfig looked honoured and was not.
 """
 
 from __future__ import annotations
+
+import textwrap
 
 import botocore.exceptions
 import pytest
@@ -19,9 +22,23 @@ SCALING = {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/e/variant/Al
            "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "MinCapacity": 1, "MaxCapacity": 2}
 
 
+START_TIMEOUT_S = 3  # the gateway's SERVELET_INSTANCE_START_TIMEOUT here: shorter than the slow model's load
+SLOW_LOAD = """
+import time
+
+def model_fn(model_dir):
+    time.sleep(6)
+    return None
+
+def predict_fn(data, model):
+    return data
+"""
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory):
-    gateway = start_gateway(tmp_path_factory.mktemp("control-members"), env={"SERVELET_INSTANCES": "0"}, ready=None)
+    env = {"SERVELET_INSTANCES": "0", "SERVELET_INSTANCE_START_TIMEOUT": str(START_TIMEOUT_S)}
+    gateway = start_gateway(tmp_path_factory.mktemp("control-members"), env=env, ready=None)
     yield gateway
     stop_process(gateway.process)
 
@@ -44,12 +61,6 @@ REFUSED = {
         "create_endpoint_config",
         {"EndpointConfigName": "c", "ProductionVariants": [VARIANT | {"RoutingConfig": {"RoutingStrategy": "RANDOM"}}]},
         "ProductionVariants.0.RoutingConfig",
-    ),
-    "ContainerStartupHealthCheckTimeoutInSeconds": (
-        "create_endpoint_config",
-        {"EndpointConfigName": "c",
-         "ProductionVariants": [VARIANT | {"ContainerStartupHealthCheckTimeoutInSeconds": 120}]},
-        "ProductionVariants.0.ContainerStartupHealthCheckTimeoutInSeconds",
     ),
     "DataCaptureConfig": (
         "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "DataCaptureConfig": CAPTURE},
@@ -99,3 +110,22 @@ def test_members_servelet_reads_still_pass(sagemaker):
     sagemaker.create_model(ModelName="m", PrimaryContainer=CONTAINER, ExecutionRoleArn="arn:aws:iam::1:role/r")
     sagemaker.create_endpoint_config(EndpointConfigName="c", ProductionVariants=[VARIANT])
     assert sagemaker.describe_endpoint_config(EndpointConfigName="c")["ProductionVariants"][0]["VariantName"] == "AllTraffic"
+
+
+def test_container_startup_health_check_timeout_is_the_variants_start_timeout(sagemaker, tmp_path):
+    """A model that loads in 6 s: InService with ContainerStartupHealthCheckTimeoutInSeconds=60, Failed under the
+    gateway's own 3 s without it."""
+    (tmp_path / "slow" / "code").mkdir(parents=True)
+    (tmp_path / "slow" / "code" / "inference.py").write_text(textwrap.dedent(SLOW_LOAD))
+    sagemaker.create_model(ModelName="slow", PrimaryContainer={"ModelDataUrl": str(tmp_path / "slow")})
+    variant = {"VariantName": "AllTraffic", "ModelName": "slow", "InitialInstanceCount": 1}
+    for name, extra in (("patient", {"ContainerStartupHealthCheckTimeoutInSeconds": 60}), ("hasty", {})):
+        sagemaker.create_endpoint_config(EndpointConfigName=name, ProductionVariants=[variant | extra])
+        sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    described = sagemaker.describe_endpoint_config(EndpointConfigName="patient")["ProductionVariants"][0]
+    assert described["ContainerStartupHealthCheckTimeoutInSeconds"] == 60
+    waiter = {"Delay": 1, "MaxAttempts": 90}
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="patient", WaiterConfig=waiter)
+    with pytest.raises(botocore.exceptions.WaiterError):
+        sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="hasty", WaiterConfig=waiter)
+    assert sagemaker.describe_endpoint(EndpointName="hasty")["EndpointStatus"] == "Failed"

@@ -52,6 +52,7 @@ class VariantPlan:
     weight: float = 1.0
     env: dict[str, str] = field(default_factory=dict)
     serverless: ServerlessConfig | None = None
+    start_timeout: float | None = None  # ContainerStartupHealthCheckTimeoutInSeconds; None: the fleet's
 
 
 class Outcomes:
@@ -107,6 +108,7 @@ class Variant:
     in_flight: Counter = field(default_factory=Counter)  # instance name -> requests it is answering now
     served: Outcomes = field(default_factory=Outcomes)  # its requests over the last minute (autoscaling reads it)
     serverless: ServerlessConfig | None = None
+    start_timeout: float | None = None  # each of its instances' (None: the fleet's)
     waiting: int = 0  # requests held for an instance to start (serverless)
     last_request: float = field(default_factory=time.monotonic)  # when a request last came in or left
     scaled_to_zero: bool = False  # it was, once: its starts are worth a snapshot template
@@ -287,7 +289,10 @@ class Fleet:
     def _variants(self, name: str, plans: list["VariantPlan"]) -> list[Variant]:
         variants = []
         for plan in plans:
-            variant = Variant(plan.name, plan.model_uri, plan.weight, env=plan.env, serverless=plan.serverless)
+            variant = Variant(
+                plan.name, plan.model_uri, plan.weight, env=plan.env, serverless=plan.serverless,
+                start_timeout=plan.start_timeout,
+            )
             variant.instances = [self._instance(name, variant) for _ in range(plan.instances)]
             variants.append(variant)
         return variants
@@ -301,10 +306,12 @@ class Fleet:
             socket_path = self.run_dir / f"{digest}.sock"
         model_file = self._models.get(variant.model_uri)
         memory = variant.serverless.memory_size_in_mb * self.memory_limit_scale if variant.serverless else None
-        return Instance(
+        instance = Instance(
             f"{endpoint}/{variant.name}/{n}", variant.model_uri, socket_path, self.instance_env | variant.env, model_file,
             self.stream_channel, memory, self.snapshots,
         )
+        instance.start_timeout = variant.start_timeout
+        return instance
 
     async def _prepare_templates(self, variants: list[Variant], wait: bool = True) -> None:
         """A snapshot template for each variant whose instances start from zero; a serverless variant's first
@@ -408,6 +415,8 @@ class Fleet:
         return await self._wait_instances(lambda: instances, timeout, "the new instances")
 
     async def _wait_instances(self, instances, timeout: float, what: str) -> str | None:
+        # An instance allowed longer than the caller's wait (its variant's own start timeout) is waited for.
+        timeout = max([timeout] + [i.start_timeout for i in instances() or () if i.start_timeout])
         deadline = asyncio.get_running_loop().time() + timeout
         while asyncio.get_running_loop().time() < deadline:
             current = instances()
@@ -469,7 +478,7 @@ class Fleet:
         crashes = 0
         while True:
             try:
-                await instance.wait_ready(timeout)
+                await instance.wait_ready(instance.start_timeout or timeout)
             except Exception as exc:
                 instance.failure = instance.failure or f"instance {instance.name} failed to start: {exc!r}"
                 if instance.exit_signal is None and not instance.ever_ready:

@@ -112,6 +112,7 @@ class Instance:
         self.served = False  # this process answered a request successfully: a crash after that is no broken build
         self.stopping = False
         self.memory_limit_mb = memory_limit_mb  # a serverless variant's MemorySizeInMB: over it, the process is stopped
+        self.start_timeout: float | None = None  # its variant's ContainerStartupHealthCheckTimeoutInSeconds
         self.over_memory: str | None = None  # why it was stopped for its memory (what its requests are answered)
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._relay: asyncio.Task | None = None

@@ -263,6 +263,7 @@ class ControlPlane:
                 instances=variant.initial_instance_count or 0,  # serverless: its plan says (below)
                 weight=variant.initial_variant_weight,
                 env=model.instance_environment(),
+                start_timeout=variant.container_startup_health_check_timeout_in_seconds,
             ))
             if variant.variant_name in changed:
                 plans[-1].weight = changed[variant.variant_name].desired_weight

@@ -153,6 +153,10 @@ class ProductionVariant(Resource):
     initial_variant_weight: float = Field(1.0, ge=0.0)
     instance_type: str | None = Field(None, description="Accepted for compatibility; instances run on this machine.")
     serverless_config: ServerlessConfig | None = None
+    container_startup_health_check_timeout_in_seconds: int | None = Field(
+        None, ge=1, le=3600, description="Seconds each instance may take to answer /ping; unset: the gateway's "
+        "SERVELET_INSTANCE_START_TIMEOUT.",
+    )
 
     @model_validator(mode="before")
     @classmethod
