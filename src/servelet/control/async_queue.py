@@ -6,7 +6,9 @@ gateway) is leased again. Only the worker holding a job's lease may end it, so i
 name is fixed by its InferenceId and written atomically, so a job run twice still leaves one output. A job that
 ended waits for its notification (a webhook) to be delivered, or given up, before it is `notified`.
 
-Every method is one short transaction; the gateway calls them from a thread (`asyncio.to_thread`).
+Every method is one short transaction. The gateway makes its writes through `JobQueue.write`, on one thread:
+SQLite takes one writer at a time, and a second one waits in its busy handler, which sleeps 1, 2, 5, 10 ms and
+more between tries; one writing thread never meets another of this process there.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import enum
 import time
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Generic, TypeVar
 
@@ -114,6 +117,14 @@ class JobQueue:
     def __init__(self, store: Store):
         self.engine: Engine = store.engine
         metadata.create_all(self.engine)
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="servelet-queue")
+
+    async def write(self, method: Callable[..., Result], *args) -> Result:
+        """Run one of the writing methods on the queue's writing thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, method, *args)
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=False)
 
     def enqueue(self, job: Job) -> Job:
         return self.enqueue_many([job])[0]
@@ -122,17 +133,16 @@ class JobQueue:
         """Add the jobs in one transaction; where a job of the same InferenceId is there already, that one is kept
         and returned instead (a client that resends its request after a lost answer gets the same job, not a
         second one)."""
-        statement = upsert(self.engine, jobs).on_conflict_do_nothing(index_elements=[jobs.c.inference_id])
-        ids = [job.inference_id for job in new]
+        statement = (upsert(self.engine, jobs).on_conflict_do_nothing(index_elements=[jobs.c.inference_id])
+                     .returning(jobs.c.inference_id))
+        by_id = {job.inference_id: job for job in new}
         with self.engine.begin() as connection:
-            existing = {
-                row.inference_id: Job.from_row(row)
-                for row in connection.execute(select(jobs).where(jobs.c.inference_id.in_(ids)))
-            }
-            fresh = {job.inference_id: job for job in new if job.inference_id not in existing}
-            if fresh:
-                connection.execute(statement, [job.row() for job in fresh.values()])
-        return [existing.get(i) or fresh[i] for i in ids]
+            added = set(connection.execute(statement, [job.row() for job in by_id.values()]).scalars())
+            resent = [i for i in by_id if i not in added]
+            if resent:
+                by_id |= {row.inference_id: Job.from_row(row)
+                          for row in connection.execute(select(jobs).where(jobs.c.inference_id.in_(resent)))}
+        return [by_id[job.inference_id] for job in new]
 
     def get(self, inference_id: str) -> Job | None:
         with self.engine.connect() as connection:
@@ -165,20 +175,18 @@ class JobQueue:
             (jobs.c.status == JobStatus.PENDING.value)
             | ((jobs.c.status == JobStatus.IN_PROGRESS.value) & (jobs.c.lease_until < now))
         )
+        oldest = select(jobs.c.inference_id).where(takeable).order_by(jobs.c.created).limit(count)
+        if self.engine.dialect.name == "postgresql":
+            oldest = oldest.with_for_update(skip_locked=True)  # gateways sharing the database take different jobs
         with self.engine.begin() as connection:
-            ids = connection.execute(select(jobs.c.inference_id).where(takeable).order_by(jobs.c.created).limit(count)).scalars().all()
-            taken = []
-            for inference_id in ids:
-                claimed = connection.execute(
-                    update(jobs).where(takeable, jobs.c.inference_id == inference_id).values(
-                        status=JobStatus.IN_PROGRESS.value, lease_owner=owner, lease_until=now + lease_seconds,
-                        attempts=jobs.c.attempts + 1,
-                    )
-                ).rowcount
-                if claimed:
-                    taken.append(inference_id)
-            rows = connection.execute(select(jobs).where(jobs.c.inference_id.in_(taken)).order_by(jobs.c.created)).all()
-        return [Job.from_row(row) for row in rows]
+            # Two statements: PostgreSQL may run a LIMIT subquery of an UPDATE more than once, taking more than count.
+            ids = connection.execute(oldest).scalars().all()
+            claim = update(jobs).where(jobs.c.inference_id.in_(ids), takeable).values(
+                status=JobStatus.IN_PROGRESS.value, lease_owner=owner, lease_until=now + lease_seconds,
+                attempts=jobs.c.attempts + 1,
+            ).returning(*jobs.c)
+            taken = [Job.from_row(row) for row in connection.execute(claim)] if ids else []
+        return sorted(taken, key=lambda job: job.created)
 
     def renew(self, owner: str, inference_ids: list[str], lease_seconds: float) -> None:
         """The worker's heartbeat: its leases last `lease_seconds` more."""
@@ -208,18 +216,22 @@ class JobQueue:
         return self.finish_many(owner, [Ending(inference_id, status, failure_reason, notify)])[0]
 
     def finish_many(self, owner: str, endings: list[Ending]) -> list[bool]:
-        """`finish` for many jobs, in one transaction."""
+        """`finish` for many jobs, in one transaction: one statement per kind of ending."""
         now = time.time()
+        kinds: dict[tuple, list[str]] = {}
+        for ending in endings:
+            kinds.setdefault((ending.status, ending.failure_reason, ending.notify), []).append(ending.inference_id)
+        ended: set[str] = set()
         with self.engine.begin() as connection:
-            return [
-                connection.execute(
-                    update(jobs).where(jobs.c.inference_id == ending.inference_id, jobs.c.lease_owner == owner,
+            for (status, failure_reason, notify), ids in kinds.items():
+                ended.update(connection.execute(
+                    update(jobs).where(jobs.c.inference_id.in_(ids), jobs.c.lease_owner == owner,
                                        jobs.c.status == JobStatus.IN_PROGRESS.value)
-                    .values(status=ending.status.value, ended=now, failure_reason=ending.failure_reason,
-                            lease_until=None, notified=not ending.notify)
-                ).rowcount > 0
-                for ending in endings
-            ]
+                    .values(status=status.value, ended=now, failure_reason=failure_reason, lease_until=None,
+                            notified=not notify)
+                    .returning(jobs.c.inference_id)
+                ).scalars())
+        return [ending.inference_id in ended for ending in endings]
 
     def expire(self) -> list[Job]:
         """Pending jobs past their TTL: expired, and returned for their failure notice."""
@@ -253,9 +265,10 @@ class GroupCommit(Generic[Item, Result]):
     """Calls made at the same moment go to the store in one transaction: `commit` takes a list of items and
     returns one result per item, in a thread. Each caller waits for the commit that holds its item (so a 202
     still means "stored"), and while one commit runs the next callers gather for the following one. A caller
-    alone waits for nobody. Used for accepting jobs and for ending them."""
+    alone waits for nobody. Used for accepting jobs and for ending them, on the queue's writing thread."""
 
-    def __init__(self, commit: Callable[[list[Item]], list[Result]]):
+    def __init__(self, queue: JobQueue, commit: Callable[[list[Item]], list[Result]]):
+        self.queue = queue
         self.commit = commit
         self._pending: list[tuple[Item, asyncio.Future]] = []
         self._committer: asyncio.Task | None = None  # referenced, or the loop may collect it mid-commit
@@ -272,7 +285,8 @@ class GroupCommit(Generic[Item, Result]):
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    results = await asyncio.to_thread(self.commit, [item for item, _ in batch])
+                    items = [item for item, _ in batch]
+                    results = await self.queue.write(self.commit, items)
                 except Exception as exc:  # noqa: BLE001 - every caller of the batch hears of it
                     for _, waiting in batch:
                         if not waiting.done():

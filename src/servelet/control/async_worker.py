@@ -36,6 +36,9 @@ LEASE_SECONDS = 30.0  # the default: renewed every pass, a lease outlives its wo
 NOTIFY_ATTEMPTS = 5
 SLOW_WORK_EVERY_S = 0.5
 MIN_PASS_GAP_S = 0.01  # a burst of accepted jobs wakes the worker once per gap, not once per job
+# Jobs leased per invocation slot: the extra ones wait in the worker for a slot, so a slot that frees goes to the
+# next job at once rather than after a pass and a lease transaction.
+LEASED_PER_SLOT = 2
 NOTIFY_TIMEOUT_S = 10.0
 
 
@@ -55,12 +58,13 @@ class AsyncWorker(ControlLoop):
         self.max_input_bytes = max_input_bytes
         self.interval = interval
         self.owner = f"gateway-{uuid.uuid4()}"
-        self._enqueue = GroupCommit(queue.enqueue_many)
-        self._finish_many = GroupCommit(lambda endings: queue.finish_many(self.owner, endings))
+        self._enqueue = GroupCommit(queue, queue.enqueue_many)
+        self._finish_many = GroupCommit(queue, lambda endings: queue.finish_many(self.owner, endings))
         self.known: dict[str, AsyncInferenceConfig] = {}  # the async endpoints at the last pass
         self._slow_work_at = self._renewed_at = 0.0
         self.running: dict[str, asyncio.Task] = {}  # by InferenceId
         self._running_for: dict[str, str] = {}  # InferenceId -> endpoint
+        self._slots: dict[str, Slots] = {}  # by endpoint: its invocations in flight
         self._notifying: dict[str, asyncio.Task] = {}
         self._wake = asyncio.Event()
 
@@ -100,23 +104,24 @@ class AsyncWorker(ControlLoop):
         slow_work = now - self._slow_work_at >= SLOW_WORK_EVERY_S
         if slow_work:
             self._slow_work_at = now
-            await asyncio.to_thread(self.queue.expire)
+            await self.queue.write(self.queue.expire)
             self.known = await asyncio.to_thread(self.configs)
         for endpoint, config in self.known.items():
             await self._lease(endpoint, config)
         if now - self._renewed_at >= self.lease_seconds / 4:  # the heartbeat: well before a lease runs out
             self._renewed_at = now
-            await asyncio.to_thread(self.queue.renew, self.owner, list(self.running), self.lease_seconds)
+            await self.queue.write(self.queue.renew, self.owner, list(self.running), self.lease_seconds)
         if slow_work:
             await self._notify(self.known)
 
     async def _lease(self, endpoint: str, config: AsyncInferenceConfig) -> None:
-        # With no ready instance, one job still goes: invoking a variant at zero starts its instance.
-        ready = max(self._ready_instances(endpoint), 1)
-        room = ready * config.concurrency_per_instance - sum(1 for e in self._running_for.values() if e == endpoint)
+        # With no ready instance, one instance's worth still goes: invoking a variant at zero starts its instance.
+        capacity = max(self._ready_instances(endpoint), 1) * config.concurrency_per_instance
+        await self._slots.setdefault(endpoint, Slots(capacity)).resize(capacity)
+        room = LEASED_PER_SLOT * capacity - sum(1 for e in self._running_for.values() if e == endpoint)
         if room <= 0:
             return
-        for job in await asyncio.to_thread(self.queue.lease, endpoint, self.owner, room, self.lease_seconds):
+        for job in await self.queue.write(self.queue.lease, endpoint, self.owner, room, self.lease_seconds):
             self._running_for[job.inference_id] = endpoint
             self.running[job.inference_id] = asyncio.create_task(self._run_job(job))
 
@@ -128,7 +133,7 @@ class AsyncWorker(ControlLoop):
         try:
             await self._answer(job)
         except asyncio.CancelledError:
-            await asyncio.shield(asyncio.to_thread(self.queue.release, self.owner, job.inference_id))
+            await asyncio.shield(self.queue.write(self.queue.release, self.owner, job.inference_id))
             raise
         except Exception as exc:  # noqa: BLE001 - a job that breaks the worker's own code fails, loudly, alone
             log.exception("async job %s failed in the worker", job.inference_id)
@@ -148,8 +153,7 @@ class AsyncWorker(ControlLoop):
             accept=job.accept, custom_attributes=job.custom_attributes, inference_id=job.inference_id,
         )
         try:
-            async with asyncio.timeout(job.invocation_timeout):
-                await self._invoke(job, invocation)
+            await self._invoke(job, invocation)
         except TimeoutError:
             await self._fail(job, f"the model did not answer within InvocationTimeoutSeconds ({job.invocation_timeout} s)")
             return
@@ -158,7 +162,7 @@ class AsyncWorker(ControlLoop):
             return
         except NOT_NOW as exc:
             log.debug("async job %s goes back to the queue: %s", job.inference_id, exc.message)
-            await asyncio.to_thread(self.queue.release, self.owner, job.inference_id)
+            await self.queue.write(self.queue.release, self.owner, job.inference_id)
             return
         except GatewayError as exc:
             await self._fail(job, _model_failure(exc), exc)
@@ -168,11 +172,14 @@ class AsyncWorker(ControlLoop):
             log.debug("async job %s completed: %s", job.inference_id, job.output_location)
 
     async def _invoke(self, job: Job, invocation: Invocation) -> None:
-        """Run the model and write its answer. A body sent with the request is small (128,000 bytes at most); an
-        input location's object streams to the instance and the answer streams to the output location, so the
-        gateway holds a few chunks of either, whatever their size."""
+        """Run the model, in one of the endpoint's invocation slots, within the job's InvocationTimeoutSeconds, and
+        write its answer. A body sent with the request is small (128,000 bytes at most): its answer is written
+        after the slot is given back. An input location's object streams to the instance and the answer streams
+        to the output location, so the gateway holds a few chunks of either, whatever their size."""
+        slot = self._slots.setdefault(job.endpoint, Slots(1))
         if job.input_location is None:
-            answer = await self.router.invoke(invocation)
+            async with slot, asyncio.timeout(job.invocation_timeout):
+                answer = await self.router.invoke(invocation)
             await objects.write_bytes(job.output_location, answer.body, answer.content_type)
             return
         size = await objects.size(job.input_location)
@@ -181,8 +188,9 @@ class AsyncWorker(ControlLoop):
                 f"{job.input_location} has {size:,} bytes; async inputs may have {self.max_input_bytes:,} "
                 "(SERVELET_ASYNC_MAX_INPUT_BYTES)"
             )
-        async with self.router.upload(invocation, objects.read_chunks(job.input_location), size) as answer:
-            await objects.write_chunks(job.output_location, answer.chunks, answer.content_type)
+        async with slot, asyncio.timeout(job.invocation_timeout):
+            async with self.router.upload(invocation, objects.read_chunks(job.input_location), size) as answer:
+                await objects.write_chunks(job.output_location, answer.chunks, answer.content_type)
 
     async def _fail(self, job: Job, reason: str, error: GatewayError | None = None) -> None:
         """Record the failure, and write it to the failure location when the endpoint has one."""
@@ -207,7 +215,7 @@ class AsyncWorker(ControlLoop):
                 continue
             url = webhook_for(configs.get(job.endpoint), job.status)
             if url is None:
-                await asyncio.to_thread(self.queue.mark_notified, job.inference_id)
+                await self.queue.write(self.queue.mark_notified, job.inference_id)
                 continue
             task = asyncio.create_task(self._deliver(job, url))
             self._notifying[job.inference_id] = task
@@ -231,7 +239,7 @@ class AsyncWorker(ControlLoop):
                     break
                 await asyncio.sleep(delay)
                 delay *= 2
-        await asyncio.to_thread(self.queue.mark_notified, job.inference_id)
+        await self.queue.write(self.queue.mark_notified, job.inference_id)
 
     async def close(self) -> None:
         """Stop: jobs in progress go back to the queue (the next gateway runs them), nothing half-done is kept."""
@@ -240,6 +248,31 @@ class AsyncWorker(ControlLoop):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class Slots:
+    """An endpoint's invocation slots: at most `capacity` jobs invoke it at once (its ready instances ×
+    MaxConcurrentInvocationsPerInstance); the capacity follows its instances."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.busy = 0
+        self._changed = asyncio.Condition()
+
+    async def resize(self, capacity: int) -> None:
+        async with self._changed:
+            self.capacity = capacity
+            self._changed.notify_all()
+
+    async def __aenter__(self) -> None:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.busy < self.capacity)
+            self.busy += 1
+
+    async def __aexit__(self, *exc) -> None:
+        async with self._changed:
+            self.busy -= 1
+            self._changed.notify()
 
 
 def webhook_for(config: AsyncInferenceConfig | None, status: str) -> str | None:

@@ -108,6 +108,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         await plane.close()
         await fleet.close()
         await meter.close()  # last: requests cut short by the close are billed too
+        jobs.close()
         store.close()
 
     app = FastAPI(title="servelet", version=__version__, description=DESCRIPTION, lifespan=lifespan)

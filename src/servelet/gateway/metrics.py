@@ -63,6 +63,11 @@ INSTANCE_INIT_SECONDS = Histogram(
     "servelet_instance_init_seconds", "Time from an instance's start to its readiness, by start kind",
     ["endpoint", "variant", "kind"], buckets=INIT_BUCKETS, registry=REGISTRY,
 )
+ENQUEUE_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+ASYNC_ENQUEUE_SECONDS = Histogram(
+    "servelet_async_enqueue_seconds", "Time to store an accepted async invocation in the queue (its 202 waits for it)",
+    ["endpoint"], buckets=ENQUEUE_BUCKETS, registry=REGISTRY,
+)
 AUTOSCALING_METRIC = Gauge(
     "servelet_autoscaling_metric", "The scaling policy's metric at its last check (per instance)",
     ["endpoint", "variant"], registry=REGISTRY,

@@ -19,6 +19,7 @@ from ... import objects
 from ...control.async_queue import Job, JobStatus, new_inference_id
 from ...errors import BadRequest, NotFound
 from ..errors import error_format
+from ..metrics import ASYNC_ENQUEUE_SECONDS
 from ..services import Services, note_endpoint, read_body, services
 from .sagemaker import ACCOUNT, ENDPOINT_NAME, render_sagemaker_error
 
@@ -81,7 +82,9 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
         output_location=objects.join(_output_folder(output.s3_output_path, headers), _output_name(headers, inference_id)),
         failure_location=objects.join(output.s3_failure_path, f"{inference_id}-error.out") if output.s3_failure_path else None,
     )
+    began = time.perf_counter()
     job = await services.async_worker.accept(job)
+    ASYNC_ENQUEUE_SECONDS.labels(EndpointName).observe(time.perf_counter() - began)
     locations = {"X-Amzn-SageMaker-OutputLocation": job.output_location}
     if job.failure_location:
         locations["X-Amzn-SageMaker-FailureLocation"] = job.failure_location
