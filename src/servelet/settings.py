@@ -60,6 +60,9 @@ class InstanceSettings(BaseSettings):
         32, ge=1, le=256, validation_alias=AliasChoices("SERVELET_MAX_BATCH_SIZE", "OPTION_MAX_ROLLING_BATCH_SIZE")
     )
     max_model_len: int = Field(2048, ge=16, validation_alias=AliasChoices("SERVELET_MAX_MODEL_LEN", "OPTION_MAX_MODEL_LEN"))
+    max_tokens_per_request: int = Field(
+        4096, ge=1, description="The largest max_new_tokens a request may ask for; past it, 400 naming this limit."
+    )
     dtype: str = Field("auto", validation_alias=AliasChoices("SERVELET_DTYPE", "OPTION_DTYPE"))
     tensor_parallel_degree: str = Field(
         "1", validation_alias=AliasChoices("SERVELET_TENSOR_PARALLEL_DEGREE", "TENSOR_PARALLEL_DEGREE")
@@ -130,6 +133,7 @@ class InstanceSettings(BaseSettings):
             max_batch_size=self.max_batch_size,
             max_model_len=self.max_model_len,
             max_waiting=self.max_waiting,
+            max_tokens_per_request=self.max_tokens_per_request,
             prefill_chunk=self.prefill_chunk,
             max_prefill_wait=self.max_prefill_wait,
             max_decode_stall=self.max_decode_stall,
@@ -180,6 +184,20 @@ class GatewaySettings(BaseSettings):
     # 64 as .NET's System.Text.Json; the most Python's json reaches is under its recursion limit (1,000).
     max_json_depth: int = Field(
         64, ge=1, le=512, description="Deepest nesting of arrays and objects in a client's JSON before 400."
+    )
+    # Limits and backpressure (docs/limits.md).
+    max_in_flight_per_endpoint: int = Field(
+        512, ge=1, description="Real-time requests one endpoint may have in flight in the gateway (streams until their "
+        "end); past it, 429 with Retry-After (boto3: ThrottlingException).",
+    )
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1024**2, description="Largest request line and headers together; past it, 431.",
+    )
+    websocket_max_in_flight: int = Field(
+        16, ge=1, description="Requests one WebSocket connection may have in flight; past it, an error frame (429).",
+    )
+    websocket_connections_per_client: int = Field(
+        64, ge=1, description="WebSocket connections open at once from one client address; past it, 429 at the upgrade.",
     )
     keepalive_seconds: float = Field(15.0, gt=0, description="Silence after which a stream sends a keep-alive.")
     invocation_timeout: float = Field(

@@ -19,6 +19,7 @@ from ..errors import (
 )
 from ..instance.contract import ASYNC_INVOCATION_HEADER
 from ..instance.stream import QueuedAnswer
+from .admission import Admission
 from .catalog import CATALOG_HINT
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
@@ -84,9 +85,10 @@ class Cold(Exception):
 class Router:
     def __init__(
         self, fleet: Fleet, invocation_timeout: float | None = None, serverless: ServerlessScaler | None = None,
-        meter: CostMeter | None = None,
+        meter: CostMeter | None = None, max_in_flight_per_endpoint: int | None = None,
     ):
         self.fleet = fleet
+        self.admission = Admission(max_in_flight_per_endpoint)  # real-time requests only: async jobs have slots
         self.invocation_timeout = invocation_timeout  # seconds an instance may take to answer (a stream: to start)
         self.serverless = serverless  # starts instances of serverless variants at zero
         self.meter = meter  # bills serverless invocations
@@ -128,7 +130,7 @@ class Router:
     async def invoke(self, invocation: Invocation) -> Answer:
         route = await self._resolve(invocation)
         instance = route.instance
-        with route.serving(self.meter, invocation.endpoint):
+        with self.admission.admit(invocation.endpoint), route.serving(self.meter, invocation.endpoint):
             try:
                 async with asyncio.timeout(self.invocation_timeout):
                     response = await instance.client.post(invocation.body, invocation.instance_headers())
@@ -151,7 +153,7 @@ class Router:
         """Open a streamed answer; errors before the first byte raise here, so routes can still answer 4xx/5xx."""
         route = await self._resolve(invocation)
         instance = route.instance
-        with route.serving(self.meter, invocation.endpoint) as timing:
+        with self.admission.admit(invocation.endpoint), route.serving(self.meter, invocation.endpoint) as timing:
             try:
                 async with AsyncExitStack() as stack:
                     opening = instance.client.open_stream(invocation.body, invocation.instance_headers())

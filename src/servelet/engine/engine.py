@@ -36,6 +36,7 @@ class EngineConfig:
     max_batch_size: int = 32
     max_model_len: int = 2048
     max_waiting: int = 128
+    max_tokens_per_request: int = 4096  # the largest max_new_tokens a request may ask for
     prefill_chunk: int = 128
     max_prefill_wait: float = 2.0
     max_decode_stall: float = 1.0  # 0: running streams get a token every step, even during a prefill burst
@@ -118,7 +119,7 @@ class Engine:
         tokens = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens or (isinstance(prompt, str) and not prompt):
             raise InvalidRequest("inputs must not be empty")
-        max_new = allowed_new_tokens(len(tokens), params, self.max_model_len)
+        max_new = allowed_new_tokens(len(tokens), params, self.max_model_len, self.config.max_tokens_per_request)
         loop = asyncio.get_running_loop()
         sink = EventSink(loop, self._outbox)
         seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink)
@@ -185,6 +186,7 @@ class Engine:
             "waiting": len(self.scheduler.waiting) + len(self._inbox),
             "steps": self.scheduler.counters.steps,
             "preemptions": self.scheduler.counters.preemptions,
+            "cancelled": self.scheduler.counters.cancelled,
             "tokens_generated": self.scheduler.counters.tokens_generated,
             "prompt_tokens": self.scheduler.counters.prompt_tokens,
         }

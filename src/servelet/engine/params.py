@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from .errors import ContextOverflow
+from .errors import ContextOverflow, InvalidRequest
 
 MAX_STOP_SEQUENCES = 16
 DEFAULT_MAX_NEW_TOKENS = 256  # when a request does not say: what fits in the context, at most this
+TOKENS_SETTING = "SERVELET_MAX_TOKENS_PER_REQUEST"
+CONTEXT_SETTING = "SERVELET_MAX_MODEL_LEN"
 
 
 class GenerationParams(BaseModel):
@@ -68,19 +70,25 @@ class GenerationParams(BaseModel):
         return repetition or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
-def allowed_new_tokens(n_prompt: int, params: GenerationParams, max_model_len: int) -> int:
-    """The tokens a request may generate after its `n_prompt` prompt tokens; refuses one that cannot fit."""
+def allowed_new_tokens(n_prompt: int, params: GenerationParams, max_model_len: int, limit: int | None = None) -> int:
+    """The tokens a request may generate after its `n_prompt` prompt tokens; refuses one that asks for more than
+    `limit` (SERVELET_MAX_TOKENS_PER_REQUEST) or cannot fit in the context (SERVELET_MAX_MODEL_LEN)."""
+    if limit is not None and params.max_new_tokens is not None and params.max_new_tokens > limit:
+        raise InvalidRequest(
+            f"max_new_tokens is {params.max_new_tokens}, over the limit of {limit} tokens per request "
+            f"({TOKENS_SETTING})"
+        )
     room = max_model_len - n_prompt
     if params.max_new_tokens is None:
         if room < 1:
             raise ContextOverflow(
                 f"the input has {n_prompt} tokens, which leaves no room to generate within the "
-                f"context length of {max_model_len} tokens"
+                f"context length of {max_model_len} tokens ({CONTEXT_SETTING})"
             )
-        return min(DEFAULT_MAX_NEW_TOKENS, room)
+        return min(DEFAULT_MAX_NEW_TOKENS, room, limit or room)
     if params.max_new_tokens > room:
         raise ContextOverflow(
             f"the input has {n_prompt} tokens and max_new_tokens is {params.max_new_tokens}: together "
-            f"{n_prompt + params.max_new_tokens} exceed the context length of {max_model_len} tokens"
+            f"{n_prompt + params.max_new_tokens} exceed the context length of {max_model_len} tokens ({CONTEXT_SETTING})"
         )
     return params.max_new_tokens

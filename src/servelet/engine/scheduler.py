@@ -39,6 +39,7 @@ class SchedulerCounters:
     tokens_generated: int = 0
     prompt_tokens: int = 0
     finished: int = 0
+    cancelled: int = 0  # left because their client did (servelet_cancelled_requests)
 
 
 class Scheduler:
@@ -68,9 +69,11 @@ class Scheduler:
         """Cancelled sequences leave before the step is built, so their cells are free for it."""
         for seq in [s for s in self.live if s.cancelled]:
             self._finish(seq, FinishReason.CANCELLED)
+            self.counters.cancelled += 1
         for seq in [s for s in self.waiting if s.cancelled]:
             self.waiting.remove(seq)
             self._finish(seq, FinishReason.CANCELLED)
+            self.counters.cancelled += 1
 
     def fail_all(self, message: str) -> None:
         """End every sequence with an error; each still gets its Finished event, whatever state it is in."""

@@ -70,7 +70,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         settings.serverless_idle_seconds, settings.serverless_start_timeout, metrics.AutoscalingMetrics(),
     )
     meter = CostMeter(store, fleet.serverless_templates_held)
-    router = Router(fleet, settings.invocation_timeout, plane.serverless, meter)
+    router = Router(fleet, settings.invocation_timeout, plane.serverless, meter, settings.max_in_flight_per_endpoint)
     router.catalog = Catalog(plane)
     jobs = JobQueue(store)
     plane.transforms = TransformRunner(store, fleet, router, settings.instance_start_timeout)
@@ -83,6 +83,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         async_worker=async_worker,
     )
     metrics.watch_fleet(fleet)
+    metrics.watch_admission(router.admission)
     fleet.on_instance_started = _instance_started(meter)
     metrics.watch_meter(meter)
 

@@ -102,6 +102,7 @@ class FleetCollector:
 
     def __init__(self) -> None:
         self.fleet = None
+        self.admission = None  # the router's per-endpoint bound (control/admission.py)
 
     def collect(self):
         running = GaugeMetricFamily("servelet_running_sequences", "Sequences decoding now", labels=["endpoint", "variant", "instance"])
@@ -110,14 +111,23 @@ class FleetCollector:
         instance_labels = ["endpoint", "variant", "instance"]
         loaded = GaugeMetricFamily("servelet_models_loaded", "Target models a multi-model instance holds", labels=instance_labels)
         cache = {key: CounterMetricFamily(f"servelet_{key}", text, labels=instance_labels) for key, text in MODEL_CACHE_COUNTERS.items()}
+        cancelled = CounterMetricFamily(
+            "servelet_cancelled_requests", "Generations stopped because their client left or cancelled", labels=instance_labels
+        )
+        in_flight = GaugeMetricFamily(
+            "servelet_gateway_in_flight", "Real-time requests in flight in the gateway (bounded per endpoint)", labels=["endpoint"]
+        )
         endpoints = self.fleet.endpoints.values() if self.fleet is not None else ()
         for endpoint in endpoints:
+            if self.admission is not None:
+                in_flight.add_metric([endpoint.name], self.admission.in_flight.get(endpoint.name, 0))
             for variant in endpoint.variants:
                 ready.add_metric([endpoint.name, variant.name], len(variant.ready_instances()))
                 for instance in variant.instances:
                     labels = [endpoint.name, variant.name, instance.name]
                     running.add_metric(labels, instance.occupancy.get("running", 0))
                     waiting.add_metric(labels, instance.occupancy.get("waiting", 0))
+                    cancelled.add_metric(labels, instance.occupancy.get("cancelled", 0))
                     if "models_loaded" in instance.occupancy:
                         loaded.add_metric(labels, instance.occupancy["models_loaded"])
                         for key, family in cache.items():
@@ -130,7 +140,7 @@ class FleetCollector:
         )
         templates.add_metric([], len(snapshots.ready_keys()) if snapshots is not None else 0)
         template_memory.add_metric([], snapshots.memory_mb() * 1024**2 if snapshots is not None else 0)
-        yield from (running, waiting, ready, loaded, *cache.values(), templates, template_memory)
+        yield from (running, waiting, ready, loaded, *cache.values(), cancelled, in_flight, templates, template_memory)
 
 
 _fleet_collector = FleetCollector()
@@ -145,6 +155,10 @@ def observe_start(endpoint: str, variant: str, start) -> None:
 
 def watch_fleet(fleet) -> None:
     _fleet_collector.fleet = fleet
+
+
+def watch_admission(admission) -> None:
+    _fleet_collector.admission = admission
 
 
 UNKNOWN_ENDPOINT = "unknown"
