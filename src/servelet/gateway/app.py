@@ -32,6 +32,7 @@ from .api import openai, qa, sagemaker, sagemaker_async, sagemaker_control, tgi,
 from .auth.setup import guard
 from .disconnect import ClientGone
 from .errors import describe_validation, render
+from .limits import ConnectionsPerClient, HeaderLimit
 from .services import Services
 from .textgen import TextGenerator
 
@@ -116,6 +117,8 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     app.state.services = services
     app.add_middleware(metrics.RequestMetrics)
     guard(app, settings, store, jobs)  # outside the metrics: a refused request costs nothing past the gate
+    app.add_middleware(HeaderLimit, limit=settings.max_header_bytes)  # outermost: before anything reads a header
+    app.state.websocket_clients = ConnectionsPerClient(settings.websocket_connections_per_client)
 
     @app.exception_handler(GatewayError)
     async def _gateway_error(request: Request, exc: GatewayError):

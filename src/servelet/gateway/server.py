@@ -25,5 +25,6 @@ def run_gateway(settings: GatewaySettings) -> int:
         ws_ping_interval=20,
         # Above our own limit, so an oversized WebSocket message gets our error frame rather than a closed socket.
         ws_max_size=settings.max_payload_bytes + 64 * 1024,
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # the h11 parser's bound; HeaderLimit checks any parser
     )
     return 0

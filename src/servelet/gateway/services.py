@@ -21,6 +21,7 @@ from .errors import describe_validation
 from .textgen import TextGenerator
 
 M = TypeVar("M", bound=BaseModel)
+PAYLOAD_SETTING = "SERVELET_MAX_PAYLOAD_BYTES"
 
 
 @dataclass
@@ -51,12 +52,12 @@ async def read_body(request: Request, limit: int) -> bytes:
     """The whole body, refusing more than `limit` bytes before reading them all."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body has {declared} bytes; the limit is {limit}")
+        raise PayloadTooLarge(f"the request body has {declared} bytes; the limit is {limit} ({PAYLOAD_SETTING})")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > limit:
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes ({PAYLOAD_SETTING})")
     return bytes(body)
 
 

@@ -16,6 +16,7 @@ from contextlib import aclosing
 from typing import Any, Literal
 
 from fastapi import APIRouter, WebSocket
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketDisconnected
 
@@ -36,7 +37,6 @@ log = logging.getLogger("servelet.gateway")
 
 router = APIRouter(tags=["websocket"])
 
-MAX_REQUESTS_IN_FLIGHT = 16  # per connection; one client cannot take every engine slot through one socket
 FORMATS = [
     '{"id"?, "endpoint"?, "question", "context"}: extractive question answering',
     '{"id"?, "endpoint"?, "inputs", "parameters"?}: text generation (TGI parameters)',
@@ -146,7 +146,7 @@ class Connection:
             "formats": FORMATS,
             "limits": {
                 "max_message_bytes": self.services.settings.max_payload_bytes,
-                "max_requests_in_flight": MAX_REQUESTS_IN_FLIGHT,
+                "max_requests_in_flight": self.services.settings.websocket_max_in_flight,
                 "max_json_depth": self.services.settings.max_json_depth,
             },
         }
@@ -178,7 +178,7 @@ class Connection:
             raise BadRequest("send each request as a JSON text message, not a binary one")
         settings = self.services.settings
         if (size := len(text.encode())) > settings.max_payload_bytes:
-            raise PayloadTooLarge(f"the message has {size} bytes; the limit is {settings.max_payload_bytes}")
+            raise PayloadTooLarge(f"the message has {size} bytes; the limit is {settings.max_payload_bytes} (SERVELET_MAX_PAYLOAD_BYTES)")
         try:
             payload = client_json.loads(text, settings.max_json_depth)
         except json.JSONDecodeError as exc:
@@ -191,10 +191,11 @@ class Connection:
 
     def admit(self, request_id: RequestId | None) -> RequestId:
         """The request's id (assigned when the client gave none), once it fits beside those in flight."""
-        if len(self.in_flight) >= MAX_REQUESTS_IN_FLIGHT:
+        # One client cannot take every engine slot through one socket.
+        if len(self.in_flight) >= (most := self.services.settings.websocket_max_in_flight):
             raise Overloaded(
-                f"this connection already has {MAX_REQUESTS_IN_FLIGHT} requests in flight; "
-                "wait for an answer or open another connection"
+                f"this connection already has {most} requests in flight, its limit "
+                "(SERVELET_WEBSOCKET_MAX_IN_FLIGHT); wait for an answer or open another connection"
             )
         while request_id is None or request_id in self.in_flight:
             request_id = f"req-{next(self.numbers)}"
@@ -293,6 +294,24 @@ def _is_id(value: Any) -> bool:
 @router.websocket("/ws")
 async def websocket_requests(websocket: WebSocket):
     """One connection, many requests: see FORMATS (the welcome frame repeats them)."""
-    await websocket.accept()
-    if (grant := await websocket_grant(websocket)) is not None:
-        await Connection(websocket, websocket.app.state.services, grant).serve()
+    clients = websocket.app.state.websocket_clients
+    client = websocket.client.host if websocket.client else ""
+    with clients.hold(client) as admitted:
+        if not admitted:
+            await _refuse(websocket, Overloaded(clients.refusal(client)))
+            return
+        await websocket.accept()
+        if (grant := await websocket_grant(websocket)) is not None:
+            await Connection(websocket, websocket.app.state.services, grant).serve()
+
+
+async def _refuse(websocket: WebSocket, error: GatewayError) -> None:
+    """Refuse the upgrade with the error's HTTP status and Retry-After where the server can answer one (uvicorn
+    can); else close at once with 1013 (try again later)."""
+    if "websocket.http.response" in websocket.scope.get("extensions", {}):
+        body = {"code": error.status, "error_type": error.kind, "error": error.message}
+        await websocket.send_denial_response(
+            JSONResponse(body, status_code=error.status, headers={"Retry-After": str(error.retry_after or 1)})
+        )
+    else:
+        await websocket.close(1013, error.message[:120])

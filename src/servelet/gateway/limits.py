@@ -1,0 +1,73 @@
+"""Limits on what one client may hold of the gateway: the size of a request's headers and the WebSocket
+connections open from one address. Each refusal names its limit and the setting that changes it."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+HEADER_SETTING = "SERVELET_MAX_HEADER_BYTES"
+CONNECTIONS_SETTING = "SERVELET_WEBSOCKET_CONNECTIONS_PER_CLIENT"
+REQUEST_HEADER_FIELDS_TOO_LARGE = 431
+
+
+def header_bytes(scope: Scope) -> int:
+    """The request line and headers as they came on the wire (near enough: separators counted)."""
+    line = len(scope.get("raw_path") or scope["path"].encode()) + len(scope.get("query_string", b"")) + 16
+    return line + sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+
+
+class HeaderLimit:
+    """431 for a request whose headers exceed the limit. uvicorn's h11 parser stops reading past it
+    (h11_max_incomplete_event_size, server.py); httptools has no such bound, so the check is repeated here."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket") or (size := header_bytes(scope)) <= self.limit:
+            await self.app(scope, receive, send)
+            return
+        message = f"the request's headers have {size} bytes; the limit is {self.limit} ({HEADER_SETTING})"
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1009, "reason": message[:120]})
+            return
+        body = json.dumps({"code": REQUEST_HEADER_FIELDS_TOO_LARGE, "error_type": "headers_too_large", "error": message})
+        await send({
+            "type": "http.response.start",
+            "status": REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+        })
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class ConnectionsPerClient:
+    """WebSocket connections open at once per client address, so one client cannot hold every socket."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.open: Counter[str] = Counter()
+
+    @contextmanager
+    def hold(self, client: str) -> Iterator[bool]:
+        """Yields whether the connection is admitted; counts it while it stays open."""
+        if self.open[client] >= self.limit:
+            yield False
+            return
+        self.open[client] += 1
+        try:
+            yield True
+        finally:
+            self.open[client] -= 1
+            if self.open[client] <= 0:
+                del self.open[client]
+
+    def refusal(self, client: str) -> str:
+        return (
+            f"{client} already has {self.open[client]} WebSocket connections open, the limit per client "
+            f"({CONNECTIONS_SETTING}={self.limit}); close one or retry later"
+        )
