@@ -128,7 +128,8 @@ class Engine:
             if self._in_engine >= limit:
                 raise Overloaded(
                     f"overloaded: {self._in_engine} requests are running or waiting "
-                    f"(max batch {self.config.max_batch_size} + queue {self.config.max_waiting}); retry later"
+                    f"(max batch {self.config.max_batch_size} + queue {self.config.max_waiting}: SERVELET_MAX_BATCH_SIZE, "
+                    "SERVELET_MAX_WAITING); retry later"
                 )
             self._in_engine += 1
             self._inbox.append(seq)

@@ -236,6 +236,7 @@ class VllmEngine:
         self.max_model_len = self.llm.model_config.max_model_len
         self.max_batch_size = settings.max_batch_size
         self.max_waiting = settings.max_waiting
+        self.max_tokens_per_request = settings.max_tokens_per_request
         self._ids = itertools.count(1)
         self._in_flight = 0
         self._prompt_tokens = 0
@@ -249,7 +250,7 @@ class VllmEngine:
         if not prompt:
             raise InvalidRequest("inputs must not be empty")
         tokens = self.tokenizer.encode(prompt)
-        new_tokens = allowed_new_tokens(len(tokens), params, self.max_model_len)
+        new_tokens = allowed_new_tokens(len(tokens), params, self.max_model_len, self.max_tokens_per_request)
         if self._in_flight >= self.max_batch_size + self.max_waiting:
             raise Overloaded(
                 f"overloaded: {self._in_flight} requests are running or waiting "

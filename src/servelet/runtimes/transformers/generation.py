@@ -56,9 +56,10 @@ def poster(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[
 class GenerationEngine:
     """One causal LM generating for one request at a time; a TokenEngine for lmi.py."""
 
-    def __init__(self, model, tokenizer, context_length: int, max_waiting: int):
+    def __init__(self, model, tokenizer, context_length: int, max_waiting: int, max_tokens_per_request: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.context_length, self.max_waiting = context_length, max_waiting
+        self.max_tokens_per_request = max_tokens_per_request
         eos = model.generation_config.eos_token_id
         self.eos_ids = {*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id} - {None}
         self._ids = itertools.count(1)
@@ -79,7 +80,7 @@ class GenerationEngine:
         tokens = self.tokenize(prompt) if prompt else []
         if not tokens:
             raise InvalidRequest("inputs must not be empty")
-        max_new = allowed_new_tokens(len(tokens), params, self.context_length)
+        max_new = allowed_new_tokens(len(tokens), params, self.context_length, self.max_tokens_per_request)
         seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink=None)
         with self._lock:
             if self._in_engine > self.max_waiting:
@@ -166,7 +167,9 @@ class GenerationRuntime(TextGenerationRuntime):
         self.path = path
         self.tokenizer = load_tokenizer(path)
         model = load_model(AutoModelForCausalLM, path, settings)
-        super().__init__(GenerationEngine(model, self.tokenizer, context_length(model, settings), settings.max_waiting))
+        super().__init__(GenerationEngine(
+            model, self.tokenizer, context_length(model, settings), settings.max_waiting, settings.max_tokens_per_request
+        ))
 
     def facts(self) -> dict:
         template = self.tokenizer.chat_template
