@@ -137,6 +137,14 @@ async def frame(ws) -> dict:
     return json.loads(await asyncio.wait_for(ws.recv(), 60))
 
 
+async def test_a_websocket_upgrade_with_headers_over_the_limit_is_431(gateway):
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(ws_url(gateway), additional_headers={"x-padding": "p" * 5000}):
+            pass
+    assert refused.value.response.status_code == 431
+    assert b"SERVELET_MAX_HEADER_BYTES" in refused.value.response.body
+
+
 async def test_websocket_messages_over_the_payload_limit_get_an_error_frame(gateway):
     async with connect(ws_url(gateway)) as ws:
         welcome = await frame(ws)

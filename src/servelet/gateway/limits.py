@@ -33,16 +33,18 @@ class HeaderLimit:
             await self.app(scope, receive, send)
             return
         message = f"the request's headers have {size} bytes; the limit is {self.limit} ({HEADER_SETTING})"
-        if scope["type"] == "websocket":
+        # A WebSocket upgrade is answered in HTTP where the server can (uvicorn can), else closed (1009: too big).
+        prefix = "websocket.http" if scope["type"] == "websocket" else "http"
+        if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1009, "reason": message[:120]})
             return
         body = json.dumps({"code": REQUEST_HEADER_FIELDS_TOO_LARGE, "error_type": "headers_too_large", "error": message})
         await send({
-            "type": "http.response.start",
+            "type": f"{prefix}.response.start",
             "status": REQUEST_HEADER_FIELDS_TOO_LARGE,
             "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
         })
-        await send({"type": "http.response.body", "body": body.encode()})
+        await send({"type": f"{prefix}.response.body", "body": body.encode()})
 
 
 class ConnectionsPerClient:
