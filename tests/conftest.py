@@ -76,6 +76,18 @@ def boto(service: str, base_url: str, **config):
     )
 
 
+def create_async_endpoint(sagemaker, name: str, model_uri: str, output: str) -> None:
+    """An endpoint of one instance of the model, its AsyncInferenceConfig writing to `output`; waited for InService."""
+    sagemaker.create_model(ModelName=name, PrimaryContainer={"ModelDataUrl": model_uri})
+    sagemaker.create_endpoint_config(
+        EndpointConfigName=name,
+        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1}],
+        AsyncInferenceConfig={"OutputConfig": {"S3OutputPath": output}},
+    )
+    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 180})
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import SERVELET, boto, start_gateway, stop_process, wait_for
+from conftest import SERVELET, boto, create_async_endpoint, start_gateway, stop_process, wait_for
 
 from servelet.settings import DEFAULT_MODEL_URI
 
@@ -28,21 +28,9 @@ class Gateway:
 def gateway(tmp_path_factory, model_path):
     folder = tmp_path_factory.mktemp("async-cli")
     running = start_gateway(folder, env={"SERVELET_INSTANCES": "0"}, ready=None)
-    create_async_endpoint(running.base_url, "answering", f"file://{folder}/out")
+    create_async_endpoint(boto("sagemaker", running.base_url), "answering", DEFAULT_MODEL_URI, f"file://{folder}/out")
     yield Gateway(running.base_url, folder)
     stop_process(running.process)
-
-
-def create_async_endpoint(url: str, name: str, output: str) -> None:
-    sagemaker = boto("sagemaker", url)
-    sagemaker.create_model(ModelName=name, PrimaryContainer={"ModelDataUrl": DEFAULT_MODEL_URI})
-    sagemaker.create_endpoint_config(
-        EndpointConfigName=name,
-        ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": name, "InitialInstanceCount": 1}],
-        AsyncInferenceConfig={"OutputConfig": {"S3OutputPath": output}},
-    )
-    sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
-    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 180})
 
 
 def servelet(gateway: Gateway, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:

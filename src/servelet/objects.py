@@ -3,6 +3,9 @@
 Payloads may be up to 1 GB, so bytes are streamed one chunk at a time, never held whole. The blocking calls (boto3,
 file I/O) run in threads with `asyncio.to_thread`, one chunk per call, so the gateway's event loop keeps serving.
 A write is atomic: a reader sees the old object, or no object, until the new one is complete.
+
+With auth on, the gateway confines file:// URIs to the folders SERVELET_FILE_ROOTS names (`confine_files`): a key
+that may invoke an endpoint must not make the server read or overwrite its own files.
 """
 
 from __future__ import annotations
@@ -52,6 +55,27 @@ class Writer(Protocol):
 
 # --- URIs -------------------------------------------------------------------------------------------------------
 
+_file_roots: tuple[Path, ...] | None = None  # None: anywhere the server's user may read and write
+
+
+def confine_files(roots: list[Path] | None) -> None:
+    """From now on, file:// URIs in this process must be in one of `roots` (None: anywhere)."""
+    global _file_roots
+    _file_roots = None if roots is None else tuple(Path(os.path.realpath(root)) for root in roots)
+
+
+def check_confined(uri: str, path: str) -> None:
+    """Refuse a file path outside the roots, after resolving `..` and symbolic links."""
+    if _file_roots is None:
+        return
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(root) for root in _file_roots):
+        allowed = ", ".join(str(root) for root in _file_roots) or "none set"
+        raise ObjectStoreError(
+            f"{uri!r}: with auth on, file:// paths must be inside a folder of SERVELET_FILE_ROOTS ({allowed})"
+        )
+
+
 
 @dataclass(frozen=True)
 class FileLocation:
@@ -83,6 +107,7 @@ def parse(uri: str) -> Location:
         raise _bad_uri(uri, "a file path must be absolute")
     if path.endswith("/"):
         raise _bad_uri(uri, "a file URI names a file, not a directory")
+    check_confined(uri, path)
     return FileLocation(uri, Path(path))
 
 

@@ -280,6 +280,11 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Host names requests may carry in `Host` besides 127.0.0.1, localhost, "
         "::1 and --host (comma-separated); a browser page on another name is refused (DNS rebinding).",
     )
+    file_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="With auth on, the folders file:// URIs may name (async inputs and outputs, "
+        "transform inputs and outputs; comma-separated); none by default, so only s3:// is taken until set. With "
+        "auth off, any path the server's user may read and write.",
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins browsers may call the gateway from (comma-separated, "
         "`https://app.example.com`); none by default: no CORS headers are sent.",
@@ -290,7 +295,7 @@ class GatewaySettings(BaseSettings):
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @field_validator("allowed_hosts", "cors_origins", "file_roots", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value

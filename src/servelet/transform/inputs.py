@@ -56,6 +56,7 @@ def _under_prefix(prefix: str) -> list[InputObject]:
     path = prefix.removeprefix("file://")
     if "://" in path or not path.startswith("/"):
         raise ObjectStoreError(f"{prefix!r}: an input prefix is {ACCEPTED_PREFIXES}")
+    objects.check_confined(prefix, path)
     return _files_under_prefix(prefix, path)
 
 

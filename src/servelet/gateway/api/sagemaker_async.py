@@ -70,6 +70,11 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
             f"(up to {INLINE_BODY_BYTES:,} bytes)"
         )
     output = config.output_config
+    try:
+        output_location = objects.join(_output_folder(output.s3_output_path, headers), _output_name(headers, inference_id))
+        failure_location = objects.join(output.s3_failure_path, f"{inference_id}-error.out") if output.s3_failure_path else None
+    except objects.ObjectStoreError as exc:
+        raise BadRequest(f"the endpoint's AsyncInferenceConfig output location: {exc}") from None
     created = time.time()
     job = Job(
         inference_id=inference_id, endpoint=EndpointName, status=JobStatus.PENDING.value, created=created,
@@ -79,8 +84,7 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
         input_location=input_location or None, inline_body=None if input_location else body,
         content_type=headers.get("x-amzn-sagemaker-content-type") or headers.get("content-type") or "application/json",
         accept=headers.get("x-amzn-sagemaker-accept"), custom_attributes=headers.get("x-amzn-sagemaker-custom-attributes"),
-        output_location=objects.join(_output_folder(output.s3_output_path, headers), _output_name(headers, inference_id)),
-        failure_location=objects.join(output.s3_failure_path, f"{inference_id}-error.out") if output.s3_failure_path else None,
+        output_location=output_location, failure_location=failure_location,
     )
     began = time.perf_counter()
     job = await services.async_worker.accept(job)

@@ -7,6 +7,7 @@ sets); the runner reads the inputs, calls the model and keeps the job's status a
 
 from __future__ import annotations
 
+from ... import objects
 from ...control.plane import ControlPlane
 from ...control.resources import (
     TRANSFORM_JOB_PROGRESS,
@@ -77,6 +78,12 @@ async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
     if plane.store.get_model(job.model_name) is None:
         # SageMaker's words, and a ValidationException (not ResourceNotFound) as SageMaker answers it.
         raise invalid(f'Could not find model "{arn("model", job.model_name)}".')
+    for uri in (job.transform_input.data_source.s3_data_source.s3_uri, job.transform_output.s3_output_path):
+        if not uri.startswith("s3://"):
+            try:
+                objects.check_confined(uri, uri.removeprefix("file://"))
+            except objects.ObjectStoreError as exc:
+                raise invalid(str(exc)) from None
     try:
         plane.store.add_transform_job(job)
     except AlreadyExists:

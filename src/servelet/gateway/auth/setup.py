@@ -1,4 +1,5 @@
-"""Putting the gate on the app: browser checks always, keys when auth is on, CORS only where configured."""
+"""Putting the gate on the app: browser checks always, keys and confined file:// URIs when auth is on, CORS only
+where configured."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import logging
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from ... import objects
 from ...control.api_keys import ApiKeys
 from ...control.async_queue import JobQueue
 from ...control.secret_box import SecretBox
@@ -22,6 +24,7 @@ def guard(app: FastAPI, settings: GatewaySettings, store: Store, jobs: JobQueue)
     authenticator = Authenticator(ApiKeys(store, SecretBox(settings.data_dir))) if settings.auth else None
     log.info("auth %s", "on: every route but /ping and /health needs a key" if settings.auth else "off")
     app.state.authenticator = authenticator  # the WebSocket route authenticates a first message with it
+    objects.confine_files(settings.file_roots if settings.auth else None)
     app.add_middleware(Gate, settings=settings, authenticator=authenticator, jobs=jobs)
     if settings.cors_origins:  # outermost: a preflight carries no credentials
         app.add_middleware(
