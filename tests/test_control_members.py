@@ -84,6 +84,14 @@ REFUSED = {
          "DeploymentConfig": {"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "a"}]}}},
         "DeploymentConfig",
     ),
+    "ExperimentConfig on CreateTransformJob": (
+        "create_transform_job",
+        {"TransformJobName": "t", "ModelName": "m", "ExperimentConfig": {"ExperimentName": "x"},
+         "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://b/in/"}}},
+         "TransformOutput": {"S3OutputPath": "s3://b/out"},
+         "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1}},
+        "ExperimentConfig",
+    ),
 }
 
 
@@ -95,6 +103,17 @@ def test_a_member_servelet_does_not_honour_is_refused_by_name(sagemaker, case):
     error = refused.value.response["Error"]
     assert error["Code"] == "ValidationException"
     assert error["Message"].startswith(f"{member}: servelet does not support this member"), error["Message"]
+
+
+def test_a_member_inside_the_async_inference_config_that_servelet_does_not_read_is_refused(gateway):
+    """botocore sends only the members its model knows, and servelet reads all of those: a raw request shows it."""
+    request = {"EndpointConfigName": "a", "ProductionVariants": [VARIANT],
+               "AsyncInferenceConfig": {"OutputConfig": {"S3OutputPath": "s3://b/out", "Encrypt": True}}}
+    with gateway.http() as http:
+        answer = http.post("/", json=request, headers={"X-Amz-Target": "SageMaker.CreateEndpointConfig",
+                                                        "Content-Type": "application/x-amz-json-1.1"})
+    assert answer.status_code == 400
+    assert "OutputConfig.Encrypt: servelet does not support this member" in answer.json()["message"], answer.text
 
 
 def test_suspended_scaling_is_refused_by_name(autoscaling):

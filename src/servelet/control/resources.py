@@ -631,9 +631,10 @@ class TransformJobSpec(Resource):
 
     @classmethod
     def from_request(cls, body: dict) -> TransformJobSpec:
-        """A new job as a user asked for it: state fields in the request (by either name) are ignored."""
+        """A new job as a user asked for it: state fields in the request (by either name) are ignored, and any other
+        member servelet does not read is refused by name (dropped, it would look honoured)."""
         state = {name for field in TRANSFORM_JOB_STATE for name in (field, to_pascal(field))}
-        return cls.model_validate({key: value for key, value in body.items() if key not in state})
+        return cls.model_validate({key: value for key, value in body.items() if key not in state}, extra="forbid")
 
     @field_validator("max_concurrent_transforms", mode="before")
     @classmethod

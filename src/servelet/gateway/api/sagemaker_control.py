@@ -25,6 +25,7 @@ from pydantic.alias_generators import to_pascal
 from ...control.plane import ControlPlane
 from ...control.resources import (
     NAME_PATTERN,
+    AsyncInferenceConfig,
     DeploymentConfig,
     DesiredWeightAndCapacity,
     EndpointConfigSpec,
@@ -302,6 +303,8 @@ async def delete_model(plane: ControlPlane, body: dict) -> dict:
 async def create_endpoint_config(plane: ControlPlane, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != "CreationTime"}
     spec = request_input(EndpointConfigSpec, body)
+    if spec.async_inference_config is not None:  # kept as sent, so its members are checked here
+        request_input(AsyncInferenceConfig, spec.async_inference_config)
     spec = await plane.create_endpoint_config(spec)
     return {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
 
