@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from postgres import new_database
@@ -14,11 +15,15 @@ from servelet.control.store import Store
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def queue(request, tmp_path):
+def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":
-        store = Store(Store.default_url(tmp_path))
-    else:
-        store = Store(new_database(request.getfixturevalue("postgres"))[1])
+        return Store.default_url(tmp_path)
+    return new_database(request.getfixturevalue("postgres"))[1]
+
+
+@pytest.fixture
+def queue(database_url):
+    store = Store(database_url)
     jobs = JobQueue(store)
     yield jobs
     jobs.close()
@@ -108,3 +113,25 @@ def test_a_failed_commit_reaches_every_caller_of_its_batch(queue):
         return await asyncio.gather(commits(job("a", 1.0)), commits(job("b", 2.0)), return_exceptions=True)
 
     assert [type(r) for r in asyncio.run(accept_two())] == [ZeroDivisionError, ZeroDivisionError]
+
+
+def test_gateways_sharing_the_database_lease_each_job_once(database_url):
+    """Four gateways' queues (each its own store and connections) lease from one database at the same time."""
+    stores = [Store(database_url) for _ in range(4)]
+    queues = [JobQueue(store) for store in stores]
+    try:
+        queues[0].enqueue_many([job(f"j{n}", float(n)) for n in range(200)])
+
+        def lease_all(index: int) -> list[str]:
+            taken = []
+            while batch := queues[index].lease("e", f"gateway-{index}", 7, lease_seconds=30):
+                taken += [j.inference_id for j in batch]
+            return taken
+
+        with ThreadPoolExecutor(4) as pool:
+            taken = [i for leased in pool.map(lease_all, range(4)) for i in leased]
+        assert sorted(taken) == sorted(f"j{n}" for n in range(200))  # every job, none twice
+    finally:
+        for queue, store in zip(queues, stores):
+            queue.close()
+            store.close()
