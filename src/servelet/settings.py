@@ -289,6 +289,10 @@ class GatewaySettings(BaseSettings):
         default_factory=list, description="Origins browsers may call the gateway from (comma-separated, "
         "`https://app.example.com`); none by default: no CORS headers are sent.",
     )
+    allow_loader_environment: bool = Field(
+        False, description="Let CreateModel and CreateTransformJob set environment names that change how instance "
+        "processes load code (LD_*, PYTHON*, PIP_*, SERVELET_INSTALL_REQUIREMENTS, ...); off: refused by name.",
+    )
 
     @field_validator("data_dir")
     @classmethod

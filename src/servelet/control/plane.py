@@ -43,9 +43,11 @@ class ControlPlane:
     def __init__(
         self, store: Store, fleet: Fleet, start_timeout: float = 600.0, autoscale_interval: float = 5.0,
         serverless_idle_seconds: float = 300.0, serverless_start_timeout: float = 60.0,
-        scaling_report: ScalingReport | None = None,
+        scaling_report: ScalingReport | None = None, allow_loader_environment: bool = False,
     ):
         self.store = store
+        # SERVELET_ALLOW_LOADER_ENVIRONMENT: the control API takes LD_*, PYTHON*, ... (loader_environment.py).
+        self.allow_loader_environment = allow_loader_environment
         self.fleet = fleet
         self.start_timeout = start_timeout
         self._tasks: set[asyncio.Task] = set()

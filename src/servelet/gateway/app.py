@@ -69,6 +69,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     plane = ControlPlane(
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
         settings.serverless_idle_seconds, settings.serverless_start_timeout, metrics.AutoscalingMetrics(),
+        allow_loader_environment=settings.allow_loader_environment,
     )
     meter = CostMeter(store, fleet.serverless_templates_held)
     router = Router(fleet, settings.invocation_timeout, plane.serverless, meter, settings.max_in_flight_per_endpoint)

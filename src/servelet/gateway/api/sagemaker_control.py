@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from pydantic.alias_generators import to_pascal
 
+from ...control.loader_environment import refuse_loader_environment
 from ...control.plane import ControlPlane
 from ...control.resources import (
     NAME_PATTERN,
@@ -267,6 +268,7 @@ def operation(name: str, input: type[BaseModel], raises: tuple[str, ...] = (), r
 @operation("CreateModel", ModelSpec, raises=("ResourceLimitExceeded",))
 async def create_model(plane: ControlPlane, body: dict) -> dict:
     body = {k: v for k, v in body.items() if k != "CreationTime"}
+    refuse_loader_environment(container_environments(body), plane.allow_loader_environment)
     containers = body.pop("Containers", None)
     if containers and "PrimaryContainer" not in body:
         if len(containers) > 1:
@@ -274,6 +276,15 @@ async def create_model(plane: ControlPlane, body: dict) -> dict:
         body["PrimaryContainer"] = containers[0]
     spec = await plane.create_model(request_input(ModelSpec, body))
     return {"ModelArn": arn("model", spec.model_name)}
+
+
+def container_environments(body: dict) -> dict[str, object]:
+    """Each container's Environment as sent, by where it sits (`Containers.0.Environment`)."""
+    containers = body.get("Containers")
+    sent = {"PrimaryContainer": body.get("PrimaryContainer")} | {
+        f"Containers.{i}": container for i, container in enumerate(containers if isinstance(containers, list) else [])
+    }
+    return {f"{where}.Environment": c.get("Environment") for where, c in sent.items() if isinstance(c, dict)}
 
 
 @operation("DescribeModel", ModelNameInput)

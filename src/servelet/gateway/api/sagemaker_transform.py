@@ -8,6 +8,7 @@ sets); the runner reads the inputs, calls the model and keeps the job's status a
 from __future__ import annotations
 
 from ... import objects
+from ...control.loader_environment import refuse_loader_environment
 from ...control.plane import ControlPlane
 from ...control.resources import (
     TRANSFORM_JOB_PROGRESS,
@@ -74,6 +75,7 @@ def summary_wire(job: TransformJobSpec) -> dict:
 
 @operation("CreateTransformJob", TransformJobSpec, raises=("ResourceNotFound", "ResourceInUse", "ResourceLimitExceeded"))
 async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
+    refuse_loader_environment({"Environment": body.get("Environment")}, plane.allow_loader_environment)
     job = TransformJobSpec.from_request(body)
     if plane.store.get_model(job.model_name) is None:
         # SageMaker's words, and a ValidationException (not ResourceNotFound) as SageMaker answers it.
