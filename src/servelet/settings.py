@@ -180,6 +180,13 @@ class GatewaySettings(BaseSettings):
     instances: int = Field(1, ge=0, le=64, description="Instances of the default endpoint; 0 deploys nothing.")
     run_dir: Path | None = Field(None, description="Folder for instance sockets (default: a new temporary folder).")
     instance_start_timeout: float = Field(600.0, gt=0, description="Seconds an instance may take to load its model.")
+    health_check_timeout: float = Field(
+        5.0, gt=0, description="Seconds a ready instance's /ping may take before it counts as a failed health check.",
+    )
+    health_check_failures: int = Field(
+        3, ge=1, description="Failed health checks in a row (no answer in time, or not 200) after which an instance "
+        "is stopped and replaced.",
+    )
     max_payload_bytes: int = Field(6 * 1024 * 1024, ge=1024, description="Largest request body (SageMaker: 6 MB).")
     # 64 as .NET's System.Text.Json; the most Python's json reaches is under its recursion limit (1,000).
     max_json_depth: int = Field(

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ..artifacts import Materialized, materialize, shared_in_memory
 from ..engine.errors import REBUILD_WITHOUT_AMX
+from .health import HealthCheck
 from .instances import Instance, StartRecord
 from .resources import ServerlessConfig
 from .snapshots import Snapshots, TemplateSpec
@@ -225,8 +226,9 @@ class Fleet:
 
     def __init__(
         self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None, stream_channel: bool = True,
-        memory_limit_scale: float = 1.0,
+        memory_limit_scale: float = 1.0, health_check: HealthCheck | None = None,
     ):
+        self.health_check = health_check or HealthCheck()  # when a ready instance is taken out and replaced
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="servelet-"))
         self.snapshots: Snapshots | None = None  # None: every instance starts cold
         self.memory_limit_scale = memory_limit_scale  # of MemorySizeInMB, the memory a serverless instance may use
@@ -311,6 +313,7 @@ class Fleet:
             self.stream_channel, memory, self.snapshots,
         )
         instance.start_timeout = variant.start_timeout
+        instance.health = self.health_check
         return instance
 
     async def _prepare_templates(self, variants: list[Variant], wait: bool = True) -> None:
@@ -563,7 +566,7 @@ def crash_reason(instance: Instance, crashes: int) -> str:
             "own code (inference.py or a library it calls) crashed: the traceback it printed into the gateway's log "
             "shows where"
         )
-    if instance.exit_signal == "SIGKILL":
+    if instance.exit_signal == "SIGKILL" and not instance.unresponsive:  # the fleet's own SIGKILL says why itself
         return (
             f"{what}: something killed it, most often the kernel's out-of-memory killer (`dmesg` says so): give it "
             f"more memory, run fewer instances or a smaller model, {again}"

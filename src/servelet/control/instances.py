@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..instance.client import InstanceClient
+from .health import HealthCheck
 
 if TYPE_CHECKING:
     from ..artifacts import Materialized
@@ -114,6 +115,8 @@ class Instance:
         self.memory_limit_mb = memory_limit_mb  # a serverless variant's MemorySizeInMB: over it, the process is stopped
         self.start_timeout: float | None = None  # its variant's ContainerStartupHealthCheckTimeoutInSeconds
         self.over_memory: str | None = None  # why it was stopped for its memory (what its requests are answered)
+        self.health = HealthCheck()  # when a ready instance counts as hung or broken (the fleet sets its own)
+        self.unresponsive: str | None = None  # why it was stopped for failing its health check
         self.log_tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
         self._relay: asyncio.Task | None = None
         self.snapshots = snapshots  # where a snapshot start forks it from (None: always cold)
@@ -128,7 +131,7 @@ class Instance:
             self.client = self._new_client()
             self.failure = None
         self.served = False
-        self.over_memory = None
+        self.over_memory = self.unresponsive = None
         if self.socket_path.exists():
             self.socket_path.unlink()
         self._start_began = time.monotonic()
@@ -206,11 +209,17 @@ class Instance:
         return last.split(": ", 1)[-1] if last and " ERROR " in last else last
 
     async def watch(self) -> None:
-        """Keep `occupancy` fresh for metrics and notice an exit (replacing it is the control plane's job)."""
+        """Keep `occupancy` fresh for metrics and notice an exit, or a process that fails its health check so many
+        times in a row that it is stopped (replacing it is the fleet's job)."""
+        misses = 0
         while self.process is not None and self.process.returncode is None and not self.stopping:
-            status = await self.client.ping_status()
+            status, problem = await self.client.health(self.health.timeout)
             self.ready = status is not None
             self.occupancy = status or {}
+            misses = 0 if status is not None else misses + 1
+            if self.health.given_up(misses) and self.process.returncode is None and not self.stopping:
+                await self._stop_unresponsive(problem or "no answer")
+                break
             await asyncio.sleep(HEALTH_POLL_SECONDS)
             # Read with the health poll: a few small /proc files a second, at most a second late.
             if (self.memory_limit_mb and not self.stopping and self.process.returncode is None
@@ -219,7 +228,15 @@ class Instance:
                 break
         self.ready = False
         if self.process is not None and not self.stopping:  # a stop we asked for is no failure
-            self.failure = self.over_memory or f"instance {self.name} {self.exit_description()}"
+            self.failure = self.over_memory or self.unresponsive or f"instance {self.name} {self.exit_description()}"
+
+    async def _stop_unresponsive(self, problem: str) -> None:
+        """Kill the process (SIGKILL: a stopped or stuck one heeds nothing else); the fleet starts a new one."""
+        self.ready = False
+        self.unresponsive = self.health.reason(self.name, problem)
+        log.warning("%s", self.unresponsive)
+        self.process.kill()
+        await self.process.wait()
 
     async def _stop_over_memory(self, used: float) -> None:
         """Kill the process: the router answers its requests with `over_memory`, the fleet starts a new one."""

@@ -114,8 +114,8 @@ class Engine:
     def submit(self, prompt: str | list[int], params: GenerationParams | None = None, *, logprobs: bool = False) -> Generation:
         """Queue a generation; raises InvalidRequest / ContextOverflow / Overloaded before it starts."""
         params = params or GenerationParams()
-        if self._failure or self._stopping:
-            raise EngineStopped(self._failure or "the engine is shutting down")
+        if self.failure or self._stopping:
+            raise EngineStopped(self.failure or "the engine is shutting down")
         tokens = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens or (isinstance(prompt, str) and not prompt):
             raise InvalidRequest("inputs must not be empty")
@@ -179,6 +179,14 @@ class Engine:
     @property
     def steps(self) -> int:
         return self.scheduler.counters.steps
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can generate no more (a step failed, or its thread is gone), None while it can: the
+        instance's /ping answers 503 with it, so the gateway replaces the instance."""
+        if self._failure is None and not self._stopping and not self._thread.is_alive():
+            return "the engine thread is no longer running"
+        return self._failure
 
     def occupancy(self) -> dict:
         """Running and waiting counts for metrics and health (read without locking; approximate)."""

@@ -16,6 +16,7 @@ from ..control.async_queue import JobQueue
 from ..control.async_worker import AsyncWorker, async_endpoints
 from ..control.catalog import Catalog
 from ..control.endpoints import DEFAULT_ENDPOINT, Fleet
+from ..control.health import HealthCheck
 from ..control.instances import StartRecord
 from ..control.plane import ControlPlane
 from ..control.router import Router
@@ -59,7 +60,8 @@ def _instance_started(meter: CostMeter) -> Callable[[str, str, StartRecord], Non
 
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
     fleet = fleet or Fleet(
-        settings.run_dir, stream_channel=settings.stream_channel, memory_limit_scale=settings.serverless_memory_limit_scale
+        settings.run_dir, stream_channel=settings.stream_channel, memory_limit_scale=settings.serverless_memory_limit_scale,
+        health_check=HealthCheck(settings.health_check_timeout, settings.health_check_failures),
     )
     if settings.snapshots and fleet.snapshots is None:
         fleet.use_snapshots(Snapshots(

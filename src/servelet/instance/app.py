@@ -73,10 +73,11 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
 
     @app.get("/ping")
     async def ping():
-        if state.runtime is not None:
+        broken = state.runtime.failure() if state.runtime is not None else None
+        if state.runtime is not None and broken is None:
             return {"status": "healthy", "model": redact(settings.model)} | state.runtime.occupancy()
-        status = "failed" if state.failure else "loading"
-        return JSONResponse({"status": status, "error": state.failure}, status_code=503)
+        failure = broken or state.failure
+        return JSONResponse({"status": "failed" if failure else "loading", "error": failure}, status_code=503)
 
     @app.get("/model")
     async def model_facts():

@@ -78,13 +78,18 @@ class InstanceClient:
         except httpx.TransportError:
             return False
 
-    async def ping_status(self) -> dict | None:
-        """The /ping body when healthy (it carries running / waiting counts), else None."""
+    async def health(self, timeout: float | None) -> tuple[dict | None, str | None]:
+        """The /ping body when it answers 200 within `timeout` seconds (it carries running / waiting counts), and
+        None; else None and what went wrong: a stopped process accepts the connection and never answers."""
         try:
-            response = await self._http.get("/ping")
-        except httpx.TransportError:
-            return None
-        return response.json() if response.status_code == 200 else None
+            response = await self._http.get("/ping", timeout=timeout)
+        except httpx.TimeoutException:
+            return None, f"no answer to /ping within {timeout:g} s"
+        except httpx.TransportError as exc:
+            return None, f"/ping failed: {type(exc).__name__}: {exc}"
+        if response.status_code != 200:
+            return None, f"/ping answered {response.status_code}: {response.text[:300]}"
+        return response.json(), None
 
     async def model_facts(self) -> dict | None:
         try:

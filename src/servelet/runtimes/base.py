@@ -98,5 +98,9 @@ class Runtime(ABC):
         """Load figures merged into `/ping` (running, waiting, ...); the gateway's metrics and autoscaler read them."""
         return {}
 
+    def failure(self) -> str | None:
+        """Why the loaded model can serve no more (its engine died), None while it can: `/ping` answers 503 with it."""
+        return None
+
     def close(self) -> None:
         """Free the model; the process is about to exit."""

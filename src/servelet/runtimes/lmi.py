@@ -34,6 +34,8 @@ class TokenEngine(Protocol):
     def submit(self, prompt: str, params: GenerationParams, *, logprobs: bool = False): ...
     def occupancy(self) -> dict: ...
     def close(self) -> None: ...
+    @property
+    def failure(self) -> str | None: ...
 
 
 class TextGenerationRuntime(Runtime):
@@ -49,6 +51,9 @@ class TextGenerationRuntime(Runtime):
 
     def occupancy(self) -> dict:
         return self.engine.occupancy()
+
+    def failure(self) -> str | None:
+        return self.engine.failure
 
     def close(self) -> None:
         self.engine.close()

@@ -274,6 +274,10 @@ class VllmEngine:
             "prompt_tokens": self._prompt_tokens,
         }
 
+    @property
+    def failure(self) -> str | None:
+        return "vLLM's engine stopped with an error" if getattr(self.llm, "errored", False) else None
+
     def close(self) -> None:
         self.llm.shutdown()
 

@@ -103,6 +103,11 @@ class GenerationEngine:
             running = int(self._running)
             return {"running": running, "waiting": self._in_engine - running} | self.counters
 
+    @property
+    def failure(self) -> str | None:
+        alive = self._stopping or self._thread.is_alive()
+        return None if alive else "the generation thread is no longer running"
+
     def close(self) -> None:
         self._stopping = True
         self._jobs.put(None)
