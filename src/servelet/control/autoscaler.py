@@ -202,7 +202,8 @@ class Autoscaler(ControlLoop):
         while True:
             await asyncio.sleep(step)
             try:
-                targets = [t for t in self.store.list_scaling_targets() if t.policy is not None]
+                # The store in a thread: this runs every second, and a slow store must not stall the data plane.
+                targets = [t for t in await asyncio.to_thread(self.store.list_scaling_targets) if t.policy is not None]
                 for target in targets:
                     self._sample(target)
                 if time.monotonic() >= next_check:
@@ -253,7 +254,7 @@ class Autoscaler(ControlLoop):
 
     async def check(self, target: ScalableTarget) -> None:
         """One evaluation of one variant's policy; scales it if the policy says so and the cooldowns allow."""
-        record = self.store.get_endpoint(target.endpoint_name)
+        record = await asyncio.to_thread(self.store.get_endpoint, target.endpoint_name)
         variant = self._variant(target)
         if (record is None or variant is None or record.endpoint_status is not EndpointStatus.IN_SERVICE
                 or self.updates.updating(target.endpoint_name)
@@ -310,7 +311,10 @@ class Autoscaler(ControlLoop):
                  target.endpoint_name, target.variant_name, direction, current, desired, reason)
         if status == "Successful":
             self.report.scaled(target.endpoint_name, target.variant_name, direction)
-        stored = self.store.get_scaling_target(target.resource_id)  # as it is now: an API call may have changed it
+        await asyncio.to_thread(self._keep_event, target.resource_id, event)
+
+    def _keep_event(self, target_id: str, event: ScalingEvent) -> None:
+        stored = self.store.get_scaling_target(target_id)  # as it is now: an API call may have changed it
         if stored is not None:
             stored.events = (stored.events + [event])[-EVENTS_KEPT:]
             self.store.save_scaling_target(stored)

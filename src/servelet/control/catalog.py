@@ -20,7 +20,8 @@ from ..settings import DEFAULT_MODEL_URI
 from ..sizing import serverless_memory_for
 from .plane import ControlPlane
 from .resources import (
-    CatalogEntry, ContainerSpec, EndpointConfigSpec, EndpointStatus, ModelSpec, ProductionVariant, ServerlessConfig, valid_name,
+    CatalogEntry, ContainerSpec, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, ProductionVariant,
+    ServerlessConfig, valid_name,
 )
 from .store import AlreadyExists, Store
 
@@ -93,8 +94,8 @@ class Catalog:
         if name in self.plane.fleet.endpoints:
             return
         if name not in self._deploying:
-            entry = catalog_entry(self.plane.store, name)
-            record = self.plane.store.get_endpoint(name) if entry is not None else None
+            # In a thread: a name that is no endpoint reads the store on each request, which must not stall streams.
+            entry, record = await asyncio.to_thread(self._stored, name)
             if record is not None and record.endpoint_status is EndpointStatus.FAILED:
                 raise CatalogError(
                     f"endpoint {name!r}, deployed from the catalog, failed: {record.failure_reason}; delete it "
@@ -102,10 +103,16 @@ class Catalog:
                 )
             if entry is None or record is not None:
                 return  # not in the catalog, or its endpoint is still being created or deleted
-            self._deploying[name] = asyncio.ensure_future(self._deploy(entry))
-            self._deploying[name].add_done_callback(lambda _: self._deploying.pop(name, None))
+            if name not in self._deploying:  # another first use may have begun it while this one read the store
+                self._deploying[name] = asyncio.ensure_future(self._deploy(entry))
+                self._deploying[name].add_done_callback(lambda _: self._deploying.pop(name, None))
         # Shielded: a caller that leaves must not cancel the deployment other callers wait for.
         await asyncio.shield(self._deploying[name])
+
+    def _stored(self, name: str) -> tuple[CatalogEntry | None, EndpointRecord | None]:
+        """The catalog entry named `name`, and its endpoint's record when it has one."""
+        entry = catalog_entry(self.plane.store, name)
+        return entry, self.plane.store.get_endpoint(name) if entry is not None else None
 
     async def _deploy(self, entry: CatalogEntry) -> None:
         name, store = entry.model_id, self.plane.store

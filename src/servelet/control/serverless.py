@@ -114,7 +114,7 @@ class ServerlessScaler(ControlLoop):
     async def reconcile(self) -> None:
         """One pass over the InService endpoints' serverless variants (others are being created or updated)."""
         seen = set()
-        for record in self.store.list_endpoints():
+        for record in await asyncio.to_thread(self.store.list_endpoints):  # a slow store must not stall the data plane
             endpoint = self.fleet.endpoints.get(record.endpoint_name)
             if endpoint is None or record.endpoint_status is not EndpointStatus.IN_SERVICE:
                 continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -157,7 +158,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
             for name, endpoint in fleet.endpoints.items()
         }
         # The store knows the endpoints the fleet no longer runs (Failed), and why each failed.
-        for record in store.list_endpoints():
+        for record in await asyncio.to_thread(store.list_endpoints):  # off the loop: load balancers poll this
             shown = endpoints.setdefault(record.endpoint_name, {"ready": False, "variants": {}})
             shown["status"] = record.endpoint_status.value
             if record.failure_reason:

@@ -1,11 +1,13 @@
 """Who a request is: an API key (`Authorization: Bearer KEY` or `x-api-key: KEY`) or a SigV4 signature.
 
-Lookups are cached for a few seconds so that a request costs no store query on the event loop; a key revoked
-with `servelet keys revoke` (another process, writing the store) is refused within `CACHE_SECONDS`.
+Lookups are cached for a few seconds so that most requests cost no store query; a lookup the cache lacks runs in a
+thread, so a slow store (PostgreSQL across a network) never stalls the event loop, which carries every stream. A key
+revoked with `servelet keys revoke` (another process, writing the store) is refused within `CACHE_SECONDS`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -44,16 +46,16 @@ class Authenticator:
         self.clock = clock
         self._cache: dict[tuple[str, str], tuple[float, object]] = {}
 
-    def by_key(self, key: str) -> Grant:
-        grant = self._cached(("key", key), lambda: self.keys.grant_for_key(key))
+    async def by_key(self, key: str) -> Grant:
+        grant = await self._cached(("key", key), lambda: self.keys.grant_for_key(key))
         if grant is None:
             raise Unauthenticated("the API key is not valid (unknown or revoked)")
         return grant
 
-    def by_signature(self, method: str, url: str, headers: Headers, body: bytes) -> Grant:
+    async def by_signature(self, method: str, url: str, headers: Headers, body: bytes) -> Grant:
         signed = sigv4.parse_authorization(headers["authorization"])
         try:
-            found = self._cached(("aws", signed.access_key_id), lambda: self.keys.sigv4_credentials(signed.access_key_id))
+            found = await self._cached(("aws", signed.access_key_id), lambda: self.keys.sigv4_credentials(signed.access_key_id))
         except SecretBoxError as exc:  # the data folder's key file is not the store's: no SigV4 key can be checked
             raise Unavailable(f"SigV4 credentials cannot be checked: {exc}") from None
         if found is None:
@@ -62,10 +64,10 @@ class Authenticator:
         sigv4.verify(signed, secret, method, url, headers, body)
         return grant
 
-    def grant(self, method: str, url: str, headers: Headers, body: bytes | None) -> Grant:
+    async def grant(self, method: str, url: str, headers: Headers, body: bytes | None) -> Grant:
         """The request's grant; `body` is needed (read whole) only for a SigV4 request."""
         if sigv4.is_sigv4(headers.get("authorization")):
-            return self.by_signature(method, url, headers, body or b"")
+            return await self.by_signature(method, url, headers, body or b"")
         key = api_key_in(headers)
         if key is None:
             raise NoCredentials(
@@ -73,15 +75,17 @@ class Authenticator:
                 "credentials (make one with `servelet keys create NAME --scope SCOPE`; the servelet CLI sends "
                 "$SERVELET_API_KEY)"
             )
-        return self.by_key(key)
+        return await self.by_key(key)
 
-    def _cached(self, name: tuple[str, str], look_up: Callable[[], T]) -> T:
+    async def _cached(self, name: tuple[str, str], look_up: Callable[[], T]) -> T:
         now = self.clock()
         hit = self._cache.get(name)
         if hit is not None and now - hit[0] < CACHE_SECONDS:
             return hit[1]  # type: ignore[return-value]
         if len(self._cache) >= CACHE_ENTRIES:
             self._cache.clear()
-        value = look_up()
+        value = await asyncio.to_thread(look_up)
+        if len(self._cache) >= CACHE_ENTRIES:  # again: other lookups may have filled it while this one ran
+            self._cache.clear()
         self._cache[name] = (now, value)
         return value

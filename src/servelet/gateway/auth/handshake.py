@@ -26,7 +26,7 @@ async def websocket_grant(websocket: WebSocket) -> Grant | None:
         return grant
     try:
         text = await asyncio.wait_for(websocket.receive_text(), AUTH_TIMEOUT_S)
-        grant = _grant_of(websocket.app.state.authenticator, text)
+        grant = await _grant_of(websocket.app.state.authenticator, text)
     except WebSocketDisconnect:
         return None
     except (TimeoutError, KeyError):  # KeyError: a binary message
@@ -39,7 +39,7 @@ async def websocket_grant(websocket: WebSocket) -> Grant | None:
     return grant
 
 
-def _grant_of(authenticator, text: str) -> Grant:
+async def _grant_of(authenticator, text: str) -> Grant:
     try:
         message = json.loads(text)
     except (ValueError, RecursionError):
@@ -47,7 +47,7 @@ def _grant_of(authenticator, text: str) -> Grant:
     if not isinstance(message, dict) or message.get("type") != "auth" or not isinstance(message.get("key"), str):
         raise NoCredentials(f"this gateway requires a key: send {ASK} first, or the key as an "
                             "`Authorization: Bearer` or `x-api-key` header on the upgrade")
-    return authenticator.by_key(message["key"])
+    return await authenticator.by_key(message["key"])
 
 
 async def _refuse(websocket: WebSocket, error: GatewayError) -> None:

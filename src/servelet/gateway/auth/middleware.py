@@ -4,6 +4,8 @@ no credentials must send them as its first message (`handshake.py`)."""
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -51,16 +53,16 @@ class Gate:
                 body = None
                 if scope["type"] == "http" and is_sigv4(headers.get("authorization")):
                     body, receive = await _read_whole(receive, headers, self.body_limit)
-                grant = self.authenticator.grant(method, _url(scope), headers, body)
+                grant = await self.authenticator.grant(method, _url(scope), headers, body)
                 if need.reads_body and not grant.may_invoke_all() and body is None:
                     body, receive = await _read_whole(receive, headers, self.body_limit)
-                self.authorize(grant, need, body)
+                await self.authorize(grant, need, body)
         except GatewayError as error:
             return await self.refuse(scope, send, need, error)
         scope.setdefault("state", {})[GRANT] = grant
         await self.app(scope, receive, send)
 
-    def authorize(self, grant: Grant, need: Need, body: bytes | None) -> None:
+    async def authorize(self, grant: Grant, need: Need, body: bytes | None) -> None:
         if need.kind == "admin" and not grant.admin:
             raise Forbidden(f"key {grant.name!r} has no admin scope: the control APIs need it")
         if need.kind == "metrics" and not grant.may_read_metrics():
@@ -68,16 +70,16 @@ class Gate:
         if need.kind == "invoke_some" and not grant.may_invoke_some():
             raise Forbidden(f"key {grant.name!r} has no invoke scope")
         if need.kind == "invoke" and not grant.may_invoke_all():
-            endpoint = self.endpoint_of(need, body)
+            endpoint = await self.endpoint_of(need, body)
             if not grant.may_invoke(endpoint):
                 named = f"endpoint {endpoint!r}" if endpoint else "an endpoint it could not tell from the request"
                 raise Forbidden(f"key {grant.name!r} may not invoke {named}")
 
-    def endpoint_of(self, need: Need, body: bytes | None) -> str | None:
+    async def endpoint_of(self, need: Need, body: bytes | None) -> str | None:
         if need.endpoint is not None:
             return need.endpoint
         if need.job is not None:
-            job = self.jobs.get(need.job)
+            job = await asyncio.to_thread(self.jobs.get, need.job)  # the store, off the event loop
             return job.endpoint if job is not None else None
         if need.body_field is not None and body is not None:
             return _endpoint_in_body(body, need.body_field, self.max_json_depth)
