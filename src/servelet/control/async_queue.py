@@ -6,9 +6,12 @@ gateway) is leased again. Only the worker holding a job's lease may end it, so i
 name is fixed by its InferenceId and written atomically, so a job run twice still leaves one output. A job that
 ended waits for its notification (a webhook) to be delivered, or given up, before it is `notified`.
 
-Every method is one short transaction. The gateway makes its writes through `JobQueue.write`, on one thread:
-SQLite takes one writer at a time, and a second one waits in its busy handler, which sleeps 1, 2, 5, 10 ms and
-more between tries; one writing thread never meets another of this process there.
+Every method is one short transaction. The gateway makes its writes through `JobQueue.write`, one at a time: SQLite
+takes one writer at a time, and a second one waits in its busy handler, which sleeps 1, 2, 5, 10 ms and more
+between tries. On SQLite that flushes no disk per commit (WAL, synchronous=NORMAL: a commit is a few hundred
+microseconds) a write runs on the event loop itself: handing it to a thread cost more than the write, in the hop
+and in the wait for the interpreter lock behind a busy loop (docs/benchmarks.md: 659 -> 990 jobs accepted a second).
+On PostgreSQL, or SQLite flushing each commit, writes go to one thread of the queue's.
 """
 
 from __future__ import annotations
@@ -117,14 +120,18 @@ class JobQueue:
     def __init__(self, store: Store):
         self.engine: Engine = store.engine
         metadata.create_all(self.engine)
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="servelet-queue")
+        self._writer = None if store.commits_in_memory else ThreadPoolExecutor(1, thread_name_prefix="servelet-queue")
 
     async def write(self, method: Callable[..., Result], *args) -> Result:
-        """Run one of the writing methods on the queue's writing thread."""
+        """Run one of the writing methods: here, or on the queue's writing thread where a commit waits for a disk
+        or a network."""
+        if self._writer is None:
+            return method(*args)
         return await asyncio.get_running_loop().run_in_executor(self._writer, method, *args)
 
     def close(self) -> None:
-        self._writer.shutdown(wait=False)
+        if self._writer is not None:
+            self._writer.shutdown(wait=False)
 
     def enqueue(self, job: Job) -> Job:
         return self.enqueue_many([job])[0]
