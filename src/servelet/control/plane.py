@@ -71,14 +71,15 @@ class ControlPlane:
             raise ResourceExists(f'Cannot create already existing model "{arn("model", spec.model_name)}".') from None
         return spec
 
+    # The reads below run in a thread: boto3's waiters poll them, and a slow store must not stall the data plane.
     async def describe_model(self, name: str) -> ModelSpec:
-        model = self.store.get_model(name)
+        model = await asyncio.to_thread(self.store.get_model, name)
         if model is None:
             raise ResourceMissing(f'Could not find model "{arn("model", name)}".')
         return model
 
     async def list_models(self, name_contains: str | None = None) -> list[ModelSpec]:
-        return [m for m in self.store.list_models() if _contains(m.model_name, name_contains)]
+        return [m for m in await asyncio.to_thread(self.store.list_models) if _contains(m.model_name, name_contains)]
 
     async def delete_model(self, name: str) -> None:
         await self.describe_model(name)
@@ -115,13 +116,14 @@ class ControlPlane:
             ))
 
     async def describe_endpoint_config(self, name: str) -> EndpointConfigSpec:
-        config = self.store.get_endpoint_config(name)
+        config = await asyncio.to_thread(self.store.get_endpoint_config, name)
         if config is None:
             raise ResourceMissing(f'Could not find endpoint configuration "{arn("endpoint-config", name)}".')
         return config
 
     async def list_endpoint_configs(self, name_contains: str | None = None) -> list[EndpointConfigSpec]:
-        return [c for c in self.store.list_endpoint_configs() if _contains(c.endpoint_config_name, name_contains)]
+        configs = await asyncio.to_thread(self.store.list_endpoint_configs)
+        return [c for c in configs if _contains(c.endpoint_config_name, name_contains)]
 
     async def delete_endpoint_config(self, name: str) -> None:
         await self.describe_endpoint_config(name)
@@ -144,14 +146,14 @@ class ControlPlane:
         return record
 
     async def describe_endpoint(self, name: str) -> EndpointRecord:
-        record = self.store.get_endpoint(name)
+        record = await asyncio.to_thread(self.store.get_endpoint, name)
         if record is None:
             raise ResourceMissing(f'Could not find endpoint "{arn("endpoint", name)}".')
         return self._with_live_counts(record)
 
     async def list_endpoints(self, name_contains: str | None = None, status: str | None = None) -> list[EndpointRecord]:
         return [
-            self._with_live_counts(e) for e in self.store.list_endpoints()
+            self._with_live_counts(e) for e in await asyncio.to_thread(self.store.list_endpoints)
             if _contains(e.endpoint_name, name_contains) and (status is None or e.endpoint_status.value == status)
         ]
 
