@@ -151,6 +151,7 @@ class AsyncWorker(ControlLoop):
         invocation = Invocation(
             endpoint=job.endpoint, body=job.inline_body or b"", content_type=job.content_type or "application/json",
             accept=job.accept, custom_attributes=job.custom_attributes, inference_id=job.inference_id,
+            timeout=job.invocation_timeout,
         )
         try:
             await self._invoke(job, invocation)

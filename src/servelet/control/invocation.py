@@ -21,6 +21,9 @@ class Invocation:
     target_model: str | None = None
     target_variant: str | None = None
     inference_id: str | None = None
+    # Seconds the caller gives the model to answer (an async job's InvocationTimeoutSeconds, a transform job's
+    # InvocationsTimeoutInSeconds, up to an hour); None: the gateway's SERVELET_INVOCATION_TIMEOUT.
+    timeout: float | None = None
 
     def instance_headers(self) -> dict[str, str]:
         headers = {"Content-Type": self.content_type}

@@ -132,10 +132,10 @@ class Router:
         instance = route.instance
         with self.admission.admit(invocation.endpoint), route.serving(self.meter, invocation.endpoint):
             try:
-                async with asyncio.timeout(self.invocation_timeout):
+                async with asyncio.timeout(invocation.timeout or self.invocation_timeout):
                     response = await instance.client.post(invocation.body, invocation.instance_headers())
             except TimeoutError:
-                raise self._timed_out(instance) from None
+                raise self._timed_out(instance, invocation) from None
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None
             if response.status_code != 200:
@@ -158,10 +158,10 @@ class Router:
                 async with AsyncExitStack() as stack:
                     opening = instance.client.open_stream(invocation.body, invocation.instance_headers())
                     try:
-                        async with asyncio.timeout(self.invocation_timeout):
+                        async with asyncio.timeout(invocation.timeout or self.invocation_timeout):
                             response = await stack.enter_async_context(opening)
                     except TimeoutError:
-                        raise self._timed_out(instance) from None
+                        raise self._timed_out(instance, invocation) from None
                     if response.status_code != 200:
                         raise from_instance(response.status_code, await response.aread())
                     # A stream's latency, for alarms, is the time to its answer's start: its length is the caller's.
@@ -196,12 +196,11 @@ class Router:
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None
 
-    def _timed_out(self, instance: Instance) -> ModelTimedOut:
+    def _timed_out(self, instance: Instance, invocation: Invocation) -> ModelTimedOut:
         """The call is abandoned (the instance sees its client leave, so a generation stops); the instance stays
         in service: a slow answer says nothing of its health."""
-        return ModelTimedOut(
-            f"instance {instance.name} did not answer within {self.invocation_timeout:g} s (SERVELET_INVOCATION_TIMEOUT)"
-        )
+        limit = f"{invocation.timeout:g} s" if invocation.timeout else f"{self.invocation_timeout:g} s (SERVELET_INVOCATION_TIMEOUT)"
+        return ModelTimedOut(f"instance {instance.name} did not answer within {limit}")
 
 
 def servelet_headers(headers) -> dict[str, str]:

@@ -231,7 +231,8 @@ class TransformRunner:
     async def _invoke(self, plan: JobPlan, endpoint: str, body: bytes) -> bytes:
         """One request, retried InvocationsMaxRetries times when it fails or times out (a refusal that says "not
         now" waits and retries without counting)."""
-        invocation = Invocation(endpoint=endpoint, body=body, content_type=plan.content_type, accept=plan.accept)
+        invocation = Invocation(endpoint=endpoint, body=body, content_type=plan.content_type, accept=plan.accept,
+                                timeout=plan.timeout)
         attempt, waiting_since = 0, None
         while True:
             try:
