@@ -448,8 +448,10 @@ def test_the_gateway_fetches_an_s3_model_once_for_all_its_instances(s3_server, g
     gateway = start_gateway(tmp_path, env=env, args=["--model", gguf_in_s3, "--instances", "2"])
     try:
         children = subprocess.run(["pgrep", "-P", str(gateway.process.pid)], capture_output=True, text=True).stdout.split()
-        command_lines = [Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0") for pid in children]
-        models = [line[line.index(b"--model") + 1].decode() for line in command_lines if b"--model" in line]
+        # Instances get their model in SERVELET_MODEL (not on their command line, where a URI's secrets would show).
+        environments = [Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in children]
+        models = [entry.removeprefix(b"SERVELET_MODEL=").decode() for env in environments for entry in env
+                  if entry.startswith(b"SERVELET_MODEL=")]
         assert len(models) == 2 and all(re.fullmatch(r"/proc/self/fd/\d+", m) for m in models), models
         parts = -(-model_path.stat().st_size // DEFAULT_PART_BYTES)
         assert len(gets(s3_server, gguf_in_s3)) - fetched_before == parts  # one fetch by the gateway, none by instances

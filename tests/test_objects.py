@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 
@@ -196,3 +197,13 @@ def test_join(prefix, name, joined):
 def test_join_refuses_what_names_no_object(prefix, name):
     with pytest.raises(ObjectStoreError):
         objects.join(prefix, name)
+
+
+def test_a_killed_writers_partial_copies_are_removed_and_nothing_else(tmp_path):
+    (tmp_path / "job.out").write_text("done")
+    for leftover in (".job.out.abc123.partial", ".job.out.x.partial"):
+        (tmp_path / leftover).write_text("half")
+    (tmp_path / ".other.out.abc.partial").write_text("another job's, maybe being written now")
+    (tmp_path / ".job.outx.abc.partial").write_text("a different name")
+    asyncio.run(objects.remove_unfinished_writes(f"file://{tmp_path}/job.out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".job.outx.abc.partial", ".other.out.abc.partial", "job.out"]

@@ -11,6 +11,7 @@ that may invoke an endpoint must not make the server read or overwrite its own f
 from __future__ import annotations
 
 import asyncio
+import glob
 import logging
 import os
 import tempfile
@@ -146,6 +147,19 @@ async def delete(uri: str) -> None:
     """Remove the object; one already gone is no error."""
     location = parse(uri)
     await asyncio.to_thread(_delete, location)
+
+
+async def remove_unfinished_writes(uri: str) -> None:
+    """Remove what writers of `uri` killed mid-write left behind: a file's hidden partial copies (an S3 upload that
+    never completed shows no object). Call it only while no other writer of `uri` can be running."""
+    location = parse(uri)
+    if isinstance(location, FileLocation):
+        await asyncio.to_thread(_remove_partials, location.path)
+
+
+def _remove_partials(path: Path) -> None:
+    for partial in path.parent.glob(f".{glob.escape(path.name)}.*.partial"):
+        partial.unlink(missing_ok=True)
 
 
 async def read_chunks(uri: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator[bytes]:

@@ -144,6 +144,10 @@ class AsyncWorker(ControlLoop):
             self.wake()  # its room goes to the next job now, not at the next interval
 
     async def _answer(self, job: Job) -> None:
+        if job.attempts > 1:  # an earlier attempt's worker died, maybe mid-write; this lease is the only writer now
+            await objects.remove_unfinished_writes(job.output_location)
+            if job.failure_location:
+                await objects.remove_unfinished_writes(job.failure_location)
         if job.attempts > 1 and await objects.exists(job.output_location):
             log.info("async job %s: its output was written before its worker stopped; completing it", job.inference_id)
             await self._finish(job, JobStatus.COMPLETED)
