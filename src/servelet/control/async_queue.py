@@ -10,7 +10,7 @@ Every method is one short transaction. The gateway makes its writes through `Job
 takes one writer at a time, and a second one waits in its busy handler, which sleeps 1, 2, 5, 10 ms and more
 between tries. On SQLite that flushes no disk per commit (WAL, synchronous=NORMAL: a commit is a few hundred
 microseconds) a write runs on the event loop itself: handing it to a thread cost more than the write, in the hop
-and in the wait for the interpreter lock behind a busy loop (docs/benchmarks.md: 659 -> 990 jobs accepted a second).
+and in the wait for the interpreter lock behind a busy loop (docs/benchmarks.md: 659 -> 1,013 jobs accepted a second).
 On PostgreSQL, or SQLite flushing each commit, writes go to one thread of the queue's.
 """
 
@@ -120,7 +120,8 @@ class JobQueue:
     def __init__(self, store: Store):
         self.engine: Engine = store.engine
         metadata.create_all(self.engine)
-        self._writer = None if store.commits_in_memory else ThreadPoolExecutor(1, thread_name_prefix="servelet-queue")
+        on_loop = store.commits_wait_for_no_disk
+        self._writer = None if on_loop else ThreadPoolExecutor(1, thread_name_prefix="servelet-queue")
 
     async def write(self, method: Callable[..., Result], *args) -> Result:
         """Run one of the writing methods: here, or on the queue's writing thread where a commit waits for a disk

@@ -5,8 +5,8 @@ One `AsyncWorker` per gateway, leasing jobs under an owner id of its own. Each p
 when a job is accepted) it expires jobs past their TTL, leases twice as many of each async endpoint's jobs as its
 ready instances take (`MaxConcurrentInvocationsPerInstance` each: the invocation slots; the other half waits here
 for a slot), renews its leases (the heartbeat: a gateway killed mid-job leaves leases that run out, and the next
-gateway's worker takes those jobs again) and delivers pending notifications. A job retried after its output was already written (the worker died between writing and recording
-it) is completed without running the model again.
+gateway's worker takes those jobs again) and delivers pending notifications. A job retried after its output was
+already written (the worker died between writing and recording it) is completed without running the model again.
 """
 
 from __future__ import annotations

@@ -199,7 +199,10 @@ class Router:
     def _timed_out(self, instance: Instance, invocation: Invocation) -> ModelTimedOut:
         """The call is abandoned (the instance sees its client leave, so a generation stops); the instance stays
         in service: a slow answer says nothing of its health."""
-        limit = f"{invocation.timeout:g} s" if invocation.timeout else f"{self.invocation_timeout:g} s (SERVELET_INVOCATION_TIMEOUT)"
+        if invocation.timeout:
+            limit = f"{invocation.timeout:g} s"
+        else:
+            limit = f"{self.invocation_timeout:g} s (SERVELET_INVOCATION_TIMEOUT)"
         return ModelTimedOut(f"instance {instance.name} did not answer within {limit}")
 
 

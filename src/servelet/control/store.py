@@ -111,7 +111,7 @@ class Store:
         self.url = url
         self.engine = _engine(url, sqlite_synchronous)
         # A commit that waits for no disk and no network: a local SQLite file that does not flush per commit.
-        self.commits_in_memory = self.engine.dialect.name == "sqlite" and sqlite_synchronous.upper() != "FULL"
+        self.commits_wait_for_no_disk = self.engine.dialect.name == "sqlite" and sqlite_synchronous.upper() != "FULL"
         metadata.create_all(self.engine)
         _add_missing_columns(self.engine, usage)
 
