@@ -148,10 +148,10 @@ class AsyncWorker(ControlLoop):
             await objects.remove_unfinished_writes(job.output_location)
             if job.failure_location:
                 await objects.remove_unfinished_writes(job.failure_location)
-        if job.attempts > 1 and await objects.exists(job.output_location):
-            log.info("async job %s: its output was written before its worker stopped; completing it", job.inference_id)
-            await self._finish(job, JobStatus.COMPLETED)
-            return
+            if await objects.exists(job.output_location):
+                log.info("async job %s: its output was written before its worker stopped; completing it", job.inference_id)
+                await self._finish(job, JobStatus.COMPLETED)
+                return
         invocation = Invocation(
             endpoint=job.endpoint, body=job.inline_body or b"", content_type=job.content_type or "application/json",
             accept=job.accept, custom_attributes=job.custom_attributes, inference_id=job.inference_id,

@@ -98,12 +98,18 @@ class InstanceClient:
             return None
         return response.json() if response.status_code == 200 else None
 
+    def _channel_for(self, body: bytes) -> StreamChannel | None:
+        """The stream channel, where a call with this body may go on it."""
+        channel = self._channel
+        if channel is None or channel.unsupported or len(body) > MAX_CHANNEL_BODY_BYTES:
+            return None
+        return channel
+
     async def post(self, body: bytes, headers: dict[str, str]) -> WholeAnswer:
         """Forward raw invocation bytes with their headers; the whole answer is read. On the channel where it can
         go: httpx's pool checks every idle connection for each request it sends (a `getpeername` and a `poll`
         each), which with many calls in flight cost the gateway more than the call itself (docs/benchmarks.md)."""
-        channel = self._channel
-        if channel is not None and not channel.unsupported and len(body) <= MAX_CHANNEL_BODY_BYTES:
+        if (channel := self._channel_for(body)) is not None:
             try:
                 async with channel.open_stream("/invocations", body, headers, self._timeout) as answer:
                     return WholeAnswer(answer.status_code, answer.headers, await answer.aread())
@@ -117,8 +123,7 @@ class InstanceClient:
         """Forward raw invocation bytes; yields the answer with its head read and its body not yet."""
         async with AsyncExitStack() as stack:
             answer = None
-            channel = self._channel
-            if channel is not None and not channel.unsupported and len(body) <= MAX_CHANNEL_BODY_BYTES:
+            if (channel := self._channel_for(body)) is not None:
                 try:
                     answer = await stack.enter_async_context(channel.open_stream("/invocations", body, headers, self._timeout))
                 except ChannelUnsupported:
