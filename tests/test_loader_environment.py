@@ -12,6 +12,7 @@ from botocore.exceptions import ClientError
 
 from conftest import start_gateway, stop_process
 from servelet.control.api_keys import ApiKeys
+from servelet.control.loader_environment import why_refused
 from servelet.control.secret_box import SecretBox
 from servelet.control.store import Store
 
@@ -50,17 +51,23 @@ def refusal(call) -> dict:
 LOADER_NAMES = [
     "LD_PRELOAD", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONHOME", "PIP_INDEX_URL",
     "SERVELET_INSTALL_REQUIREMENTS", "servelet_install_requirements", "GCONV_PATH", "OPENSSL_CONF",
+    # where processes read code, config and caches from, outside the model's own files
+    "HOME", "PATH", "TMPDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME", "SERVELET_CACHE_DIR",
+    "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_MODULES_CACHE", "HF_ENDPOINT", "TORCH_HOME",
+    "TRUST_REMOTE_CODE", "OPTION_TRUST_REMOTE_CODE",
+    "VLLM_PLUGINS", "VLLM_USE_MODELSCOPE", "VLLM_CACHE_ROOT", "VLLM_ALLOW_INSECURE_SERIALIZATION",
 ]
 
 
 @pytest.mark.parametrize("name", LOADER_NAMES)
-def test_create_model_refuses_a_loader_variable_naming_it(sagemaker, name):
+def test_create_model_refuses_a_loader_variable_naming_it_and_why(sagemaker, name):
     model = f"refused-{LOADER_NAMES.index(name)}"
     error = refusal(lambda: sagemaker.create_model(
         ModelName=model, PrimaryContainer={"ModelDataUrl": "/models/any", "Environment": {"OPTION_DTYPE": "auto", name: "x"}},
     ))
     assert error["Code"] == "ValidationException"
-    assert f"PrimaryContainer.Environment.{name}" in error["Message"] and SETTING in error["Message"], error
+    assert f"PrimaryContainer.Environment.{name}: " in error["Message"] and SETTING in error["Message"], error
+    assert why_refused(name) in error["Message"], error
     assert refusal(lambda: sagemaker.describe_model(ModelName=model))["Code"] == "ValidationException"  # not created
 
 
@@ -72,7 +79,11 @@ def test_create_model_refuses_it_in_containers_too(sagemaker):
 
 
 def test_ordinary_variables_are_taken(sagemaker):
-    environment = {"SERVELET_MAX_BATCH_SIZE": "4", "OPTION_MAX_MODEL_LEN": "512", "HF_TASK": "text-generation"}
+    environment = {
+        "SERVELET_MAX_BATCH_SIZE": "4", "OPTION_MAX_MODEL_LEN": "512", "HF_TASK": "text-generation",
+        "OMP_NUM_THREADS": "2", "SAGEMAKER_PROGRAM": "inference.py", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_x",
+        "VLLM_ATTENTION_BACKEND": "TORCH_SDPA",
+    }
     sagemaker.create_model(ModelName="ordinary", PrimaryContainer={"ModelDataUrl": "/models/any", "Environment": environment})
     assert sagemaker.describe_model(ModelName="ordinary")["PrimaryContainer"]["Environment"] == environment
 
