@@ -40,6 +40,7 @@ from typing import Protocol
 
 from ..errors import ResourceInvalid, ResourceMissing
 from .endpoints import Deployment, Endpoint, Fleet, Outcomes, VariantPlan
+from .records import EndpointRecords
 from .resources import (
     DeploymentConfig,
     DesiredWeightAndCapacity,
@@ -52,7 +53,6 @@ from .resources import (
     arn,
     now,
 )
-from .store import Store
 
 log = logging.getLogger("servelet.control")
 
@@ -143,10 +143,11 @@ class Configs(Protocol):
 
 
 class Deployer:
-    """Runs endpoint updates for the control plane: at most one per endpoint at a time."""
+    """Runs endpoint updates for the control plane: at most one per endpoint at a time. Its reads and saves of an
+    endpoint's record go through `records` (in a thread, one change per endpoint at a time)."""
 
-    def __init__(self, store: Store, fleet: Fleet, configs: Configs, start_timeout: float):
-        self.store = store
+    def __init__(self, records: EndpointRecords, fleet: Fleet, configs: Configs, start_timeout: float):
+        self.records = records
         self.fleet = fleet
         self.configs = configs
         self.start_timeout = start_timeout
@@ -165,12 +166,22 @@ class Deployer:
         retain_deployment_config: bool = False,
     ) -> EndpointRecord:
         """Check the request, mark the endpoint Updating and start the update in the background."""
-        record = self._updatable(name)
-        config = await self.configs.describe_endpoint_config(config_name)
-        if deployment is None and retain_deployment_config:
-            deployment = record.last_deployment_config
-        policy = Policy.of(deployment)
-        plans = self.configs.plans(config)
+        async with self.records.change(name) as record:
+            self._check_updatable(name, record)
+            config = await self.configs.describe_endpoint_config(config_name)
+            if deployment is None and retain_deployment_config:
+                deployment = record.last_deployment_config
+            policy = Policy.of(deployment)
+            plans = await asyncio.to_thread(self.configs.plans, config)
+            self._plan_update(record, config_name, plans, retain_variant_properties)
+            await self.records.save(record)
+            log.info("endpoint %s: updating to %s (%s)", name, config_name, policy.kind)
+            self._run_task(name, self._update(name, config, plans, policy))
+        return record
+
+    def _plan_update(
+        self, record: EndpointRecord, config_name: str, plans: list[VariantPlan], retain_variant_properties: set[str]
+    ) -> None:
         kept = {v.variant_name: v for v in record.production_variants}
         for plan in plans:  # RetainAllVariantProperties: same-named variants keep their weight and count
             if plan.name in kept and "DesiredWeight" in retain_variant_properties:
@@ -182,10 +193,6 @@ class Deployer:
         record.pending_deployment_summary = PendingDeployment(
             endpoint_config_name=config_name, production_variants=variant_states(plans, "Creating", "starting the new fleet")
         )
-        self.store.save_endpoint(record)
-        log.info("endpoint %s: updating to %s (%s)", name, config_name, policy.kind)
-        self._run_task(name, self._update(name, config, plans, policy))
-        return record
 
     async def _update(self, name: str, config: EndpointConfigSpec, plans: list[VariantPlan], policy: Policy) -> None:
         endpoint = self.fleet.get(name)
@@ -197,9 +204,9 @@ class Deployer:
                     raise Rollback(f"the new fleet (endpoint config {config.endpoint_config_name!r}) did not start: {failure}")
                 for share in policy.shares(len(green.instances())):
                     endpoint.green_share = share
-                    self._note(name, "ActivatingTraffic", f"the new fleet takes {share:.0%} of the traffic")
+                    await self._note(name, "ActivatingTraffic", f"the new fleet takes {share:.0%} of the traffic")
                     await self._watch(green, policy, policy.wait_s)
-                self._note(name, "Baking", f"all traffic on the new fleet; the old one stops in {policy.termination_wait_s:g} s")
+                await self._note(name, "Baking", f"all traffic on the new fleet; the old one stops in {policy.termination_wait_s:g} s")
                 await self._watch(green, policy, policy.termination_wait_s)
         except Rollback as exc:
             reason = str(exc)
@@ -232,58 +239,67 @@ class Deployer:
         """Green becomes the endpoint's fleet (in one step: every request sees one or the other); blue drains."""
         blue, green = endpoint.blue, endpoint.green
         endpoint.blue, endpoint.green, endpoint.green_share = green, None, 0.0
-        self._note(name, "Deleting", "the old fleet finishes its requests and stops")
+        await self._note(name, "Deleting", "the old fleet finishes its requests and stops")
         await asyncio.shield(self.fleet.retire(blue, DRAIN_TIMEOUT_S))
-        record = self.store.get_endpoint(name)
-        if record is None:
-            return
-        record.endpoint_config_name = config.endpoint_config_name
-        record.async_inference_config = config.async_inference_config
-        record.endpoint_config = config
-        record.production_variants = variant_states(
-            [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight, serverless=v.serverless) for v in green.variants]
-        )
-        self._in_service(record, policy, failure_reason=None)
+        async with self.records.change(name) as record:
+            if record is None:
+                return
+            record.endpoint_config_name = config.endpoint_config_name
+            record.async_inference_config = config.async_inference_config
+            record.endpoint_config = config
+            record.production_variants = variant_states(
+                [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight, serverless=v.serverless) for v in green.variants]
+            )
+            await self._in_service(record, policy, failure_reason=None)
         log.info("endpoint %s: InService on %s", name, config.endpoint_config_name)
 
     async def _roll_back(self, name: str, endpoint: Endpoint, reason: str, policy: Policy) -> None:
         log.warning("endpoint %s: rolling back: %s", name, reason)
-        record = self.store.get_endpoint(name)
-        if record is None:
-            return
-        record.endpoint_status = EndpointStatus.ROLLING_BACK
-        record.failure_reason = reason
-        self.store.save_endpoint(record)
+        async with self.records.change(name) as record:
+            if record is None:
+                return
+            record.endpoint_status = EndpointStatus.ROLLING_BACK
+            record.failure_reason = reason
+            await self.records.save(record)
         green = endpoint.green
         endpoint.green, endpoint.green_share = None, 0.0
         if green is not None:
             await asyncio.shield(self.fleet.retire(green, DRAIN_TIMEOUT_S))
-        record = self.store.get_endpoint(name)
-        if record is None:
-            return
-        self._in_service(record, policy, failure_reason=reason)
+        async with self.records.change(name) as record:
+            if record is None:
+                return
+            await self._in_service(record, policy, failure_reason=reason)
         log.info("endpoint %s: rolled back, InService on %s", name, record.endpoint_config_name)
 
-    def _in_service(self, record: EndpointRecord, policy: Policy, failure_reason: str | None) -> None:
+    async def _in_service(self, record: EndpointRecord, policy: Policy, failure_reason: str | None) -> None:
         """The update is over, completed (no reason) or rolled back (why): InService, no pending deployment."""
         record.endpoint_status = EndpointStatus.IN_SERVICE
         record.failure_reason = failure_reason
         record.pending_deployment_summary = None
         record.last_deployment_config = policy.config
-        self.store.save_endpoint(record)
+        await self.records.save(record)
 
-    def _note(self, name: str, status: str, message: str) -> None:
+    async def _note(self, name: str, status: str, message: str) -> None:
         """Show where the update stands on the pending variants (DescribeEndpoint's PendingDeploymentSummary)."""
-        record = self.store.get_endpoint(name)
-        if record is None or record.pending_deployment_summary is None:
-            return
-        for variant in record.pending_deployment_summary.production_variants:
-            variant.variant_status = [VariantStep(status=status, status_message=message)]
-        self.store.save_endpoint(record)
+        async with self.records.change(name) as record:
+            if record is None or record.pending_deployment_summary is None:
+                return
+            for variant in record.pending_deployment_summary.production_variants:
+                variant.variant_status = [VariantStep(status=status, status_message=message)]
+            await self.records.save(record)
 
     # -- UpdateEndpointWeightsAndCapacities -------------------------------------------------------------------
     async def change_weights_and_capacities(self, name: str, desired: list[DesiredWeightAndCapacity]) -> EndpointRecord:
-        record = self._updatable(name)
+        async with self.records.change(name) as record:
+            self._check_updatable(name, record)
+            counts = self._change(name, record, desired)
+            await self.records.save(record)
+        if counts:
+            self._run_task(name, self._scale(name, counts))
+        return record
+
+    def _change(self, name: str, record: EndpointRecord, desired: list[DesiredWeightAndCapacity]) -> dict[str, int]:
+        """Check `desired` and apply it to the record and the running variants; the instance counts to change."""
         endpoint = self.fleet.get(name)
         states = {v.variant_name: v for v in record.production_variants}
         unknown = [d.variant_name for d in desired if d.variant_name not in states or not endpoint.blue.find(d.variant_name)]
@@ -320,10 +336,7 @@ class Deployer:
         if counts:
             record.endpoint_status = EndpointStatus.UPDATING
             record.failure_reason = None
-        self.store.save_endpoint(record)
-        if counts:
-            self._run_task(name, self._scale(name, counts))
-        return record
+        return counts
 
     async def _scale(self, name: str, counts: dict[str, int]) -> None:
         added = []
@@ -334,20 +347,19 @@ class Deployer:
             for variant in counts:
                 live = self.fleet.get(name).blue.find(variant)
                 await self.fleet.scale(name, variant, len(live.ready_instances()), self.start_timeout, DRAIN_TIMEOUT_S)
-        record = self.store.get_endpoint(name)
-        if record is None:
-            return
-        if failure:
-            record.failure_reason = f"could not add instances: {failure}"
-            for state in record.production_variants:
-                if state.variant_name in counts:
-                    state.desired_instance_count = len(self.fleet.get(name).blue.find(state.variant_name).instances)
-        record.endpoint_status = EndpointStatus.IN_SERVICE
-        self.store.save_endpoint(record)
+        async with self.records.change(name) as record:
+            if record is None:
+                return
+            if failure:
+                record.failure_reason = f"could not add instances: {failure}"
+                for state in record.production_variants:
+                    if state.variant_name in counts:
+                        state.desired_instance_count = len(self.fleet.get(name).blue.find(state.variant_name).instances)
+            record.endpoint_status = EndpointStatus.IN_SERVICE
+            await self.records.save(record)
 
     # -- shared -----------------------------------------------------------------------------------------------
-    def _updatable(self, name: str) -> EndpointRecord:
-        record = self.store.get_endpoint(name)
+    def _check_updatable(self, name: str, record: EndpointRecord | None) -> None:
         if record is None:
             raise ResourceMissing(f'Could not find endpoint "{arn("endpoint", name)}".')
         if self.updating(name) or record.endpoint_status in (EndpointStatus.UPDATING, EndpointStatus.ROLLING_BACK):
@@ -357,7 +369,6 @@ class Deployer:
                 f'Cannot update endpoint "{arn("endpoint", name)}": it is {record.endpoint_status.value}, '
                 "and only an InService endpoint can be updated"
             )
-        return record
 
     def _run_task(self, name: str, coro) -> None:
         task = asyncio.create_task(coro)

@@ -241,7 +241,8 @@ class Fleet:
         self._tasks: set[asyncio.Task] = set()
         # Remote model files fetched once into memory, by URI: every instance of them inherits the one copy.
         self._models: dict[str, Materialized] = {}
-        self._fetching = asyncio.Lock()
+        # One lock per URI: two endpoints of one model fetch it once, and endpoints of other models do not wait.
+        self._fetching: dict[str, asyncio.Lock] = {}
         # Told (endpoint name, why) when an instance is given up after it was ready: creation and updates wait on
         # their instances themselves, an endpoint in service learns it here.
         self.on_instance_given_up: Callable[[str, str], None] | None = None
@@ -348,15 +349,25 @@ class Fleet:
 
     async def _materialize(self, plans: list["VariantPlan"]) -> None:
         """Fetch each remote model file into memory once, here, rather than once per instance."""
-        async with self._fetching:
-            for plan in plans:
-                uri, multi_model = plan.model_uri, plan.env.get("SERVELET_MULTI_MODEL", "").lower() in ("true", "1")
-                if uri in self._models or multi_model or not shared_in_memory(uri):
-                    continue  # a multi-model URI is a prefix: its instance fetches each model when asked for it
-                try:
-                    self._models[uri] = await asyncio.to_thread(materialize, uri)
-                except Exception as exc:  # noqa: BLE001 - its instances resolve it themselves, and fail saying why
-                    log.error("could not fetch %s once for all its instances: %s", uri, exc)
+        for plan in plans:
+            uri, multi_model = plan.model_uri, plan.env.get("SERVELET_MULTI_MODEL", "").lower() in ("true", "1")
+            if multi_model or not shared_in_memory(uri):
+                continue  # a multi-model URI is a prefix: its instance fetches each model when asked for it
+            async with self._fetching.setdefault(uri, asyncio.Lock()):
+                if uri not in self._models:
+                    await self._fetch(uri)
+
+    async def _fetch(self, uri: str) -> None:
+        # The download runs in a thread, which a cancelled deployment (its endpoint deleted) cannot stop: the
+        # thread finishes, and the model it fetched for nobody is closed.
+        fetch = asyncio.ensure_future(asyncio.to_thread(materialize, uri))
+        try:
+            self._models[uri] = await asyncio.shield(fetch)
+        except asyncio.CancelledError:
+            fetch.add_done_callback(_close_unused)
+            raise
+        except Exception as exc:  # noqa: BLE001 - its instances resolve it themselves, and fail saying why
+            log.error("could not fetch %s once for all its instances: %s", uri, exc)
 
     def _release_models(self) -> None:
         """Close the in-memory models no variant uses any more (running instances keep their inherited copy)."""
@@ -367,7 +378,7 @@ class Fleet:
     async def _start_all(self, endpoint: Endpoint, instances: list[Instance], start_timeout: float) -> None:
         self._share_cores(instances)
         for instance in instances:
-            await instance.start()
+            await _not_halfway(instance.start())
             self._spawn(self._keep_running(endpoint, instance, start_timeout))
         self._warn_if_cores_oversubscribed()
 
@@ -543,6 +554,22 @@ class Fleet:
         for model in self._models.values():
             model.close()
         self._models.clear()
+
+
+def _close_unused(fetch: asyncio.Future) -> None:
+    if not fetch.cancelled() and fetch.exception() is None:
+        fetch.result().close()
+
+
+async def _not_halfway(coro) -> None:
+    """Run `coro` to its end even when cancelled meanwhile, then pass the cancellation on: an instance process
+    spawned or forked halfway through a cancelled start would run with nobody to stop it."""
+    task = asyncio.ensure_future(coro)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.gather(task, return_exceptions=True)
+        raise
 
 
 async def _until(condition, timeout: float, poll: float = 0.05) -> bool:

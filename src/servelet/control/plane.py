@@ -1,10 +1,14 @@
 """The control plane: resources kept in the store, endpoints reconciled onto the fleet of instances.
 
-The store says what should run; the fleet is what runs. Creating an endpoint records it as `Creating`, starts its
-instances and marks it `InService` once every instance answers `/ping` (or `Failed`, saying why). A restart
-brings every stored endpoint back; a crashed instance is replaced by the fleet, unless it keeps crashing before it
-serves: then its endpoint fails. Updates (blue/green, weights and instance counts) are the deployer's
-(`deployer.py`).
+The store says what should run; the fleet is what runs. Creating an endpoint records it as `Creating` and answers;
+a background task resolves its models (a download, for a remote one), starts its instances and marks it `InService`
+once every instance answers `/ping` (or `Failed`, saying why). A restart brings every stored endpoint back, each in
+its own task, so the first one ready serves without waiting for the others' downloads; a crashed instance is
+replaced by the fleet, unless it keeps crashing before it serves: then its endpoint fails. Updates (blue/green,
+weights and instance counts) are the deployer's (`deployer.py`).
+
+The store is synchronous SQLAlchemy: every call to it runs in a thread, so a slow store delays the control plane
+only, never the streams on the event loop (`records.py` keeps an endpoint's read-modify-writes in order).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from ..sizing import serverless_memory_problems
 from .autoscaler import Autoscaler, ScalingReport
 from .deployer import Deployer, variant_states
 from .endpoints import Fleet, VariantPlan
+from .records import EndpointRecords
 from .resources import (
     ContainerSpec,
     DeploymentConfig,
@@ -46,12 +51,14 @@ class ControlPlane:
         scaling_report: ScalingReport | None = None, allow_loader_environment: bool = False,
     ):
         self.store = store
+        self.records = EndpointRecords(store)
         # SERVELET_ALLOW_LOADER_ENVIRONMENT: the control API takes LD_*, PYTHON*, ... (loader_environment.py).
         self.allow_loader_environment = allow_loader_environment
         self.fleet = fleet
         self.start_timeout = start_timeout
         self._tasks: set[asyncio.Task] = set()
-        self.deployer = Deployer(store, fleet, self, start_timeout)
+        self._starting: dict[str, asyncio.Task] = {}  # endpoint -> its background start, until it is in the fleet
+        self.deployer = Deployer(self.records, fleet, self, start_timeout)
         self.autoscaler = Autoscaler(store, fleet, self.deployer, autoscale_interval, scaling_report)
         self.serverless = ServerlessScaler(store, fleet, start_timeout, serverless_idle_seconds, serverless_start_timeout)
         fleet.on_instance_given_up = self._instance_given_up
@@ -66,12 +73,11 @@ class ControlPlane:
                 "(a path, file://, s3://, http(s):// or package:// URI)"
             )
         try:
-            self.store.add_model(spec)
+            await asyncio.to_thread(self.store.add_model, spec)
         except AlreadyExists:
             raise ResourceExists(f'Cannot create already existing model "{arn("model", spec.model_name)}".') from None
         return spec
 
-    # The reads below run in a thread: boto3's waiters poll them, and a slow store must not stall the data plane.
     async def describe_model(self, name: str) -> ModelSpec:
         model = await asyncio.to_thread(self.store.get_model, name)
         if model is None:
@@ -83,32 +89,38 @@ class ControlPlane:
 
     async def delete_model(self, name: str) -> None:
         await self.describe_model(name)
-        in_service = {e.endpoint_config_name for e in self.store.list_endpoints()}
-        users = [c.endpoint_config_name for c in self.store.list_endpoint_configs()
-                 if c.endpoint_config_name in in_service and any(v.model_name == name for v in c.production_variants)]
+        users = await asyncio.to_thread(self._configs_in_service_using, name)
         if users:
             raise ResourceInUse(f"model {name!r} is used by endpoint configs in service: {', '.join(users)}")
-        self.store.delete_model(name)
+        await asyncio.to_thread(self.store.delete_model, name)
+
+    def _configs_in_service_using(self, model_name: str) -> list[str]:
+        in_service = {e.endpoint_config_name for e in self.store.list_endpoints()}
+        return [c.endpoint_config_name for c in self.store.list_endpoint_configs()
+                if c.endpoint_config_name in in_service and any(v.model_name == model_name for v in c.production_variants)]
 
     # -- endpoint configs -----------------------------------------------------------------------------------
     async def create_endpoint_config(self, spec: EndpointConfigSpec) -> EndpointConfigSpec:
-        missing = [v.model_name for v in spec.production_variants if self.store.get_model(v.model_name) is None]
+        models = await asyncio.to_thread(self._models_of, spec)
+        missing = [name for name, model in models.items() if model is None]
         if missing:
             raise ResourceInvalid(f"Could not find model(s) {', '.join(map(repr, missing))}: create them first")
-        await self._refuse_oversized(spec)
+        await self._refuse_oversized(spec, models)
         try:
-            self.store.add_endpoint_config(spec)
+            await asyncio.to_thread(self.store.add_endpoint_config, spec)
         except AlreadyExists:
             name = arn("endpoint-config", spec.endpoint_config_name)
             raise ResourceExists(f'Cannot create already existing endpoint configuration "{name}".') from None
         return spec
 
-    async def _refuse_oversized(self, spec: EndpointConfigSpec) -> None:
+    def _models_of(self, spec: EndpointConfigSpec) -> dict[str, ModelSpec | None]:
+        return {v.model_name: self.store.get_model(v.model_name) for v in spec.production_variants}
+
+    async def _refuse_oversized(self, spec: EndpointConfigSpec, models: dict[str, ModelSpec | None]) -> None:
         """A serverless variant whose model cannot fit in its MemorySizeInMB is refused now, with the figures, on
         every path (boto3, the config file, the CLI), rather than failing when its instance loads."""
         if not any(v.serverless_config for v in spec.production_variants):
             return
-        models = {v.model_name: self.store.get_model(v.model_name) for v in spec.production_variants}
         problems = await asyncio.to_thread(serverless_memory_problems, spec, models)
         if problems:
             raise ResourceInvalid("; ".join(
@@ -128,21 +140,22 @@ class ControlPlane:
     async def delete_endpoint_config(self, name: str) -> None:
         await self.describe_endpoint_config(name)
         # SageMaker lets a config be deleted under a running endpoint; the endpoint keeps a copy (EndpointRecord).
-        self.store.delete_endpoint_config(name)
+        await asyncio.to_thread(self.store.delete_endpoint_config, name)
 
     # -- endpoints ------------------------------------------------------------------------------------------
     async def create_endpoint(self, name: str, config_name: str) -> EndpointRecord:
+        """Record the endpoint `Creating` and answer; its instances start in the background (`_start`)."""
         config = await self.describe_endpoint_config(config_name)
-        plans = self.plans(config)
+        plans = await asyncio.to_thread(self.plans, config)
         record = EndpointRecord(
             endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans),
             async_inference_config=config.async_inference_config, endpoint_config=config,
         )
         try:
-            self.store.add_endpoint(record)
+            await self.records.add(record)
         except AlreadyExists:
             raise ResourceExists(f'Cannot create already existing endpoint "{arn("endpoint", name)}".') from None
-        await self._start(record, plans)
+        self._start(record, plans)
         return record
 
     async def describe_endpoint(self, name: str) -> EndpointRecord:
@@ -174,20 +187,24 @@ class ControlPlane:
         return await self.deployer.change_weights_and_capacities(name, desired)
 
     async def delete_endpoint(self, name: str) -> None:
-        record = await self.describe_endpoint(name)
+        """Also while it is `Creating`: its start is cancelled, and the instances it started are stopped."""
+        await self.describe_endpoint(name)
+        await self._cancel_start(name)
         await self.deployer.cancel(name)
-        record.endpoint_status = EndpointStatus.DELETING
-        self.store.save_endpoint(record)
+        async with self.records.change(name) as record:
+            if record is None:
+                return  # another deletion was quicker
+            record.endpoint_status = EndpointStatus.DELETING
+            await self.records.save(record)
         await self.fleet.remove(name)
-        self.store.delete_endpoint(name)
-        self.store.delete_scaling_targets(name)
+        await self.records.delete(name)
 
     async def declare(self, name: str, model_uri: str, instances: int = 1, variant: str = "AllTraffic") -> None:
         """Make endpoint `name` serve `model_uri` on `instances` instances, through a model and config of the same
         name: kept if the store already says so (a restart), replaced if it says something else."""
-        model = self.store.get_model(name)
-        config = self.store.get_endpoint_config(name)
-        record = self.store.get_endpoint(name)
+        model = await asyncio.to_thread(self.store.get_model, name)
+        config = await asyncio.to_thread(self.store.get_endpoint_config, name)
+        record = await self.records.get(name)
         wanted = [(variant, name, instances)]
         if (
             record is not None and record.endpoint_status is not EndpointStatus.FAILED
@@ -197,11 +214,11 @@ class ControlPlane:
         ):
             return
         if record is not None:
+            await self._cancel_start(name)
             await self.fleet.remove(name)
-            self.store.delete_endpoint(name)
-            self.store.delete_scaling_targets(name)
-        self.store.delete_endpoint_config(name)
-        self.store.delete_model(name)
+            await self.records.delete(name)
+        await asyncio.to_thread(self.store.delete_endpoint_config, name)
+        await asyncio.to_thread(self.store.delete_model, name)
         await self.create_model(ModelSpec(model_name=name, primary_container=ContainerSpec(model_data_url=model_uri)))
         await self.create_endpoint_config(EndpointConfigSpec(
             endpoint_config_name=name,
@@ -211,12 +228,14 @@ class ControlPlane:
 
     # -- reconciling ----------------------------------------------------------------------------------------
     async def restore(self) -> None:
-        """Bring back every stored endpoint (after a restart); finish deletions that were under way."""
-        for record in self.store.list_endpoints():
+        """Bring back every stored endpoint (after a restart), each started in its own background task; finish
+        deletions that were under way."""
+        for record in await asyncio.to_thread(self.store.list_endpoints):
+            name = record.endpoint_name
             if record.endpoint_status is EndpointStatus.DELETING:
-                self.store.delete_endpoint(record.endpoint_name)
+                await self.records.delete(name)
                 continue
-            if record.endpoint_status is EndpointStatus.FAILED or record.endpoint_name in self.fleet.endpoints:
+            if record.endpoint_status is EndpointStatus.FAILED or name in self.fleet.endpoints or name in self._starting:
                 continue
             if record.endpoint_status in (EndpointStatus.UPDATING, EndpointStatus.ROLLING_BACK):
                 # An update cut short by the restart: the endpoint comes back on the config it had.
@@ -227,20 +246,20 @@ class ControlPlane:
                     if pending else record.failure_reason
                 )
                 record.pending_deployment_summary = None
-                self.store.save_endpoint(record)
-            config = record.endpoint_config or self.store.get_endpoint_config(record.endpoint_config_name)
+                await self.records.save(record)
+            config = record.endpoint_config or await asyncio.to_thread(self.store.get_endpoint_config, record.endpoint_config_name)
             try:
-                plans = self.plans(config, record) if config else None
+                plans = await asyncio.to_thread(self.plans, config, record) if config else None
             except ResourceInvalid as exc:
                 plans, reason = None, exc.message
             else:
                 reason = f"its endpoint config {record.endpoint_config_name!r} no longer exists"
             if plans is None:
-                self._fail(record, f"cannot restore the endpoint: {reason}")
+                await self._fail(name, f"cannot restore the endpoint: {reason}")
                 continue
-            log.info("restoring endpoint %s", record.endpoint_name)
-            self._keep_serverless_configs(record, plans)
-            await self._start(record, plans)
+            log.info("restoring endpoint %s", name)
+            await self._keep_serverless_configs(record, plans)
+            self._start(record, plans)
 
     async def close(self) -> None:
         await self.serverless.close()
@@ -252,7 +271,8 @@ class ControlPlane:
 
     def plans(self, config: EndpointConfigSpec, record: EndpointRecord | None = None) -> list[VariantPlan]:
         """What to run for `config`; with `record`, the weights and instance counts it was changed to since.
-        Public for the deployer, which plans an update's new fleet as creation and restore plan theirs."""
+        Public for the deployer, which plans an update's new fleet as creation and restore plan theirs. It reads the
+        store: call it in a thread."""
         changed = {v.variant_name: v for v in record.production_variants} if record else {}
         plans = []
         for variant in config.production_variants:
@@ -276,7 +296,7 @@ class ControlPlane:
                 serverless_plan(plans[-1], variant.serverless_config)
         return plans
 
-    def _keep_serverless_configs(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
+    async def _keep_serverless_configs(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
         """Endpoints stored before their variant states held serverless configs get them from their plans, so a
         later deletion of the endpoint config does not lose them."""
         configs = {p.name: p.serverless for p in plans if p.serverless is not None}
@@ -284,49 +304,84 @@ class ControlPlane:
         for variant in missing:
             variant.current_serverless_config = variant.desired_serverless_config = configs[variant.variant_name]
         if missing:
-            self.store.save_endpoint(record)
+            await self.records.save(record)
 
-    async def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
-        await self.fleet.deploy_variants(record.endpoint_name, plans, self.start_timeout, record.endpoint_config_name)
-        self._spawn(self._await_service(record.endpoint_name))
+    def _start(self, record: EndpointRecord, plans: list[VariantPlan]) -> None:
+        """Start the endpoint's instances in a task of its own: resolving a remote model is a download, which
+        neither CreateEndpoint nor the restore at start waits for, and one endpoint's does not hold up another's."""
+        name = record.endpoint_name
+        task = self._spawn(self._deploy(name, plans, record.endpoint_config_name))
+        self._starting[name] = task
+        task.add_done_callback(lambda _: self._starting.pop(name, None) if self._starting.get(name) is task else None)
 
-    def _spawn(self, coro) -> None:
+    async def _deploy(self, name: str, plans: list[VariantPlan], config_name: str) -> None:
+        try:
+            await self.fleet.deploy_variants(name, plans, self.start_timeout, config_name)
+        except Exception as exc:  # noqa: BLE001 - the endpoint fails saying why, as one whose instances never load
+            log.exception("endpoint %s: its instances could not be started", name)
+            await self.fleet.remove(name)
+            await self._fail(name, f"its instances could not be started: {type(exc).__name__}: {exc}")
+            return
+        self._spawn(self._await_service(name))
+
+    async def started(self, name: str) -> None:
+        """Wait until the endpoint's background start has put it in the fleet (or failed, or was cancelled)."""
+        task = self._starting.get(name)
+        if task is not None:
+            await asyncio.wait({task})  # not the task's outcome: its failure lands on the endpoint's record
+
+    async def _cancel_start(self, name: str) -> None:
+        """Stop a start still resolving models or starting instances; the caller removes what it started."""
+        task = self._starting.pop(name, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _instance_given_up(self, name: str, reason: str) -> None:
         """An instance the fleet stopped restarting fails its endpoint in service (creation and updates see it
         themselves): a model that keeps crashing should say so, not be restarted forever."""
-        record = self.store.get_endpoint(name)
-        in_service = record is not None and record.endpoint_status is EndpointStatus.IN_SERVICE
-        if in_service and not self.deployer.updating(name):
+        if not self.deployer.updating(name):
             self._spawn(self._fail_in_service(name, reason))
 
     async def _fail_in_service(self, name: str, reason: str) -> None:
+        record = await self.records.get(name)
+        if record is None or record.endpoint_status is not EndpointStatus.IN_SERVICE or self.deployer.updating(name):
+            return
         await self.fleet.remove(name)
-        record = self.store.get_endpoint(name)
-        if record is not None and record.endpoint_status is EndpointStatus.IN_SERVICE:
-            self._fail(record, reason)
+        await self._fail(name, reason, only_if=EndpointStatus.IN_SERVICE)
 
     async def _await_service(self, name: str) -> None:
         failure = await self.fleet.wait_ready(name, self.start_timeout)
-        record = self.store.get_endpoint(name)
-        if record is None or record.endpoint_status is EndpointStatus.DELETING:
-            return
-        if failure:
-            await self.fleet.remove(name)
-            self._fail(record, failure)
-            return
-        if record.endpoint_status is EndpointStatus.CREATING:
-            record.endpoint_status = EndpointStatus.IN_SERVICE
-            self.store.save_endpoint(record)
-            log.info("endpoint %s is InService", name)
+        async with self.records.change(name) as record:
+            if record is None or record.endpoint_status is EndpointStatus.DELETING:
+                return
+            if failure:
+                await self.fleet.remove(name)
+                await self._failed(record, failure)
+                return
+            if record.endpoint_status is EndpointStatus.CREATING:
+                record.endpoint_status = EndpointStatus.IN_SERVICE
+                await self.records.save(record)
+                log.info("endpoint %s is InService", name)
 
-    def _fail(self, record: EndpointRecord, reason: str) -> None:
+    async def _fail(self, name: str, reason: str, only_if: EndpointStatus | None = None) -> None:
+        """Fail the stored endpoint (unless it is gone, being deleted, or no longer `only_if`)."""
+        async with self.records.change(name) as record:
+            if record is None or record.endpoint_status is EndpointStatus.DELETING:
+                return
+            if only_if is None or record.endpoint_status is only_if:
+                await self._failed(record, reason)
+
+    async def _failed(self, record: EndpointRecord, reason: str) -> None:
         record.endpoint_status = EndpointStatus.FAILED
         record.failure_reason = reason
-        self.store.save_endpoint(record)
+        await self.records.save(record)
         log.error("endpoint %s failed: %s", record.endpoint_name, reason)
 
     def _with_live_counts(self, record: EndpointRecord) -> EndpointRecord:
