@@ -116,7 +116,7 @@ class Catalog:
 
     async def _deploy(self, entry: CatalogEntry) -> None:
         name, store = entry.model_id, self.plane.store
-        model = store.get_model(name)
+        model = await asyncio.to_thread(store.get_model, name)  # the store off the loop, as everywhere
         if model is None:
             model = await self.plane.create_model(
                 ModelSpec(model_name=name, primary_container=ContainerSpec(model_data_url=entry.model_data_url))
@@ -126,7 +126,7 @@ class Catalog:
                 f"catalog id {name!r} names {entry.model_data_url}, but a model {name!r} for {model.uri} exists: "
                 f"delete that model (boto3 delete_model) or invoke an endpoint you deploy from it"
             )
-        if store.get_endpoint_config(name) is None:
+        if await asyncio.to_thread(store.get_endpoint_config, name) is None:
             memory = await asyncio.to_thread(
                 serverless_memory_for, entry.model_data_url, model.instance_environment(), os.cpu_count() or 1
             )
@@ -135,6 +135,10 @@ class Catalog:
             await self.plane.create_endpoint_config(EndpointConfigSpec(endpoint_config_name=name, production_variants=[variant]))
         log.info("deploying catalog id %s (%s) as a serverless endpoint on its first invocation", name, entry.model_data_url)
         await self.plane.create_endpoint(name, name)
+        await self.plane.started(name)  # its model resolved and its variant in the fleet (creation answers before)
+        if name not in self.plane.fleet.endpoints:
+            record = await self.plane.describe_endpoint(name)
+            raise CatalogError(f"endpoint {name!r}, deployed from the catalog, failed: {record.failure_reason}")
         # Held here as any cold serverless request is, so the first request already sees the model's facts (a
         # chat is rendered with its template, as later ones are), and concurrent first uses wait on one start.
         await self.plane.serverless.wake(name, self.plane.fleet.get(name).blue.variants[0])
