@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from ..redaction import uvicorn_log_config
 from ..settings import GatewaySettings
 from .app import create_gateway
 
@@ -21,6 +22,7 @@ def run_gateway(settings: GatewaySettings) -> int:
         host=settings.host,
         port=settings.port,
         log_level="info",
+        log_config=uvicorn_log_config(),
         timeout_graceful_shutdown=5,
         ws_ping_interval=20,
         # Above our own limit, so an oversized WebSocket message gets our error frame rather than a closed socket.

@@ -9,6 +9,7 @@ import uvicorn
 from uvicorn.config import HTTP_PROTOCOLS, LIFESPAN, LOOP_FACTORIES, WS_PROTOCOLS
 from uvicorn.importer import import_from_string
 
+from ..redaction import uvicorn_log_config
 from ..runtimes import Prepared
 from ..settings import InstanceSettings
 from .app import create_app
@@ -31,7 +32,7 @@ def run_instance(settings: InstanceSettings, prepared: Prepared | None = None) -
     app = create_app(settings, on_load_failure=on_load_failure, prepared=prepared)
     # The stream channel (channel.py): its messages are tokens, not worth deflating; the peer is the gateway.
     options = dict(
-        log_level="info", timeout_graceful_shutdown=5, access_log=settings.access_log,
+        log_level="info", log_config=uvicorn_log_config(), timeout_graceful_shutdown=5, access_log=settings.access_log,
         ws_max_size=MAX_MESSAGE_BYTES, ws_per_message_deflate=False,
     )
     if settings.socket:
