@@ -66,15 +66,34 @@ def model_fn(model_dir):
     raise RuntimeError("no weights in this folder")
 '''
 
+# Loads once the test creates the file RELEASE names (bounded): an instance that is not ready for as long as the test
+# needs, as one that loads a large model or replaces one that died.
+LOADS_WHEN_RELEASED = '''
+import json, os, time
+
+RELEASE = RELEASE_PATH
+
+def model_fn(model_dir):
+    deadline = time.monotonic() + 120
+    while not os.path.exists(RELEASE) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return None
+
+def transform_fn(model, body, content_type, accept):
+    return json.dumps({"loaded": True}), "application/json"
+'''
+
 FAIL_WITHIN_S = 120  # three crashes with their restart backoffs (1 s, then 2 s) take some 15 s here
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("handlers")
+    release = repr(str(root / "released"))
     for name, script in (("steady", STEADY), ("segfaults", SEGFAULTS_AT_LOAD),
                          ("segfaults-later", SEGFAULTS_ON_SECOND_REQUEST),
-                         ("segfaults-always", SEGFAULTS_ON_EVERY_REQUEST), ("exits", EXITS_AT_LOAD)):
+                         ("segfaults-always", SEGFAULTS_ON_EVERY_REQUEST), ("exits", EXITS_AT_LOAD),
+                         ("loads-when-released", LOADS_WHEN_RELEASED.replace("RELEASE_PATH", release))):
         handler_folder(root, name, script)
     return root
 
@@ -193,3 +212,17 @@ def test_a_model_that_exits_while_loading_fails_at_once_with_its_exit_status(gat
     assert "exited with exit status 1 while loading its model" in reason, reason
     assert "no weights in this folder" in reason  # the model's own error, from the instance's log
     assert time.monotonic() - started < 30  # no restarts: an error the model reports is no crash to retry
+
+
+def test_an_endpoint_whose_instance_is_not_ready_yet_answers_503_with_retry_after(gateway, sagemaker, models):
+    deploy(sagemaker, "loads-when-released", str(models / "loads-when-released"))
+    with gateway.http(timeout=30) as http:
+        for path, body in (("/endpoints/loads-when-released/invocations", [1]),
+                           ("/v1/completions", {"model": "loads-when-released", "prompt": "Hello"})):
+            answer = http.post(path, json=body)
+            assert answer.status_code == 503, answer.text
+            assert answer.headers["Retry-After"] == "1"  # backpressure to wait out, as the client retries
+            assert "has no ready instance yet" in answer.text
+    (models / "released").touch()
+    wait_in_service(sagemaker, "loads-when-released")
+    assert echo(runtime(gateway), "loads-when-released") == {"loaded": True}

@@ -59,6 +59,13 @@ class Unavailable(GatewayError):
     status, kind = 503, "unavailable"
 
 
+class NoReadyInstance(Unavailable):
+    """No instance of the endpoint is ready now: its model loads, or one that died is being replaced (a restarted
+    gateway's, for seconds). Retry-After tells clients it is backpressure to wait out, not a failure."""
+
+    retry_after = 1
+
+
 class ModelFailed(GatewayError):
     """The instance answered an error of its own (SageMaker's ModelError carries its status and message)."""
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import httpx
 
 from ..errors import (
-    BadRequest, GatewayError, ModelFailed, ModelTimedOut, NotFound, PayloadTooLarge, Throttled, Unavailable,
+    BadRequest, GatewayError, ModelFailed, ModelTimedOut, NoReadyInstance, NotFound, PayloadTooLarge, Throttled,
     Unprocessable, UnsupportedMediaType, from_instance,
 )
 from ..instance.contract import ASYNC_INVOCATION_HEADER
@@ -113,7 +113,9 @@ class Router:
             # Serverless, or scaled to zero (target tracking with MinCapacity 0): the request starts an instance.
             if (variant.serverless is not None or not variant.instances) and self.serverless is not None:
                 raise Cold(deployment, variant)
-            raise Unavailable(f"endpoint {invocation.endpoint!r} has no ready instance yet (its model may still be loading)")
+            raise NoReadyInstance(
+                f"endpoint {invocation.endpoint!r} has no ready instance yet (its model may still be loading)"
+            )
         return Route(deployment, variant, instance)
 
     async def _resolve(self, invocation: Invocation) -> Route:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ... import __version__
 from ...control.endpoints import DEFAULT_ENDPOINT
 from ...engine.params import MAX_STOP_SEQUENCES
-from ...errors import GatewayError, Unavailable, Unprocessable
+from ...errors import GatewayError, NoReadyInstance, Unprocessable
 from .. import framing
 from ..disconnect import unless_disconnected
 from ..errors import error_format
@@ -339,7 +339,9 @@ async def generate_stream(request: Request, hub: Services = Depends(services)):
 async def info(hub: Services = Depends(services)):
     facts = hub.textgen.facts(DEFAULT_ENDPOINT)
     if not facts:
-        raise Unavailable(f"endpoint {DEFAULT_ENDPOINT!r} has no ready instance yet (its model may still be loading)")
+        raise NoReadyInstance(
+            f"endpoint {DEFAULT_ENDPOINT!r} has no ready instance yet (its model may still be loading)"
+        )
     hub.textgen.require_text_generation(DEFAULT_ENDPOINT)
     instances = sum(len(v.ready_instances()) for v in hub.fleet.get(DEFAULT_ENDPOINT).variants)
     context = facts["context_length"]
