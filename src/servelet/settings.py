@@ -206,6 +206,10 @@ class GatewaySettings(BaseSettings):
     websocket_connections_per_client: int = Field(
         64, ge=1, description="WebSocket connections open at once from one client address; past it, 429 at the upgrade.",
     )
+    http_connections_per_client: int = Field(
+        256, ge=1, description="HTTP connections open at once from one client address, loopback included; each "
+        "request on one past it answers 429 with Retry-After.",
+    )
     keepalive_seconds: float = Field(15.0, gt=0, description="Silence after which a stream sends a keep-alive.")
     invocation_timeout: float = Field(
         600.0, gt=0, description="Seconds an instance may take to answer an invocation (a stream: to start answering)."

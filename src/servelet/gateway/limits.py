@@ -1,4 +1,4 @@
-"""Limits on what one client may hold of the gateway: the size of a request's headers and the WebSocket
+"""Limits on what one client may hold of the gateway: the size of a request's headers, and the HTTP and WebSocket
 connections open from one address. Each refusal names its limit and the setting that changes it."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 HEADER_SETTING = "SERVELET_MAX_HEADER_BYTES"
 CONNECTIONS_SETTING = "SERVELET_WEBSOCKET_CONNECTIONS_PER_CLIENT"
+HTTP_CONNECTIONS_SETTING = "SERVELET_HTTP_CONNECTIONS_PER_CLIENT"
+TOO_MANY_REQUESTS = 429
 REQUEST_HEADER_FIELDS_TOO_LARGE = 431
 
 
@@ -73,3 +75,68 @@ class ConnectionsPerClient:
             f"{client} already has {self.open[client]} WebSocket connections open, the limit per client "
             f"({CONNECTIONS_SETTING}={self.limit}); close one or retry later"
         )
+
+
+def connections_per_client_protocol(limit: int) -> type:
+    """uvicorn's HTTP protocol (`http=`) counting the connections open from each client address. A connection past
+    `limit` is still accepted (closing it unanswered would look like a network fault), but each request on it is
+    answered 429 with Retry-After and the connection closed; uvicorn's own `limit_concurrency` does the same for all
+    clients together. A connection upgraded to a WebSocket stops counting here (CONNECTIONS_SETTING bounds those).
+    Unix-socket connections have no address and are not counted."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    open_from: Counter[str] = Counter()
+
+    class ConnectionsPerClientProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        counted: str | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            if not self.client:
+                return
+            host = self.client[0]
+            if open_from[host] >= limit:
+                self.app = refuse_connection(
+                    f"{host} already has {open_from[host]} HTTP connections open, the limit per client "
+                    f"({HTTP_CONNECTIONS_SETTING}={limit}); reuse a connection (keep-alive) or retry later"
+                )
+                return
+            open_from[host] += 1
+            self.counted = host
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.release()
+            super().connection_lost(exc)
+
+        def handle_websocket_upgrade(self, *event) -> None:
+            self.release()
+            super().handle_websocket_upgrade(*event)
+
+        def release(self) -> None:
+            if self.counted is not None:
+                open_from[self.counted] -= 1
+                if open_from[self.counted] <= 0:
+                    del open_from[self.counted]
+                self.counted = None
+
+    return ConnectionsPerClientProtocol
+
+
+def refuse_connection(message: str) -> ASGIApp:
+    """What answers each request on a connection past the limit: 429, as boto3's ThrottlingException (it backs off)."""
+    body = json.dumps({"code": TOO_MANY_REQUESTS, "error_type": "too_many_connections", "error": message}).encode()
+
+    async def refuse(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return  # lifespan runs on the server's own app, never here
+        await send({
+            "type": "http.response.start",
+            "status": TOO_MANY_REQUESTS,
+            "headers": [
+                (b"content-type", b"application/json"), (b"retry-after", b"1"),
+                (b"x-amzn-errortype", b"ThrottlingException"), (b"connection", b"close"),
+            ],
+        })
+        await send({"type": "http.response.body", "body": body})
+
+    return refuse

@@ -9,6 +9,7 @@ import uvicorn
 from ..redaction import uvicorn_log_config
 from ..settings import GatewaySettings
 from .app import create_gateway
+from .limits import connections_per_client_protocol
 
 log = logging.getLogger("servelet.gateway")
 
@@ -27,6 +28,7 @@ def run_gateway(settings: GatewaySettings) -> int:
         ws_ping_interval=20,
         # Above our own limit, so an oversized WebSocket message gets our error frame rather than a closed socket.
         ws_max_size=settings.max_payload_bytes + 64 * 1024,
+        http=connections_per_client_protocol(settings.http_connections_per_client),
         h11_max_incomplete_event_size=settings.max_header_bytes,  # the h11 parser's bound; HeaderLimit checks any parser
     )
     return 0
