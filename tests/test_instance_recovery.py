@@ -77,6 +77,8 @@ def test_a_killed_instance_fails_only_its_in_flight_requests_and_is_replaced(tmp
             assert "token" in events[0] and "error" in events[-1] and "mid-stream" in events[-1]["error"]
             replaced = lambda: instance_pids(gateway.process.pid) not in ([], [pid]) and ready(http)  # noqa: E731
             assert wait_for(replaced, 120), gateway.log()[-3000:]
+            # Its stream had tokens: it served, so its death does not count toward failing the endpoint.
+            assert "killed by SIGKILL (Killed) after serving requests" in gateway.log(), gateway.log()[-3000:]
             answer = http.post("/invocations", json=SHORT)
             assert answer.status_code == 200 and answer.json()["generated_text"]
             events = stream_events(http, SHORT)  # a channel to the new instance

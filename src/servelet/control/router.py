@@ -223,7 +223,9 @@ def _instance_failed(instance: Instance, exc: Exception, when: str = "while answ
 async def _chunks(response: QueuedAnswer, instance: Instance) -> AsyncIterator[bytes]:
     try:
         async for chunk in response.aiter_raw():
+            # Its 200 comes before the model has run, its first chunk after: a process killed later, mid-stream,
+            # had served (under load a stream may take longer than the process lives), and is no broken build.
+            instance.served = True
             yield chunk
     except httpx.TransportError as exc:
         raise _instance_failed(instance, exc, "mid-stream") from None
-    instance.served = True  # a stream served is one that ended: its 200 comes before the model has run
