@@ -10,8 +10,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__
+from .. import __version__, heap
 from ..config import apply_config, load_config
 from ..control.async_queue import JobQueue
 from ..control.async_worker import AsyncWorker, async_endpoints
@@ -25,12 +26,14 @@ from ..control.snapshots import Snapshots
 from ..control.store import Store
 from ..control.transform_runner import TransformRunner
 from ..control.usage import CostMeter
-from ..errors import GatewayError, Unprocessable
+from ..errors import GatewayError, MethodNotAllowed, NotFound, Unprocessable
 from ..settings import GatewaySettings, database_url
 from . import metrics
 from .api import autoscaling
 from .api import sagemaker_transform  # noqa: F401 - registers the batch transform operations
 from .api import openai, qa, sagemaker, sagemaker_async, sagemaker_control, tgi, websocket
+from .auth.errors import render_refusal
+from .auth.rules import need_for
 from .auth.setup import guard
 from .disconnect import ClientGone
 from .errors import describe_validation, render
@@ -108,6 +111,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
             fleet.snapshots.start()
         meter.start()
         async_worker.start()
+        heap.settle()
         yield
         await async_worker.close()  # first: its jobs in progress go back to the queue for the next start
         await plane.transforms.close()  # its jobs stay InProgress: the next start resumes them
@@ -131,6 +135,22 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     @app.exception_handler(RequestValidationError)
     async def _invalid_request(request: Request, exc: RequestValidationError):
         return render(request, Unprocessable(describe_validation(exc)))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _no_route(request: Request, exc: StarletteHTTPException):
+        # Routing's own 404 and 405 come before any router names its family: the path names it, as for auth.
+        family = need_for(request.method, request.url.path, request.headers, request.query_params).family
+        if exc.status_code == 405:
+            error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}: it takes "
+                                     f"{(exc.headers or {}).get('Allow', 'other methods')}")
+        elif exc.status_code == 404:
+            error = NotFound(f"no route {request.method} {request.url.path}; the routes are listed at /docs")
+        else:
+            error = GatewayError(str(exc.detail))
+            error.status = exc.status_code
+        response = render_refusal(request, family, error)
+        response.headers.update(exc.headers or {})
+        return response
 
     @app.exception_handler(ClientGone)
     async def _client_gone(_request: Request, _exc: ClientGone):

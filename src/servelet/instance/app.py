@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse
 
-from .. import __version__
+from .. import __version__, heap
 from ..engine import EngineError
 from ..redaction import redact
 from ..runtimes import Call, InvocationError, Prepared, Runtime, load_runtime
@@ -41,6 +41,7 @@ def create_app(settings: InstanceSettings, on_load_failure=None, prepared: Prepa
     async def load_in_background() -> None:
         try:
             state.runtime = await asyncio.to_thread(load_runtime, settings, prepared)
+            heap.settle()
             log.info("model %s loaded by the %s runtime; instance ready", settings.model, state.runtime.name)
         except Exception as exc:
             state.failure = redact(f"{type(exc).__name__}: {exc}")

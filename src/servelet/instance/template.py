@@ -32,6 +32,7 @@ import traceback
 from pathlib import Path
 from typing import NoReturn
 
+from .. import heap
 from ..runtimes import NotSnapshottable, Prepared, prepare_runtime
 from ..settings import InstanceSettings, load_instance_settings
 from .server import preload_web_stack, run_instance  # the instance's web stack: imported here, not per instance
@@ -59,6 +60,7 @@ def run_template(settings: InstanceSettings) -> int:
             "thread that calls it", settings.model, len(threads), ", ".join(threads),
         )
         return NOT_SNAPSHOTTABLE_EXIT
+    heap.settle()  # before any fork: the children share the template's frozen pages, and never walk them
     listener = listen(settings.socket)
     what = "its runtime imported" if prepared.state is None else "its model loaded and its context open"
     log.info("template of %s ready in %.2f s (%s runtime, %s)", settings.model, time.perf_counter() - started,
