@@ -130,10 +130,20 @@ class Autoscaler(ControlLoop):
         self._samples: dict[tuple[str, str], deque[tuple[float, float]]] = {}
         self._last_out: dict[tuple[str, str], float] = {}
         self._last_any: dict[tuple[str, str], float] = {}
+        # Each change of a target (read, change, save) runs in a thread, so that a slow store stalls no stream; one
+        # at a time, so that a policy put and a scaling event kept at once do not lose one another.
+        self._changing = asyncio.Lock()
+
+    async def _change(self, change: Callable, *args):
+        async with self._changing:
+            return await asyncio.to_thread(change, *args)
 
     # -- registration ------------------------------------------------------------------------------------------
     async def register_target(self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None) -> ScalableTarget:
         """RegisterScalableTarget: new, or new bounds for one already registered (a bound not given is kept)."""
+        return await self._change(self._register, endpoint, variant, min_capacity, max_capacity)
+
+    def _register(self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None) -> ScalableTarget:
         record = self.store.get_endpoint(endpoint)
         if record is None:
             raise ResourceInvalid(f'Could not find endpoint "{arn("endpoint", endpoint)}": create it before registering it for autoscaling')
@@ -156,7 +166,10 @@ class Autoscaler(ControlLoop):
 
     async def put_policy(self, endpoint: str, variant: str, policy: ScalingPolicy) -> ScalableTarget:
         """PutScalingPolicy: one target-tracking policy per variant; the same name replaces it."""
-        target = self.target(endpoint, variant)
+        return await self._change(self._put_policy, endpoint, variant, policy)
+
+    def _put_policy(self, endpoint: str, variant: str, policy: ScalingPolicy) -> ScalableTarget:
+        target = self._target(endpoint, variant)
         if target.policy is not None and target.policy.policy_name != policy.policy_name:
             raise ResourceInvalid(
                 f"{target.resource_id} already has the scaling policy {target.policy.policy_name!r}; servelet tracks one "
@@ -170,6 +183,9 @@ class Autoscaler(ControlLoop):
         return target
 
     async def delete_policy(self, endpoint: str, variant: str, policy_name: str) -> None:
+        await self._change(self._delete_policy, endpoint, variant, policy_name)
+
+    def _delete_policy(self, endpoint: str, variant: str, policy_name: str) -> None:
         target = self.store.get_scaling_target(resource_id(endpoint, variant))
         if target is None or target.policy is None or target.policy.policy_name != policy_name:
             raise ResourceMissing(f"No scaling policy found for service namespace: sagemaker, resource ID: "
@@ -179,20 +195,20 @@ class Autoscaler(ControlLoop):
 
     async def deregister(self, endpoint: str, variant: str) -> None:
         """DeregisterScalableTarget: the target and its policy go; the instances stay as they are."""
-        if not self.store.delete_scaling_target(resource_id(endpoint, variant)):
+        if not await self._change(self.store.delete_scaling_target, resource_id(endpoint, variant)):
             raise ResourceMissing(f"No scalable target found for service namespace: sagemaker, resource ID: "
                                   f"{resource_id(endpoint, variant)}, scalable dimension: {DIMENSION}")
 
-    def target(self, endpoint: str, variant: str) -> ScalableTarget:
+    def _target(self, endpoint: str, variant: str) -> ScalableTarget:
         target = self.store.get_scaling_target(resource_id(endpoint, variant))
         if target is None:
             raise ResourceMissing(f"No scalable target registered for service namespace: sagemaker, resource ID: "
                                   f"{resource_id(endpoint, variant)}, scalable dimension: {DIMENSION}; register it first")
         return target
 
-    def events(self, endpoint: str, last: int = 10) -> list[ScalingEvent]:
+    async def events(self, endpoint: str, last: int = 10) -> list[ScalingEvent]:
         """The endpoint's last scaling events, over all its variants, oldest first."""
-        events = [e for t in self.store.list_scaling_targets(endpoint) for e in t.events]
+        events = [e for t in await asyncio.to_thread(self.store.list_scaling_targets, endpoint) for e in t.events]
         return sorted(events, key=lambda e: e.time)[-last:]
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -311,7 +327,7 @@ class Autoscaler(ControlLoop):
                  target.endpoint_name, target.variant_name, direction, current, desired, reason)
         if status == "Successful":
             self.report.scaled(target.endpoint_name, target.variant_name, direction)
-        await asyncio.to_thread(self._keep_event, target.resource_id, event)
+        await self._change(self._keep_event, target.resource_id, event)
 
     def _keep_event(self, target_id: str, event: ScalingEvent) -> None:
         stored = self.store.get_scaling_target(target_id)  # as it is now: an API call may have changed it

@@ -95,6 +95,7 @@ class TransformRunner:
         self.tasks: dict[str, asyncio.Task] = {}
         self._stop_asked: set[str] = set()
         self._ended: set[str] = set()  # jobs this runner ended
+        self._saving: dict[str, asyncio.Lock] = {}  # per job: its saves land in the order they were made
 
     def start(self, spec: TransformJobSpec) -> None:
         name = spec.transform_job_name
@@ -103,18 +104,18 @@ class TransformRunner:
             self.tasks[name] = asyncio.create_task(self._run(name))
             self.tasks[name].add_done_callback(lambda _: self.tasks.pop(name, None))
 
-    def stop(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         self._stop_asked.add(name)
         if (task := self.tasks.get(name)) is not None:
             task.cancel()
         else:
-            self._set_status(name, TransformJobStatus.STOPPED)
+            await self._set_status(name, TransformJobStatus.STOPPED)
 
     async def resume(self) -> None:
         """At the gateway's start: jobs a stopped gateway left running go on; those it was stopping stop."""
         for spec in await asyncio.to_thread(self.store.list_transform_jobs):
             if spec.transform_job_status == TransformJobStatus.STOPPING:
-                self._set_status(spec.transform_job_name, TransformJobStatus.STOPPED)
+                await self._set_status(spec.transform_job_name, TransformJobStatus.STOPPED)
             elif spec.transform_job_status == TransformJobStatus.IN_PROGRESS:
                 log.info("transform job %s: resuming", spec.transform_job_name)
                 self.start(spec)
@@ -128,18 +129,18 @@ class TransformRunner:
 
     # -- one job ---------------------------------------------------------------------------------------------
     async def _run(self, name: str) -> None:
-        spec = self.store.get_transform_job(name)
+        spec = await asyncio.to_thread(self.store.get_transform_job, name)
         endpoint = f"transform-job-{name}"
         try:
             plan = JobPlan.of(spec)
-            model = self.store.get_model(spec.model_name)
+            model = await asyncio.to_thread(self.store.get_model, spec.model_name)
             if model is None:
                 raise RecordsFailed(f"the model {spec.model_name!r} no longer exists")
             if spec.transform_start_time is None:
                 spec.transform_start_time = now()
             inputs = await list_inputs(plan.data_source)
             spec.files_total = len(inputs)
-            self.store.save_transform_job(spec)
+            await self._save(spec)
             env = model.instance_environment() | (spec.environment or {})
             await self.fleet.deploy_variants(
                 endpoint, [VariantPlan("AllTraffic", model.uri, plan.instances, env=env)], self.instance_start_timeout,
@@ -152,20 +153,20 @@ class TransformRunner:
                     continue  # assembled before a crash
                 await self._transform_file(plan, spec, index, source, endpoint)
                 spec.files_done = index + 1
-                self.store.save_transform_job(spec)
+                await self._save(spec)
             failed_all = spec.records_failed and not spec.records_done
-            self._end(spec, TransformJobStatus.FAILED if failed_all else TransformJobStatus.COMPLETED,
+            await self._end(spec, TransformJobStatus.FAILED if failed_all else TransformJobStatus.COMPLETED,
                       "every record failed: see RecordFailures" if failed_all else None)
         except asyncio.CancelledError:
             if name in self._stop_asked:
                 self._stop_asked.discard(name)
-                self._end(self.store.get_transform_job(name), TransformJobStatus.STOPPED, None)
+                await self._set_status(name, TransformJobStatus.STOPPED)
             raise
         except (RecordsFailed, objects.ObjectStoreError, FilterError, ValueError) as exc:
-            self._end(self.store.get_transform_job(name), TransformJobStatus.FAILED, str(exc))
+            await self._set_status(name, TransformJobStatus.FAILED, str(exc))
         except Exception as exc:  # noqa: BLE001 - the job fails saying why; the gateway goes on
             log.exception("transform job %s failed", name)
-            self._end(self.store.get_transform_job(name), TransformJobStatus.FAILED, f"{type(exc).__name__}: {exc}")
+            await self._set_status(name, TransformJobStatus.FAILED, f"{type(exc).__name__}: {exc}")
         finally:
             await asyncio.shield(self.fleet.remove(endpoint))
 
@@ -221,10 +222,10 @@ class TransformRunner:
             answer = await self._invoke(plan, endpoint, batch.body)
             output = self._process_outputs(plan, batch, answer, originals)
             await objects.write_bytes(objects.join(plan.parts_prefix(file), _part_name(batch)), output)
-            self._count(spec, done=batch.count)
+            await self._count(spec, done=batch.count)
         except RecordsFailed as exc:
             await objects.write_bytes(objects.join(plan.parts_prefix(file), _part_name(batch)), b"")
-            self._count(spec, failed=batch.count, failure=(file, batch.first, str(exc)))
+            await self._count(spec, failed=batch.count, failure=(file, batch.first, str(exc)))
         finally:
             _forget(originals, batch)
 
@@ -288,7 +289,7 @@ class TransformRunner:
             await objects.delete(part.uri)
 
     # -- the job's record in the store ------------------------------------------------------------------------
-    def _count(self, spec: TransformJobSpec, done: int = 0, failed: int = 0, failure: tuple | None = None) -> None:
+    async def _count(self, spec: TransformJobSpec, done: int = 0, failed: int = 0, failure: tuple | None = None) -> None:
         if spec.transform_job_name in self._ended:
             return  # a straggler of a job that has ended: its record says how it ended
         spec.records_done += done
@@ -300,20 +301,28 @@ class TransformRunner:
                         first, file, reason)
         if spec.transform_job_name in self._stop_asked:
             spec.transform_job_status = TransformJobStatus.STOPPING  # what the API wrote: a batch must not undo it
-        self.store.save_transform_job(spec)
+        await self._save(spec)
 
-    def _end(self, spec: TransformJobSpec | None, status: TransformJobStatus, reason: str | None) -> None:
+    async def _save(self, spec: TransformJobSpec) -> None:
+        """In a thread (a slow store must not stall the streams on the event loop), a copy taken now (the job's
+        batches go on changing `spec` meanwhile), after the job's saves made before it."""
+        snapshot = spec.model_copy(deep=True)
+        async with self._saving.setdefault(spec.transform_job_name, asyncio.Lock()):
+            await asyncio.to_thread(self.store.save_transform_job, snapshot)
+        spec.last_modified_time = snapshot.last_modified_time
+
+    async def _end(self, spec: TransformJobSpec | None, status: TransformJobStatus, reason: str | None) -> None:
         if spec is None:
             return
         self._ended.add(spec.transform_job_name)
         spec.transform_job_status = status
         spec.failure_reason = reason
         spec.transform_end_time = now()
-        self.store.save_transform_job(spec)
+        await self._save(spec)
         log.info("transform job %s: %s%s", spec.transform_job_name, status.value, f" ({reason})" if reason else "")
 
-    def _set_status(self, name: str, status: TransformJobStatus) -> None:
-        self._end(self.store.get_transform_job(name), status, None)
+    async def _set_status(self, name: str, status: TransformJobStatus, reason: str | None = None) -> None:
+        await self._end(await asyncio.to_thread(self.store.get_transform_job, name), status, reason)
 
 
 def _part_name(batch: Batch) -> str:

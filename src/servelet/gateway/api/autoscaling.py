@@ -8,6 +8,7 @@ target-tracking policies on the predefined metrics servelet measures (see `contr
 
 from __future__ import annotations
 
+import asyncio
 from typing import Literal
 
 from pydantic import Field
@@ -100,9 +101,9 @@ def common(target: ScalableTarget) -> dict:
     return {"ServiceNamespace": NAMESPACE, "ResourceId": target.resource_id, "ScalableDimension": DIMENSION}
 
 
-def refuse_serverless(plane: ControlPlane, endpoint: str, variant: str) -> None:
+async def refuse_serverless(plane: ControlPlane, endpoint: str, variant: str) -> None:
     """A serverless variant scales by itself (0 or ProvisionedConcurrency up to MaxConcurrency): no policy applies."""
-    record = plane.store.get_endpoint(endpoint)
+    record = await plane.records.get(endpoint)
     states = record.production_variants if record else []
     serverless = next((v.current_serverless_config for v in states if v.variant_name == variant), None)
     if serverless is not None:
@@ -113,16 +114,18 @@ def refuse_serverless(plane: ControlPlane, endpoint: str, variant: str) -> None:
         )
 
 
-def selected(plane: ControlPlane, args: DescribeInput) -> list[ScalableTarget]:
+async def selected(plane: ControlPlane, args: DescribeInput) -> list[ScalableTarget]:
     wanted = set(args.resource_ids) | ({args.resource_id} if args.resource_id else set())
-    return [t for t in plane.store.list_scaling_targets() if not wanted or t.resource_id in wanted]
+    # The store in a thread, as every control API call: a slow store must not stall the streams on the event loop.
+    targets = await asyncio.to_thread(plane.store.list_scaling_targets)
+    return [t for t in targets if not wanted or t.resource_id in wanted]
 
 
 @register("RegisterScalableTarget", RegisterInput)
 async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
     args = request_input(RegisterInput, body).check()
     endpoint, variant = args.variant()
-    refuse_serverless(plane, endpoint, variant)
+    await refuse_serverless(plane, endpoint, variant)
     problem = target_errors(args.min_capacity, args.max_capacity)
     if problem:
         raise invalid(problem)
@@ -134,7 +137,7 @@ async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
 async def put_scaling_policy(plane: ControlPlane, body: dict) -> dict:
     args = request_input(PutPolicyInput, body).check()
     endpoint, variant = args.variant()
-    refuse_serverless(plane, endpoint, variant)
+    await refuse_serverless(plane, endpoint, variant)
     config = args.target_tracking_scaling_policy_configuration
     if args.policy_type != "TargetTrackingScaling":
         raise invalid(f"PolicyType {args.policy_type!r} is not supported: servelet runs TargetTrackingScaling policies")
@@ -186,7 +189,7 @@ async def describe_scalable_targets(plane: ControlPlane, body: dict) -> dict:
             "MinCapacity": t.min_capacity, "MaxCapacity": t.max_capacity, "CreationTime": epoch(t.creation_time),
             "RoleARN": f"{ACCOUNT}:role/servelet", "ScalableTargetARN": target_arn(t),
         }
-        for t in selected(plane, args)
+        for t in await selected(plane, args)
     ]}
 
 
@@ -208,7 +211,7 @@ def policy_wire(target: ScalableTarget) -> dict:
 async def describe_scaling_policies(plane: ControlPlane, body: dict) -> dict:
     args = request_input(DescribeInput, body).check()
     return {"ScalingPolicies": [
-        policy_wire(t) for t in selected(plane, args)
+        policy_wire(t) for t in await selected(plane, args)
         if t.policy is not None and (not args.policy_names or t.policy.policy_name in args.policy_names)
     ]}
 
@@ -231,7 +234,7 @@ async def deregister_scalable_target(plane: ControlPlane, body: dict) -> dict:
 async def describe_scaling_activities(plane: ControlPlane, body: dict) -> dict:
     args = request_input(DescribeInput, body).check()
     activities = []
-    for target in selected(plane, args):
+    for target in await selected(plane, args):
         for event in target.events:
             direction = "out" if event.to_count > event.from_count else "in"
             activities.append(common(target) | {

@@ -378,7 +378,7 @@ async def describe_endpoint(plane: ControlPlane, body: dict) -> dict:
     events = [
         {"Time": epoch(e.time), "Variant": e.variant, "From": e.from_count, "To": e.to_count, "Reason": e.reason,
          "Status": e.status}
-        for e in plane.autoscaler.events(record.endpoint_name)
+        for e in await plane.autoscaler.events(record.endpoint_name)
     ]
     described = endpoint_wire(record)
     serverless_wire(described.get("ProductionVariants", []))

@@ -7,6 +7,8 @@ sets); the runner reads the inputs, calls the model and keeps the job's status a
 
 from __future__ import annotations
 
+import asyncio
+
 from ... import objects
 from ...control.loader_environment import refuse_loader_environment
 from ...control.plane import ControlPlane
@@ -38,8 +40,8 @@ def missing_job(name: str) -> ResourceMissing:
     return ResourceMissing(f"Could not find requested job with name {name}")
 
 
-def find_job(plane: ControlPlane, name: str) -> TransformJobSpec:
-    job = plane.store.get_transform_job(name)
+async def find_job(plane: ControlPlane, name: str) -> TransformJobSpec:
+    job = await asyncio.to_thread(plane.store.get_transform_job, name)  # the store off the event loop
     if job is None:
         raise missing_job(name)
     return job
@@ -77,7 +79,7 @@ def summary_wire(job: TransformJobSpec) -> dict:
 async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
     refuse_loader_environment({"Environment": body.get("Environment")}, plane.allow_loader_environment)
     job = TransformJobSpec.from_request(body)
-    if plane.store.get_model(job.model_name) is None:
+    if await asyncio.to_thread(plane.store.get_model, job.model_name) is None:
         # SageMaker's words, and a ValidationException (not ResourceNotFound) as SageMaker answers it.
         raise invalid(f'Could not find model "{arn("model", job.model_name)}".')
     for uri in (job.transform_input.data_source.s3_data_source.s3_uri, job.transform_output.s3_output_path):
@@ -87,7 +89,7 @@ async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
             except objects.ObjectStoreError as exc:
                 raise invalid(str(exc)) from None
     try:
-        plane.store.add_transform_job(job)
+        await asyncio.to_thread(plane.store.add_transform_job, job)
     except AlreadyExists:
         raise ResourceInUse(
             "Job name must be unique within an AWS account and region, and a job with this name already exists "
@@ -100,28 +102,28 @@ async def create_transform_job(plane: ControlPlane, body: dict) -> dict:
 
 @operation("DescribeTransformJob", TransformJobNameInput, raises=("ResourceNotFound",))
 async def describe_transform_job(plane: ControlPlane, body: dict) -> dict:
-    return job_wire(find_job(plane, request_input(TransformJobNameInput, body).transform_job_name))
+    return job_wire(await find_job(plane, request_input(TransformJobNameInput, body).transform_job_name))
 
 
 @operation("StopTransformJob", TransformJobNameInput, raises=("ResourceNotFound",))
 async def stop_transform_job(plane: ControlPlane, body: dict) -> dict:
-    job = find_job(plane, request_input(TransformJobNameInput, body).transform_job_name)
+    job = await find_job(plane, request_input(TransformJobNameInput, body).transform_job_name)
     if job.transform_job_status != TransformJobStatus.IN_PROGRESS:
         raise invalid(
             f"The transform job {job.transform_job_name} is {job.transform_job_status.value}: "
             "only a job InProgress can be stopped"
         )
     job.transform_job_status = TransformJobStatus.STOPPING
-    plane.store.save_transform_job(job)
+    await asyncio.to_thread(plane.store.save_transform_job, job)
     if plane.transforms is not None:
-        plane.transforms.stop(job.transform_job_name)
+        await plane.transforms.stop(job.transform_job_name)
     return {}
 
 
 @operation("ListTransformJobs", ListTransformJobsInput)
 async def list_transform_jobs(plane: ControlPlane, body: dict) -> dict:
     args = request_input(ListTransformJobsInput, body)
-    jobs = plane.store.list_transform_jobs(args.name_contains, args.status_equals)
+    jobs = await asyncio.to_thread(plane.store.list_transform_jobs, args.name_contains, args.status_equals)
     if args.sort_by == "Status":
         # `page` sorts by status through the endpoint's field; its Name sort reads any field it is given.
         shown, token = page(jobs, args.model_copy(update={"sort_by": "Name"}), "transform_job_status")
