@@ -25,6 +25,10 @@ class NotFound(GatewayError):
     status, kind = 404, "not_found"
 
 
+class MethodNotAllowed(GatewayError):
+    status, kind = 405, "method_not_allowed"
+
+
 class PayloadTooLarge(GatewayError):
     status, kind = 413, "payload_too_large"
 
