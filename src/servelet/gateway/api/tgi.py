@@ -222,19 +222,20 @@ def final_event(index: int, token: Token, body: TGIRequest, completion: Completi
 
 
 # Each event's `data` is a StreamResponse: documented as FastAPI documents its own SSE routes (`itemSchema`).
-EVENTS = {
-    "itemSchema": {
-        "type": "object",
-        "required": ["data"],
-        "properties": {
-            "data": {
-                "type": "string",
-                "contentMediaType": "application/json",
-                "contentSchema": {"$ref": "#/components/schemas/StreamResponse"},
-            }
-        },
-    }
+# Beside an `itemSchema`, `schema` describes the whole stream as an array of events (OpenAPI 3.2); FastAPI's
+# default for a non-JSON response class, a string, would tell a schema-driven client that no event is valid.
+EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "contentMediaType": "application/json",
+            "contentSchema": {"$ref": "#/components/schemas/StreamResponse"},
+        }
+    },
 }
+EVENTS = {"itemSchema": EVENT, "schema": {"type": "array", "items": EVENT}}
 
 
 class EventStream(framing.ClosingStreamingResponse):
