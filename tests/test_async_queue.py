@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from sqlalchemy import event
 from postgres import new_database
 
 from servelet.control.async_queue import Ending, GroupCommit, Job, JobQueue, JobStatus
@@ -135,3 +136,33 @@ def test_gateways_sharing_the_database_lease_each_job_once(database_url):
         for queue, store in zip(queues, stores):
             queue.close()
             store.close()
+
+
+def test_the_queue_s_frequent_queries_do_not_read_the_ended_jobs(tmp_path):
+    """Ended jobs are kept (their status is asked for) and pile up: a lease, an ending, a backlog count and an expiry
+    pass must cost the same with 100 or 10,000 of them (counted in SQLite VM instructions, not timed)."""
+    store = Store(Store.default_url(tmp_path))
+    queue = JobQueue(store)
+    instructions = []
+
+    @event.listens_for(store.engine, "before_cursor_execute")
+    def count_instructions(connection, *_):
+        connection.connection.driver_connection.set_progress_handler(lambda: instructions.append(1), 100)
+
+    def cost_with_ended(ended: int) -> int:
+        queue.enqueue_many([job(f"{ended}-{i}", float(i)) for i in range(ended)])
+        leased = queue.lease("e", "w", ended, lease_seconds=30)
+        queue.finish_many("w", [Ending(j.inference_id, JobStatus.COMPLETED, notify=False) for j in leased])
+        queue.enqueue_many([job(f"{ended}-waiting-{i}", 1e9 + i) for i in range(32)])
+        instructions.clear()
+        queue.finish_many("w", [Ending(j.inference_id, JobStatus.COMPLETED, notify=False)
+                                for j in queue.lease("e", "w", 32, lease_seconds=30)])
+        queue.backlog("e")
+        queue.expire()
+        queue.unnotified()
+        return len(instructions)
+
+    few, many = cost_with_ended(100), cost_with_ended(10_000)
+    queue.close()
+    store.close()
+    assert many < 2 * few, f"{few} hundred instructions with 100 ended jobs, {many} with 10,100"
