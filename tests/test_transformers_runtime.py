@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from importlib import import_module
 from pathlib import Path
 
@@ -391,4 +392,36 @@ def test_generations_queue_one_at_a_time_up_to_max_waiting(folders):
         assert wait_for(lambda: engine.occupancy()["running"] + engine.occupancy()["waiting"] == 0, 10)
         assert 40 < engine.occupancy()["tokens_generated"] < 100  # the first stopped early
     finally:
+        served.close()
+
+
+def test_a_question_whose_client_leaves_while_it_waits_never_runs_and_is_counted(folders):
+    """QA, embeddings and classification run one request at a time; one whose client leaves while it waits is
+    dropped (and counted as cancelled: servelet_cancelled_requests_total), not run for nobody."""
+    from servelet.runtimes.base import Call, InvocationError
+
+    served = runtime_for(folders["qa"], InstanceSettings(threads=1))
+    question, context = QUESTIONS[0]
+    body = json.dumps({"inputs": {"question": question, "context": context}}).encode()
+    running = threading.Event()
+
+    async def gone() -> bool:
+        return True
+
+    async def story():
+        served._worker.submit(running.wait, 30)  # the worker is busy with an earlier request
+        with pytest.raises(InvocationError) as left:
+            await served.invoke(Call(body=body, is_disconnected=gone))
+        await asyncio.sleep(0.1)  # the worker's release of the dropped request reaches the loop
+        return left.value, served.occupancy()
+
+    try:
+        refused, occupancy = asyncio.run(story())
+        assert refused.status == 499 and occupancy["cancelled"] == 1
+        assert occupancy["running"] + occupancy["waiting"] == 0  # it holds no place in the queue
+        running.set()
+        answer = asyncio.run(served.invoke(Call(body=body)))  # the next request runs as usual
+        assert "answer" in json.loads(answer.body) and served.occupancy()["cancelled"] == 1
+    finally:
+        running.set()
         served.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import ClassVar, TypeVar
 
@@ -57,10 +58,13 @@ async def _never() -> bool:
 
 DISCONNECT_POLL_SECONDS = 0.25
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 class ClientGone(Exception):
     """The client disconnected before the answer was ready; nobody is left to answer."""
+
+    freed = False  # whether the work it asked for was stopped before it ran (run_in_worker sets it)
 
 
 async def unless_disconnected(client, work: Awaitable[T]) -> T:
@@ -77,6 +81,20 @@ async def unless_disconnected(client, work: Awaitable[T]) -> T:
     finally:
         if not task.done():
             task.cancel()
+
+
+async def run_in_worker(pool: Executor, call, fn: Callable[[A], T], arg: A, on_done: Callable[[], None]) -> T:
+    """`fn(arg)` on one of `pool`'s threads, the event loop free meanwhile; `on_done` runs on the loop once the thread
+    is done with it. A client that leaves first raises ClientGone, whose `freed` says whether the work still waited
+    (it never runs) or already ran (a thread cannot be stopped: it runs to its end, and holds its place until then)."""
+    loop = asyncio.get_running_loop()
+    work = pool.submit(fn, arg)
+    work.add_done_callback(lambda _: loop.call_soon_threadsafe(on_done))
+    try:
+        return await unless_disconnected(call, asyncio.wrap_future(work))
+    except ClientGone as gone:
+        gone.freed = work.cancel()
+        raise
 
 
 class Runtime(ABC):

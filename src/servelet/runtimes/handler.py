@@ -8,7 +8,6 @@ accept)` when the script defines it. What the script leaves out gets the toolkit
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import hashlib
 import importlib.util
@@ -25,7 +24,7 @@ from starlette.responses import Response
 from ..settings import InstanceSettings
 from . import HANDLER_SCRIPTS
 from . import codecs
-from .base import Call, ClientGone, InvocationError, Runtime, unless_disconnected
+from .base import Call, ClientGone, InvocationError, Runtime, run_in_worker
 
 log = logging.getLogger("servelet.handler")
 
@@ -55,6 +54,7 @@ class HandlerRuntime(Runtime):
         self.max_waiting = settings.max_waiting
         self.pool = ThreadPoolExecutor(self.workers, thread_name_prefix="handler")
         self.admitted = 0  # running or waiting
+        self.cancelled = 0  # requests whose client left while they waited, dropped before the user's code ran
         try:
             self.model = self._load_model(script)
         except BaseException:
@@ -83,14 +83,12 @@ class HandlerRuntime(Runtime):
                 429, f"the model is busy: {self.workers} request(s) running and {self.max_waiting} waiting "
                 "(SERVELET_HANDLER_WORKERS, SERVELET_MAX_WAITING); retry later", "overloaded", RETRY_AFTER_S,
             )
-        loop = asyncio.get_running_loop()
-        work = self.pool.submit(self.answer, call)  # on the runtime's own workers: the event loop stays free
         self.admitted += 1
-        # Its place is held until the user's code returns, even for a client that left: a thread cannot be stopped.
-        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
-        try:  # a client that leaves while its request waits: the request never runs
-            body, content_type = await unless_disconnected(call, asyncio.wrap_future(work))
-        except ClientGone:
+        try:  # a client that leaves while its request waits: the request never runs, and counts as cancelled
+            body, content_type = await run_in_worker(self.pool, call, self.answer, call, self._release)
+        except ClientGone as gone:
+            if gone.freed:
+                self.cancelled += 1
             raise InvocationError(499, "the client left before the answer", "unavailable") from None
         return Response(body, media_type=content_type)
 
@@ -117,7 +115,8 @@ class HandlerRuntime(Runtime):
         return {"runtime": self.name, "task": None, "name": self.folder.name}
 
     def occupancy(self) -> dict:
-        return {"running": min(self.admitted, self.workers), "waiting": max(0, self.admitted - self.workers)}
+        running = min(self.admitted, self.workers)
+        return {"running": running, "waiting": self.admitted - running, "cancelled": self.cancelled}
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)

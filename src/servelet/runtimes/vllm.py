@@ -146,7 +146,7 @@ class VllmGeneration:
 
     def _ended(self, task: asyncio.Task) -> None:
         # A callback, not a `finally`: a task cancelled before its first step never enters the coroutine.
-        self._engine.finished()
+        self._engine.finished(cancelled=task.cancelled())
         if task.cancelled():
             self._queue.put_nowait(_CANCELLED)
 
@@ -240,6 +240,7 @@ class VllmEngine:
         self._ids = itertools.count(1)
         self._in_flight = 0
         self._prompt_tokens = 0
+        self._cancelled = 0
 
     def submit(self, prompt: str, params: GenerationParams | None = None, *, logprobs: bool = False) -> VllmGeneration:
         """Queue a generation; raises InvalidRequest / ContextOverflow / Overloaded before it starts."""
@@ -263,8 +264,10 @@ class VllmEngine:
         self._prompt_tokens += len(tokens)
         return VllmGeneration(self, f"servelet-{next(self._ids)}", tokens, sampling)
 
-    def finished(self) -> None:
+    def finished(self, cancelled: bool = False) -> None:
+        """A request left; `cancelled`: its pump was cancelled (its client left), so vLLM aborted it."""
         self._in_flight -= 1
+        self._cancelled += cancelled
 
     def occupancy(self) -> dict:
         unfinished = self.llm.get_num_unfinished_requests()  # vLLM's own count: an aborted request leaves it
@@ -272,6 +275,7 @@ class VllmEngine:
             "running": min(unfinished, self.max_batch_size),
             "waiting": max(0, unfinished - self.max_batch_size),
             "prompt_tokens": self._prompt_tokens,
+            "cancelled": self._cancelled,
         }
 
     @property

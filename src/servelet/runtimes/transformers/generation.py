@@ -68,7 +68,7 @@ class GenerationEngine:
         self._in_engine = 0  # submitted and not finished, guarded by _lock
         self._running = False
         self._stopping = False
-        self.counters = {"tokens_generated": 0, "prompt_tokens": 0}
+        self.counters = {"tokens_generated": 0, "prompt_tokens": 0, "cancelled": 0}
         self._thread = threading.Thread(target=self._run, name="servelet-generate", daemon=True)
         self._thread.start()
 
@@ -143,6 +143,8 @@ class GenerationEngine:
         self.counters["prompt_tokens"] += len(seq.prompt_tokens)
         while True:  # ends: every pass accepts a token, and the sequence ends by max_new_tokens at the latest
             if seq.cancelled or self._stopping:
+                if seq.cancelled:  # its client left: the tokens it still had to generate are never computed
+                    self.counters["cancelled"] += 1
                 job.post(Finished(FinishReason.CANCELLED, seq.text, seq.stats(time.perf_counter())))
                 return
             started = time.perf_counter()

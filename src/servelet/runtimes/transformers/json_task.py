@@ -8,7 +8,6 @@ that the instance answers 429. A request in SageMaker's Hugging Face style is `{
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from abc import abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +19,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from starlette.responses import JSONResponse, Response
 
 from ...settings import InstanceSettings
-from ..base import Call, InvocationError, Runtime
+from ..base import Call, ClientGone, InvocationError, Runtime, run_in_worker
 from ..lmi import JSON_LINES, JSON_LINES_TYPES, read_json, request_lines
 
 log = logging.getLogger("servelet.runtimes.transformers")
@@ -55,7 +54,8 @@ class JsonTaskRuntime(Runtime):
         self.path = path
         self.max_waiting = settings.max_waiting
         self._worker = ThreadPoolExecutor(1, thread_name_prefix=f"servelet-{self.task}")
-        self._in_flight = 0
+        self._in_flight = 0  # running or waiting, until the worker thread is done with it
+        self.cancelled = 0
 
     @abstractmethod
     def answer(self, request: Any) -> Any:
@@ -69,33 +69,39 @@ class JsonTaskRuntime(Runtime):
     async def invoke(self, call: Call) -> Response:
         if call.media_type in JSON_LINES_TYPES:
             requests = [validate_line(self.request_type, decoded, n) for n, decoded in request_lines(call.body)]
-            answers = await self._run(self.answer_many, requests)
+            answers = await self._run(call, self.answer_many, requests)
             return Response(b"".join(orjson.dumps(a) + b"\n" for a in answers), media_type=JSON_LINES)
         request = validate(self.request_type, read_json(call))
-        return JSONResponse(await self._run(self.answer, request))
+        return JSONResponse(await self._run(call, self.answer, request))
 
-    async def _run(self, work, request) -> Any:
-        """`work(request)` on the worker thread, behind the requests already waiting (at most max_waiting)."""
+    async def _run(self, call: Call, work, request) -> Any:
+        """`work(request)` on the worker thread, behind the requests already waiting (at most max_waiting). A request
+        whose client leaves while it waits never runs (counted as cancelled); one already running runs to its end."""
         if self._in_flight > self.max_waiting:
             waiting = self._in_flight - 1
             message = f"overloaded: 1 request is running and {waiting} are waiting (SERVELET_MAX_WAITING); retry later"
             raise InvocationError(429, message, "overloaded")
         self._in_flight += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._worker, work, request)
+            return await run_in_worker(self._worker, call, work, request, self._release)
+        except ClientGone as gone:
+            if gone.freed:
+                self.cancelled += 1
+            raise InvocationError(499, "the client left before the answer", "unavailable") from None
         except InvocationError:
             raise
         except Exception as exc:  # the model failed on a request it accepted: SageMaker's ModelError
             log.exception("%s failed", self.task)
             raise InvocationError(500, f"the {self.task} model failed: {type(exc).__name__}: {exc}", "model_error") from None
-        finally:
-            self._in_flight -= 1
+
+    def _release(self) -> None:
+        self._in_flight -= 1
 
     def facts(self) -> dict:
         return {"runtime": self.name, "task": self.task, "name": self.path.name}
 
     def occupancy(self) -> dict:
-        return {"running": min(self._in_flight, 1), "waiting": max(self._in_flight - 1, 0)}
+        return {"running": min(self._in_flight, 1), "waiting": max(self._in_flight - 1, 0), "cancelled": self.cancelled}
 
     def close(self) -> None:
         self._worker.shutdown(wait=True, cancel_futures=True)
