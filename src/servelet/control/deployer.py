@@ -364,10 +364,15 @@ class Deployer:
             raise ResourceMissing(f'Could not find endpoint "{arn("endpoint", name)}".')
         if self.updating(name) or record.endpoint_status in (EndpointStatus.UPDATING, EndpointStatus.ROLLING_BACK):
             raise ResourceInvalid(f'Cannot update in-progress endpoint "{arn("endpoint", name)}".')
-        if record.endpoint_status is not EndpointStatus.IN_SERVICE or name not in self.fleet.endpoints:
+        if record.endpoint_status is not EndpointStatus.IN_SERVICE:
             raise ResourceInvalid(
                 f'Cannot update endpoint "{arn("endpoint", name)}": it is {record.endpoint_status.value}, '
                 "and only an InService endpoint can be updated"
+            )
+        if name not in self.fleet.endpoints:  # restored at the gateway's start, its model still being fetched
+            raise ResourceInvalid(
+                f'Cannot update endpoint "{arn("endpoint", name)}" yet: its instances are still being started '
+                "(after the gateway's restart); retry once it serves"
             )
 
     def _run_task(self, name: str, coro) -> None:

@@ -243,6 +243,7 @@ class Fleet:
         self._models: dict[str, Materialized] = {}
         # One lock per URI: two endpoints of one model fetch it once, and endpoints of other models do not wait.
         self._fetching: dict[str, asyncio.Lock] = {}
+        self._deploying: Counter = Counter()  # URIs of deployments fetching their models: in use, not yet in a variant
         # Told (endpoint name, why) when an instance is given up after it was ready: creation and updates wait on
         # their instances themselves, an endpoint in service learns it here.
         self.on_instance_given_up: Callable[[str, str], None] | None = None
@@ -349,13 +350,23 @@ class Fleet:
 
     async def _materialize(self, plans: list["VariantPlan"]) -> None:
         """Fetch each remote model file into memory once, here, rather than once per instance."""
-        for plan in plans:
-            uri, multi_model = plan.model_uri, plan.env.get("SERVELET_MULTI_MODEL", "").lower() in ("true", "1")
-            if multi_model or not shared_in_memory(uri):
-                continue  # a multi-model URI is a prefix: its instance fetches each model when asked for it
-            async with self._fetching.setdefault(uri, asyncio.Lock()):
-                if uri not in self._models:
-                    await self._fetch(uri)
+        uris = [plan.model_uri for plan in plans]
+        self._deploying.update(uris)
+        try:
+            for plan in plans:
+                uri, multi_model = plan.model_uri, plan.env.get("SERVELET_MULTI_MODEL", "").lower() in ("true", "1")
+                if multi_model or not shared_in_memory(uri):
+                    continue  # a multi-model URI is a prefix: its instance fetches each model when asked for it
+                async with self._fetching.setdefault(uri, asyncio.Lock()):
+                    if uri not in self._models:
+                        await self._fetch(uri)
+        except asyncio.CancelledError:
+            self._deploying.subtract(uris)
+            uris = []
+            self._release_models()  # what this deployment fetched before it was cancelled
+            raise
+        finally:
+            self._deploying.subtract(uris)
 
     async def _fetch(self, uri: str) -> None:
         # The download runs in a thread, which a cancelled deployment (its endpoint deleted) cannot stop: the
@@ -371,7 +382,7 @@ class Fleet:
 
     def _release_models(self) -> None:
         """Close the in-memory models no variant uses any more (running instances keep their inherited copy)."""
-        in_use = {v.model_uri for e in self.endpoints.values() for v in e.variants}
+        in_use = {v.model_uri for e in self.endpoints.values() for v in e.variants} | set(+self._deploying)
         for uri in set(self._models) - in_use:
             self._models.pop(uri).close()
 
