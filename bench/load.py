@@ -4,8 +4,8 @@ instances killed and the gateway restarted under that load (issue 16).
 Why: the gateway carries every connection on one event loop and every stream through instances that may die; this
 shows what a client sees then. A `servelet serve` on a store of its own (`--store sqlite`, or `postgres`: a private
 server as tests/postgres.py starts one) serves the default model (Gemma 3 270M) with SERVELET_INSTANCES instances of
-SERVELET_THREADS threads each (2 x 1 here: one per core) and SERVELET_MAX_BATCH_SIZE 64 (every stream in the batch,
-none waiting); SERVELET_WEBSOCKET_CONNECTIONS_PER_CLIENT is raised to admit the idle connections from this one address
+SERVELET_THREADS threads each (2 x 1 here: one per core) and SERVELET_MAX_BATCH_SIZE = --streams (every stream in the
+batch even when one instance is left: none waits for a slot); SERVELET_WEBSOCKET_CONNECTIONS_PER_CLIENT is raised to admit the idle connections from this one address
 and the open-file limit (inherited by the gateway) raised to its hard limit. Then, for `--seconds`:
 - `--idle` WebSocket connections to `/ws` read their welcome frame and stay open (reconnecting if dropped);
 - `--streams` clients each stream one request after another, `--new-tokens` tokens each (EOS ignored), a third
@@ -16,8 +16,9 @@ streams that completed; tokens/s (all tokens streamed / the run); the RSS of the
 sampled each second: before the load, peak, after, and whether it levelled off (the last third's peak within 5% +
 4 MiB of the middle third's).
 
-`--chaos` adds, during the load: `kill -9` of a random instance (a child of the gateway) every 8-14 s (seeded), and
-once, at half time, `kill -9` of the gateway, started again at once on the same store and port. Reported per kill:
+`--chaos` adds, during the load: `kill -9` of a random instance (a child of the gateway), then, once it has recovered,
+a pause of 5-15 s (seeded) and the next kill; the first kill due after half time is the gateway's instead (`kill -9`,
+started again at once on the same store and port). Reported per kill:
 the requests that failed and their errors (each must have been in flight at the kill; the victim's own `/ping` said
 how many it was running just before), and the recovery time (until /health shows every instance ready again: the
 endpoint keeps serving on the others meanwhile; after the gateway's restart, until it serves again). Before the load
@@ -60,11 +61,10 @@ from machine import machine
 
 INSTANCES = 2  # SERVELET_INSTANCES: one per core of the 2-core machines this runs on
 THREADS = 1  # SERVELET_THREADS of each instance
-MAX_BATCH_SIZE = 64  # SERVELET_MAX_BATCH_SIZE: 100 streams over 2 instances all decode, none waits
+READ_TIMEOUT_S = 300.0  # a client's wait for the next bytes: a stream queued behind a wave of prefills waits long
 KINDS = ("tgi", "openai", "websocket")
 READY_SECONDS = 300.0  # bound on a (re)start until every instance is ready
-KILL_EVERY_S = (8.0, 14.0)
-QUIET_AROUND_RESTART_S = 8.0  # no instance kill this close to the gateway's restart, so each recovery is its own
+PAUSE_S = (5.0, 15.0)  # chaos: between one kill's recovery and the next kill (uniform, seeded)
 FAILURE_WINDOW_S = 10.0  # a failure this long after a kill, of a request in flight at it, is that kill's
 RETRY_S = 0.2  # a client's pause after a refusal or a failed connection
 SAMPLE_S = 1.0
@@ -103,7 +103,7 @@ class RestartableGateway(Restartable):
         super().__init__(folder)
         self.url = self.gw.base_url
         self.env = gateway_env(folder, database_url, instances=str(INSTANCES), threads=str(THREADS),
-                               max_batch_size=str(MAX_BATCH_SIZE),
+                               max_batch_size=str(min(max(streams, 32), 256)),
                                websocket_connections_per_client=str(idle + streams + 64))
 
     def start(self) -> None:
@@ -151,13 +151,15 @@ class Memory:
         self.instances.append(sum(rss_mib(pid) for pid in gw.instances()))
 
     @staticmethod
-    def summary(samples: list[float], before: float) -> dict:
+    def summary(samples: list[float], before: float, idle: float, left: float) -> dict:
+        """`before`: no client yet; `idle`: the idle connections open; `left`: every client gone (a few seconds)."""
+        figures = {"before_mib": round(before, 1), "idle_open_mib": round(idle, 1), "clients_left_mib": round(left, 1)}
         if not samples:
-            return {"before_mib": round(before, 1), "peak_mib": None, "after_mib": None, "levelled_off": None}
+            return figures | {"peak_mib": None, "after_mib": None, "levelled_off": None}
         third = max(len(samples) // 3, 1)
         middle, last = max(samples[third:2 * third] or samples), max(samples[-third:])
-        return {"before_mib": round(before, 1), "peak_mib": round(max(samples), 1),
-                "after_mib": round(samples[-1], 1), "levelled_off": last <= middle * 1.05 + 4}
+        return figures | {"peak_mib": round(max(samples), 1), "after_mib": round(samples[-1], 1),
+                          "levelled_off": last <= middle * 1.05 + 4}
 
 
 # -- the clients ------------------------------------------------------------------------------------------------
@@ -172,6 +174,7 @@ class Request:
     tokens: int = 0
     outcome: str = "ok"  # ok | refused | unreachable | error
     message: str = ""
+    first: bool = False  # its client's first: sent in the opening burst of all the clients at once
 
 
 class Refused(Exception):
@@ -246,13 +249,13 @@ class Load:
         """One client streaming requests one after another, on its own kind of route."""
         kind = KINDS[index % len(KINDS)]
         limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-        timeout = httpx.Timeout(60.0, connect=5.0)
+        timeout = httpx.Timeout(READ_TIMEOUT_S, connect=5.0)
         async with httpx.AsyncClient(base_url=self.url, limits=limits, timeout=timeout) as http:
             ws = None
             number = 0
             while not self.stop.is_set():
                 number += 1
-                request = Request(kind, time.monotonic())
+                request = Request(kind, time.monotonic(), first=number == 1)
                 prompt = engine_bench.PROMPTS[(index + number) % len(engine_bench.PROMPTS)]
                 try:
                     if kind == "websocket":
@@ -305,7 +308,7 @@ class Load:
 
     async def _websocket(self, ws, request: Request) -> None:
         while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 60))
+            frame = json.loads(await asyncio.wait_for(ws.recv(), READ_TIMEOUT_S))
             if frame.get("type") == "token":
                 request.first_token = request.first_token or time.monotonic()
                 request.tokens += 1
@@ -326,6 +329,7 @@ class Kill:
     at_s: float  # seconds into the load
     in_flight: int | None = None  # what the victim's /ping said it was running and holding just before
     recovery_s: float | None = None
+    serves_again_s: float | None = None  # until the first token of a request sent after the kill
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     left_running: list[int] = field(default_factory=list)  # the gateway's instances alive ORPHAN_CHECK_S after its kill
@@ -343,39 +347,35 @@ async def victim_in_flight(run_dir: Path, socket_name: str) -> int | None:
 
 async def chaos(gw: RestartableGateway, load: Load, began: float, seconds: float, rng: random.Random,
                 http: httpx.AsyncClient) -> list[Kill]:
-    """Kill instances at random moments and the gateway once at half time; each kill's recovery is timed."""
+    """Kill a random instance, wait for its recovery and a random pause, and again, until the run ends; the first
+    kill due after half time is the gateway's instead. Each recovery is timed."""
     kills: list[Kill] = []
-    restart_at = seconds / 2
-    moment = rng.uniform(*KILL_EVERY_S)
-    plan = []
-    while moment < seconds - 5:
-        if abs(moment - restart_at) > QUIET_AROUND_RESTART_S:
-            plan.append(moment)
-        moment += rng.uniform(*KILL_EVERY_S)
-    plan = sorted(plan + [restart_at])
-    for moment in plan:
-        await asyncio.sleep(max(0.0, began + moment - time.monotonic()))
+    due = rng.uniform(*PAUSE_S)
+    while due < seconds - 5:
+        await asyncio.sleep(max(0.0, began + due - time.monotonic()))
         if load.stop.is_set():
             break
-        if moment == restart_at:
+        if due >= seconds / 2 and not any(k.what == "gateway" for k in kills):
             kills.append(await restart_gateway(gw, began, http))
-            continue
-        instances = gw.instances()
-        if not instances:
-            continue
-        pid = rng.choice(sorted(instances))
-        kill = Kill(f"instance {instances[pid]}", 0.0, await victim_in_flight(gw.folder, instances[pid]))
-        kill.at_s = time.monotonic() - began
-        os.kill(pid, signal.SIGKILL)
-        started = time.monotonic()
-        while not (pid not in gw.instances() and instances[pid] in gw.instances().values() and await gw.ready(http)):
-            if time.monotonic() - started > READY_SECONDS:
-                break
-            await asyncio.sleep(0.1)
-        else:
-            kill.recovery_s = time.monotonic() - started
-        kills.append(kill)
+        elif instances := gw.instances():
+            kills.append(await kill_instance(gw, instances, rng.choice(sorted(instances)), began, http))
+        due = time.monotonic() - began + rng.uniform(*PAUSE_S)
     return kills
+
+
+async def kill_instance(gw: RestartableGateway, instances: dict[int, str], pid: int, began: float,
+                        http: httpx.AsyncClient) -> Kill:
+    """SIGKILL one instance; recovered once another process serves its socket and every instance is ready."""
+    kill = Kill(f"instance {instances[pid]}", 0.0, await victim_in_flight(gw.folder, instances[pid]))
+    kill.at_s = time.monotonic() - began
+    os.kill(pid, signal.SIGKILL)
+    started = time.monotonic()
+    while not (pid not in gw.instances() and instances[pid] in gw.instances().values() and await gw.ready(http)):
+        if time.monotonic() - started > READY_SECONDS:
+            return kill
+        await asyncio.sleep(0.1)
+    kill.recovery_s = time.monotonic() - started
+    return kill
 
 
 async def restart_gateway(gw: RestartableGateway, began: float, http: httpx.AsyncClient) -> Kill:
@@ -397,7 +397,11 @@ async def restart_gateway(gw: RestartableGateway, began: float, http: httpx.Asyn
 
 
 def attribute(requests: list[Request], kills: list[Kill]) -> list[Request]:
-    """Give each failed request to the kill it was in flight at; what no kill explains is returned."""
+    """Give each failed request to the kill it was in flight at; what no kill explains is returned. Also when each
+    kill's endpoint served again: the first token of a request sent after it."""
+    for kill in kills:
+        kill.serves_again_s = min((r.first_token - kill.at_s for r in requests
+                                   if r.outcome == "ok" and r.started >= kill.at_s), default=None)
     unexplained = []
     for request in (r for r in requests if r.outcome == "error"):
         kill = next((k for k in reversed(kills)
@@ -477,6 +481,8 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
         for _ in idle:  # wait until each has opened (or failed to) before the streams begin
             await opened.acquire()
         print(f"  {load.idle_open} idle WebSocket connections open", flush=True)
+        gateway_idle = rss_mib(gw.process.pid)
+        instances_idle = sum(rss_mib(pid) for pid in gw.instances())
         began = time.monotonic()
         streams = [asyncio.create_task(load.streams(i)) for i in range(options.streams)]
         chaos_task = None
@@ -498,6 +504,9 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
             restart = next(k.at_s for k in kills if k.what == "gateway")
             await asyncio.sleep(max(0.0, ORPHAN_CHECK_S + 1 - (time.monotonic() - began - restart)))
         gateway_alive = gw.process.poll() is None
+        await asyncio.sleep(3)  # the gateway sees every client gone
+        gateway_left = rss_mib(gw.process.pid)
+        instances_left = sum(rss_mib(pid) for pid in gw.instances())
     gw.stop()
     records_after = await asyncio.to_thread(dump, database_url)
     for request in load.requests:  # times into the load, as the kills' are
@@ -507,6 +516,8 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
     unexplained = attribute(load.requests, kills)
     done = [r for r in load.requests if r.outcome == "ok"]
     ttft = [r.first_token - r.started for r in done]
+    ttft_later = [r.first_token - r.started for r in done if not r.first]
+    span = max([wall, *(r.ended for r in load.requests)])  # the last requests end after the load stops
     counts = {outcome: sum(1 for r in load.requests if r.outcome == outcome)
               for outcome in ("ok", "refused", "unreachable", "error")}
     return {
@@ -519,14 +530,19 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
                            for kind in KINDS},
         "unexplained_errors": [asdict(r) for r in unexplained][:20], "unexplained_count": len(unexplained),
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
-        "tokens_per_s": sum(r.tokens for r in load.requests) / wall,
-        "gateway_rss": Memory.summary(memory.gateway, gateway_before),
-        "instances_rss": Memory.summary(memory.instances, instances_before),
+        "ttft_later_p50_s": percentile(ttft_later, 50), "ttft_later_p99_s": percentile(ttft_later, 99),
+        "tokens_per_s": sum(r.tokens for r in load.requests) / span,
+        "gateway_rss": Memory.summary(memory.gateway, gateway_before, gateway_idle, gateway_left),
+        "instances_rss": Memory.summary(memory.instances, instances_before, instances_idle, instances_left),
         "kills": [asdict(k) for k in kills], "gateway_alive_at_end": gateway_alive,
         "records": {name: len(rows) for name, rows in records_before.items()},
         "records_changed": differences(records_before, records_after),
         "logs": [str(path) for path in gw.logs],
     }
+
+
+def seconds_pair(p50: float | None, p99: float | None) -> str:
+    return f"{p50:.3f} s / {p99:.3f} s" if p50 is not None else "-"
 
 
 def report(figures: dict) -> None:
@@ -538,28 +554,57 @@ def report(figures: dict) -> None:
         ["refused (429/503 + Retry-After)", figures["refused"]], ["unreachable (gateway down)", figures["unreachable"]],
         ["errors among admitted", f"{figures['error']} ({figures['errors_by_kind']})"],
         ["errors no kill explains", figures["unexplained_count"]],
-        ["TTFT p50 / p99", f"{figures['ttft_p50_s']:.3f} s / {figures['ttft_p99_s']:.3f} s"
-         if figures["ttft_p50_s"] is not None else "-"],
+        ["TTFT p50 / p99, all completed", seconds_pair(figures["ttft_p50_s"], figures["ttft_p99_s"])],
+        ["TTFT p50 / p99, after each client's first (not in the opening burst)",
+         seconds_pair(figures["ttft_later_p50_s"], figures["ttft_later_p99_s"])],
         ["tokens/s", f"{figures['tokens_per_s']:.1f}"],
         ["idle WebSockets open: lowest / at end / reconnects",
          f"{figures['idle_open_lowest']} / {figures['idle_open_at_end']} / {figures['idle_reconnects']}"],
     ]
     for who in ("gateway", "instances"):
         rss = figures[f"{who}_rss"]
-        rows.append([f"{who} RSS before / peak / after", f"{rss['before_mib']} / {rss['peak_mib']} / "
-                     f"{rss['after_mib']} MiB, levelled off: {rss['levelled_off']}"])
+        rows.append([f"{who} RSS: no client / idle open / peak / end of load / clients gone",
+                     f"{rss['before_mib']} / {rss['idle_open_mib']} / {rss['peak_mib']} / {rss['after_mib']} / "
+                     f"{rss['clients_left_mib']} MiB; levelled off: {rss['levelled_off']}"])
     rows.append(["gateway alive at the end (never crashed on its own)", figures["gateway_alive_at_end"]])
     rows.append(["store records (rows per table)", figures["records"]])
     rows.append(["records lost or changed", figures["records_changed"] or "none"])
     print(engine_bench.markdown(["figure", "value"], [[str(a), str(b)] for a, b in rows]))
     if figures["kills"]:
         print(engine_bench.markdown(
-            ["kill", "at", "victim in flight", "failed", "errors", "recovery", "instances left running"],
+            ["kill", "at", "victim in flight", "failed", "errors", "serves again", "all instances ready",
+             "instances left running"],
             [[k["what"], f"{k['at_s']:.1f} s", str(k["in_flight"]), str(k["failed"]), "; ".join(k["errors"]) or "-",
+              f"{k['serves_again_s']:.2f} s" if k["serves_again_s"] is not None else "-",
               f"{k['recovery_s']:.2f} s" if k["recovery_s"] is not None else "not recovered",
               str(k["left_running"]) if k["what"] == "gateway" else "-"] for k in figures["kills"]]))
     for request in figures["unexplained_errors"]:
         print(f"  unexplained: {request}")
+    problems = verdict(figures)
+    print("\nverdict: " + ("; ".join(problems) if problems else "nothing lost: every error was a killed process's "
+                           "in-flight request, everything recovered, the store is unchanged"))
+
+
+def verdict(figures: dict) -> list[str]:
+    """What the issue forbids, found in the figures (empty: nothing)."""
+    problems = []
+    if figures["unexplained_count"]:
+        problems.append(f"{figures['unexplained_count']} admitted requests failed that no kill explains")
+    for kill in figures["kills"]:
+        if kill["in_flight"] is not None and kill["failed"] > kill["in_flight"]:
+            problems.append(f"{kill['what']}: {kill['failed']} failed, more than its {kill['in_flight']} in flight")
+        if kill["recovery_s"] is None:
+            problems.append(f"{kill['what']}: not recovered")
+        if kill["left_running"]:
+            problems.append(f"{kill['what']}: its instances {kill['left_running']} outlived it")
+    if not figures["gateway_alive_at_end"]:
+        problems.append("the gateway was not running at the end")
+    if figures["records_changed"]:
+        problems.append(f"store records lost or changed: {sorted(figures['records_changed'])}")
+    for who in ("gateway", "instances"):
+        if figures[f"{who}_rss"]["levelled_off"] is False:
+            problems.append(f"{who} RSS still growing at the end")
+    return problems
 
 
 def parse_options(argv: list[str] | None) -> argparse.Namespace:
