@@ -180,6 +180,9 @@ class GatewaySettings(BaseSettings):
     instances: int = Field(1, ge=0, le=64, description="Instances of the default endpoint; 0 deploys nothing.")
     run_dir: Path | None = Field(None, description="Folder for instance sockets (default: a new temporary folder).")
     instance_start_timeout: float = Field(600.0, gt=0, description="Seconds an instance may take to load its model.")
+    model_fetches: int = Field(
+        2, ge=1, le=16, description="Remote models the gateway downloads at once (others wait their turn).",
+    )
     health_check_timeout: float = Field(
         5.0, gt=0, description="Seconds a ready instance's /ping may take before it counts as a failed health check.",
     )

@@ -17,6 +17,7 @@ import tempfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -226,7 +227,7 @@ class Fleet:
 
     def __init__(
         self, run_dir: Path | None = None, instance_env: dict[str, str] | None = None, stream_channel: bool = True,
-        memory_limit_scale: float = 1.0, health_check: HealthCheck | None = None,
+        memory_limit_scale: float = 1.0, health_check: HealthCheck | None = None, model_fetches: int = 2,
     ):
         self.health_check = health_check or HealthCheck()  # when a ready instance is taken out and replaced
         self.run_dir = run_dir or Path(tempfile.mkdtemp(prefix="servelet-"))
@@ -244,6 +245,9 @@ class Fleet:
         # One lock per URI: two endpoints of one model fetch it once, and endpoints of other models do not wait.
         self._fetching: dict[str, asyncio.Lock] = {}
         self._deploying: Counter = Counter()  # URIs of deployments fetching their models: in use, not yet in a variant
+        # Downloads take threads of their own, `model_fetches` at a time (SERVELET_MODEL_FETCHES): on the event loop's
+        # default executor (cores + 4 threads), minutes-long downloads would leave the store's calls waiting for one.
+        self._fetches = ThreadPoolExecutor(model_fetches, thread_name_prefix="servelet-model-fetch")
         # Told (endpoint name, why) when an instance is given up after it was ready: creation and updates wait on
         # their instances themselves, an endpoint in service learns it here.
         self.on_instance_given_up: Callable[[str, str], None] | None = None
@@ -371,7 +375,7 @@ class Fleet:
     async def _fetch(self, uri: str) -> None:
         # The download runs in a thread, which a cancelled deployment (its endpoint deleted) cannot stop: the
         # thread finishes, and the model it fetched for nobody is closed.
-        fetch = asyncio.ensure_future(asyncio.to_thread(materialize, uri))
+        fetch = asyncio.get_running_loop().run_in_executor(self._fetches, materialize, uri)
         try:
             self._models[uri] = await asyncio.shield(fetch)
         except asyncio.CancelledError:
@@ -565,6 +569,7 @@ class Fleet:
         for model in self._models.values():
             model.close()
         self._models.clear()
+        self._fetches.shutdown(wait=False, cancel_futures=True)
 
 
 def _close_unused(fetch: asyncio.Future) -> None:

@@ -66,6 +66,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     fleet = fleet or Fleet(
         settings.run_dir, stream_channel=settings.stream_channel, memory_limit_scale=settings.serverless_memory_limit_scale,
         health_check=HealthCheck(settings.health_check_timeout, settings.health_check_failures),
+        model_fetches=settings.model_fetches,
     )
     if settings.snapshots and fleet.snapshots is None:
         fleet.use_snapshots(Snapshots(
