@@ -5,16 +5,18 @@ Why: the gateway carries every connection on one event loop and every stream thr
 shows what a client sees then. A `servelet serve` on a store of its own (`--store sqlite`, or `postgres`: a private
 server as tests/postgres.py starts one) serves the default model (Gemma 3 270M) with SERVELET_INSTANCES instances of
 SERVELET_THREADS threads each (2 x 1 here: one per core) and SERVELET_MAX_BATCH_SIZE = --streams (every stream in the
-batch even when one instance is left: none waits for a slot); SERVELET_WEBSOCKET_CONNECTIONS_PER_CLIENT is raised to admit the idle connections from this one address
-and the open-file limit (inherited by the gateway) raised to its hard limit. Then, for `--seconds`:
+batch even when one instance is left: none waits for a slot). SERVELET_WEBSOCKET_CONNECTIONS_PER_CLIENT and
+SERVELET_HTTP_CONNECTIONS_PER_CLIENT are raised to admit every connection from this one address, and the open-file
+limit (inherited by the gateway) to its hard limit. Then, for `--seconds`:
 - `--idle` WebSocket connections to `/ws` read their welcome frame and stay open (reconnecting if dropped);
 - `--streams` clients each stream one request after another, `--new-tokens` tokens each (EOS ignored), a third
   each on TGI SSE (`/generate_stream`), OpenAI streaming (`/v1/completions`) and a WebSocket of their own.
 Counted: requests; refused (429/503 with Retry-After, or a WebSocket error frame with code 429/503: backpressure,
 not an error); unreachable (no connection: the gateway was down); errors among the admitted; TTFT p50/p99 of the
 streams that completed; tokens/s (all tokens streamed / the run); the RSS of the gateway and its instances (/proc)
-sampled each second: before the load, peak, after, and whether it levelled off (the last third's peak within 5% +
-4 MiB of the middle third's).
+sampled each second: with no client, with the idle connections open, peak, at the end, after the clients left, and
+whether it levelled off (the last third's peak within 5% + 4 MiB of the middle third's). TTFT is also given without
+each client's first request: those all start at once, and their prefills queue behind one another.
 
 `--chaos` adds, during the load: `kill -9` of a random instance (a child of the gateway), then, once it has recovered,
 a pause of 5-15 s (seeded) and the next kill; the first kill due after half time is the gateway's instead (`kill -9`,
@@ -104,7 +106,8 @@ class RestartableGateway(Restartable):
         self.url = self.gw.base_url
         self.env = gateway_env(folder, database_url, instances=str(INSTANCES), threads=str(THREADS),
                                max_batch_size=str(min(max(streams, 32), 256)),
-                               websocket_connections_per_client=str(idle + streams + 64))
+                               websocket_connections_per_client=str(idle + streams + 64),
+                               http_connections_per_client=str(idle + streams + 64))  # an upgrade starts as HTTP
 
     def start(self) -> None:
         log_path = self.folder / f"gateway-{len(self.logs)}.log"
