@@ -159,6 +159,7 @@ def test_create_endpoint_answers_creating_before_its_model_is_fetched(running, f
         listed = sagemaker.list_endpoints(NameContains=FETCHED)["Endpoints"]
         assert [(e["EndpointName"], e["EndpointStatus"]) for e in listed] == [(FETCHED, "Creating")]
         assert files.parts_done[FIRST] == 0 and not ready(gateway, FETCHED)
+        assert invoke(gateway, FETCHED) == 503  # no instance yet, as while a model loads: retry later
     finally:
         files.gate(FIRST).set()
     sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=FETCHED, WaiterConfig={"Delay": 1, "MaxAttempts": 180})
@@ -198,7 +199,7 @@ def test_a_restart_serves_each_endpoint_without_waiting_for_the_others_downloads
     try:
         assert wait_for(lambda: files.parts_begun[FIRST] > began, 30), "the restore never fetched the model again"
         assert invoke(gateway, "default") == 200
-        assert not ready(gateway, FETCHED)
+        assert not ready(gateway, FETCHED) and invoke(gateway, FETCHED) == 503
     finally:
         files.gate(FIRST).set()
     assert wait_for(lambda: ready(gateway, FETCHED), 120), gateway.log()[-3000:]

@@ -15,7 +15,7 @@ import os
 
 from pydantic import ValidationError
 
-from ..errors import BadRequest, NotFound
+from ..errors import BadRequest, NoReadyInstance, NotFound
 from ..settings import DEFAULT_MODEL_URI
 from ..sizing import serverless_memory_for
 from .plane import ControlPlane
@@ -93,6 +93,9 @@ class Catalog:
         """Make sure an endpoint `name` runs if `name` is a catalog id; otherwise leave the not-found to the caller."""
         if name in self.plane.fleet.endpoints:
             return
+        if name not in self._deploying and self.plane.starting(name):
+            # Created (or restored) and still fetching its model: no instance yet, as for one whose model loads.
+            raise NoReadyInstance(f"endpoint {name!r} has no ready instance yet (its model is still being fetched)")
         if name not in self._deploying:
             # In a thread: a name that is no endpoint reads the store on each request, which must not stall streams.
             entry, record = await asyncio.to_thread(self._stored, name)

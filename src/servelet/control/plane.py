@@ -324,6 +324,10 @@ class ControlPlane:
             return
         self._spawn(self._await_service(name))
 
+    def starting(self, name: str) -> bool:
+        """Whether the endpoint's background start is still fetching its models (it is not in the fleet yet)."""
+        return name in self._starting
+
     async def started(self, name: str) -> None:
         """Wait until the endpoint's background start has put it in the fleet (or failed, or was cancelled)."""
         task = self._starting.get(name)
