@@ -207,3 +207,18 @@ def test_a_killed_writers_partial_copies_are_removed_and_nothing_else(tmp_path):
     (tmp_path / ".job.outx.abc.partial").write_text("a different name")
     asyncio.run(objects.remove_unfinished_writes(f"file://{tmp_path}/job.out"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [".job.outx.abc.partial", ".other.out.abc.partial", "job.out"]
+
+
+@pytest.mark.parametrize("flushed", [True, False])
+def test_a_file_write_waits_for_the_disk_only_when_told(tmp_path, monkeypatch, flushed):
+    """The gateway flushes outputs exactly when its store flushes commits (objects.flush_files); either way the
+    write is whole and atomic."""
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    monkeypatch.setattr(objects, "_flush_files", True)
+    objects.flush_files(flushed)
+    asyncio.run(objects.write_bytes(f"file://{tmp_path}/out/job.out", b"answer", "text/plain"))
+    assert (tmp_path / "out" / "job.out").read_bytes() == b"answer"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["job.out"]
+    assert len(synced) == (2 if flushed else 0)  # the file, then its folder (the new name)

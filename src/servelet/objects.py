@@ -269,9 +269,23 @@ def translated_errors(location: Location) -> Iterator[None]:
 # --- file:// ---------------------------------------------------------------------------------------------------
 
 
+_flush_files = True  # fsync each written file and its folder (see flush_files)
+
+
+def flush_files(enabled: bool) -> None:
+    """Whether a file:// write waits for the disk before it counts as written. The gateway matches its store: with
+    SQLite's synchronous=NORMAL a commit does not wait for the disk either (both survive any crash of servelet, and
+    a power loss may take the last of both); with FULL or PostgreSQL both wait. Two fsyncs per async output were
+    most of the disk's time under load."""
+    global _flush_files
+    _flush_files = enabled
+
+
 class FileWriter:
     """Writes a hidden ".NAME.*.partial" file beside the target, then renames it over the target: a rename within a
-    directory is atomic, and the fsyncs make the new content (and its name) survive a crash once `commit` returns."""
+    directory is atomic, so a reader sees the whole old or the whole new content, and a process killed mid-write
+    leaves only the partial file; with `flush_files` on (the default), the fsyncs also make the new content and its
+    name survive a power loss once `commit` returns."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -285,10 +299,12 @@ class FileWriter:
 
     def commit(self) -> None:
         self.file.flush()
-        os.fsync(self.file.fileno())
+        if _flush_files:
+            os.fsync(self.file.fileno())
         self.file.close()
         os.replace(self.partial, self.path)
-        _fsync_directory(self.path.parent)
+        if _flush_files:
+            _fsync_directory(self.path.parent)
 
     def abort(self) -> None:
         self.file.close()

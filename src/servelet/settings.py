@@ -227,7 +227,8 @@ class GatewaySettings(BaseSettings):
     sqlite_synchronous: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="The SQLite store's durability: NORMAL survives any crash of servelet (kill -9) and "
         "commits without waiting for the disk; FULL also survives a power loss, and every commit (each accepted "
-        "async job among them) waits for a disk flush.",
+        "async job among them) waits for a disk flush. Async and transform outputs written to file:// follow it "
+        "(flushed with FULL and with a PostgreSQL store).",
     )
     config: Path | None = Field(None, description="A YAML file of models and endpoints to deploy at start (`--config`).")
     autoscale_interval: float = Field(5.0, gt=0, description="Seconds between two checks of the scaling policies.")

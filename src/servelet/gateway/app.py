@@ -12,7 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .. import __version__, heap
+from .. import __version__, heap, objects
 from ..config import apply_config, load_config
 from ..control.async_queue import JobQueue
 from ..control.async_worker import AsyncWorker, async_endpoints
@@ -73,6 +73,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
             fleet.run_dir, settings.snapshot_memory_mb, settings.snapshot_min_available_mb, settings.instance_start_timeout
         ))
     store = Store(database_url(settings), settings.sqlite_synchronous)
+    objects.flush_files(not store.commits_wait_for_no_disk)  # outputs are as durable as the job records saying so
     plane = ControlPlane(
         store, fleet, settings.instance_start_timeout, settings.autoscale_interval,
         settings.serverless_idle_seconds, settings.serverless_start_timeout, metrics.AutoscalingMetrics(),
