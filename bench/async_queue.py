@@ -11,17 +11,23 @@ botocore's `invoke_endpoint_async` sends) for D seconds by K connections of `wrk
 client at these rates takes a core of the two from the gateway; without wrk installed, httpx.AsyncClient does it,
 and says so). Measured:
 - accepted/s: the 202s / D; the 202 round trip's p50 and p99 (wrk's, with K requests always in flight: mostly time
-  queued behind the others), and again with L connections (a light load: the round trip itself);
-- the enqueue: the gateway's own `servelet_async_enqueue_seconds` histogram (the time the route waits for its job
-  to be stored, what the 202 means), read from /metrics: the share within 10 ms and the p99's bucket;
+  queued behind the others);
 - through the queue: the jobs accepted / the time from the first request to the last output file (end to end);
+- at a steady rate: R jobs/s offered for D seconds by S connections (each waits S/R s between its requests, wrk's
+  `delay()`), while the gateway runs them: the 202's p50 and p99, and how far the outputs lag behind at the end (a
+  queue that keeps up has written them all within a second). A p99 is a latency at a load: at saturation it is
+  the time queued behind everyone else, so the latency target is judged here;
+- the enqueue: the gateway's own `servelet_async_enqueue_seconds` histogram (the time the route waits for its job
+  to be stored, what the 202 means), read from /metrics, for the saturating run and for the steady one: the share
+  within 10 ms and the p99's bucket;
 - where the time goes: the same POST to an endpoint that does not exist (answered 400 before the store is touched:
   the HTTP stack's own ceiling on this machine), and `JobQueue.enqueue` called in this process on a fresh
   database of the same kind (the store's own ceiling, no HTTP).
 PostgreSQL is a private server started here (as tests/postgres.py starts one, but with fsync on: the queue is
 durable), or skipped with the reason printed when none is installed.
 
-    python bench/async_queue.py [--seconds 10] [--clients 32] [--light-clients 4] [--stores sqlite,postgres] [--json PATH]
+    python bench/async_queue.py [--seconds 10] [--clients 32] [--steady-rate 500] [--steady-clients 8]
+                                [--stores sqlite,postgres] [--json PATH]
 """
 
 from __future__ import annotations
@@ -200,12 +206,13 @@ class Load:
     statuses: dict[str, int]
 
 
-def load(url: str, seconds: float, clients: int, expect: int) -> Load:
-    """POSTs of BODY to `url` for `seconds` by `clients` connections kept busy: by wrk where installed."""
+def load(url: str, seconds: float, clients: int, expect: int, delay_ms: float | None = None) -> Load:
+    """POSTs of BODY to `url` for `seconds` by `clients` connections kept busy (each waiting `delay_ms` between its
+    requests, when given): by wrk where installed."""
     if WRK is None:
-        return load_by_httpx(url, int(seconds * 300), clients, expect)
+        return load_by_httpx(url, int(seconds * 300), clients, expect, delay_ms)
     with tempfile.NamedTemporaryFile("w", suffix=".lua") as script:
-        script.write(WRK_SCRIPT)
+        script.write(WRK_SCRIPT + (f"function delay() return {delay_ms:.3f} end\n" if delay_ms else ""))
         script.flush()
         report = subprocess.run([WRK, "-t1", f"-c{clients}", f"-d{seconds:g}s", "--latency", "-s", script.name, url],
                                 capture_output=True, text=True, check=True).stdout
@@ -230,7 +237,8 @@ def _ms(value: str) -> float:
     return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}[unit]
 
 
-async def post_all(url: str, count: int, clients: int, body: bytes, expect: int) -> tuple[float, list[float], dict]:
+async def post_all(url: str, count: int, clients: int, body: bytes, expect: int,
+                   delay_ms: float | None = None) -> tuple[float, list[float], dict]:
     """`count` POSTs of `body` to `url` by `clients` concurrent clients: the wall time, each request's seconds, and
     the answers' status codes counted (any status but `expect` is named in the table)."""
     latencies: list[float] = []
@@ -244,6 +252,8 @@ async def post_all(url: str, count: int, clients: int, body: bytes, expect: int)
             answer = await http.post(url, content=body, headers=async_headers(str(uuid.uuid4())))
             latencies.append(time.perf_counter() - began)
             statuses[str(answer.status_code)] = statuses.get(str(answer.status_code), 0) + 1
+            if delay_ms:
+                await asyncio.sleep(delay_ms / 1000)
 
     async with httpx.AsyncClient(limits=limits, timeout=60) as http:
         began = time.perf_counter()
@@ -254,8 +264,8 @@ async def post_all(url: str, count: int, clients: int, body: bytes, expect: int)
     return wall, latencies, statuses
 
 
-def load_by_httpx(url: str, count: int, clients: int, expect: int) -> Load:
-    wall, latencies, statuses = asyncio.run(post_all(url, count, clients, BODY, expect))
+def load_by_httpx(url: str, count: int, clients: int, expect: int, delay_ms: float | None = None) -> Load:
+    wall, latencies, statuses = asyncio.run(post_all(url, count, clients, BODY, expect, delay_ms))
     ms = [s * 1000 for s in latencies]
     return Load(count, clients, wall, count / wall, statistics.median(ms), p99(ms), statuses)
 
@@ -321,15 +331,17 @@ def enqueue_in_process(url: str, count: int) -> Load:
 class StoreRun:
     store: str
     accepted: Load  # K connections kept busy for D seconds
-    light: Load  # L connections: the round trip with little queueing
-    enqueues: Enqueues  # the gateway's own enqueue times, over both
+    enqueues: Enqueues  # the gateway's own enqueue times, during `accepted`
     completed_per_s: float | None  # accepted / first request -> last output; None: not all within DRAIN_SECONDS
+    steady: Load  # R jobs/s offered by S connections
+    steady_enqueues: Enqueues  # the gateway's own enqueue times, during `steady`
+    steady_lag_s: float | None  # from the end of the steady load to its last output; None: not within DRAIN_SECONDS
     http_ceiling: Load  # the same POST to an endpoint that does not exist: 400 before the store is touched
     store_ceiling: Load  # JobQueue.enqueue in this process, no HTTP
 
 
 def run_store(kind: str, folder: Path, urls: tuple[str | None, str], seconds: float, clients: int,
-              light_clients: int) -> StoreRun:
+              steady_rate: float, steady_clients: int) -> StoreRun:
     """The whole measurement on one store: `urls` = (the gateway's database URL, a fresh one for the in-process run)."""
     model = handler_model(folder / "model", ECHO)
     outputs = folder / "out"
@@ -344,15 +356,19 @@ def run_store(kind: str, folder: Path, urls: tuple[str | None, str], seconds: fl
         began = time.perf_counter()
         accepted = load(invoke, seconds, clients, 202)
         through = drain_seconds(outputs, warm + accepted.requests, began)
-        light = load(invoke, seconds / 2, light_clients, 202)
-        enqueues = enqueues_between(histogram, enqueue_histogram(gw.base_url))
+        before_steady = enqueue_histogram(gw.base_url)
+        enqueues = enqueues_between(histogram, before_steady)
+        steady = load(invoke, seconds, steady_clients, 202, delay_ms=1000 * steady_clients / steady_rate)
+        steady_lag = drain_seconds(outputs, warm + accepted.requests + steady.requests, time.perf_counter())
+        steady_enqueues = enqueues_between(before_steady, enqueue_histogram(gw.base_url))
     store_ceiling = enqueue_in_process(urls[1], ENQUEUE_ALONE)
-    result = StoreRun(kind, accepted, light, enqueues, accepted.requests / through if through else None, ceiling,
-                      store_ceiling)
-    print(f"  {kind}: accepted {accepted.per_s:.0f}/s (202 p50 {accepted.p50_ms:.1f} ms, p99 {accepted.p99_ms:.1f} ms; "
-          f"at {light_clients} connections p99 {light.p99_ms:.1f} ms), enqueue within 10 ms "
-          f"{enqueues.within_10_ms:.1%}, through the queue {'-' if through is None else f'{result.completed_per_s:.0f}/s'}; "
-          f"HTTP ceiling {ceiling.per_s:.0f}/s, store alone {store_ceiling.per_s:.0f}/s", flush=True)
+    result = StoreRun(kind, accepted, enqueues, accepted.requests / through if through else None, steady,
+                      steady_enqueues, steady_lag, ceiling, store_ceiling)
+    print(f"  {kind}: accepted {accepted.per_s:.0f}/s (202 p50 {accepted.p50_ms:.1f} ms, p99 {accepted.p99_ms:.1f} ms), "
+          f"through the queue {'-' if through is None else f'{result.completed_per_s:.0f}/s'}; at {steady.per_s:.0f}/s "
+          f"steady: 202 p99 {steady.p99_ms:.1f} ms, enqueue within 10 ms {steady_enqueues.within_10_ms:.1%}, outputs "
+          f"{'-' if steady_lag is None else f'{steady_lag:.2f} s'} behind; HTTP ceiling {ceiling.per_s:.0f}/s, "
+          f"store alone {store_ceiling.per_s:.0f}/s", flush=True)
     return result
 
 
@@ -385,28 +401,34 @@ def met(ok: bool | None) -> str:
 def results_table(runs: list[StoreRun]) -> str:
     rows = []
     for r in runs:
-        a, light, e = r.accepted, r.light, r.enqueues
+        a, e, steady, se = r.accepted, r.enqueues, r.steady, r.steady_enqueues
         through = "-" if r.completed_per_s is None else f"{r.completed_per_s:.0f}"
-        p99_bucket = "> 1 s" if e.p99_bucket_ms is None else f"<= {e.p99_bucket_ms:g}"
+        lag = "-" if r.steady_lag_s is None else f"{r.steady_lag_s:.2f}"
         rows.append([r.store, str(a.requests), str(a.clients), f"{a.per_s:.0f}", f"{a.p50_ms:.1f}", f"{a.p99_ms:.1f}",
-                     f"{light.per_s:.0f} ({light.clients})", f"{light.p99_ms:.1f}", f"{e.within_10_ms:.1%}", p99_bucket,
-                     through, f"{r.http_ceiling.per_s:.0f}", f"{r.store_ceiling.per_s:.0f}", f"{r.store_ceiling.p99_ms:.2f}"])
-    header = ["store", "jobs", "connections", "accepted/s", "202 p50 (ms)", "202 p99 (ms)",
-              "light load/s (connections)", "light 202 p99 (ms)", "enqueues within 10 ms", "enqueue p99 (ms, bucket)",
-              "completed/s end to end", "HTTP ceiling req/s (400, no store)", "enqueue alone/s (no HTTP)",
+                     f"{e.within_10_ms:.1%}", _bucket(e), through,
+                     f"{steady.per_s:.0f} ({steady.clients})", f"{steady.p50_ms:.1f}", f"{steady.p99_ms:.1f}",
+                     f"{se.within_10_ms:.1%}", _bucket(se), lag,
+                     f"{r.http_ceiling.per_s:.0f}", f"{r.store_ceiling.per_s:.0f}", f"{r.store_ceiling.p99_ms:.2f}"])
+    header = ["store", "jobs", "connections", "accepted/s", "202 p50 (ms)", "202 p99 (ms)", "enqueues within 10 ms",
+              "enqueue p99 (ms, bucket)", "completed/s end to end", "steady jobs/s (connections)", "steady 202 p50 (ms)",
+              "steady 202 p99 (ms)", "steady enqueues within 10 ms", "steady enqueue p99 (ms, bucket)",
+              "steady outputs behind at the end (s)", "HTTP ceiling req/s (400, no store)", "enqueue alone/s (no HTTP)",
               "enqueue alone p99 (ms)"]
     return engine_bench.markdown(header, rows)
 
 
+def _bucket(enqueues: Enqueues) -> str:
+    return "> 1 s" if enqueues.p99_bucket_ms is None else f"<= {enqueues.p99_bucket_ms:g}"
+
+
 def targets(run: StoreRun) -> dict[str, bool | None]:
-    through = run.completed_per_s
-    p99_bucket = run.enqueues.p99_bucket_ms
+    through, steady_p99 = run.completed_per_s, run.steady_enqueues.p99_bucket_ms
+    at = f"at {run.steady.per_s:.0f} jobs/s steady"
     return {f"accepted >= {ACCEPTED_TARGET:,.0f}/s": run.accepted.per_s >= ACCEPTED_TARGET,
             f"through the queue >= {ACCEPTED_TARGET:,.0f} jobs/s": through and through >= ACCEPTED_TARGET,
-            f"enqueue p99 <= {ENQUEUE_P99_TARGET_MS:g} ms (the gateway's histogram)":
-                p99_bucket is not None and p99_bucket <= ENQUEUE_P99_TARGET_MS,
-            f"202 round trip p99 <= {ENQUEUE_P99_TARGET_MS:g} ms at {run.light.clients} connections":
-                run.light.p99_ms <= ENQUEUE_P99_TARGET_MS}
+            f"enqueue p99 <= {ENQUEUE_P99_TARGET_MS:g} ms {at} (the gateway's histogram)":
+                steady_p99 is not None and steady_p99 <= ENQUEUE_P99_TARGET_MS,
+            f"202 round trip p99 <= {ENQUEUE_P99_TARGET_MS:g} ms {at}": run.steady.p99_ms <= ENQUEUE_P99_TARGET_MS}
 
 
 def verdict(runs: list[StoreRun]) -> str:
@@ -425,7 +447,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of load per store (D)")
     parser.add_argument("--clients", type=int, default=32, help="connections kept busy (K)")
-    parser.add_argument("--light-clients", type=int, default=4, help="connections of the light load (L)")
+    parser.add_argument("--steady-rate", type=float, default=500.0, help="jobs/s offered in the steady run (R)")
+    parser.add_argument("--steady-clients", type=int, default=8, help="connections of the steady run (S)")
     parser.add_argument("--stores", type=store_list, default=list(STORES), help=", ".join(STORES))
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
     return parser.parse_args(argv)
@@ -443,12 +466,14 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, engine_bench.exit_on_sigterm)
     client = (f"wrk {subprocess.run([WRK, '-v'], capture_output=True, text=True).stdout.split()[1]}" if WRK else
               "httpx.AsyncClient (wrk is not installed: apt-get install wrk)")
-    setup = {"seconds": options.seconds, "clients": options.clients, "light_clients": options.light_clients,
+    setup = {"seconds": options.seconds, "clients": options.clients, "steady_rate": options.steady_rate,
+             "steady_clients": options.steady_clients,
              "per_instance": PER_INSTANCE, "machine": machine(), "client": client + ", raw POSTs as botocore's "
              "invoke_endpoint_async, server-made InferenceIds", "model": "handler model, transform_fn echoes the body"}
     print(describe_machine(setup["machine"]))
     print(f"\n{options.seconds:g} s of async invocations per store by {options.clients} connections, then "
-          f"{options.seconds / 2:g} s by {options.light_clients} ({setup['client']}); {setup['model']}; "
+          f"{options.seconds:g} s at {options.steady_rate:g}/s by {options.steady_clients} ({setup['client']}); "
+          f"{setup['model']}; "
           f"MaxConcurrentInvocationsPerInstance {PER_INSTANCE}", flush=True)
     runs = []
     with tempfile.TemporaryDirectory(prefix="servelet-async-queue-") as folder, ExitStack() as stack:
@@ -456,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
             with store_urls(kind, Path(folder) / kind, stack) as urls:
                 if urls is not None:
                     runs.append(run_store(kind, Path(folder) / kind, urls, options.seconds, options.clients,
-                                          options.light_clients))
+                                          options.steady_rate, options.steady_clients))
     print("\n" + results_table(runs) + "\n\n" + verdict(runs))
     if options.json:
         write_json(options.json, {"setup": setup, "runs": [asdict(r) | {"targets": targets(r)} for r in runs]})
