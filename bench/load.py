@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -58,6 +59,7 @@ from websockets.exceptions import WebSocketException
 import engine as engine_bench  # bench/engine.py: prompts, free ports, stopping a server
 from async_crash import Restartable
 from async_queue import gateway_env, postgres_cluster, postgres_problem
+from gateway import cpu_seconds
 from machine import describe as describe_machine
 from machine import machine
 
@@ -485,6 +487,7 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
             await opened.acquire()
         print(f"  {load.idle_open} idle WebSocket connections open", flush=True)
         gateway_idle = rss_mib(gw.process.pid)
+        gateway_cpu, client_cpu = cpu_seconds(gw.process.pid), time.process_time()
         instances_idle = sum(rss_mib(pid) for pid in gw.instances())
         began = time.monotonic()
         streams = [asyncio.create_task(load.streams(i)) for i in range(options.streams)]
@@ -498,6 +501,8 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
                 memory.sample(gw)
             idle_low = min(idle_low, load.idle_open)
         idle_at_end = load.idle_open
+        gateway_cpu = cpu_seconds(gw.process.pid) - gateway_cpu if not options.chaos else None  # one process
+        client_cpu = time.process_time() - client_cpu
         load.stop.set()
         wall = time.monotonic() - began
         await asyncio.gather(*streams)
@@ -535,6 +540,8 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
         "ttft_p50_s": percentile(ttft, 50), "ttft_p99_s": percentile(ttft, 99),
         "ttft_later_p50_s": percentile(ttft_later, 50), "ttft_later_p99_s": percentile(ttft_later, 99),
         "tokens_per_s": sum(r.tokens for r in load.requests) / span,
+        "gateway_cpu_s": gateway_cpu, "client_cpu_s": client_cpu,
+        "refusals": dict(Counter(r.message[:90] for r in load.requests if r.outcome == "refused").most_common(5)),
         "gateway_rss": Memory.summary(memory.gateway, gateway_before, gateway_idle, gateway_left),
         "instances_rss": Memory.summary(memory.instances, instances_before, instances_idle, instances_left),
         "kills": [asdict(k) for k in kills], "gateway_alive_at_end": gateway_alive,
@@ -561,6 +568,10 @@ def report(figures: dict) -> None:
         ["TTFT p50 / p99, after each client's first (not in the opening burst)",
          seconds_pair(figures["ttft_later_p50_s"], figures["ttft_later_p99_s"])],
         ["tokens/s", f"{figures['tokens_per_s']:.1f}"],
+        ["CPU seconds over the load: the gateway / this client",
+         f"{figures['gateway_cpu_s'] if figures['gateway_cpu_s'] is None else round(figures['gateway_cpu_s'], 1)} / "
+         f"{figures['client_cpu_s']:.1f}"],
+        ["refusals, most common", figures["refusals"] or "-"],
         ["idle WebSockets open: lowest / at end / reconnects",
          f"{figures['idle_open_lowest']} / {figures['idle_open_at_end']} / {figures['idle_reconnects']}"],
     ]
