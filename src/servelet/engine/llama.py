@@ -16,6 +16,12 @@ log = logging.getLogger("servelet.llama")
 
 _LEVELS = {3: logging.WARNING, 4: logging.ERROR}  # ggml_log_level: 3 = warn, 4 = error; the rest is chatter
 _AMX_BUFFER = re.compile(rb"AMX model buffer size\s*=\s*([0-9.]+) MiB")
+# llama.cpp's token attributes (llama_token_attr) that make a token markup, never text.
+_NOT_TEXT = C.LLAMA_TOKEN_ATTR_CONTROL | C.LLAMA_TOKEN_ATTR_UNKNOWN | C.LLAMA_TOKEN_ATTR_UNUSED
+# A GGUF marks added tokens only as user-defined, text or markup alike: Gemma 3's `<h1>` and runs of spaces are text,
+# its `<start_of_image>` and `[multimodal]` are markers (special in its Hugging Face tokenizer). Markers are named
+# like these: `<|...|>`, `<word_word...>`, `[word]`; HTML tags have no underscore.
+_MARKER = re.compile(rb"<\|[^|<>\s]+\|>|<[a-z0-9]+(?:_[a-z0-9]+)+>|\[[a-z0-9_]+\]")
 
 
 class _LoadLog:
@@ -192,6 +198,7 @@ class LlamaModel:
         self.bos_text = self._special_text(C.llama_vocab_bos(self._vocab))
         self.eos_text = self._special_text(C.llama_vocab_eos(self._vocab))
         self._piece_buf = ctypes.create_string_buffer(256)  # used by the engine thread only
+        self._special: dict[int, bool] = {}  # token -> is_special, filled as tokens are generated
         self._ctx = None
         self.build = build_facts()
         log.info("%s loaded on %s", self.name, self.build.summary())
@@ -249,12 +256,31 @@ class LlamaModel:
     def is_end_of_generation(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self._vocab, token))
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token adds to the text (possibly part of a UTF-8 character); control tokens add none."""
-        n = C.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, False)
+    def is_special(self, token: int) -> bool:
+        """Whether the token is markup (control, unknown, unused, or a user-defined marker) rather than text."""
+        special = self._special.get(token)
+        if special is None:
+            attributes = C.llama_vocab_get_attr(self._vocab, token)
+            special = bool(attributes & _NOT_TEXT) or bool(
+                attributes & C.LLAMA_TOKEN_ATTR_USER_DEFINED and _MARKER.fullmatch(C.llama_vocab_get_text(self._vocab, token) or b"")
+            )
+            self._special[token] = special
+        return special
+
+    def piece(self, token: int, skip_special: bool = True) -> bytes:
+        """The bytes a token adds to the text (possibly part of a UTF-8 character). A special token adds none, or
+        its own text (`<start_of_image>`) when not skipped, as vLLM's skip_special_tokens does."""
+        if self.is_special(token):
+            if skip_special:
+                return b""
+            return self._render(token, special=True)
+        return self._render(token, special=False)
+
+    def _render(self, token: int, special: bool) -> bytes:
+        n = C.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = C.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            n = C.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
             return buf.raw[:n]
         return self._piece_buf.raw[:n]
 

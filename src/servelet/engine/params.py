@@ -39,6 +39,10 @@ class GenerationParams(BaseModel):
     )
     details: bool = Field(False, description="Return finish reason, token counts and per-token log-probs.")
     ignore_eos: bool = Field(False, validation_alias=AliasChoices("ignore_eos", "ignore_eos_token"))
+    skip_special_tokens: bool = Field(
+        True, description="Leave special tokens (control tokens, markers like <start_of_image>) out of the text, as "
+        "vLLM does; false shows them.",
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

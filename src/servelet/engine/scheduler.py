@@ -271,7 +271,8 @@ class Scheduler:
                 if not seq.first_token_at:
                     seq.first_token_at = now
                     seq.prefill_seconds = now - seq.admitted
-            event, end = seq.accept(token, self.model.piece(token), logprobs.get(r), self.model.is_end_of_generation(token))
+            piece = self.model.piece(token, seq.params.skip_special_tokens)
+            event, end = seq.accept(token, piece, logprobs.get(r), self.model.is_end_of_generation(token))
             self.counters.tokens_generated += 1
             if end is None:
                 seq.sink.put(event)

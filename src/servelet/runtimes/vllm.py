@@ -83,6 +83,7 @@ def sampling_options(params: GenerationParams, max_new_tokens: int, logprobs: bo
         "stop": params.stop or None,
         "include_stop_str_in_output": params.include_stop_str_in_output,
         "ignore_eos": params.ignore_eos,
+        "skip_special_tokens": params.skip_special_tokens,
         "repetition_penalty": params.repetition_penalty or 1.0,
         "frequency_penalty": params.frequency_penalty,
         "presence_penalty": params.presence_penalty,

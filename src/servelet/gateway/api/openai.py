@@ -144,6 +144,9 @@ class GenerationRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="Lowers a token's logit by this once it appears.")
     logit_bias: dict[str, float] | None = Field(None, description="Not supported; leave unset or empty.")
     user: str | None = Field(None, description="Accepted and ignored.")
+    skip_special_tokens: bool = Field(
+        True, description="Not OpenAI's: vLLM's. false shows special tokens (markers like <start_of_image>) in the text.",
+    )
 
     @field_validator("n")
     @classmethod
@@ -174,6 +177,8 @@ class GenerationRequest(BaseModel):
         temperature = 1.0 if self.temperature is None else self.temperature
         top_p = 1.0 if self.top_p is None else self.top_p
         params: dict = {"stop": [*(self.stop or []), *stop]}
+        if not self.skip_special_tokens:
+            params["skip_special_tokens"] = False
         if max_tokens is not None:
             params["max_new_tokens"] = max_tokens
         for penalty in ("frequency_penalty", "presence_penalty"):

@@ -58,7 +58,7 @@ NEUTRAL: dict[str, tuple[tuple, str]] = {
 # What the instance takes (LMI's names); it checks the ranges and names the parameter when one is out of range.
 FORWARDED = {
     "max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "frequency_penalty", "do_sample", "seed",
-    "stop", "ignore_eos",
+    "stop", "ignore_eos", "skip_special_tokens",
 }
 
 
@@ -77,6 +77,9 @@ class TGIParameters(BaseModel):
     stop: list[str] = Field(default_factory=list, description=f"Up to {MAX_STOP_SEQUENCES} stop sequences.")
     details: bool = Field(False, description="Answer finish_reason, token counts and each token's log-prob.")
     ignore_eos: bool = Field(False, description="Not TGI's: LMI's and vLLM's, to generate exactly max_new_tokens.")
+    skip_special_tokens: bool = Field(
+        True, description="Not TGI's: vLLM's. false shows special tokens (markers like <start_of_image>) in the text.",
+    )
     return_full_text: bool | None = Field(None, description="Prepend the prompt to generated_text.")
     truncate: int | None = Field(None, description="Not supported: null only.")
     watermark: bool | None = Field(False, description="Not supported: false only.")

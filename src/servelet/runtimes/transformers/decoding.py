@@ -53,15 +53,16 @@ class Detokenizer:
     """The text each new token adds. Decoding a token alone can drop its leading space (SentencePiece) or split a
     character, so each token is decoded with the few before it, and text ending in a partial character waits."""
 
-    def __init__(self, tokenizer, prompt: list[int]):
+    def __init__(self, tokenizer, prompt: list[int], skip_special: bool = True):
         self.tokenizer = tokenizer
+        self.skip_special = skip_special
         self.ids = list(prompt[-DETOKENIZE_CONTEXT:])
         self.prefix = self.read = len(self.ids)
 
     def add(self, token: int, final: bool) -> str:
         self.ids.append(token)
-        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=True)
-        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=True)
+        before = self.tokenizer.decode(self.ids[self.prefix : self.read], skip_special_tokens=self.skip_special)
+        text = self.tokenizer.decode(self.ids[self.prefix :], skip_special_tokens=self.skip_special)
         if len(text) <= len(before) or (text.endswith("\ufffd") and not final):
             return ""
         self.prefix, self.read = self.read, len(self.ids)

@@ -137,7 +137,7 @@ class GenerationEngine:
     def _generate(self, job: Job) -> None:
         seq = job.seq
         seq.admitted = time.perf_counter()
-        sampler, text = Sampler(seq.params), Detokenizer(self.tokenizer, seq.prompt_tokens)
+        sampler, text = Sampler(seq.params), Detokenizer(self.tokenizer, seq.prompt_tokens, seq.params.skip_special_tokens)
         history = list(seq.prompt_tokens)
         feed, cache = torch.tensor([seq.prompt_tokens]), None
         self.counters["prompt_tokens"] += len(seq.prompt_tokens)
