@@ -403,10 +403,10 @@ async def restart_gateway(gw: RestartableGateway, began: float, http: httpx.Asyn
 
 def attribute(requests: list[Request], kills: list[Kill]) -> list[Request]:
     """Give each failed request to the kill it was in flight at; what no kill explains is returned. Also when each
-    kill's endpoint served again: the first token of a request sent after it."""
+    kill's endpoint served again: the first token of a request sent after it (whether or not a later kill cut it)."""
     for kill in kills:
         kill.serves_again_s = min((r.first_token - kill.at_s for r in requests
-                                   if r.outcome == "ok" and r.started >= kill.at_s), default=None)
+                                   if r.first_token and r.started >= kill.at_s), default=None)
     unexplained = []
     for request in (r for r in requests if r.outcome == "error"):
         kill = next((k for k in reversed(kills)
@@ -548,6 +548,9 @@ async def run(gw: RestartableGateway, options: argparse.Namespace, database_url:
         "records": {name: len(rows) for name, rows in records_before.items()},
         "records_changed": differences(records_before, records_after),
         "logs": [str(path) for path in gw.logs],
+        # Every request: kind, sent, first token, end (seconds into the load; 0: none), tokens, outcome.
+        "request_log": [[r.kind, round(r.started, 3), round(r.first_token, 3), round(r.ended, 3), r.tokens, r.outcome]
+                        for r in load.requests],
     }
 
 
@@ -586,7 +589,7 @@ def report(figures: dict) -> None:
     print(engine_bench.markdown(["figure", "value"], [[str(a), str(b)] for a, b in rows]))
     if figures["kills"]:
         print(engine_bench.markdown(
-            ["kill", "at", "victim in flight", "failed", "errors", "serves again", "all instances ready",
+            ["kill", "at", "victim in flight", "failed", "errors", "serves again (a first token)", "all instances ready",
              "instances left running"],
             [[k["what"], f"{k['at_s']:.1f} s", str(k["in_flight"]), str(k["failed"]), "; ".join(k["errors"]) or "-",
               f"{k['serves_again_s']:.2f} s" if k["serves_again_s"] is not None else "-",
