@@ -20,11 +20,11 @@ each client's first request: those all start at once, and their prefills queue b
 
 `--chaos` adds, during the load: `kill -9` of a random instance (a child of the gateway), then, once it has recovered,
 a pause of 5-15 s (seeded) and the next kill; the first kill due after half time is the gateway's instead (`kill -9`,
-started again at once on the same store and port). Reported per kill:
-the requests that failed and their errors (each must have been in flight at the kill; the victim's own `/ping` said
-how many it was running just before), and the recovery time (until /health shows every instance ready again: the
-endpoint keeps serving on the others meanwhile; after the gateway's restart, until it serves again). Before the load
-and after it, every table of the store is dumped (models, endpoint configs, endpoints, API keys, ...; records made
+started again at once on the same store and port). Reported per kill: the requests that failed and their errors (each
+must have been in flight at the kill; the victim's own `/ping` said how many it was running just before); when the
+endpoint served again (the first token a client received after the kill: with another instance left, it never
+stopped); and when every instance was ready again (/health; after the gateway's restart, its new instances). Before
+the load and after it, every table of the store is dumped (models, endpoint configs, endpoints, API keys, ...; records made
 for the purpose: a spare model and endpoint config, an API key) and compared: what was lost must be nothing.
 
     python bench/load.py [--idle 1000] [--streams 100] [--seconds 60] [--new-tokens 32] [--store sqlite|postgres]
@@ -334,7 +334,7 @@ class Kill:
     at_s: float  # seconds into the load
     in_flight: int | None = None  # what the victim's /ping said it was running and holding just before
     recovery_s: float | None = None
-    serves_again_s: float | None = None  # until the first token of a request sent after the kill
+    serves_again_s: float | None = None  # until a client next received a token
     failed: int = 0
     errors: list[str] = field(default_factory=list)
     left_running: list[int] = field(default_factory=list)  # the gateway's instances alive ORPHAN_CHECK_S after its kill
@@ -403,10 +403,12 @@ async def restart_gateway(gw: RestartableGateway, began: float, http: httpx.Asyn
 
 def attribute(requests: list[Request], kills: list[Kill]) -> list[Request]:
     """Give each failed request to the kill it was in flight at; what no kill explains is returned. Also when each
-    kill's endpoint served again: the first token of a request sent after it (whether or not a later kill cut it)."""
+    kill's endpoint served again: the first token a client received after it (a stream's first token, or the last
+    of a stream that completed: at most that late)."""
     for kill in kills:
-        kill.serves_again_s = min((r.first_token - kill.at_s for r in requests
-                                   if r.first_token and r.started >= kill.at_s), default=None)
+        tokens_after = [r.first_token for r in requests if r.first_token > kill.at_s]
+        tokens_after += [r.ended for r in requests if r.outcome == "ok" and r.ended > kill.at_s]
+        kill.serves_again_s = min(tokens_after) - kill.at_s if tokens_after else None
     unexplained = []
     for request in (r for r in requests if r.outcome == "error"):
         kill = next((k for k in reversed(kills)
@@ -589,7 +591,7 @@ def report(figures: dict) -> None:
     print(engine_bench.markdown(["figure", "value"], [[str(a), str(b)] for a, b in rows]))
     if figures["kills"]:
         print(engine_bench.markdown(
-            ["kill", "at", "victim in flight", "failed", "errors", "serves again (a first token)", "all instances ready",
+            ["kill", "at", "victim in flight", "failed", "errors", "serves again (a token)", "all instances ready",
              "instances left running"],
             [[k["what"], f"{k['at_s']:.1f} s", str(k["in_flight"]), str(k["failed"]), "; ".join(k["errors"]) or "-",
               f"{k['serves_again_s']:.2f} s" if k["serves_again_s"] is not None else "-",
