@@ -24,8 +24,9 @@ started again at once on the same store and port). Reported per kill: the reques
 must have been in flight at the kill; the victim's own `/ping` said how many it was running just before); when the
 endpoint served again (the first token a client received after the kill: with another instance left, it never
 stopped); and when every instance was ready again (/health; after the gateway's restart, its new instances). Before
-the load and after it, every table of the store is dumped (models, endpoint configs, endpoints, API keys, ...; records made
-for the purpose: a spare model and endpoint config, an API key) and compared: what was lost must be nothing.
+the load and after it, every table of the store is dumped (models, endpoint configs, endpoints, API keys, ...;
+records made for the purpose: a spare model and endpoint config, an API key) and compared: what was lost must be
+nothing.
 
     python bench/load.py [--idle 1000] [--streams 100] [--seconds 60] [--new-tokens 32] [--store sqlite|postgres]
                          [--chaos] [--seed 16] [--json PATH]
