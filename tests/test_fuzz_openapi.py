@@ -11,12 +11,12 @@ for more is refused with a 4xx, which is itself a case the fuzz run checks. Run 
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import schemathesis
 from conftest import start_gateway, stop_process
+from error_shapes import family, problem
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
@@ -49,58 +49,15 @@ def node_id_for_schemathesis(request):
         request.node._nodeid = request.node.nodeid
 
 
-# -- each API family's error shape, as its client reads it ---------------------------------------------------
-def family(method: str, path: str, headers: dict) -> str:
-    """Which API family answers a request: the same split the gateway's auth rules make (auth/rules.py)."""
-    if path == "/" and method == "POST":
-        return "aws-json" if any(name.lower() == "x-amz-target" for name in headers) else "tgi"
-    if path.startswith(("/endpoints/", "/async-invocations/")) or path == "/invocations":
-        return "sagemaker"
-    if path.startswith("/v1/"):
-        return "openai"
-    if path in ("/generate", "/generate_stream", "/info"):
-        return "tgi"
-    return "plain"
-
-
-def text(value) -> bool:
-    return isinstance(value, str) and value.strip() != ""
-
-
-def shape_problem(family_name: str, body, headers) -> str | None:
-    """What is wrong with an error answer of `family_name` (None: its client reads the code and a message)."""
-    if not isinstance(body, dict):
-        return "the body is not a JSON object"
-    if family_name == "aws-json":  # botocore's JSON 1.1 parser: `__type` and `message`
-        ok = text(body.get("__type")) and text(body.get("message"))
-        return None if ok else 'no "__type" and "message"'
-    if family_name == "sagemaker":  # botocore's rest-json parser: the code in x-amzn-errortype, `Message` in the body
-        ok = text(headers.get("x-amzn-errortype")) and text(body.get("Message") or body.get("message"))
-        return None if ok else 'no x-amzn-errortype header and "Message"'
-    if family_name == "openai":  # openai's APIStatusError reads error.message, error.type
-        error = body.get("error")
-        ok = isinstance(error, dict) and text(error.get("message")) and text(error.get("type"))
-        return None if ok else 'no {"error": {"message", "type"}}'
-    if family_name == "tgi":  # huggingface_hub reads `error` and `error_type`
-        ok = text(body.get("error")) and text(body.get("error_type"))
-        return None if ok else 'no "error" and "error_type"'
-    ok = text(body.get("error")) and text(body.get("error_type")) and isinstance(body.get("code"), int)
-    return None if ok else 'no "code", "error_type" and "error"'
-
-
 @schemathesis.check
 def error_in_family_shape(ctx, response, case) -> bool | None:
     """A 4xx or 5xx answer carries its family's error shape, with a message that says what is wrong."""
     if response.status_code < 400:
         return None
-    name = family(case.method.upper(), case.formatted_path, dict(response.request.headers))
-    try:
-        body = json.loads(response.content)
-    except ValueError:
-        body = None
+    name = family(case.method, case.formatted_path, response.request.headers)
     headers = {key: values[0] for key, values in response.headers.items()}  # lower-case names, a list of values
-    if problem := shape_problem(name, body, headers):
-        raise AssertionError(f"{response.status_code} in the {name} family's shape: {problem}: {response.content[:300]!r}")
+    if wrong := problem(name, response.content, headers):
+        raise AssertionError(f"{response.status_code} in the {name} family's shape: {wrong}: {response.content[:300]!r}")
     return None
 
 
