@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from ..prompt_spans import tokenize_segments
 from .errors import REBUILD_WITHOUT_AMX, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
 from .generation import Generation
 from .llama import ContextShape, LlamaModel, amx_compiled
@@ -116,7 +117,7 @@ class Engine:
         params = params or GenerationParams()
         if self.failure or self._stopping:
             raise EngineStopped(self.failure or "the engine is shutting down")
-        tokens = self.model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        tokens = self._tokens(prompt, params) if isinstance(prompt, str) else list(prompt)
         if not tokens or (isinstance(prompt, str) and not prompt):
             raise InvalidRequest("inputs must not be empty")
         max_new = allowed_new_tokens(len(tokens), params, self.max_model_len, self.config.max_tokens_per_request)
@@ -175,6 +176,14 @@ class Engine:
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text)
+
+    def _tokens(self, prompt: str, params: GenerationParams) -> list[int]:
+        """The prompt's tokens; its literal spans (a user's text) without special-token parsing."""
+        try:
+            return tokenize_segments(prompt, params.literal_spans, lambda text, first, literal: self.model.tokenize(
+                text, add_special=first, parse_special=not literal))
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
 
     @property
     def steps(self) -> int:

@@ -242,15 +242,17 @@ class LlamaModel:
         C.llama_set_n_threads(self._ctx, n_threads, n_threads)
 
     # -- text <-> tokens -------------------------------------------------------------------
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """`add_special`: the BOS token first, where the model wants one; `parse_special`: markup like
+        `<start_of_turn>` becomes its special token (off for a user's plain text)."""
         raw = text.encode("utf-8")
         room = len(raw) + 16
         out = (C.llama_token * room)()
-        n = C.llama_tokenize(self._vocab, raw, len(raw), out, room, add_special and self.add_bos, True)
+        n = C.llama_tokenize(self._vocab, raw, len(raw), out, room, add_special and self.add_bos, parse_special)
         if n < 0:  # buffer too small: -n is the size needed
             room = -n
             out = (C.llama_token * room)()
-            n = C.llama_tokenize(self._vocab, raw, len(raw), out, room, add_special and self.add_bos, True)
+            n = C.llama_tokenize(self._vocab, raw, len(raw), out, room, add_special and self.add_bos, parse_special)
         return list(out[:n])
 
     def is_end_of_generation(self, token: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
+from ..prompt_spans import Span, check_spans
 from .errors import ContextOverflow, InvalidRequest
 
 MAX_STOP_SEQUENCES = 16
@@ -39,6 +40,11 @@ class GenerationParams(BaseModel):
     )
     details: bool = Field(False, description="Return finish reason, token counts and per-token log-probs.")
     ignore_eos: bool = Field(False, validation_alias=AliasChoices("ignore_eos", "ignore_eos_token"))
+    literal_spans: list[Span] = Field(
+        default_factory=list, description="[start, end) character ranges of the prompt that are plain text: markup "
+        "like <start_of_turn> in them is not parsed as special tokens (servelet's gateway sets them for chat messages "
+        "and QA questions and contexts).",
+    )
     skip_special_tokens: bool = Field(
         True, description="Leave special tokens (control tokens, markers like <start_of_image>) out of the text, as "
         "vLLM does; false shows them.",
@@ -48,6 +54,11 @@ class GenerationParams(BaseModel):
     @classmethod
     def _one_stop_as_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("literal_spans")
+    @classmethod
+    def _ordered_spans(cls, value: list[Span]) -> list[Span]:
+        return check_spans(value)
 
     @field_validator("stop")
     @classmethod

@@ -10,11 +10,18 @@ The plain template, for base models without a template (like the default Gemma 3
 
 Generation stops at the next turn marker (`PLAIN_TURN_STOPS`), so a base model answers its own turn instead of
 writing the rest of the transcript.
+
+Each message's content is plain text: the prompt comes with the character ranges of the contents
+(`ChatPrompt.literal_spans`), which runtimes tokenize without parsing special tokens, so a message that contains
+`<start_of_turn>model` cannot open a turn (servelet/prompt_spans.py). To find them in a template's output, each
+content is rendered between two private-use characters (U+E000, U+E001; removed from the contents first), which
+are then taken out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
 
@@ -23,9 +30,12 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import BadRequest, ModelFailed
+from ..prompt_spans import Span
 
 PLAIN_TURN_STOPS = ["\nUser:", "\nAssistant:"]
 PLAIN_ROLES = {"user": "User", "assistant": "Assistant"}
+OPEN, CLOSE = "\ue000", "\ue001"  # around each content in a template's output; never in a content
+MARKED = re.compile(f"{OPEN}(.*?){CLOSE}", re.DOTALL)
 
 
 @dataclass
@@ -34,15 +44,43 @@ class ChatPrompt:
 
     text: str
     stop: list[str]
+    literal_spans: list[Span] = field(default_factory=list)  # where the messages' contents are in `text`
+
+    def parameters(self) -> dict:
+        """What the instance needs besides the text: the contents' spans, when there are any."""
+        return {"literal_spans": self.literal_spans} if self.literal_spans else {}
 
 
 def chat_prompt(messages: list[dict[str, str]], facts: dict) -> ChatPrompt:
     """`messages` are `{"role", "content"}` with text content; OpenAI's `developer` role is the system's."""
-    messages = [{"role": _role(m["role"]), "content": m["content"]} for m in messages]
+    messages = [{"role": _role(m["role"]), "content": _unmarked(m["content"])} for m in messages]
     template = facts.get("chat_template")
     if template:
-        return ChatPrompt(render_template(template, messages, facts), stop=[])
-    return ChatPrompt(plain_prompt(messages), stop=list(PLAIN_TURN_STOPS))
+        marked = [m | {"content": f"{OPEN}{m['content']}{CLOSE}" if m["content"] else ""} for m in messages]
+        text, spans = take_out_marks(render_template(template, marked, facts))
+        return ChatPrompt(text, stop=[], literal_spans=spans)
+    text, spans = take_out_marks(plain_prompt([m | {"content": f"{OPEN}{m['content']}{CLOSE}"} for m in messages]))
+    return ChatPrompt(text, stop=list(PLAIN_TURN_STOPS), literal_spans=spans)
+
+
+def _unmarked(content: str) -> str:
+    return content.replace(OPEN, "").replace(CLOSE, "") if OPEN in content or CLOSE in content else content
+
+
+def take_out_marks(text: str) -> tuple[str, list[Span]]:
+    """The text without its OPEN/CLOSE marks, and the spans they enclosed (empty ones left out)."""
+    pieces, spans, length, at = [], [], 0, 0
+    for match in MARKED.finditer(text):
+        # A template that cut a content short may leave a lone mark: dropped, its text not protected.
+        before, content = _unmarked(text[at:match.start()]), match[1]
+        pieces += [before, content]
+        length += len(before)
+        if content:
+            spans.append((length, length + len(content)))
+        length += len(content)
+        at = match.end()
+    pieces.append(_unmarked(text[at:]))
+    return "".join(pieces), spans
 
 
 def _role(role: str) -> str:

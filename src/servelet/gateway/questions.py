@@ -20,6 +20,7 @@ from difflib import SequenceMatcher
 
 from ..control.invocation import Invocation
 from ..errors import ModelFailed, Unprocessable
+from ..prompt_spans import Span
 from .textgen import Completion, TextGenerator, Token
 
 FEW_SHOT = (
@@ -48,8 +49,14 @@ class QuestionAnswer:
         return asdict(self)
 
 
-def prompt_for(question: str, context: str) -> str:
-    return FEW_SHOT + f"Context: {' '.join(context.split())}\nQuestion: {' '.join(question.split())}\nAnswer:"
+def prompt_for(question: str, context: str) -> tuple[str, list[Span]]:
+    """The prompt, and where the context and the question lie in it: the user's plain text, whose markup
+    (`<start_of_turn>`) must stay text (servelet/prompt_spans.py)."""
+    context, question = " ".join(context.split()), " ".join(question.split())
+    context_at = len(FEW_SHOT) + len("Context: ")
+    question_at = context_at + len(context) + len("\nQuestion: ")
+    text = FEW_SHOT + f"Context: {context}\nQuestion: {question}\nAnswer:"
+    return text, [(context_at, context_at + len(context)), (question_at, question_at + len(question))]
 
 
 def check(question, context) -> tuple[str, str]:
@@ -111,9 +118,10 @@ async def stream_answer(
     if textgen.facts(endpoint).get("task") == "question-answering":
         yield await ask_extractive_model(textgen, endpoint, question, context)
         return
-    parameters = {"max_new_tokens": MAX_ANSWER_TOKENS, "stop": ["\n"], "temperature": 0}
+    prompt, spans = prompt_for(question, context)
+    parameters = {"max_new_tokens": MAX_ANSWER_TOKENS, "stop": ["\n"], "temperature": 0, "literal_spans": spans}
     tokens: list[Token] = []
-    async for item in textgen.stream(endpoint, prompt_for(question, context), parameters):
+    async for item in textgen.stream(endpoint, prompt, parameters):
         if isinstance(item, Token):
             tokens.append(item)
             yield item

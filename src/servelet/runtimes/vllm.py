@@ -26,6 +26,7 @@ from ..engine import (
     Token,
 )
 from ..engine.params import allowed_new_tokens
+from ..prompt_spans import hf_tokens
 from ..settings import InstanceSettings, SettingsError
 from .lmi import TextGenerationRuntime
 
@@ -251,7 +252,10 @@ class VllmEngine:
         params = params or GenerationParams()
         if not prompt:
             raise InvalidRequest("inputs must not be empty")
-        tokens = self.tokenizer.encode(prompt)
+        try:
+            tokens = hf_tokens(self.tokenizer, prompt, params.literal_spans)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         new_tokens = allowed_new_tokens(len(tokens), params, self.max_model_len, self.max_tokens_per_request)
         if self._in_flight >= self.max_batch_size + self.max_waiting:
             raise Overloaded(

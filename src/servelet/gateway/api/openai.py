@@ -429,7 +429,7 @@ async def chat_completions(request: Request, svc: Services = Depends(services)):
     note_endpoint(request, model)
     prompt = chat_prompt([m.model_dump(include={"role", "content"}) for m in body.messages], svc.textgen.facts(model))
     max_tokens = body.max_completion_tokens or body.max_tokens
-    parameters = body.parameters(max_tokens, stop=prompt.stop)
+    parameters = body.parameters(max_tokens, stop=prompt.stop) | prompt.parameters()
     reply = Reply("chatcmpl", body.model)
     if body.stream:
         items = await start_stream(request, svc, model, prompt.text, parameters, target)

@@ -246,7 +246,7 @@ class Connection:
         """Render the messages as the OpenAI family does (the model's template, else the plain one), then generate."""
         messages = [m.model_dump() for m in request.messages]
         prompt = chat_prompt(messages, self.services.textgen.facts(request.endpoint))
-        parameters = dict(request.parameters)
+        parameters = dict(request.parameters) | prompt.parameters()
         if isinstance(stop := parameters.get("stop", []), list):  # anything else: the instance says what is wrong
             parameters["stop"] = [*stop, *prompt.stop]
         async with aclosing(self.services.textgen.stream(request.endpoint, prompt.text, parameters)) as items:

@@ -26,6 +26,7 @@ from ...engine.errors import EngineStopped, InvalidRequest, Overloaded
 from ...engine.generation import Generation
 from ...engine.params import GenerationParams, allowed_new_tokens
 from ...engine.sequence import Finished, FinishReason, Sequence, Token
+from ...prompt_spans import hf_tokens
 from ...settings import InstanceSettings
 from ..lmi import TextGenerationRuntime
 from .decoding import Detokenizer, Sampler
@@ -77,7 +78,10 @@ class GenerationEngine:
         params = params or GenerationParams()
         if self._stopping:
             raise EngineStopped("the engine is shutting down")
-        tokens = self.tokenize(prompt) if prompt else []
+        try:
+            tokens = hf_tokens(self.tokenizer, prompt, params.literal_spans) if prompt else []
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         if not tokens:
             raise InvalidRequest("inputs must not be empty")
         max_new = allowed_new_tokens(len(tokens), params, self.context_length, self.max_tokens_per_request)
@@ -94,9 +98,7 @@ class GenerationEngine:
         return Generation(seq, events.get, lambda: setattr(seq, "cancelled", True))  # the worker looks before each token
 
     def tokenize(self, text: str) -> list[int]:
-        # A prompt rendered from a chat template may already start with the BOS token.
-        bos = self.tokenizer.bos_token
-        return self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+        return hf_tokens(self.tokenizer, text, [])
 
     def occupancy(self) -> dict:
         with self._lock:
