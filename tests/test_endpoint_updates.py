@@ -133,7 +133,7 @@ def test_an_update_whose_model_cannot_load_rolls_back(sagemaker, runtime, endpoi
 
 def test_an_alarm_that_fires_rolls_the_update_back(sagemaker, runtime, endpoint):
     config(sagemaker, "shop-v3", ("purple", "shop-model"))
-    alarm = "servelet:p99-latency>0.000001"
+    alarm = "servelet:p99-latency>0.000001,min-requests=1"
     sagemaker.update_endpoint(
         EndpointName=endpoint, EndpointConfigName="shop-v3", DeploymentConfig=canary(wait=30, termination=30, alarms=(alarm,))
     )
@@ -262,7 +262,8 @@ def test_traffic_shifts_follow_the_policy():
 
 def test_alarms_read_the_green_fleets_outcomes():
     outcomes = Outcomes(seconds=60)
-    errors, latency = Alarm.parse("servelet:error-rate>0.25"), Alarm.parse("servelet:p99-latency > 2.5")
+    errors = Alarm.parse("servelet:error-rate>0.25,min-requests=3")
+    latency = Alarm.parse("servelet:p99-latency > 2.5 , min-requests=3")
     assert errors.fired(outcomes) is None and latency.fired(outcomes) is None  # no requests, no alarm
     for failed, seconds in [(False, 0.1), (False, 0.2), (True, 3.0)]:
         outcomes.record(failed, seconds)
@@ -270,9 +271,23 @@ def test_alarms_read_the_green_fleets_outcomes():
     assert "p99-latency was 3 s" in latency.fired(outcomes)
     outcomes.record(False, 0.1)
     assert errors.fired(outcomes) is None
-    for name in ("HighErrorRate", "servelet:error-rate<0.5", "servelet:p50-latency>1"):
+    for name in ("HighErrorRate", "servelet:error-rate<0.5", "servelet:p50-latency>1",
+                 "servelet:error-rate>0.5,min-requests=0", "servelet:error-rate>0.5,min=3"):
         with pytest.raises(ResourceInvalid):
             Alarm.parse(name)
+
+
+def test_an_alarm_waits_for_enough_requests_before_it_judges():
+    """One failed request among a canary's first few is not a 100 % error rate (default: 20 requests)."""
+    outcomes = Outcomes(seconds=60)
+    alarm = Alarm.parse("servelet:error-rate>0.05")
+    outcomes.record(True, 0.1)
+    assert alarm.fired(outcomes) is None
+    for _ in range(18):
+        outcomes.record(False, 0.1)
+    assert alarm.fired(outcomes) is None  # 19 requests: not judged yet
+    outcomes.record(True, 0.1)
+    assert "error-rate was 10.0% over its last 20 requests" in alarm.fired(outcomes)
 
 
 def test_a_pinned_variant_prefers_green_while_green_takes_traffic():

@@ -23,6 +23,9 @@ unchanged; any other name is refused, since servelet could not evaluate it:
     servelet:error-rate>0.05     more than 5 % of green's requests failed (errors of the fleet, not 4xx)
     servelet:p99-latency>2.5     green's 99th percentile latency is above 2.5 s (streams: time to first byte)
 
+An alarm is judged once green has answered MIN_REQUESTS requests in the window (20; `,min-requests=N` after the
+rule changes it): one failed request among the first few of a canary is noise, not a 100 % error rate.
+
 UpdateEndpointWeightsAndCapacities sets weights at once and adds or removes instances (removed ones drain
 first); the endpoint is Updating until the added instances are ready.
 
@@ -56,8 +59,12 @@ from .resources import (
 
 log = logging.getLogger("servelet.control")
 
-ALARM_PATTERN = re.compile(r"^servelet:(error-rate|p99-latency)\s*>\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)$")
-ALARM_FORMS = "servelet:error-rate>0.05 or servelet:p99-latency>2.5 (seconds)"
+ALARM_PATTERN = re.compile(
+    r"^servelet:(error-rate|p99-latency)\s*>\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)(?:\s*,\s*min-requests=([0-9]+))?$"
+)
+ALARM_FORMS = ("servelet:error-rate>0.05 or servelet:p99-latency>2.5 (seconds), optionally followed by "
+               ",min-requests=N (default 20)")
+MIN_REQUESTS = 20
 DRAIN_TIMEOUT_S = 120.0  # the longest a retired fleet waits for its in-flight requests
 WATCH_POLL_S = 0.1
 
@@ -67,6 +74,7 @@ class Alarm:
     name: str
     metric: str  # error-rate | p99-latency
     threshold: float
+    min_requests: int = MIN_REQUESTS  # fewer requests in the window: not judged yet
 
     @classmethod
     def parse(cls, name: str) -> "Alarm":
@@ -76,10 +84,14 @@ class Alarm:
                 f"DeploymentConfig.AutoRollbackConfiguration.Alarms: {name!r} is not an alarm servelet can evaluate "
                 f"(there is no CloudWatch here); name a threshold on the new fleet instead: {ALARM_FORMS}"
             )
-        return cls(name, match[1], float(match[2]))
+        if match[3] is not None and int(match[3]) < 1:
+            raise ResourceInvalid(f"DeploymentConfig.AutoRollbackConfiguration.Alarms: {name!r}: min-requests must be 1 or more")
+        return cls(name, match[1], float(match[2]), MIN_REQUESTS if match[3] is None else int(match[3]))
 
     def fired(self, outcomes: Outcomes) -> str | None:
         """Why the alarm fires on these outcomes, or None."""
+        if outcomes.count < self.min_requests:
+            return None
         if self.metric == "error-rate":
             value, shown = outcomes.error_rate, lambda x: f"{x:.1%}"
         else:
