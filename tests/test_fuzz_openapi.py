@@ -11,6 +11,7 @@ for more is refused with a 4xx, which is itself a case the fuzz run checks. Run 
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -24,11 +25,24 @@ EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))  # per operation and phase
 REQUEST_TIMEOUT = 60  # seconds: an answer slower than this is a hang (a few tokens take well under a second)
 # A few tokens per request and a short context: every generated request that runs the model is cheap.
 LIMITS = {"SERVELET_MAX_TOKENS_PER_REQUEST": "4", "SERVELET_MAX_MODEL_LEN": "128", "SERVELET_MAX_BATCH_SIZE": "4"}
+# Generated control requests may name s3:// or https:// models and data: whatever the gateway would fetch for them
+# goes to a closed port on this machine, never out of it.
+NOWHERE = "http://127.0.0.1:9"
+OFFLINE = {"AWS_ENDPOINT_URL": NOWHERE, "HTTP_PROXY": NOWHERE, "HTTPS_PROXY": NOWHERE, "NO_PROXY": "127.0.0.1,localhost"}
+AMZ_JSON = "application/x-amz-json-1.1"
+
+# The control API's bodies are JSON under AWS's own media type, which Schemathesis does not know as JSON.
+schemathesis.serializer.alias(AMZ_JSON, "application/json")
+
+
+@schemathesis.deserializer(AMZ_JSON)
+def amz_json(ctx, response):
+    return json.loads(response.content)
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory, model_path):
-    running = start_gateway(tmp_path_factory.mktemp("fuzz"), env=LIMITS)
+    running = start_gateway(tmp_path_factory.mktemp("fuzz"), env=LIMITS | OFFLINE)
     yield running
     stop_process(running.process)
 
