@@ -26,7 +26,8 @@ def check_spans(spans: Sequence[Sequence[int]]) -> list[Span]:
         if not 0 <= start < end:
             raise ValueError(f"literal_spans: [{start}, {end}) is empty or negative")
         if checked and start < checked[-1][1]:
-            raise ValueError(f"literal_spans: [{start}, {end}) overlaps or precedes [{checked[-1][0]}, {checked[-1][1]})")
+            before = checked[-1]
+            raise ValueError(f"literal_spans: [{start}, {end}) overlaps or precedes [{before[0]}, {before[1]})")
         checked.append((start, end))
     return checked
 

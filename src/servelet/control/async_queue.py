@@ -95,7 +95,8 @@ class Statements:
                        .limit(bindparam("count")) for kind in (pending, lapsed)]
         if engine.dialect.name == "postgresql":  # gateways sharing the database take different jobs
             self.oldest = [query.with_for_update(skip_locked=True) for query in self.oldest]
-        self.claim = update(jobs).where(jobs.c.inference_id.in_(bindparam("ids", expanding=True)), pending | lapsed).values(
+        chosen = jobs.c.inference_id.in_(bindparam("ids", expanding=True))
+        self.claim = update(jobs).where(chosen, pending | lapsed).values(
             status=JobStatus.IN_PROGRESS.value, lease_owner=bindparam("owner"), lease_until=bindparam("until"),
             attempts=jobs.c.attempts + 1,
         ).returning(*jobs.c)
@@ -222,7 +223,7 @@ class JobQueue:
             return []
         now, statements = time.time(), self._statements
         with self.engine.begin() as connection:
-            # Select, then update: PostgreSQL may run a LIMIT subquery of an UPDATE more than once, taking more than count.
+            # Select, then update: PostgreSQL may run an UPDATE's LIMIT subquery more than once, taking more than count.
             found = [row for query in statements.oldest
                      for row in connection.execute(query, {"of_endpoint": endpoint, "now": now, "count": count})]
             ids = [row.inference_id for row in sorted(found, key=lambda row: row.created)[:count]]

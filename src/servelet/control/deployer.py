@@ -85,7 +85,9 @@ class Alarm:
                 f"(there is no CloudWatch here); name a threshold on the new fleet instead: {ALARM_FORMS}"
             )
         if match[3] is not None and int(match[3]) < 1:
-            raise ResourceInvalid(f"DeploymentConfig.AutoRollbackConfiguration.Alarms: {name!r}: min-requests must be 1 or more")
+            raise ResourceInvalid(
+                f"DeploymentConfig.AutoRollbackConfiguration.Alarms: {name!r}: min-requests must be 1 or more"
+            )
         return cls(name, match[1], float(match[2]), MIN_REQUESTS if match[3] is None else int(match[3]))
 
     def fired(self, outcomes: Outcomes) -> str | None:

@@ -263,9 +263,9 @@ class LlamaModel:
         special = self._special.get(token)
         if special is None:
             attributes = C.llama_vocab_get_attr(self._vocab, token)
-            special = bool(attributes & _NOT_TEXT) or bool(
-                attributes & C.LLAMA_TOKEN_ATTR_USER_DEFINED and _MARKER.fullmatch(C.llama_vocab_get_text(self._vocab, token) or b"")
-            )
+            text = C.llama_vocab_get_text(self._vocab, token) or b""
+            user_marker = attributes & C.LLAMA_TOKEN_ATTR_USER_DEFINED and _MARKER.fullmatch(text)
+            special = bool(attributes & _NOT_TEXT) or bool(user_marker)
             self._special[token] = special
         return special
 
