@@ -151,7 +151,7 @@ def test_nan_and_infinite_parameters_are_refused_naming_the_parameter(http, path
     body = json.dumps(body_with(make, names, **{parameter: 0.5})).replace('"%s": 0.5' % name, f'"{name}": {literal}')
     assert literal in body
     response = http.post(path, content=body, headers={"Content-Type": "application/json"})
-    refused(response, "POST", path, name)
+    refused(response, "POST", path, name, "finite number")
 
 
 @pytest.mark.parametrize(("path", "make", "names"), ROUTES, ids=ROUTE_IDS)
@@ -430,7 +430,7 @@ BAD_MESSAGES = {
     "binary": (frame(Opcode.BINARY, REQUEST), "not a binary one"),
     "truncated-json": (frame(Opcode.TEXT, b'{"id": 1, "inputs": '), "not valid JSON"),
     "nan-temperature": (frame(Opcode.TEXT, b'{"id": 1, "inputs": "Hello", "parameters": {"temperature": NaN}}'),
-                        "temperature"),
+                        "temperature: Input should be a finite number"),
     "huge-max-new-tokens": (
         frame(Opcode.TEXT, b'{"id": 1, "inputs": "Hello", "parameters": {"max_new_tokens": 1000000000000}}'),
         "SERVELET_MAX_TOKENS_PER_REQUEST",

@@ -14,9 +14,10 @@ CONTEXT_SETTING = "SERVELET_MAX_MODEL_LEN"
 
 
 class GenerationParams(BaseModel):
-    """What a caller may ask of one generation; unknown names are refused, not ignored."""
+    """What a caller may ask of one generation; unknown names are refused, not ignored, and so are NaN and
+    infinities (JSON has neither, but Python's json writes them), named as such rather than as out of range."""
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(
         None, ge=1, description="Tokens to generate at most; defaults to what fits, capped at 256."

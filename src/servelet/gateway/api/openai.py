@@ -123,9 +123,10 @@ NEUTRAL = {"best_of": 1}
 
 
 class GenerationRequest(BaseModel):
-    """What completions and chat completions share: the endpoint, sampling, stops, streaming."""
+    """What completions and chat completions share: the endpoint, sampling, stops, streaming. NaN and infinities
+    are refused as such (Python's json writes them)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     model: str = Field(..., description="The endpoint to call (`GET /v1/models` lists them).", examples=["default"])
     max_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most.")

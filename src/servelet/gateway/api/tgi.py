@@ -63,9 +63,9 @@ FORWARDED = {
 
 
 class TGIParameters(BaseModel):
-    """TGI's `parameters`; unknown names are refused, not ignored."""
+    """TGI's `parameters`; unknown names are refused, not ignored, and so are NaN and infinities."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_new_tokens: int | None = Field(None, description="Tokens to generate at most.")
     temperature: float | None = Field(None, description="0 or unset with do_sample false means greedy.")
