@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from conftest import boto, start_gateway, stop_process, wait_for
+from conftest import boto, create_async_endpoint, start_gateway, stop_process, wait_for
 
 TRICKLE_BYTES = 64 * 1024  # what a download still gated receives, every GATE_POLL_S (a read timeout never fires)
 GATE_POLL_S = 0.2
@@ -27,6 +27,7 @@ BODY = json.dumps({"inputs": "The capital of France is", "parameters": {"max_new
 FIRST = "/first/model.gguf"  # the endpoint `fetched-in-background`, also after the restart
 DELETED = "/deleted/model.gguf"
 FETCHED, DELETED_ENDPOINT = "fetched-in-background", "deleted-while-creating"
+ASYNC, ASYNC_ENDPOINT = "/async/model.gguf", "async-restored"
 
 
 class GatedFiles(ThreadingHTTPServer):
@@ -189,18 +190,30 @@ def test_an_endpoint_deleted_while_creating_leaves_no_instance(running, files, s
     assert instance_processes(DELETED_ENDPOINT) == []
 
 
-def test_a_restart_serves_each_endpoint_without_waiting_for_the_others_downloads(running, files):
-    """Last in the module: it restarts the gateway. The endpoint of the first test downloads its model again
-    (gated); `default` serves meanwhile."""
+def test_a_restart_serves_each_endpoint_without_waiting_for_the_others_downloads(running, files, sagemaker, tmp_path):
+    """Last in the module: it restarts the gateway. The endpoints of the first test and an async one download their
+    models again (gated); `default` serves meanwhile, and the async endpoint takes jobs, run once its model is in."""
+    files.gate(ASYNC).set()
+    create_async_endpoint(sagemaker, ASYNC_ENDPOINT, files.url(ASYNC), f"file://{tmp_path}/out")
     stop_process(running["gateway"].process)
     files.gate(FIRST).clear()
+    files.gate(ASYNC).clear()
     began = files.parts_begun[FIRST]
     running["gateway"] = gateway = start_gateway(running["folder"], ready="default")
     try:
         assert wait_for(lambda: files.parts_begun[FIRST] > began, 30), "the restore never fetched the model again"
         assert invoke(gateway, "default") == 200
         assert not ready(gateway, FETCHED) and invoke(gateway, FETCHED) == 503
+        with gateway.http(timeout=30) as http:
+            queued = http.post(f"/endpoints/{ASYNC_ENDPOINT}/async-invocations", content=BODY,
+                               headers={"X-Amzn-SageMaker-Content-Type": "application/json"})
+        assert queued.status_code == 202, queued.text
+        assert not ready(gateway, ASYNC_ENDPOINT)
     finally:
         files.gate(FIRST).set()
+        files.gate(ASYNC).set()
     assert wait_for(lambda: ready(gateway, FETCHED), 120), gateway.log()[-3000:]
     assert invoke(gateway, FETCHED) == 200
+    output = tmp_path / "out" / f"{queued.json()['InferenceId']}.out"
+    assert wait_for(output.exists, 120), gateway.log()[-3000:]
+    assert "generated_text" in output.read_text()

@@ -41,10 +41,14 @@ router = APIRouter(tags=["SageMaker runtime"], dependencies=[Depends(error_forma
     status_code=202,
 )
 async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_NAME, services: Services = Depends(services)):
-    if EndpointName not in services.fleet.endpoints:
+    # An endpoint restored after a restart that still fetches its model takes jobs: the queue keeps them until
+    # its instances are ready (one being created is not InService yet, and its config is not read until it is).
+    if EndpointName not in services.fleet.endpoints and not services.plane.starting(EndpointName):
         known = ", ".join(sorted(services.fleet.endpoints)) or "none"
         raise BadRequest(f"Endpoint {EndpointName} of account {ACCOUNT} not found. (endpoints here: {known})")
     config = await services.async_worker.config_of(EndpointName)
+    if config is None and EndpointName not in services.fleet.endpoints:
+        raise BadRequest(f"Endpoint {EndpointName} of account {ACCOUNT} is being created: invoke it once it is InService")
     if config is None:
         raise BadRequest(
             f"Endpoint {EndpointName} of account {ACCOUNT} is not an asynchronous endpoint: its endpoint config has "
