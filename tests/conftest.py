@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -203,6 +204,15 @@ def start_gateway(
             time.sleep(0.2)
     stop_process(process)
     raise RuntimeError(f"gateway not ready after {START_TIMEOUT}s:\n{gateway.log()}")
+
+
+def create_key(data_dir: Path, name: str, *flags: str) -> dict:
+    """`servelet keys create NAME --scope ... [--aws] --json` on a gateway's store (its SERVELET_DATA_DIR), as a user
+    makes a key: before the gateway starts, or while it runs."""
+    env = os.environ | {"SERVELET_DATA_DIR": str(data_dir)}
+    done = subprocess.run([SERVELET, "keys", "create", name, *flags, "--json"], env=env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    return json.loads(done.stdout)
 
 
 def stop_process(process: subprocess.Popen, grace: float = 30) -> None:

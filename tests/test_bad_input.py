@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import re
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
-from conftest import SERVELET, start_gateway, stop_process
+from conftest import create_key, start_gateway, stop_process
 from error_shapes import family, message, problem
 from websockets.client import ClientProtocol
 from websockets.frames import Close, Opcode
@@ -40,14 +39,6 @@ RUNTIME = "/endpoints/default/invocations"
 RUNTIME_STREAM = "/endpoints/default/invocations-response-stream"
 AMZ_JSON = "application/x-amz-json-1.1"
 LIST_ENDPOINTS = {"X-Amz-Target": "SageMaker.ListEndpoints", "Content-Type": AMZ_JSON}
-
-
-def create_key(data: Path, name: str, *flags: str) -> dict:
-    """`servelet keys create NAME --scope ... [--aws] --json`, on the gateway's store, before it starts."""
-    env = {"SERVELET_DATA_DIR": str(data), "PATH": str(Path(SERVELET).parent)}
-    done = subprocess.run([SERVELET, "keys", "create", name, *flags, "--json"], env=env, capture_output=True,
-                          text=True, timeout=120, check=True)
-    return json.loads(done.stdout)
 
 
 @pytest.fixture(scope="module")
