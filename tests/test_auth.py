@@ -231,6 +231,21 @@ def test_metrics_need_the_metrics_scope_and_docs_need_a_key(keys, gateway):
         assert http.get("/ping").status_code == 200 and http.get("/health").status_code == 200
 
 
+def test_a_browser_opens_the_docs_with_the_key_as_its_basic_password_and_nothing_else(keys, gateway):
+    """A browser cannot add a header to a page: after a 401 with WWW-Authenticate it asks for a user and password,
+    then sends them by itself, so only the read-only pages take them."""
+    basic = httpx.BasicAuth("anyone", keys["invoker"]["key"])
+    with gateway.http() as http:
+        asked = http.get("/docs")
+        assert asked.status_code == 401 and asked.headers["www-authenticate"].startswith("Basic ")
+        assert http.get("/docs", auth=basic).status_code == 200
+        assert http.get("/openapi.json", auth=basic).json()["info"]["title"] == "servelet"
+        assert http.get("/docs", auth=httpx.BasicAuth("anyone", "svl-not-a-key")).status_code == 401
+        refused = http.post("/invocations", content=b"{}", auth=basic, headers={"content-type": "application/json"})
+        assert refused.status_code == 403 and "www-authenticate" not in refused.headers
+        assert http.get("/metrics", auth=httpx.BasicAuth("anyone", keys["scraper"]["key"])).status_code == 401
+
+
 # -- SigV4 details: the clock-skew window and the payload hash ------------------------------------------------
 def signed_request(keys, gateway, body: bytes, when: datetime) -> AWSRequest:
     creds = keys["aws-default"]

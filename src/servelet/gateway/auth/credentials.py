@@ -1,5 +1,9 @@
 """Who a request is: an API key (`Authorization: Bearer KEY` or `x-api-key: KEY`) or a SigV4 signature.
 
+A browser cannot add a header to a page it opens, so the read-only pages (`/docs`, `/openapi.json`) also take the
+key as HTTP Basic's password (the browser asks for it after a 401 with `WWW-Authenticate: Basic`). Nowhere else:
+a browser sends Basic credentials by itself once given, so on any other route a web page could use them.
+
 Lookups are cached for a few seconds so that most requests cost no store query; a lookup the cache lacks runs in a
 thread, so a slow store (PostgreSQL across a network) never stalls the event loop, which carries every stream. A key
 revoked with `servelet keys revoke` (another process, writing the store) is refused within `CACHE_SECONDS`.
@@ -8,6 +12,8 @@ revoked with `servelet keys revoke` (another process, writing the store) is refu
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -34,6 +40,18 @@ def api_key_in(headers: Headers) -> str | None:
     if scheme.lower() == "bearer" and value.strip():
         return value.strip()
     return None
+
+
+def basic_password_in(headers: Headers) -> str | None:
+    """The password of an `Authorization: Basic` header (the user name is not looked at), if it has one."""
+    scheme, _, value = headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        password = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2].strip()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return password or None
 
 
 def carries_credentials(headers: Headers) -> bool:
@@ -64,11 +82,12 @@ class Authenticator:
         sigv4.verify(signed, secret, method, url, headers, body)
         return grant
 
-    async def grant(self, method: str, url: str, headers: Headers, body: bytes | None) -> Grant:
-        """The request's grant; `body` is needed (read whole) only for a SigV4 request."""
+    async def grant(self, method: str, url: str, headers: Headers, body: bytes | None, basic: bool = False) -> Grant:
+        """The request's grant; `body` is needed (read whole) only for a SigV4 request; `basic`: a read-only page,
+        which takes the key as HTTP Basic's password too."""
         if sigv4.is_sigv4(headers.get("authorization")):
             return await self.by_signature(method, url, headers, body or b"")
-        key = api_key_in(headers)
+        key = api_key_in(headers) or (basic_password_in(headers) if basic else None)
         if key is None:
             raise NoCredentials(
                 "this gateway requires a key: send `Authorization: Bearer KEY` or `x-api-key: KEY`, or SigV4 "

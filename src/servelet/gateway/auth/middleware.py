@@ -53,7 +53,7 @@ class Gate:
                 body = None
                 if scope["type"] == "http" and is_sigv4(headers.get("authorization")):
                     body, receive = await _read_whole(receive, headers, self.body_limit)
-                grant = await self.authenticator.grant(method, _url(scope), headers, body)
+                grant = await self.authenticator.grant(method, _url(scope), headers, body, basic=_page(method, need))
                 if need.reads_body and not grant.may_invoke_all() and body is None:
                     body, receive = await _read_whole(receive, headers, self.body_limit)
                 await self.authorize(grant, need, body)
@@ -90,7 +90,14 @@ class Gate:
             reason = error.message.encode()[:120].decode(errors="ignore")  # a close reason holds 123 bytes at most
             return await send({"type": "websocket.close", "code": POLICY_VIOLATION, "reason": reason})
         response = render_refusal(Request(scope), need.family, error)
+        if error.status == 401 and _page(scope.get("method", "GET"), need):
+            response.headers["WWW-Authenticate"] = 'Basic realm="servelet", charset="UTF-8"'  # a browser asks for it
         await response(scope, _nothing, send)
+
+
+def _page(method: str, need: Need) -> bool:
+    """A read-only page (`/docs`, `/openapi.json`): it takes the key as HTTP Basic's password (auth/credentials.py)."""
+    return method in ("GET", "HEAD") and need.kind == "any"
 
 
 def _endpoint_in_body(body: bytes, field: str, max_depth: int) -> str | None:
