@@ -255,6 +255,23 @@ SERVICES: dict[str, dict[str, Operation]] = {TARGET_PREFIX: OPERATIONS}
 def add_service(target_prefix: str, operations: dict[str, Operation]) -> None:
     """Serve another AWS JSON 1.1 service on `POST /`, told apart by its `X-Amz-Target` prefix."""
     SERVICES[target_prefix] = operations
+    document_operations()
+
+
+# What GET /openapi.json lists for `POST /`: every X-Amz-Target and its body. Filled in place, as FastAPI builds the
+# document at its first request: operations registered after this module (transform jobs, autoscaling) are in it.
+DOCUMENTED_TARGETS: list[str] = []
+DOCUMENTED_INPUTS: list[dict] = []
+
+
+def document_operations() -> None:
+    operations = [(prefix + name, op.input) for prefix, registry in SERVICES.items() for name, op in registry.items()]
+    schema = json_body(*(model for _, model in operations))["requestBody"]["content"]["application/json"]["schema"]
+    inputs = schema.get("oneOf", [schema])
+    for each, (target, _) in zip(inputs, operations):
+        each["title"] = target
+    DOCUMENTED_TARGETS[:] = [target for target, _ in operations]
+    DOCUMENTED_INPUTS[:] = inputs
 
 
 def operation(name: str, input: type[BaseModel], raises: tuple[str, ...] = (), registry: dict[str, Operation] = OPERATIONS):
@@ -477,14 +494,13 @@ is no `X-Amz-Target`: generate, or stream server-sent events when the body says 
 
 def _openapi() -> dict:
     extra = json_body(tgi.TGIRequest)
-    inputs = json_body(*(op.input for op in OPERATIONS.values()))["requestBody"]["content"]["application/json"]
-    for schema, name in zip(inputs["schema"]["oneOf"], OPERATIONS):
-        schema["title"] = name
-    extra["requestBody"]["content"][AMZ_JSON] = inputs
+    document_operations()
+    extra["requestBody"]["content"][AMZ_JSON] = {"schema": {"oneOf": DOCUMENTED_INPUTS}}
     extra["parameters"] = [{
         "name": "X-Amz-Target", "in": "header", "required": False,
-        "description": "`SageMaker.<Operation>` for the control API; absent for TGI.",
-        "schema": {"type": "string", "enum": [TARGET_PREFIX + name for name in OPERATIONS]},
+        "description": "`SageMaker.<Operation>` (or `AnyScaleFrontendService.<Operation>`) for the control APIs; "
+        "absent for TGI.",
+        "schema": {"type": "string", "enum": DOCUMENTED_TARGETS},
     }]
     return extra
 
