@@ -19,10 +19,12 @@ import pytest
 import schemathesis
 from conftest import create_key, start_gateway, stop_process
 from error_shapes import family, problem
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error, response_schema_conformance
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))  # per operation and phase; make test keeps it small
+CONTROL_EXAMPLES = max(1, EXAMPLES // 3)  # per control operation and mode (valid, invalid): 25 operations
 REQUEST_TIMEOUT = 60  # seconds: an answer slower than this is a hang (a few tokens take well under a second)
 # A few tokens per request and a short context: every generated request that runs the model is cheap.
 LIMITS = {"SERVELET_MAX_TOKENS_PER_REQUEST": "4", "SERVELET_MAX_MODEL_LEN": "128", "SERVELET_MAX_BATCH_SIZE": "4"}
@@ -94,3 +96,33 @@ CHECKS = [not_a_server_error, response_schema_conformance, error_in_family_shape
 )
 def test_every_operation_answers_without_a_server_error_in_its_family_s_shape(case, admin):
     case.call_and_validate(headers=admin[1], checks=CHECKS, timeout=REQUEST_TIMEOUT)
+
+
+# -- the control APIs, each operation with its own bodies ---------------------------------------------------------
+def one_document_per_target(document: dict):
+    """(X-Amz-Target, an OpenAPI document of POST / taking only that operation's body): the whole document lets any
+    target meet any operation's body, so most generated control requests are refused before the operation runs."""
+    post = document["paths"]["/"]["post"]
+    for body in post["requestBody"]["content"][AMZ_JSON]["schema"]["oneOf"]:
+        operation = post | {"requestBody": {"required": True, "content": {AMZ_JSON: {"schema": body}}}}
+        yield body["title"], document | {"paths": {"/": {"post": operation}}}
+
+
+def test_each_control_operation_with_bodies_of_its_own_shape(gateway, admin):
+    with gateway.http(headers=admin[1], timeout=REQUEST_TIMEOUT) as http:
+        document = http.get("/openapi.json").json()
+    targets = 0
+    for target, single in one_document_per_target(document):
+        operation = schemathesis.openapi.from_dict(single)["/"]["POST"]
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(mode, headers={"X-Amz-Target": target}, media_type=AMZ_JSON))
+            @settings(max_examples=CONTROL_EXAMPLES, deadline=None, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def answers(case):
+                case.call_and_validate(base_url=gateway.base_url, headers=admin[1], checks=CHECKS,
+                                       timeout=REQUEST_TIMEOUT)
+
+            answers()
+        targets += 1
+    assert targets >= 20  # SageMaker's, its transform jobs', Application Auto Scaling's

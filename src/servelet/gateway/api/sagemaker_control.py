@@ -270,6 +270,7 @@ def document_operations() -> None:
     inputs = schema.get("oneOf", [schema])
     for each, (target, _) in zip(inputs, operations):
         each["title"] = target
+        _closed(each)
     DOCUMENTED_TARGETS[:] = [target for target, _ in operations]
     DOCUMENTED_INPUTS[:] = inputs
 
@@ -490,6 +491,18 @@ with a JSON body (`{AMZ_JSON}`); supported: {", ".join(OPERATIONS)}. Errors answ
 
 **TGI's compat route** (what `huggingface_hub.InferenceClient(model=<this server's URL>)` posts to) when there
 is no `X-Amz-Target`: generate, or stream server-sent events when the body says `stream: true`."""
+
+
+def _closed(schema) -> None:
+    """Say that objects take no other members, as request_input refuses them (the resources ignore them)."""
+    if isinstance(schema, dict):
+        if "properties" in schema:
+            schema.setdefault("additionalProperties", False)
+        for value in schema.values():
+            _closed(value)
+    elif isinstance(schema, list):
+        for value in schema:
+            _closed(value)
 
 
 def _openapi() -> dict:
