@@ -1,5 +1,6 @@
 """SageMaker control requests with members servelet does not honour are refused, naming the member, as boto3 shows it;
-ContainerStartupHealthCheckTimeoutInSeconds is honoured as the variant's instance start timeout.
+ContainerStartupHealthCheckTimeoutInSeconds is honoured as the variant's instance start timeout, RoutingConfig as
+how a request picks an instance.
 
 They used to be dropped, so a VpcConfig, a KmsKeyId or a DataCaptureConfig looked honoured and was not.
 """
@@ -56,11 +57,6 @@ def autoscaling(gateway):
 REFUSED = {
     "VpcConfig on CreateModel": (
         "create_model", {"ModelName": "m", "PrimaryContainer": CONTAINER, "VpcConfig": VPC}, "VpcConfig",
-    ),
-    "RoutingConfig": (
-        "create_endpoint_config",
-        {"EndpointConfigName": "c", "ProductionVariants": [VARIANT | {"RoutingConfig": {"RoutingStrategy": "RANDOM"}}]},
-        "ProductionVariants.0.RoutingConfig",
     ),
     "DataCaptureConfig": (
         "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "DataCaptureConfig": CAPTURE},
@@ -127,8 +123,13 @@ def test_suspended_scaling_is_refused_by_name(autoscaling):
 
 def test_members_servelet_reads_still_pass(sagemaker):
     sagemaker.create_model(ModelName="m", PrimaryContainer=CONTAINER, ExecutionRoleArn="arn:aws:iam::1:role/r")
-    sagemaker.create_endpoint_config(EndpointConfigName="c", ProductionVariants=[VARIANT])
-    assert sagemaker.describe_endpoint_config(EndpointConfigName="c")["ProductionVariants"][0]["VariantName"] == "AllTraffic"
+    routed = VARIANT | {"RoutingConfig": {"RoutingStrategy": "RANDOM"}}
+    sagemaker.create_endpoint_config(EndpointConfigName="c", ProductionVariants=[routed])
+    described = sagemaker.describe_endpoint_config(EndpointConfigName="c")["ProductionVariants"][0]
+    assert described["VariantName"] == "AllTraffic" and described["RoutingConfig"] == {"RoutingStrategy": "RANDOM"}
+    with pytest.raises(botocore.exceptions.ClientError, match="RoutingStrategy"):
+        sagemaker.create_endpoint_config(EndpointConfigName="d", ProductionVariants=[
+            VARIANT | {"RoutingConfig": {"RoutingStrategy": "ROUND_ROBIN"}}])
 
 
 def test_container_startup_health_check_timeout_is_the_variants_start_timeout(sagemaker, tmp_path):

@@ -59,3 +59,25 @@ def test_instances_that_do_not_set_their_threads_split_the_cores(tmp_path, monke
     new = fleet._instance("e", Variant("v", "package://x", 1.0))
     fleet._share_cores([pinned, new])
     assert pinned.env["SERVELET_THREADS"] == "3" and new.env["SERVELET_THREADS"] == "1"
+
+
+def test_a_request_goes_to_the_ready_instance_answering_the_fewest():
+    """LEAST_OUTSTANDING_REQUESTS (the default): after a kill, the replacement takes the new requests instead of
+    sitting idle beside a survivor that holds every stream; ties go in turn."""
+    instances = [SimpleNamespace(name=f"i{n}", ready=True) for n in range(3)]
+    variant = Variant("v", "m", instances=instances)
+    variant.in_flight.update({"i0": 5, "i1": 2, "i2": 0})
+    assert variant.pick_instance().name == "i2"
+    variant.in_flight.update({"i2": 3})  # i0 5, i1 2, i2 3
+    assert variant.pick_instance().name == "i1"
+    variant.in_flight.clear()
+    assert {variant.pick_instance().name for _ in range(3)} == {"i0", "i1", "i2"}
+    instances[1].ready = False
+    assert variant.pick_instance().name != "i1"
+
+
+def test_random_routing_uses_every_ready_instance_whatever_their_load():
+    instances = [SimpleNamespace(name=f"i{n}", ready=True) for n in range(2)]
+    variant = Variant("v", "m", instances=instances, routing="RANDOM")
+    variant.in_flight.update({"i0": 100})
+    assert {variant.pick_instance().name for _ in range(200)} == {"i0", "i1"}

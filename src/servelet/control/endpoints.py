@@ -35,6 +35,7 @@ DEFAULT_ENDPOINT = "default"
 MAX_SOCKET_PATH_BYTES = 100
 DEFAULT_VARIANT = "AllTraffic"  # the name SageMaker's console gives a single variant
 STARTS_KEPT = 5  # per variant, for DescribeEndpoint
+LEAST_OUTSTANDING, RANDOM = "LEAST_OUTSTANDING_REQUESTS", "RANDOM"  # RoutingConfig.RoutingStrategy
 RESTART_BACKOFF_SECONDS = 1.0
 MAX_RESTART_BACKOFF_SECONDS = 30.0
 # Instances killed by a signal before serving a request, in a row, after which the fleet stops restarting them: a
@@ -55,6 +56,7 @@ class VariantPlan:
     env: dict[str, str] = field(default_factory=dict)
     serverless: ServerlessConfig | None = None
     start_timeout: float | None = None  # ContainerStartupHealthCheckTimeoutInSeconds; None: the fleet's
+    routing: str = LEAST_OUTSTANDING  # RoutingConfig.RoutingStrategy
 
 
 class Outcomes:
@@ -115,6 +117,7 @@ class Variant:
     last_request: float = field(default_factory=time.monotonic)  # when a request last came in or left
     scaled_to_zero: bool = False  # it was, once: its starts are worth a snapshot template
     starts: deque[StartRecord] = field(default_factory=lambda: deque(maxlen=STARTS_KEPT))  # the last ones
+    routing: str = LEAST_OUTSTANDING  # RoutingConfig.RoutingStrategy
     _next: int = 0
 
     def wants_template(self) -> bool:
@@ -133,12 +136,16 @@ class Variant:
         return [i for i in self.instances if i.ready]
 
     def pick_instance(self) -> Instance | None:
-        """Round robin over ready instances."""
+        """The ready instance answering the fewest requests (ties taken in turn), or any one for RANDOM. Round
+        robin alone left a replaced instance idle while the survivor of a kill kept every stream."""
         ready = self.ready_instances()
         if not ready:
             return None
+        if self.routing == RANDOM:
+            return random.choice(ready)
         self._next = (self._next + 1) % len(ready)
-        return ready[self._next]
+        in_turn = ready[self._next:] + ready[:self._next]
+        return min(in_turn, key=lambda instance: self.in_flight[instance.name])
 
 
 @dataclass
@@ -299,7 +306,7 @@ class Fleet:
         for plan in plans:
             variant = Variant(
                 plan.name, plan.model_uri, plan.weight, env=plan.env, serverless=plan.serverless,
-                start_timeout=plan.start_timeout,
+                start_timeout=plan.start_timeout, routing=plan.routing,
             )
             variant.instances = [self._instance(name, variant) for _ in range(plan.instances)]
             variants.append(variant)

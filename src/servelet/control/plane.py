@@ -288,6 +288,7 @@ class ControlPlane:
                 weight=variant.initial_variant_weight,
                 env=model.instance_environment(),
                 start_timeout=variant.container_startup_health_check_timeout_in_seconds,
+                **({"routing": variant.routing_config.routing_strategy} if variant.routing_config else {}),
             ))
             if variant.variant_name in changed:
                 plans[-1].weight = changed[variant.variant_name].desired_weight

@@ -145,6 +145,15 @@ class ServerlessConfig(Resource):
         return self
 
 
+class RoutingConfig(Resource):
+    """SageMaker's ProductionVariantRoutingConfig: how a request picks one of the variant's instances."""
+
+    routing_strategy: Literal["LEAST_OUTSTANDING_REQUESTS", "RANDOM"] = Field(
+        description="LEAST_OUTSTANDING_REQUESTS: the ready instance answering the fewest requests (servelet's default "
+        "without a RoutingConfig); RANDOM: any ready instance, as SageMaker's default.",
+    )
+
+
 class ProductionVariant(Resource):
     variant_name: str = Field(pattern=NAME_PATTERN)
     model_name: str = Field(pattern=NAME_PATTERN)
@@ -153,6 +162,7 @@ class ProductionVariant(Resource):
     initial_variant_weight: float = Field(1.0, ge=0.0)
     instance_type: str | None = Field(None, description="Accepted for compatibility; instances run on this machine.")
     serverless_config: ServerlessConfig | None = None
+    routing_config: RoutingConfig | None = None
     container_startup_health_check_timeout_in_seconds: int | None = Field(
         None, ge=1, le=3600, description="Seconds each instance may take to answer /ping; unset: the gateway's "
         "SERVELET_INSTANCE_START_TIMEOUT.",
