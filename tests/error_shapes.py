@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from botocore.parsers import create_parser
+
 
 def family(method: str, path: str, headers) -> str:
     """Which API family answers a request: the split the gateway's auth rules make (gateway/auth/rules.py)."""
@@ -23,12 +25,22 @@ def _text(value) -> bool:
     return isinstance(value, str) and value.strip() != ""
 
 
-def message(family_name: str, body: dict) -> str:
+# The AWS families' wire protocols, as botocore names them: the SageMaker runtime is rest-json (the code in
+# x-amzn-errortype), the control APIs on `POST /` JSON 1.1 (the code in `__type`).
+BOTOCORE_PROTOCOL = {"sagemaker": "rest-json", "aws-json": "json"}
+
+
+def aws_error(family_name: str, content: bytes, headers) -> dict:
+    """{"Code", "Message"} as botocore parses an error answer of an AWS family (what boto3 raises)."""
+    response = {"status_code": 400, "headers": dict(headers), "body": content}
+    return create_parser(BOTOCORE_PROTOCOL[family_name]).parse(response, None)["Error"]
+
+
+def message(family_name: str, content: bytes, headers) -> str:
     """The error message a client of the family shows (what the bad-input tests read the problem's name from)."""
-    if family_name == "aws-json":
-        return body["message"]
-    if family_name == "sagemaker":
-        return body.get("Message") or body["message"]
+    if family_name in BOTOCORE_PROTOCOL:
+        return aws_error(family_name, content, headers)["Message"]
+    body = json.loads(content)
     if family_name == "openai":
         return body["error"]["message"]
     return body["error"]
@@ -43,12 +55,10 @@ def problem(family_name: str, content: bytes, headers) -> str | None:
         return "the body is not JSON"
     if not isinstance(body, dict):
         return "the body is not a JSON object"
-    if family_name == "aws-json":  # botocore's JSON 1.1 parser: `__type` and `message`
-        ok = _text(body.get("__type")) and _text(body.get("message"))
-        return None if ok else 'no "__type" and "message"'
-    if family_name == "sagemaker":  # botocore's rest-json parser: the code in x-amzn-errortype, then `Message`
-        ok = _text(headers.get("x-amzn-errortype")) and _text(body.get("Message") or body.get("message"))
-        return None if ok else 'no x-amzn-errortype header and "Message"'
+    if family_name in BOTOCORE_PROTOCOL:  # read by botocore's own parser, which falls back to the status as the code
+        error = aws_error(family_name, content, headers)
+        ok = _text(error.get("Code")) and not error["Code"].isdigit() and _text(error.get("Message"))
+        return None if ok else f"botocore reads no error code and message: {error}"
     if family_name == "openai":  # the openai client's APIStatusError: error.message, error.type
         error = body.get("error")
         ok = isinstance(error, dict) and _text(error.get("message")) and _text(error.get("type"))

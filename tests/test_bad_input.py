@@ -83,7 +83,7 @@ def refused(response: httpx.Response, method: str, path: str, *names: str, statu
     kind = family(method, path, response.request.headers)
     headers = {name.lower(): value for name, value in response.headers.items()}
     assert problem(kind, response.content, headers) is None, (kind, response.text[:500])
-    said = message(kind, response.json())
+    said = message(kind, response.content, headers)
     for name in names:
         assert name.lower() in said.lower(), said
     return said
