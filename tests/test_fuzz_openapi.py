@@ -26,8 +26,9 @@ from schemathesis.checks import not_a_server_error, response_schema_conformance
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))  # per operation and phase; make test keeps it small
 CONTROL_EXAMPLES = max(1, EXAMPLES // 3)  # per control operation and mode (valid, invalid): 25 operations
 REQUEST_TIMEOUT = 60  # seconds: an answer slower than this is a hang (a few tokens take well under a second)
-# A few tokens per request and a short context: every generated request that runs the model is cheap.
-LIMITS = {"SERVELET_MAX_TOKENS_PER_REQUEST": "4", "SERVELET_MAX_MODEL_LEN": "128", "SERVELET_MAX_BATCH_SIZE": "4"}
+# Few tokens per request and a short context: every generated request that runs the model is cheap. 24 tokens is
+# what the QA routes ask for an answer (gateway/questions.py); fewer, and every question would be refused.
+LIMITS = {"SERVELET_MAX_TOKENS_PER_REQUEST": "24", "SERVELET_MAX_MODEL_LEN": "128", "SERVELET_MAX_BATCH_SIZE": "4"}
 # Generated control requests may name s3:// or https:// models and data: whatever the gateway would fetch for them
 # goes to a closed port on this machine, never out of it.
 NOWHERE = "http://127.0.0.1:9"
