@@ -486,3 +486,9 @@ def test_a_100_mb_body_is_refused_without_the_gateway_holding_it(gateway, http, 
 def test_a_wrong_method_or_path_is_refused_in_the_path_s_family_shape(http, method, path, status):
     response = http.request(method, path)
     refused(response, method, path, status=status)
+
+
+def test_plain_http_to_the_websocket_route_is_told_to_upgrade(http):
+    response = http.get("/ws")
+    refused(response, "GET", "/ws", "WebSocket", status=426)
+    assert response.headers["Upgrade"] == "websocket"

@@ -29,6 +29,12 @@ class MethodNotAllowed(GatewayError):
     status, kind = 405, "method_not_allowed"
 
 
+class UpgradeRequired(GatewayError):
+    """A plain HTTP request to a WebSocket route."""
+
+    status, kind = 426, "upgrade_required"
+
+
 class PayloadTooLarge(GatewayError):
     status, kind = 413, "payload_too_large"
 

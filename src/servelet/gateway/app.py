@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from .. import __version__, heap, objects
 from ..config import apply_config, load_config
@@ -26,7 +27,7 @@ from ..control.snapshots import Snapshots
 from ..control.store import Store
 from ..control.transform_runner import TransformRunner
 from ..control.usage import CostMeter
-from ..errors import GatewayError, MethodNotAllowed, NotFound, Unprocessable
+from ..errors import GatewayError, MethodNotAllowed, NotFound, Unprocessable, UpgradeRequired
 from ..settings import GatewaySettings, database_url
 from . import metrics
 from .api import autoscaling
@@ -60,6 +61,11 @@ def _instance_started(meter: CostMeter) -> Callable[[str, str, StartRecord], Non
         meter.instance_started(endpoint, variant, start)
 
     return started
+
+
+def is_websocket_route(app: FastAPI, path: str) -> bool:
+    scope = {"type": "websocket", "path": path, "root_path": "", "headers": [], "query_string": b""}
+    return any(route.matches(scope)[0] == Match.FULL for route in app.routes)
 
 
 def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> FastAPI:
@@ -145,6 +151,9 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         if exc.status_code == 405:
             error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}: it takes "
                                      f"{(exc.headers or {}).get('Allow', 'other methods')}")
+        elif exc.status_code == 404 and is_websocket_route(app, request.url.path):
+            error = UpgradeRequired(f"{request.url.path} is a WebSocket: connect with a WebSocket client (ws://)")
+            exc.headers = {"Upgrade": "websocket"}  # what 426 must name
         elif exc.status_code == 404:
             error = NotFound(f"no route {request.method} {request.url.path}; the routes are listed at /docs")
         else:
