@@ -16,7 +16,7 @@ from test_cli import servelet
 from servelet.control.autoscaler import CONCURRENCY, INVOCATIONS, ScalableTarget, ScalingPolicy
 from servelet.control.endpoints import Fleet
 from servelet.control.plane import ControlPlane
-from servelet.control.resources import EndpointRecord, VariantState
+from servelet.control.resources import EndpointRecord, SuspendedState, VariantState
 from servelet.control.store import Store
 from servelet.settings import DEFAULT_MODEL_URI
 
@@ -144,6 +144,29 @@ def test_bad_registrations_are_refused(scaling):
     finally:
         scaling.deregister_scalable_target(**TARGET)
     refused(scaling.deregister_scalable_target, "ObjectNotFoundException", "No scalable target found", **TARGET)
+
+
+def test_suspended_scaling_is_kept_and_shown(scaling):
+    """SuspendedState is honoured (it was refused by name): kept until a registration gives another."""
+    suspended = {"DynamicScalingInSuspended": True, "DynamicScalingOutSuspended": False, "ScheduledScalingSuspended": False}
+    scaling.register_scalable_target(**TARGET, MinCapacity=1, MaxCapacity=2, SuspendedState=suspended)
+    try:
+        scaling.register_scalable_target(**TARGET, MaxCapacity=3)  # no SuspendedState: the one given stays
+        [target] = scaling.describe_scalable_targets(ServiceNamespace="sagemaker", ResourceIds=[RESOURCE])["ScalableTargets"]
+        assert target["SuspendedState"] == suspended and target["MaxCapacity"] == 3
+    finally:
+        scaling.deregister_scalable_target(**TARGET)
+
+
+def test_a_suspended_direction_stops_the_policy_but_not_a_return_inside_the_bounds():
+    target = ScalableTarget(endpoint_name="e", variant_name="v", min_capacity=2, max_capacity=4)
+    assert target.policy_may_move(2, 3) and target.policy_may_move(3, 2)
+    target.suspended_state = SuspendedState(dynamic_scaling_out_suspended=True)
+    assert not target.policy_may_move(2, 3) and target.policy_may_move(3, 2)
+    assert target.policy_may_move(1, 2)  # below MinCapacity: back inside the bounds
+    target.suspended_state = SuspendedState(dynamic_scaling_in_suspended=True)
+    assert not target.policy_may_move(3, 2) and target.policy_may_move(2, 3)
+    assert target.policy_may_move(5, 4)  # above MaxCapacity
 
 
 def test_the_cli_turns_autoscaling_on_and_off(gateway, scaling):

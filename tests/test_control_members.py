@@ -19,8 +19,6 @@ VPC = {"SecurityGroupIds": ["sg-12345678"], "Subnets": ["subnet-12345678"]}
 CAPTURE = {
     "InitialSamplingPercentage": 100, "DestinationS3Uri": "s3://b/capture", "CaptureOptions": [{"CaptureMode": "Input"}],
 }
-SCALING = {"ServiceNamespace": "sagemaker", "ResourceId": "endpoint/e/variant/AllTraffic",
-           "ScalableDimension": "sagemaker:variant:DesiredInstanceCount", "MinCapacity": 1, "MaxCapacity": 2}
 
 
 START_TIMEOUT_S = 3  # the gateway's SERVELET_INSTANCE_START_TIMEOUT here: shorter than the slow model's load
@@ -47,11 +45,6 @@ def gateway(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sagemaker(gateway):
     return boto("sagemaker", gateway.base_url, retries={"max_attempts": 1})
-
-
-@pytest.fixture(scope="module")
-def autoscaling(gateway):
-    return boto("application-autoscaling", gateway.base_url, retries={"max_attempts": 1})
 
 
 REFUSED = {
@@ -110,15 +103,6 @@ def test_a_member_inside_the_async_inference_config_that_servelet_does_not_read_
                                                         "Content-Type": "application/x-amz-json-1.1"})
     assert answer.status_code == 400
     assert "OutputConfig.Encrypt: servelet does not support this member" in answer.json()["message"], answer.text
-
-
-def test_suspended_scaling_is_refused_by_name(autoscaling):
-    suspended = {"DynamicScalingInSuspended": True, "DynamicScalingOutSuspended": False, "ScheduledScalingSuspended": False}
-    with pytest.raises(botocore.exceptions.ClientError) as refused:
-        autoscaling.register_scalable_target(**SCALING, SuspendedState=suspended)
-    error = refused.value.response["Error"]
-    assert error["Code"] == "ValidationException"
-    assert error["Message"].startswith("SuspendedState: servelet does not support this member"), error["Message"]
 
 
 def test_members_servelet_reads_still_pass(sagemaker):

@@ -49,6 +49,7 @@ from .resources import (
     ScalableTarget,
     ScalingEvent,
     ScalingPolicy,
+    SuspendedState,
     arn,
     resource_id,
 )
@@ -139,11 +140,18 @@ class Autoscaler(ControlLoop):
             return await asyncio.to_thread(change, *args)
 
     # -- registration ------------------------------------------------------------------------------------------
-    async def register_target(self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None) -> ScalableTarget:
-        """RegisterScalableTarget: new, or new bounds for one already registered (a bound not given is kept)."""
-        return await self._change(self._register, endpoint, variant, min_capacity, max_capacity)
+    async def register_target(
+        self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None,
+        suspended: SuspendedState | None = None,
+    ) -> ScalableTarget:
+        """RegisterScalableTarget: new, or new bounds for one already registered (a bound or a SuspendedState not
+        given is kept)."""
+        return await self._change(self._register, endpoint, variant, min_capacity, max_capacity, suspended)
 
-    def _register(self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None) -> ScalableTarget:
+    def _register(
+        self, endpoint: str, variant: str, min_capacity: int | None, max_capacity: int | None,
+        suspended: SuspendedState | None = None,
+    ) -> ScalableTarget:
         record = self.store.get_endpoint(endpoint)
         if record is None:
             raise ResourceInvalid(f'Could not find endpoint "{arn("endpoint", endpoint)}": create it before registering it for autoscaling')
@@ -160,6 +168,8 @@ class Autoscaler(ControlLoop):
             raise ResourceInvalid(problem)
         target = existing or ScalableTarget(endpoint_name=endpoint, variant_name=variant, min_capacity=low, max_capacity=high)
         target.min_capacity, target.max_capacity = low, high
+        if suspended is not None:
+            target.suspended_state = suspended
         self.store.save_scaling_target(target)
         log.info("autoscaling: %s registered, %d..%d instances", target.resource_id, low, high)
         return target
@@ -302,6 +312,8 @@ class Autoscaler(ControlLoop):
             else:
                 desired, reason = current - 1, measured  # one step at a time
         else:
+            return
+        if not target.policy_may_move(current, desired):
             return
         await self._scale(target, current, desired, reason)
         self._last_any[key] = moment

@@ -492,6 +492,15 @@ class ScalingEvent(Resource):
     status: Literal["Successful", "Failed"] = "Successful"
 
 
+class SuspendedState(Resource):
+    """Application Auto Scaling's SuspendedState: which scaling activities are paused (servelet has no scheduled
+    actions, so the third pauses nothing)."""
+
+    dynamic_scaling_in_suspended: bool = False
+    dynamic_scaling_out_suspended: bool = False
+    scheduled_scaling_suspended: bool = False
+
+
 class ScalableTarget(Resource):
     """A variant whose instance count autoscaling may change, within [min, max]; its policy and last events."""
 
@@ -499,6 +508,7 @@ class ScalableTarget(Resource):
     variant_name: str
     min_capacity: int = Field(ge=0, le=MAX_INSTANCES_PER_VARIANT)
     max_capacity: int = Field(ge=1, le=MAX_INSTANCES_PER_VARIANT)
+    suspended_state: SuspendedState = Field(default_factory=SuspendedState)
     policy: ScalingPolicy | None = None
     events: list[ScalingEvent] = Field(default_factory=list)
     creation_time: datetime = Field(default_factory=now)
@@ -512,6 +522,15 @@ class ScalableTarget(Resource):
     @property
     def resource_id(self) -> str:
         return resource_id(self.endpoint_name, self.variant_name)
+
+    def policy_may_move(self, current: int, desired: int) -> bool:
+        """Whether the policy may take the count from `current` to `desired`: a suspended direction stops it, as
+        AWS does, but never a move back inside [min, max]."""
+        if desired > current:
+            return current < self.min_capacity or not self.suspended_state.dynamic_scaling_out_suspended
+        if desired < current:
+            return current > self.max_capacity or not self.suspended_state.dynamic_scaling_in_suspended
+        return True
 
 
 # -- batch transform: SageMaker's CreateTransformJob, and the job's state as DescribeTransformJob reports it ------

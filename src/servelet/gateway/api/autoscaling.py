@@ -22,7 +22,7 @@ from ...control.autoscaler import (
     target_errors,
 )
 from ...control.plane import ControlPlane
-from ...control.resources import CUSTOMIZED_METRICS, Resource
+from ...control.resources import CUSTOMIZED_METRICS, Resource, SuspendedState
 from .sagemaker_control import Operation, epoch, invalid, operation, request_input
 
 TARGET_PREFIX = "AnyScaleFrontendService."
@@ -52,6 +52,7 @@ class Scope(Resource):
 class RegisterInput(Scope):
     min_capacity: int | None = None
     max_capacity: int | None = None
+    suspended_state: SuspendedState | None = None
     role_arn: str | None = Field(None, alias="RoleARN", description="Accepted for compatibility, as IAM roles are.")
 
 
@@ -129,7 +130,9 @@ async def register_scalable_target(plane: ControlPlane, body: dict) -> dict:
     problem = target_errors(args.min_capacity, args.max_capacity)
     if problem:
         raise invalid(problem)
-    target = await plane.autoscaler.register_target(endpoint, variant, args.min_capacity, args.max_capacity)
+    target = await plane.autoscaler.register_target(
+        endpoint, variant, args.min_capacity, args.max_capacity, args.suspended_state,
+    )
     return {"ScalableTargetARN": target_arn(target)}
 
 
@@ -188,6 +191,7 @@ async def describe_scalable_targets(plane: ControlPlane, body: dict) -> dict:
         common(t) | {
             "MinCapacity": t.min_capacity, "MaxCapacity": t.max_capacity, "CreationTime": epoch(t.creation_time),
             "RoleARN": f"{ACCOUNT}:role/servelet", "ScalableTargetARN": target_arn(t),
+            "SuspendedState": t.suspended_state.model_dump(by_alias=True),
         }
         for t in await selected(plane, args)
     ]}
