@@ -1,6 +1,6 @@
 """SageMaker control requests with members servelet does not honour are refused, naming the member, as boto3 shows it;
 ContainerStartupHealthCheckTimeoutInSeconds is honoured as the variant's instance start timeout, RoutingConfig as
-how a request picks an instance.
+how a request picks an instance, CreateEndpoint's DeploymentConfig as the one later updates may retain.
 
 They used to be dropped, so a VpcConfig, a KmsKeyId or a DataCaptureConfig looked honoured and was not.
 """
@@ -67,12 +67,6 @@ REFUSED = {
         "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "KmsKeyId": "alias/k"},
         "KmsKeyId",
     ),
-    "DeploymentConfig on CreateEndpoint": (
-        "create_endpoint",
-        {"EndpointName": "e", "EndpointConfigName": "c",
-         "DeploymentConfig": {"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "a"}]}}},
-        "DeploymentConfig",
-    ),
     "ExperimentConfig on CreateTransformJob": (
         "create_transform_job",
         {"TransformJobName": "t", "ModelName": "m", "ExperimentConfig": {"ExperimentName": "x"},
@@ -114,6 +108,20 @@ def test_members_servelet_reads_still_pass(sagemaker):
     with pytest.raises(botocore.exceptions.ClientError, match="RoutingStrategy"):
         sagemaker.create_endpoint_config(EndpointConfigName="d", ProductionVariants=[
             VARIANT | {"RoutingConfig": {"RoutingStrategy": "ROUND_ROBIN"}}])
+
+
+def test_a_deployment_config_on_create_endpoint_is_kept_for_updates_that_retain_it(sagemaker):
+    """Needs test_members_servelet_reads_still_pass's model and config. Kept as the endpoint's LastDeploymentConfig,
+    which is what an UpdateEndpoint with RetainDeploymentConfig runs by (Deployer.update)."""
+    deployment = {"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "servelet:error-rate>0.05"}]}}
+    sagemaker.create_endpoint(EndpointName="kept", EndpointConfigName="c", DeploymentConfig=deployment)
+    try:
+        assert sagemaker.describe_endpoint(EndpointName="kept")["LastDeploymentConfig"] == deployment
+    finally:
+        sagemaker.delete_endpoint(EndpointName="kept")
+    unknown_alarm = {"AutoRollbackConfiguration": {"Alarms": [{"AlarmName": "my-cloudwatch-alarm"}]}}
+    with pytest.raises(botocore.exceptions.ClientError, match="not an alarm servelet can evaluate"):
+        sagemaker.create_endpoint(EndpointName="refused", EndpointConfigName="c", DeploymentConfig=unknown_alarm)
 
 
 def test_container_startup_health_check_timeout_is_the_variants_start_timeout(sagemaker, tmp_path):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
 from ..sizing import serverless_memory_problems
 from .autoscaler import Autoscaler, ScalingReport
-from .deployer import Deployer, variant_states
+from .deployer import Deployer, Policy, variant_states
 from .endpoints import Fleet, VariantPlan
 from .records import EndpointRecords
 from .resources import (
@@ -143,13 +143,18 @@ class ControlPlane:
         await asyncio.to_thread(self.store.delete_endpoint_config, name)
 
     # -- endpoints ------------------------------------------------------------------------------------------
-    async def create_endpoint(self, name: str, config_name: str) -> EndpointRecord:
-        """Record the endpoint `Creating` and answer; its instances start in the background (`_start`)."""
+    async def create_endpoint(
+        self, name: str, config_name: str, deployment: DeploymentConfig | None = None,
+    ) -> EndpointRecord:
+        """Record the endpoint `Creating` and answer; its instances start in the background (`_start`). Its
+        `deployment` (checked now) is what a later UpdateEndpoint with RetainDeploymentConfig runs by."""
         config = await self.describe_endpoint_config(config_name)
+        Policy.of(deployment)  # an alarm servelet cannot evaluate is refused now, not at the first update
         plans = await asyncio.to_thread(self.plans, config)
         record = EndpointRecord(
             endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans),
             async_inference_config=config.async_inference_config, endpoint_config=config,
+            last_deployment_config=deployment,
         )
         try:
             await self.records.add(record)

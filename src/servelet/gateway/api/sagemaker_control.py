@@ -131,9 +131,12 @@ class EndpointNameInput(Resource):
 
 
 class CreateEndpointInput(Resource):
-    # No DeploymentConfig: servelet applies one to UpdateEndpoint only, so on CreateEndpoint it is refused.
     endpoint_name: str = Field(pattern=NAME_PATTERN)
     endpoint_config_name: str
+    deployment_config: DeploymentConfig | None = Field(
+        None, description="Kept as the endpoint's LastDeploymentConfig: an UpdateEndpoint with "
+        "RetainDeploymentConfig runs by it.",
+    )
 
 
 class VariantProperty(Resource):
@@ -378,7 +381,7 @@ async def delete_endpoint_config(plane: ControlPlane, body: dict) -> dict:
 @operation("CreateEndpoint", CreateEndpointInput, raises=("ResourceLimitExceeded",))
 async def create_endpoint(plane: ControlPlane, body: dict) -> dict:
     args = request_input(CreateEndpointInput, body)
-    record = await plane.create_endpoint(args.endpoint_name, args.endpoint_config_name)
+    record = await plane.create_endpoint(args.endpoint_name, args.endpoint_config_name, args.deployment_config)
     return {"EndpointArn": arn("endpoint", record.endpoint_name)}
 
 
