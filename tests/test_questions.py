@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from servelet.errors import Unprocessable
-from servelet.gateway.questions import check, locate, prompt_for
+from servelet.gateway.questions import MAX_ANSWER_TOKENS, answer_question, check, locate, prompt_for
+from servelet.gateway.textgen import Completion
 
 CAR = "My car used to be blue but I painted red"
 
@@ -47,3 +48,27 @@ def test_the_context_and_the_question_are_marked_as_the_user_s_plain_text():
 def test_empty_or_missing_fields_are_named(question, context, field):
     with pytest.raises(Unprocessable, match=field):
         check(question, context)
+
+
+class AnsweringModel:
+    """A stand-in for the gateway's TextGenerator (our own code): an endpoint with a per-request token limit, which
+    records the parameters it is asked with and answers "red"."""
+
+    def __init__(self, max_tokens_per_request: int | None):
+        self.max_tokens_per_request, self.asked = max_tokens_per_request, []
+
+    def facts(self, endpoint: str) -> dict:
+        return {"task": "text-generation", "max_tokens_per_request": self.max_tokens_per_request}
+
+    async def stream(self, endpoint: str, prompt: str, parameters: dict):
+        self.asked.append(parameters)
+        yield Completion(text=" red", finish_reason="stop_sequence", prompt_tokens=9, generated_tokens=1, variant="v")
+
+
+@pytest.mark.parametrize("limit, asked", [(8, 8), (4096, MAX_ANSWER_TOKENS), (None, MAX_ANSWER_TOKENS)])
+async def test_an_answer_asks_for_no_more_tokens_than_the_endpoint_allows(limit, asked):
+    """With SERVELET_MAX_TOKENS_PER_REQUEST below the answer's own cap, a question was refused for a max_new_tokens
+    the client never sent."""
+    model = AnsweringModel(limit)
+    answer = await answer_question(model, "default", "What color is the car now?", CAR)
+    assert answer.answer == "red" and model.asked[0]["max_new_tokens"] == asked

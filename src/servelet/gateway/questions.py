@@ -119,7 +119,9 @@ async def stream_answer(
         yield await ask_extractive_model(textgen, endpoint, question, context)
         return
     prompt, spans = prompt_for(question, context)
-    parameters = {"max_new_tokens": MAX_ANSWER_TOKENS, "stop": ["\n"], "temperature": 0, "literal_spans": spans}
+    # Within the endpoint's own SERVELET_MAX_TOKENS_PER_REQUEST: a lower one would refuse a number the client never sent.
+    tokens = min(MAX_ANSWER_TOKENS, textgen.facts(endpoint).get("max_tokens_per_request") or MAX_ANSWER_TOKENS)
+    parameters = {"max_new_tokens": tokens, "stop": ["\n"], "temperature": 0, "literal_spans": spans}
     tokens: list[Token] = []
     async for item in textgen.stream(endpoint, prompt, parameters):
         if isinstance(item, Token):

@@ -32,6 +32,7 @@ class LlamaCppRuntime(TextGenerationRuntime):
             "name": model.name,
             "context_length": self.engine.max_model_len,
             "max_batch_size": self.settings.max_batch_size,
+            "max_tokens_per_request": self.settings.max_tokens_per_request,
             "chat_template": model.chat_template,
             "bos_token": model.bos_text,
             "eos_token": model.eos_text,

@@ -305,6 +305,7 @@ class VllmRuntime(TextGenerationRuntime):
             "name": self.path.name,
             "context_length": self.engine.max_model_len,
             "max_batch_size": self.settings.max_batch_size,
+            "max_tokens_per_request": self.engine.max_tokens_per_request,
             "chat_template": getattr(tokenizer, "chat_template", None),
             "bos_token": getattr(tokenizer, "bos_token", None),
             "eos_token": getattr(tokenizer, "eos_token", None),

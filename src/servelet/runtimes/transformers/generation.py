@@ -186,6 +186,7 @@ class GenerationRuntime(TextGenerationRuntime):
             "name": self.path.name,
             "context_length": self.engine.context_length,
             "max_batch_size": 1,
+            "max_tokens_per_request": self.engine.max_tokens_per_request,
             "chat_template": template if isinstance(template, str) else None,
             "bos_token": self.tokenizer.bos_token,
             "eos_token": self.tokenizer.eos_token,
