@@ -179,7 +179,8 @@ class RunningGateway:
 def start_gateway(
     tmp_path: Path, env: dict[str, str] | None = None, args: list[str] | None = None, ready: str | None = "default"
 ) -> RunningGateway:
-    """Start `servelet serve` and wait until /health says the endpoint `ready` is ready (None: the gateway answers)."""
+    """Start `servelet serve` and wait until /health says the endpoint `ready` is ready and InService (None: the
+    gateway answers). Its record turns InService a moment after its instance is ready (a task of the control plane)."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log_path = tmp_path / "gateway.log"
@@ -197,7 +198,8 @@ def start_gateway(
                 raise RuntimeError(f"gateway exited with {process.returncode}:\n{gateway.log()}")
             try:
                 health = http.get("/health").json()
-                if ready is None or health["endpoints"][ready]["ready"]:
+                shown = health["endpoints"][ready] if ready is not None else {}
+                if ready is None or (shown["ready"] and shown.get("status", "InService") == "InService"):
                     return gateway
             except (httpx.TransportError, KeyError):
                 pass

@@ -12,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import botocore.exceptions
 import pytest
-from conftest import boto, start_gateway, stop_process
+from conftest import boto, start_gateway, stop_process, wait_for
 
-# predict_fn sleeps and answers the most requests it ever saw running at once.
+# predict_fn holds each request until the test opens its endpoint's gate (a file), then answers the most requests it
+# ever saw running at once: the requests admitted stay in the model, however slowly the burst's arrive.
 BUSY = '''
-import threading, time
+import os, threading, time
 
 lock = threading.Lock()
 running = peak = 0
@@ -29,7 +30,9 @@ def predict_fn(data, model):
     with lock:
         running += 1
         peak = max(peak, running)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 60
+    while not os.path.exists(os.environ["BUSY_GATE"]) and time.monotonic() < deadline:
+        time.sleep(0.05)
     with lock:
         running -= 1
         return {"peak": peak}
@@ -48,6 +51,7 @@ def gateway(tmp_path_factory):
     running = start_gateway(root / "gateway", env={"SERVELET_INSTANCES": "0"}, ready=None)
     sagemaker = boto("sagemaker", running.base_url)
     for name, environment in ENDPOINTS.items():
+        environment = environment | {"BUSY_GATE": str(root / f"gate-{name}")}
         sagemaker.create_model(ModelName=name, PrimaryContainer={"ModelDataUrl": str(root / "busy"), "Environment": environment})
         sagemaker.create_endpoint_config(
             EndpointConfigName=name, ProductionVariants=[{"VariantName": "AllTraffic", "ModelName": name}]
@@ -55,12 +59,14 @@ def gateway(tmp_path_factory):
         sagemaker.create_endpoint(EndpointName=name, EndpointConfigName=name)
     for name in ENDPOINTS:
         sagemaker.get_waiter("endpoint_in_service").wait(EndpointName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    running.root = root
     yield running
     stop_process(running.process)
 
 
-def burst(gateway, endpoint: str, requests: int) -> list:
-    """`requests` invocations at once: each one's answer, or its ClientError."""
+def burst(gateway, endpoint: str, requests: int, admitted: int) -> list:
+    """`requests` invocations at once: each one's answer, or its ClientError. The model holds the admitted ones
+    until all the others have been answered, then the endpoint's gate opens."""
     runtime = boto("sagemaker-runtime", gateway.base_url, retries={"max_attempts": 1}, max_pool_connections=requests)
 
     def invoke(_):
@@ -71,12 +77,15 @@ def burst(gateway, endpoint: str, requests: int) -> list:
             return error
 
     with ThreadPoolExecutor(requests) as pool:
-        return list(pool.map(invoke, range(requests)))
+        calls = [pool.submit(invoke, n) for n in range(requests)]
+        wait_for(lambda: sum(call.done() for call in calls) >= requests - admitted, 60)
+        (gateway.root / f"gate-{endpoint}").touch()
+        return [call.result() for call in calls]
 
 
 @pytest.mark.parametrize(("endpoint", "sent", "admitted", "workers"), [("one-worker", 6, 3, 1), ("two-workers", 4, 2, 2)])
 def test_requests_past_the_workers_and_queue_get_429_with_retry_after(gateway, endpoint, sent, admitted, workers):
-    outcomes = burst(gateway, endpoint, sent)
+    outcomes = burst(gateway, endpoint, sent, admitted)
     answers = [o for o in outcomes if isinstance(o, dict)]
     refused = [o for o in outcomes if isinstance(o, botocore.exceptions.ClientError)]
     assert len(answers) == admitted and len(refused) == sent - admitted, outcomes
