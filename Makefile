@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform bench-load bench-chaos install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-transform bench-load bench-chaos
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -49,6 +49,9 @@ bench-async-queue: install
 
 bench-async-crash: install
 	$(BIN)/python bench/async_crash.py
+
+bench-queue-queries: install
+	$(BIN)/python bench/queue_queries.py
 
 bench-transform: install
 	$(BIN)/python bench/transform.py

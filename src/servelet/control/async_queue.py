@@ -74,7 +74,7 @@ jobs = Table(
 )
 # The queries the queue runs all the time each read an index range of the rows they want, never the ended jobs, which
 # are kept (their status is asked for) and outnumber the rest: without these, a lease and a backlog count read every
-# job the endpoint ever had (15 ms a lease at 30,000 jobs, on the event loop).
+# job the endpoint ever had (27 ms a lease and its ending at 30,000 jobs, on the event loop: bench/queue_queries.py).
 QUEUE_INDEXES = (
     Index("ix_async_jobs_queue", jobs.c.endpoint, jobs.c.status, jobs.c.created),  # lease, backlog, list by endpoint
     Index("ix_async_jobs_due", jobs.c.status, jobs.c.expires),  # expiry, list by status
@@ -83,8 +83,8 @@ QUEUE_INDEXES = (
 
 
 class Statements:
-    """The queue's frequent statements, built once: building a SQLAlchemy expression costs more than SQLite takes to
-    run it (about 2 ms of a lease's 5), and a prebuilt one also hits the compiled-statement cache at once."""
+    """The queue's frequent statements, built once: in a cProfile of leases, building the SQLAlchemy expressions took
+    longer than SQLite took to run them, and a prebuilt statement also hits the compiled-statement cache at once."""
 
     def __init__(self, engine: Engine):
         endpoint_is = jobs.c.endpoint == bindparam("of_endpoint")
