@@ -253,6 +253,10 @@ DEFAULT_ASYNC_CONCURRENCY = 4
 class EndpointConfigSpec(Resource):
     endpoint_config_name: str = Field(pattern=NAME_PATTERN)
     production_variants: list[ProductionVariant] = Field(min_length=1, max_length=10)
+    shadow_production_variants: list[ProductionVariant] | None = Field(
+        None, description="A shadow test: the variant that gets a copy of the production variant's real-time requests "
+        "(InitialVariantWeight relative to it: the share copied) and answers none (control/shadows.py).",
+    )
     async_inference_config: dict | None = None  # kept as sent; `async_config` reads it
     creation_time: datetime = Field(default_factory=now)
 
@@ -269,13 +273,48 @@ class EndpointConfigSpec(Resource):
 
     @model_validator(mode="after")
     def _variants_make_sense(self):
-        names = [v.variant_name for v in self.production_variants]
+        shadows = self.shadow_production_variants
+        names = [v.variant_name for v in self.production_variants + (shadows or [])]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
-            raise ValueError(f"ProductionVariants: variant names must be unique; repeated: {', '.join(duplicates)}")
+            where = "ProductionVariants and ShadowProductionVariants" if shadows else "ProductionVariants"
+            raise ValueError(f"{where}: variant names must be unique; repeated: {', '.join(duplicates)}")
         if sum(v.initial_variant_weight for v in self.production_variants) <= 0:
             raise ValueError("ProductionVariants: the InitialVariantWeight values sum to 0, so no variant would get traffic")
+        if shadows is not None:
+            self._a_shadow_test_sagemaker_allows()
         return self
+
+    def _a_shadow_test_sagemaker_allows(self) -> None:
+        """SageMaker's shadow test: one production variant, one shadow, real-time instances only (its exclusions:
+        serverless, async and multi-model endpoints; the last is checked where the models are read)."""
+        shadows = self.shadow_production_variants
+        if len(shadows) != 1:
+            raise ValueError(
+                f"ShadowProductionVariants: an endpoint config takes one shadow variant, not {len(shadows)} (as on "
+                "SageMaker); send one, or leave the member out"
+            )
+        if len(self.production_variants) != 1:
+            raise ValueError(
+                f"ShadowProductionVariants: an endpoint config with a shadow variant takes one production variant, not "
+                f"{len(self.production_variants)} (as on SageMaker): the shadow gets copies of that variant's requests"
+            )
+        serverless = [v.variant_name for v in self.production_variants + shadows if v.serverless_config is not None]
+        if serverless:
+            raise ValueError(
+                f"ShadowProductionVariants: a shadow test runs on instances, and variant {serverless[0]!r} has a "
+                "ServerlessConfig (SageMaker refuses serverless endpoints in shadow tests too)"
+            )
+        if self.async_inference_config is not None:
+            raise ValueError(
+                "ShadowProductionVariants: a shadow variant gets copies of real-time requests, and an endpoint config "
+                "with AsyncInferenceConfig serves async ones (SageMaker refuses the two together too)"
+            )
+
+    @property
+    def every_variant(self) -> list[ProductionVariant]:
+        """Production variants, then the shadow variant if any."""
+        return self.production_variants + (self.shadow_production_variants or [])
 
 
 class EndpointStatus(str, enum.Enum):
@@ -390,6 +429,7 @@ class PendingDeployment(Resource):
 
     endpoint_config_name: str
     production_variants: list[VariantState] = Field(default_factory=list)
+    shadow_production_variants: list[VariantState] | None = None
     start_time: datetime = Field(default_factory=now)
 
 
@@ -399,6 +439,7 @@ class EndpointRecord(Resource):
     endpoint_status: EndpointStatus = EndpointStatus.CREATING
     failure_reason: str | None = None
     production_variants: list[VariantState] = Field(default_factory=list)
+    shadow_production_variants: list[VariantState] | None = None  # a shadow test's variant, as SageMaker describes it
     creation_time: datetime = Field(default_factory=now)
     last_modified_time: datetime = Field(default_factory=now)
     last_deployment_config: DeploymentConfig | None = None
