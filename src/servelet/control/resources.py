@@ -250,6 +250,76 @@ class AsyncInferenceConfig(Resource):
 DEFAULT_ASYNC_CONCURRENCY = 4
 
 
+# -- data capture: SageMaker's DataCaptureConfig (Model Monitor), honoured by servelet's capture package -----------
+# botocore's pattern for CsvContentType and JsonContentType: type/subtype, letters, digits, hyphens (and dots after).
+CONTENT_TYPE = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9])*/[a-zA-Z0-9](-*[a-zA-Z0-9.])*$")
+
+
+def _content_types(values: list[str] | None) -> list[str] | None:
+    for value in values or ():
+        if len(value) > 256 or not CONTENT_TYPE.match(value):
+            raise ValueError(f"{value!r} is not a content type: type/subtype, such as text/csv or application/json")
+    return values
+
+
+class CaptureOption(Resource):
+    capture_mode: Literal["Input", "Output", "InputAndOutput"]
+
+
+class CaptureContentTypeHeader(Resource):
+    """Which content types are captured as text (CSV, JSON); any other is captured base64-encoded."""
+
+    csv_content_types: list[str] | None = Field(None, min_length=1, max_length=10)
+    json_content_types: list[str] | None = Field(None, min_length=1, max_length=10)
+
+    _types = field_validator("csv_content_types", "json_content_types")(lambda v: _content_types(v))
+
+    @model_validator(mode="after")
+    def _one_encoding_each(self):
+        both = {t.lower() for t in self.csv_content_types or ()} & {t.lower() for t in self.json_content_types or ()}
+        if both:
+            raise ValueError(f"{', '.join(sorted(both))}: a content type is captured as CSV or as JSON, not both")
+        return self
+
+
+class DataCaptureConfig(Resource):
+    """Which share of an endpoint's invocations is recorded, what of them, and where (SageMaker's DataCaptureConfig)."""
+
+    enable_capture: bool = True
+    initial_sampling_percentage: int = Field(ge=0, le=100, description="Invocations captured, in percent (0 to 100).")
+    destination_s3_uri: str = Field(
+        alias="DestinationS3Uri", max_length=512,
+        description="s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH; records go under ENDPOINT/VARIANT/yyyy/mm/dd/hh/.",
+    )
+    kms_key_id: str | None = Field(None, description="Accepted for compatibility; nothing is encrypted by servelet.")
+    capture_options: list[CaptureOption] = Field(min_length=1, max_length=2)
+    capture_content_type_header: CaptureContentTypeHeader | None = None
+
+    _location = field_validator("destination_s3_uri")(lambda v: _object_uri(v))
+
+    @field_validator("capture_options")
+    @classmethod
+    def _distinct_modes(cls, options: list[CaptureOption]) -> list[CaptureOption]:
+        modes = [o.capture_mode for o in options]
+        if len(set(modes)) < len(modes):
+            raise ValueError(f"each CaptureMode at most once; sent {', '.join(modes)}")
+        return options
+
+    @property
+    def modes(self) -> set[str]:
+        """What each record holds: of Input and Output, one or both."""
+        modes = {o.capture_mode for o in self.capture_options}
+        return {"Input", "Output"} if "InputAndOutput" in modes else modes
+
+    def summary(self) -> dict:
+        """As DescribeEndpoint shows it (SageMaker's DataCaptureConfigSummary)."""
+        summary = {
+            "EnableCapture": self.enable_capture, "CaptureStatus": "Started" if self.enable_capture else "Stopped",
+            "CurrentSamplingPercentage": self.initial_sampling_percentage, "DestinationS3Uri": self.destination_s3_uri,
+        }
+        return summary | ({"KmsKeyId": self.kms_key_id} if self.kms_key_id else {})
+
+
 class EndpointConfigSpec(Resource):
     endpoint_config_name: str = Field(pattern=NAME_PATTERN)
     production_variants: list[ProductionVariant] = Field(min_length=1, max_length=10)
@@ -258,6 +328,7 @@ class EndpointConfigSpec(Resource):
         "(InitialVariantWeight relative to it: the share copied) and answers none (control/shadows.py).",
     )
     async_inference_config: dict | None = None  # kept as sent; `async_config` reads it
+    data_capture_config: DataCaptureConfig | None = None
     creation_time: datetime = Field(default_factory=now)
 
     @field_validator("async_inference_config")
@@ -432,6 +503,10 @@ class PendingDeployment(Resource):
     shadow_production_variants: list[VariantState] | None = None
     start_time: datetime = Field(default_factory=now)
 
+    @property
+    def every_variant(self) -> list[VariantState]:
+        return self.production_variants + (self.shadow_production_variants or [])
+
 
 class EndpointRecord(Resource):
     endpoint_name: str = Field(pattern=NAME_PATTERN)
@@ -450,6 +525,16 @@ class EndpointRecord(Resource):
     # The endpoint config it runs, kept whole for the same reason: a restart restores the endpoint from this copy
     # (records written before it was kept: from the store's config of that name). Not on the wire.
     endpoint_config: EndpointConfigSpec | None = None
+
+    @property
+    def every_variant(self) -> list[VariantState]:
+        """Production variants, then the shadow variant if any."""
+        return self.production_variants + (self.shadow_production_variants or [])
+
+    @property
+    def data_capture(self) -> DataCaptureConfig | None:
+        """The DataCaptureConfig serving now: its config's, or the one before it an UpdateEndpoint retained."""
+        return self.endpoint_config.data_capture_config if self.endpoint_config else None
 
 
 def arn(kind: str, name: str) -> str:
