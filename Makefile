@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -58,6 +58,9 @@ bench-transform: install
 
 bench-load: install
 	$(BIN)/python bench/load.py
+
+bench-prefix-cache: install
+	$(BIN)/python bench/prefix_cache.py
 
 bench-chaos: install
 	$(BIN)/python bench/load.py --chaos --seconds 120 --store sqlite
