@@ -83,6 +83,11 @@ class InstanceSettings(BaseSettings):
         1.0, ge=0, description="Seconds running streams may pause while new prompts are prefilled; 0 = never."
     )
     kv_cache_tokens: int | None = Field(None, ge=256, description="Shared KV pool size; unset = per-sequence.")
+    prefix_cache: int = Field(
+        16384, ge=0, description="llama.cpp models: tokens of finished sequences' KV cells kept for prompts that start "
+        "the same way (rounded up to whole sequences of SERVELET_MAX_MODEL_LEN); 0 or off: no prefix cache. Not with "
+        "SERVELET_KV_CACHE_TOKENS (a shared pool) yet.",
+    )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, validation_alias=AliasChoices("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
@@ -97,6 +102,11 @@ class InstanceSettings(BaseSettings):
     @classmethod
     def _backend_here(cls, value: str) -> str:
         return _one_of(value, ROLLING_BATCH_BACKENDS, "is not a rolling-batch backend servelet has")
+
+    @field_validator("prefix_cache", mode="before")
+    @classmethod
+    def _off_is_zero(cls, value):
+        return 0 if isinstance(value, str) and value.strip().lower() in ("off", "false", "no") else value
 
     @field_validator("runtime")
     @classmethod
@@ -138,6 +148,7 @@ class InstanceSettings(BaseSettings):
             max_prefill_wait=self.max_prefill_wait,
             max_decode_stall=self.max_decode_stall,
             kv_cache_tokens=self.kv_cache_tokens,
+            prefix_cache_tokens=self.prefix_cache,
             threads=self.threads,
         )
 

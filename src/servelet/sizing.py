@@ -191,7 +191,10 @@ def size(model: str, path: Path, batch: int, context: int, available: int | None
     kv = int(per_token * tokens)
     total = shape.weights_bytes + kv
     available = available_memory() if available is None else available
-    notes = ["not counted: activations, the runtime's own buffers and the process (often a few hundred MiB)"]
+    notes = [
+        "not counted: activations, the runtime's own buffers and the process (often a few hundred MiB)",
+        "not counted: llama.cpp models' prefix cache, SERVELET_PREFIX_CACHE tokens more (16,384 unless set)",
+    ]
     if shape.context_length and context > shape.context_length:
         notes.append(f"--context {context} exceeds the model's training context of {shape.context_length} tokens")
     if shape.sliding_window:

@@ -19,6 +19,7 @@ from .errors import REBUILD_WITHOUT_AMX, EngineStopped, InvalidConfig, InvalidRe
 from .generation import Generation
 from .llama import ContextShape, LlamaModel, amx_compiled
 from .params import GenerationParams, allowed_new_tokens
+from .prefix_cache import PrefixCache
 from .scheduler import Scheduler, SchedulerLimits
 from .sequence import Finished, Sequence
 
@@ -28,6 +29,7 @@ log = logging.getLogger("servelet.engine")
 # it the one-row kernels: a build that does not fit the CPU may crash in either.
 WARM_UP_PROMPT = "The capital of France is"
 WARM_UP_WAIT_S = 60.0
+MAX_SEQUENCES = 256  # llama.cpp's LLAMA_MAX_SEQ: live sequence ids and the prefix cache's together
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,17 @@ class EngineConfig:
     # None: each sequence owns max_model_len cells (fast, never preempts). A number: one pool of that many
     # cells shared by all sequences, which may then outgrow it; the youngest is preempted and recomputed.
     kv_cache_tokens: int | None = None
+    # Tokens of finished sequences kept for prompts that start the same way, in whole sequences of max_model_len
+    # cells (extra sequence ids of the context); 0: off. Per-sequence cells only: a unified pool has no cache yet.
+    prefix_cache_tokens: int = 16384
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    @property
+    def prefix_cache_slots(self) -> int:
+        if self.kv_cache_tokens is not None or self.prefix_cache_tokens <= 0:
+            return 0
+        wanted = -(-self.prefix_cache_tokens // self.max_model_len)
+        return max(0, min(wanted, MAX_SEQUENCES - self.max_batch_size))
 
 
 class Outbox:
@@ -207,6 +219,20 @@ class Engine:
             "cancelled": self.scheduler.counters.cancelled,
             "tokens_generated": self.scheduler.counters.tokens_generated,
             "prompt_tokens": self.scheduler.counters.prompt_tokens,
+        } | self.prefix_cache_figures()
+
+    def prefix_cache_figures(self) -> dict:
+        cache = self.scheduler.prefix_cache
+        if cache is None:
+            return {}
+        counters = cache.counters
+        return {
+            "prefix_cache_lookups": counters.lookups,
+            "prefix_cache_hits": counters.hits,
+            "prefix_cache_cached_tokens": counters.cached_tokens,
+            "prefix_cache_evictions": counters.evicted,
+            "prefix_cache_held_tokens": cache.held_tokens,
+            "prefix_cache_capacity_tokens": cache.capacity * self.max_model_len,
         }
 
     def close(self) -> None:
@@ -249,9 +275,12 @@ class Engine:
         else:
             self.model = open_model(model, config)
         self.max_model_len = min(config.max_model_len, self.model.kv_cells_per_seq)
+        slots = config.prefix_cache_slots
+        cache = PrefixCache(range(config.max_batch_size, config.max_batch_size + slots)) if slots else None
         self.scheduler = Scheduler(
             self.model,
-            SchedulerLimits(
+            prefix_cache=cache,
+            limits=SchedulerLimits(
                 max_batch_size=config.max_batch_size,
                 prefill_chunk=config.prefill_chunk,
                 max_prefill_wait=config.max_prefill_wait,
@@ -303,7 +332,8 @@ class Engine:
 def open_model(model_path: str | Path, config: EngineConfig) -> LlamaModel:
     """Load the GGUF and open the one context `config` lays out."""
     unified = config.kv_cache_tokens is not None
-    kv_cells = config.kv_cache_tokens if unified else config.max_batch_size * config.max_model_len
+    sequences = config.max_batch_size + config.prefix_cache_slots
+    kv_cells = config.kv_cache_tokens if unified else sequences * config.max_model_len
     model = LlamaModel(model_path)
     if config.max_model_len > model.n_ctx_train:
         model.close()
@@ -313,7 +343,7 @@ def open_model(model_path: str | Path, config: EngineConfig) -> LlamaModel:
     try:
         model.open_context(
             ContextShape(
-                n_seq_max=config.max_batch_size,
+                n_seq_max=sequences,
                 kv_cells=kv_cells,
                 n_batch=config.prefill_chunk + config.max_batch_size,
                 unified=unified,

@@ -191,6 +191,7 @@ class LlamaModel:
         self._vocab = C.llama_model_get_vocab(self._model)
         self.n_vocab = C.llama_vocab_n_tokens(self._vocab)
         self.n_ctx_train = C.llama_model_n_ctx_train(self._model)
+        self.sliding_window = C.llama_model_n_swa(self._model)  # 0 without sliding-window layers
         self.add_bos = bool(C.llama_vocab_get_add_bos(self._vocab))
         self.name = self.metadata("general.name") or Path(self.path).stem
         template = C.llama_model_chat_template(self._model, None)
@@ -300,6 +301,23 @@ class LlamaModel:
     def forget(self, seq_id: int) -> None:
         """Free every KV cell of a sequence."""
         C.llama_memory_seq_rm(self._memory, seq_id, -1, -1)
+
+    def copy_kv(self, source: int, target: int, keep: int) -> bool:
+        """Give `target` the first `keep` positions of `source`'s KV cells (whatever `target` held is dropped).
+
+        With per-sequence cells each sequence has a stream of its own, and llama.cpp copies only whole streams: the
+        copy (a memcpy of the stream's buffers, done at the next decode) is then cut back to `keep`. In a unified
+        pool the cells are shared, not copied. False when the cut is refused (memory that cannot drop a suffix)."""
+        C.llama_memory_seq_cp(self._memory, source, target, -1, -1)
+        if C.llama_memory_seq_rm(self._memory, target, keep, -1):
+            return True
+        self.forget(target)
+        return False
+
+    def kv_first_position(self, seq_id: int) -> int:
+        """The oldest position a sequence still holds in every layer: sliding-window layers drop what falls out of
+        their window, so a prefix can be reused only while its last window is still held. -1 when it holds none."""
+        return C.llama_memory_seq_pos_min(self._memory, seq_id)
 
     def kv_extent(self, seq_id: int) -> int:
         """Positions a sequence holds in the KV cache (0 when it holds none)."""

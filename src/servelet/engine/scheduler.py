@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .llama import LlamaModel
+from .prefix_cache import BLOCK_TOKENS, PrefixCache, block_hashes, matched_beyond, reusable, shared_blocks
 from .sequence import Finished, FinishReason, Phase, Sequence, Token
 
 log = logging.getLogger("servelet.engine")
@@ -45,14 +46,15 @@ class SchedulerCounters:
 class Scheduler:
     """Owns the sequences and the KV accounting; runs in one thread (the engine's)."""
 
-    def __init__(self, model: LlamaModel, limits: SchedulerLimits):
+    def __init__(self, model: LlamaModel, limits: SchedulerLimits, prefix_cache: PrefixCache | None = None):
         self.model = model
         self.limits = limits
+        self.prefix_cache = prefix_cache  # its sequence ids follow the live ones; per-sequence KV cells only
         self.waiting: deque[Sequence] = deque()
         self.live: list[Sequence] = []  # in admission order: the youngest is last
         # A min-heap: the lowest free slot is taken first, keeping the live sequence ids dense (see _plan).
         self.free_slots = list(range(limits.max_batch_size))
-        self.kv_free = model.kv_cells
+        self.kv_free = model.kv_cells - (prefix_cache.capacity * model.kv_cells_per_seq if prefix_cache else 0)
         self.counters = SchedulerCounters()
         self._scratch: np.ndarray | None = None  # one row of the vocabulary, reused
         self._decoded_at = 0.0  # when running streams last got a token (or there were none to wait)
@@ -88,6 +90,8 @@ class Scheduler:
 
     def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None, last: Token | None = None) -> None:
         if seq in self.live:
+            if reason is not FinishReason.ERROR:
+                self._keep(seq)
             self._release(seq)
             self.live.remove(seq)
         seq.phase = Phase.DONE
@@ -106,6 +110,72 @@ class Scheduler:
         heapq.heappush(self.free_slots, seq.slot)
         seq.slot = -1
         seq.n_cached = 0
+
+    # -- prefix caching (see prefix_cache.py) --------------------------------------------------
+    def _keep(self, seq: Sequence) -> None:
+        """Copy a leaving sequence's cells into the prefix cache, unless an entry holds its blocks already."""
+        cache = self.prefix_cache
+        if cache is None or seq.n_cached < BLOCK_TOKENS:
+            return
+        tokens = seq.held_tokens()
+        hashes = block_hashes(tokens)
+        slot = cache.place_for(hashes)
+        if slot is None:
+            return
+        if self.model.copy_kv(seq.slot, slot, len(tokens)):
+            cache.store(slot, hashes, tokens, self.model.kv_first_position(slot))
+        else:
+            cache.drop(slot)
+
+    def _prefix_source(self, seq: Sequence) -> tuple[int, int] | None | bool:
+        """Where a fresh prompt's longest reusable prefix is held, as (sequence id, tokens): in the cache, or in a
+        live sequence. False when a live sequence is still prefilling more of that prefix than is held anywhere: the
+        prompt then waits for it rather than computing the same cells a second time."""
+        cache = self.prefix_cache
+        if cache is None or seq.n_cached or seq.generated:
+            return None
+        if seq.prompt_blocks is None:
+            seq.prompt_blocks = block_hashes(seq.prompt_tokens)
+            cache.counters.lookups += bool(seq.prompt_blocks)
+        blocks = seq.prompt_blocks
+        if not blocks:
+            return None
+        prompt = seq.prompt_tokens
+        limit = len(prompt) - 1  # the last prompt token is fed again: its logits give the first new token
+        window = self.model.sliding_window
+        best: tuple[int, int] | None = None
+        entry, depth = cache.longest(blocks)
+        if entry is not None:
+            tokens = matched_beyond(prompt, entry.tokens, min(depth * BLOCK_TOKENS, limit), limit)
+            if reusable(tokens, entry.first_position, window):
+                best = (entry.slot, tokens)
+        coming = 0  # the most a live sequence still prefilling will hold
+        for other in self.live:
+            if other.prompt_blocks is None:
+                continue
+            shared = min(shared_blocks(blocks, other.prompt_blocks) * BLOCK_TOKENS, limit)
+            if other.phase is Phase.PREFILL:
+                coming = max(coming, shared)
+            if not shared or other.n_cached <= (best[1] if best else 0):
+                continue
+            held = matched_beyond(prompt, other.held_tokens(), min(shared, other.n_cached), limit)
+            if held > (best[1] if best else 0) and reusable(held, self.model.kv_first_position(other.slot), window):
+                best = (other.slot, held)
+        have = best[1] if best else 0
+        if coming - have >= BLOCK_TOKENS:
+            return False
+        return best if have >= BLOCK_TOKENS else None
+
+    def _reuse(self, seq: Sequence, source: int, tokens: int) -> None:
+        cache = self.prefix_cache
+        if not self.model.copy_kv(source, seq.slot, tokens):
+            return
+        seq.n_cached = seq.cached_tokens = tokens
+        self.kv_free -= tokens
+        cache.counters.hits += 1
+        cache.counters.cached_tokens += tokens
+        if (entry := cache.entries.get(source)) is not None:
+            cache.touch(entry)
 
     def _preempt_youngest(self) -> Sequence:
         """Free the youngest live sequence's cells; it is recomputed from its tokens when room returns."""
@@ -132,13 +202,19 @@ class Scheduler:
         for seq in sorted(self.waiting, key=self._prefill_order(time.perf_counter())):
             if budget <= 0 or not self.free_slots:
                 break
+            source = self._prefix_source(seq)
+            if source is False:
+                continue
+            reused = source[1] if source else 0
             # Leave room for one more token of every live sequence before taking a newcomer in.
-            if seq.pending + len(self.live) + 1 > self.kv_free and self.live:
+            if seq.pending - reused + len(self.live) + 1 > self.kv_free and self.live:
                 break
             if seq.sampler is None and (seq.params.sampling or seq.params.penalised):
                 seq.sampler = self._new_sampler(seq)
             self.waiting.remove(seq)
             seq.slot = heapq.heappop(self.free_slots)
+            if source:
+                self._reuse(seq, *source)
             seq.phase = Phase.PREFILL
             if not seq.admitted:
                 seq.admitted = time.perf_counter()

@@ -42,6 +42,7 @@ class GenerationStats:
     prompt_tokens_per_second: float
     tokens_per_second: float
     preemptions: int
+    cached_tokens: int = 0  # prompt tokens whose KV cells came from the prefix cache, not a prefill
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,8 @@ class Sequence:
     admitted: float = 0.0
     first_token_at: float = 0.0
     prefill_seconds: float = 0.0
+    cached_tokens: int = 0  # prompt tokens reused from another sequence's KV cells (prefix caching)
+    prompt_blocks: list[bytes] | None = None  # the prompt's block hashes, once looked up (engine/prefix_cache.py)
 
     def __post_init__(self):
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -116,6 +119,13 @@ class Sequence:
         if start >= n_prompt:
             return self.generated[start - n_prompt : start - n_prompt + n]
         return (self.prompt_tokens[start : start + n] + self.generated[: max(0, start + n - n_prompt)])[:n]
+
+    def held_tokens(self) -> list[int]:
+        """The tokens whose KV cells this sequence holds, in order."""
+        n_prompt = len(self.prompt_tokens)
+        if self.n_cached <= n_prompt:
+            return self.prompt_tokens[: self.n_cached]
+        return self.prompt_tokens + self.generated[: self.n_cached - n_prompt]
 
     @property
     def pending(self) -> int:
@@ -168,4 +178,5 @@ class Sequence:
             prompt_tokens_per_second=len(self.prompt_tokens) / self.prefill_seconds if self.prefill_seconds else 0.0,
             tokens_per_second=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
             preemptions=self.preemptions,
+            cached_tokens=self.cached_tokens,
         )

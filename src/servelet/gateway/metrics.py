@@ -68,6 +68,16 @@ ASYNC_ENQUEUE_SECONDS = Histogram(
     "servelet_async_enqueue_seconds", "Time to store an accepted async invocation in the queue (its 202 waits for it)",
     ["endpoint"], buckets=ENQUEUE_BUCKETS, registry=REGISTRY,
 )
+VARIANT_LATENCY = Histogram(
+    "servelet_variant_latency_seconds",
+    "Time from forwarding a request to a variant's answer (a stream: to its start), shadow variants' copies included",
+    ["endpoint", "variant"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
+)
+SHADOW_COPIES_DROPPED = Counter(
+    "servelet_shadow_copies_dropped", "Copies of requests not sent to a shadow variant (reason: not_ready, or "
+    "in_flight_bound: SERVELET_SHADOW_MAX_IN_FLIGHT copies already in flight)", ["endpoint", "variant", "reason"],
+    registry=REGISTRY,
+)
 AUTOSCALING_METRIC = Gauge(
     "servelet_autoscaling_metric", "The scaling policy's metric at its last check (per instance)",
     ["endpoint", "variant"], registry=REGISTRY,
@@ -87,6 +97,23 @@ class AutoscalingMetrics:
         SCALING_EVENTS.labels(endpoint, variant, direction).inc()
 
 
+SHADOW_ROUTE = "shadow"  # the route label of shadow copies in servelet_requests, beside the client routes
+
+
+class VariantMetrics:
+    """The router's VariantReport (control/shadows.py): each variant's latency, and what its shadow copies became,
+    counted in `servelet_requests` under the route `shadow` beside the client routes of the production variant."""
+
+    def answered(self, endpoint: str, variant: str, seconds: float) -> None:
+        VARIANT_LATENCY.labels(endpoint, variant).observe(seconds)
+
+    def copied(self, endpoint: str, variant: str, status: str) -> None:
+        REQUESTS.labels(endpoint, variant, SHADOW_ROUTE, status).inc()
+
+    def dropped(self, endpoint: str, variant: str, reason: str) -> None:
+        SHADOW_COPIES_DROPPED.labels(endpoint, variant, reason).inc()
+
+
 # A multi-model instance's cache figures in its /ping (runtimes/multimodel.py), exposed as counters per instance.
 MODEL_CACHE_COUNTERS = {
     "model_loads": "Target models a multi-model instance loaded",
@@ -94,6 +121,18 @@ MODEL_CACHE_COUNTERS = {
     "model_hits": "Multi-model requests whose target model was loaded already",
     "model_misses": "Multi-model requests that waited for their target model to load",
     "model_load_seconds": "Seconds spent loading target models",
+}
+
+# A llama.cpp instance's prefix cache (engine/prefix_cache.py) in its /ping: counters, then gauges, per instance.
+PREFIX_CACHE_COUNTERS = {
+    "prefix_cache_lookups": "Prompts of at least one block looked up in the prefix cache (hit rate: hits / lookups)",
+    "prefix_cache_hits": "Prompts that reused KV cells of an earlier or running sequence",
+    "prefix_cache_cached_tokens": "Prompt tokens reused from the prefix cache instead of prefilled",
+    "prefix_cache_evictions": "Prefix cache entries dropped, least recently used first, to keep newer ones",
+}
+PREFIX_CACHE_GAUGES = {
+    "prefix_cache_held_tokens": "Tokens whose KV cells the prefix cache holds now",
+    "prefix_cache_capacity_tokens": "Tokens the prefix cache can hold (SERVELET_PREFIX_CACHE, in whole sequences)",
 }
 
 
@@ -111,6 +150,8 @@ class FleetCollector:
         instance_labels = ["endpoint", "variant", "instance"]
         loaded = GaugeMetricFamily("servelet_models_loaded", "Target models a multi-model instance holds", labels=instance_labels)
         cache = {key: CounterMetricFamily(f"servelet_{key}", text, labels=instance_labels) for key, text in MODEL_CACHE_COUNTERS.items()}
+        prefix = {key: CounterMetricFamily(f"servelet_{key}", text, labels=instance_labels) for key, text in PREFIX_CACHE_COUNTERS.items()}
+        prefix |= {key: GaugeMetricFamily(f"servelet_{key}", text, labels=instance_labels) for key, text in PREFIX_CACHE_GAUGES.items()}
         cancelled = CounterMetricFamily(
             "servelet_cancelled_requests", "Generations stopped because their client left or cancelled", labels=instance_labels
         )
@@ -132,6 +173,9 @@ class FleetCollector:
                         loaded.add_metric(labels, instance.occupancy["models_loaded"])
                         for key, family in cache.items():
                             family.add_metric(labels, instance.occupancy.get(key, 0))
+                    if "prefix_cache_lookups" in instance.occupancy:
+                        for key, family in prefix.items():
+                            family.add_metric(labels, instance.occupancy.get(key, 0))
         snapshots = self.fleet.snapshots if self.fleet is not None else None
         templates = GaugeMetricFamily("servelet_snapshot_templates", "Snapshot templates ready to fork instances")
         template_memory = GaugeMetricFamily(
@@ -140,7 +184,8 @@ class FleetCollector:
         )
         templates.add_metric([], len(snapshots.ready_keys()) if snapshots is not None else 0)
         template_memory.add_metric([], snapshots.memory_mb() * 1024**2 if snapshots is not None else 0)
-        yield from (running, waiting, ready, loaded, *cache.values(), cancelled, in_flight, templates, template_memory)
+        yield from (running, waiting, ready, loaded, *cache.values(), *prefix.values(), cancelled, in_flight, templates,
+                    template_memory)
 
 
 _fleet_collector = FleetCollector()
@@ -222,6 +267,48 @@ REGISTRY.register(_meter_collector)
 
 def watch_meter(meter) -> None:
     _meter_collector.meter = meter
+
+
+class CaptureCollector:
+    """Data capture's counts since the gateway started (capture/writer.py), read at scrape time. Its endpoint labels
+    are endpoints with a DataCaptureConfig, never a name a client made up."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def collect(self):
+        written = CounterMetricFamily(
+            "servelet_data_capture_records", "Captured invocations written to their destination", labels=["endpoint"]
+        )
+        dropped = CounterMetricFamily(
+            "servelet_data_capture_dropped", "Captured invocations dropped (reason: buffer_full, too_large, "
+            "write_error); their requests were answered all the same", labels=["endpoint", "reason"],
+        )
+        errors = CounterMetricFamily(
+            "servelet_data_capture_write_errors", "Capture files that could not be written (each logged)", labels=["endpoint"]
+        )
+        buffered = GaugeMetricFamily(
+            "servelet_data_capture_buffered_bytes", "Captured invocations in memory until written "
+            "(bounded by SERVELET_DATA_CAPTURE_BUFFER_BYTES)",
+        )
+        writer = self.writer
+        if writer is not None:
+            for endpoint, count in list(writer.written.items()):
+                written.add_metric([endpoint], count)
+            for (endpoint, reason), count in list(writer.dropped.items()):
+                dropped.add_metric([endpoint, reason], count)
+            for endpoint, count in list(writer.write_errors.items()):
+                errors.add_metric([endpoint], count)
+        buffered.add_metric([], writer.held_bytes if writer is not None else 0)
+        yield from (written, dropped, errors, buffered)
+
+
+_capture_collector = CaptureCollector()
+REGISTRY.register(_capture_collector)
+
+
+def watch_capture(writer) -> None:
+    _capture_collector.writer = writer
 
 
 def exposition() -> tuple[bytes, str]:

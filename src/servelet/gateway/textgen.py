@@ -39,6 +39,7 @@ class Completion:
     variant: str
     tokens: list[Token] = field(default_factory=list)
     time_to_first_token: float | None = None
+    cached_tokens: int = 0  # prompt tokens the engine's prefix cache held (OpenAI's prompt_tokens_details)
 
 
 class TextGenerator:
@@ -114,6 +115,7 @@ class TextGenerator:
                             generated_tokens=details["generated_tokens"],
                             variant=answer.variant,
                             time_to_first_token=None if first_at is None else first_at - started,
+                            cached_tokens=details.get("cached_tokens", 0),
                         )
                         return
         raise ModelFailed("the instance ended the stream without its final details", 500)

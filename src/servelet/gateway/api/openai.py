@@ -257,10 +257,15 @@ class ChatCompletionRequest(GenerationRequest):
 
 
 # -- response bodies -------------------------------------------------------------------------------------------
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens whose KV cells the engine's prefix cache held.")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class ModelCard(BaseModel):
@@ -356,6 +361,7 @@ def usage(completion: Completion) -> Usage:
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.generated_tokens,
         total_tokens=completion.prompt_tokens + completion.generated_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=completion.cached_tokens),
     )
 
 
