@@ -266,6 +266,22 @@ class GatewaySettings(BaseSettings):
         30.0, gt=0, description="Async inference: how long a job stays leased to a gateway that stopped renewing it "
         "(killed) before another takes it again.",
     )
+    # Data capture: endpoints' DataCaptureConfig (docs/data-capture.md).
+    data_capture_buffer_bytes: int = Field(
+        64 * 1024**2, ge=1024, description="Data capture: captured invocations held in memory until they are "
+        "written; past it, new ones are dropped and counted (servelet_data_capture_dropped_total, buffer_full).",
+    )
+    data_capture_flush_seconds: float = Field(
+        5.0, gt=0, description="Data capture: seconds between two writes of the captured invocations.",
+    )
+    data_capture_file_bytes: int = Field(
+        8 * 1024**2, ge=1024, description="Data capture: captured invocations of one endpoint, variant and hour are "
+        "written as soon as they reach this size, without waiting for the next write.",
+    )
+    data_capture_max_output_bytes: int = Field(
+        6 * 1024**2, ge=1024, description="Data capture: the largest answer captured (a stream's, assembled); a "
+        "larger answer's invocation is not captured and is counted as dropped (too_large).",
+    )
     snapshots: bool = Field(
         True, description="Start serverless and scaled-to-zero instances by forking a snapshot template of their "
         "model (off: every start is cold).",

@@ -183,6 +183,8 @@ class Deployer:
         async with self.records.change(name) as record:
             self._check_updatable(name, record)
             config = await self.configs.describe_endpoint_config(config_name)
+            if "DataCaptureConfig" in retain_variant_properties:  # the capture serving now goes on with the new config
+                config = config.model_copy(update={"data_capture_config": record.data_capture})
             if deployment is None and retain_deployment_config:
                 deployment = record.last_deployment_config
             policy = Policy.of(deployment)

@@ -9,7 +9,7 @@ never interleave and lose one another.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from .resources import EndpointRecord
@@ -20,6 +20,8 @@ class EndpointRecords:
     def __init__(self, store: Store):
         self.store = store
         self._locks: dict[str, asyncio.Lock] = {}
+        # Told of every record saved (None: deleted), on the event loop: the gateway's data capture follows it.
+        self.on_change: Callable[[str, EndpointRecord | None], None] | None = None
 
     async def get(self, name: str) -> EndpointRecord | None:
         return await asyncio.to_thread(self.store.get_endpoint, name)
@@ -27,14 +29,22 @@ class EndpointRecords:
     async def add(self, record: EndpointRecord) -> None:
         """Insert a new record; the store's AlreadyExists if the name is taken."""
         await asyncio.to_thread(self.store.add_endpoint, record)
+        self._changed(record.endpoint_name, record)
 
     async def save(self, record: EndpointRecord) -> EndpointRecord:
-        return await asyncio.to_thread(self.store.save_endpoint, record)
+        saved = await asyncio.to_thread(self.store.save_endpoint, record)
+        self._changed(record.endpoint_name, record)
+        return saved
 
     async def delete(self, name: str) -> None:
         """The record and the endpoint's scaling targets."""
         await asyncio.to_thread(self.store.delete_endpoint, name)
         await asyncio.to_thread(self.store.delete_scaling_targets, name)
+        self._changed(name, None)
+
+    def _changed(self, name: str, record: EndpointRecord | None) -> None:
+        if self.on_change is not None:
+            self.on_change(name, record)
 
     @asynccontextmanager
     async def change(self, name: str) -> AsyncIterator[EndpointRecord | None]:

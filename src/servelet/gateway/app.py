@@ -14,6 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from .. import __version__, heap, objects
+from ..capture.data_capture import DataCapture
+from ..capture.writer import CaptureWriter
 from ..config import apply_config, load_config
 from ..control.async_queue import JobQueue
 from ..control.async_worker import AsyncWorker, async_endpoints
@@ -94,14 +96,21 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
     async_worker = AsyncWorker(
         jobs, router, lambda: async_endpoints(store), settings.async_max_input_bytes, settings.async_lease_seconds
     )
+    capture = DataCapture(
+        CaptureWriter(settings.data_capture_buffer_bytes, settings.data_capture_file_bytes,
+                      settings.data_capture_flush_seconds),
+        settings.data_capture_max_output_bytes,
+    )
+    plane.records.on_change = capture.endpoint_changed
     services = Services(
         settings=settings, fleet=fleet, router=router, textgen=TextGenerator(router), plane=plane, jobs=jobs,
-        async_worker=async_worker,
+        async_worker=async_worker, capture=capture,
     )
     metrics.watch_fleet(fleet)
     metrics.watch_admission(router.admission)
     fleet.on_instance_started = _instance_started(meter)
     metrics.watch_meter(meter)
+    metrics.watch_capture(capture.writer)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -111,6 +120,8 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
             await plane.declare(DEFAULT_ENDPOINT, settings.model, settings.instances)
         if config:
             await apply_config(plane, config)
+        capture.follow(await asyncio.to_thread(store.list_endpoints))
+        capture.writer.start()
         await plane.restore()
         await plane.transforms.resume()
         plane.autoscaler.start()
@@ -125,6 +136,7 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         await plane.transforms.close()  # its jobs stay InProgress: the next start resumes them
         await plane.close()
         await fleet.close()
+        await capture.writer.close()  # after the last answers: what they captured is written
         await meter.close()  # last: requests cut short by the close are billed too
         jobs.close()
         store.close()

@@ -311,6 +311,48 @@ def watch_capture(writer) -> None:
     _capture_collector.writer = writer
 
 
+class CaptureCollector:
+    """Data capture's counts since the gateway started (capture/writer.py), read at scrape time. Its endpoint labels
+    are endpoints with a DataCaptureConfig, never a name a client made up."""
+
+    def __init__(self) -> None:
+        self.writer = None
+
+    def collect(self):
+        written = CounterMetricFamily(
+            "servelet_data_capture_records", "Captured invocations written to their destination", labels=["endpoint"]
+        )
+        dropped = CounterMetricFamily(
+            "servelet_data_capture_dropped", "Captured invocations dropped (reason: buffer_full, too_large, "
+            "write_error); their requests were answered all the same", labels=["endpoint", "reason"],
+        )
+        errors = CounterMetricFamily(
+            "servelet_data_capture_write_errors", "Capture files that could not be written (each logged)", labels=["endpoint"]
+        )
+        buffered = GaugeMetricFamily(
+            "servelet_data_capture_buffered_bytes", "Captured invocations in memory until written "
+            "(bounded by SERVELET_DATA_CAPTURE_BUFFER_BYTES)",
+        )
+        writer = self.writer
+        if writer is not None:
+            for endpoint, count in list(writer.written.items()):
+                written.add_metric([endpoint], count)
+            for (endpoint, reason), count in list(writer.dropped.items()):
+                dropped.add_metric([endpoint, reason], count)
+            for endpoint, count in list(writer.write_errors.items()):
+                errors.add_metric([endpoint], count)
+        buffered.add_metric([], writer.held_bytes if writer is not None else 0)
+        yield from (written, dropped, errors, buffered)
+
+
+_capture_collector = CaptureCollector()
+REGISTRY.register(_capture_collector)
+
+
+def watch_capture(writer) -> None:
+    _capture_collector.writer = writer
+
+
 def exposition() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
 

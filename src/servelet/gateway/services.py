@@ -9,6 +9,7 @@ from typing import TypeVar
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
 
+from ..capture.data_capture import DataCapture
 from ..control.async_queue import JobQueue
 from ..control.async_worker import AsyncWorker
 from ..control.endpoints import Fleet
@@ -33,6 +34,7 @@ class Services:
     plane: ControlPlane
     jobs: JobQueue
     async_worker: AsyncWorker
+    capture: DataCapture
 
 
 async def services(request: Request) -> Services:

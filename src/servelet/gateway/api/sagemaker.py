@@ -3,6 +3,7 @@
 `InvokeEndpoint` forwards the body bytes and answers the instance's bytes; `InvokeEndpointWithResponseStream`
 re-frames the instance's chunks as AWS event-stream `PayloadPart` events. Errors carry `x-amzn-errortype` and a
 JSON body, so boto3 raises `client.exceptions.ValidationError`, `ModelError`, `ServiceUnavailable`, ...
+An endpoint's DataCaptureConfig captures these routes' invocations (`capture/`), once each answer went out whole.
 """
 
 from __future__ import annotations
@@ -140,10 +141,13 @@ async def invoke(request: Request, services: Services, endpoint: str) -> Respons
     """Forward the body and answer as the instance answers: a whole body as it is, and with `"stream": true` its
     JSON lines as they come (SageMaker buffers them; boto3 reads the whole body either way, httpx can stream)."""
     invocation = await read_invocation(request, services, endpoint, request.headers.get("accept"))
+    sampled = services.capture.sample(endpoint)
     instance_stream = AsyncExitStack()
     with model_errors():
         opening = instance_stream.enter_async_context(services.router.stream(invocation))
         answer = await unless_disconnected(request, opening)
+    if sampled is not None:
+        answer = services.capture.recorded(sampled, invocation, answer)
     note_endpoint(request, endpoint, answer.variant)
     metrics.observe_rate_headers(endpoint, answer.headers)
     headers = {"X-Amzn-Invoked-Production-Variant": answer.variant} | framing.UNBUFFERED | answer.headers
@@ -179,11 +183,14 @@ async def invoke_endpoint_with_response_stream(
     request: Request, EndpointName: str = ENDPOINT_NAME, services: Services = Depends(services)
 ):
     invocation = await read_invocation(request, services, EndpointName, request.headers.get("x-amzn-sagemaker-accept"))
+    sent, sampled = invocation.body, services.capture.sample(EndpointName)
     invocation.body = ask_to_stream(invocation.body, invocation.content_type, services.settings.max_json_depth)
     # Opened here, not in the generator, so failures before the first byte still answer an HTTP error.
     instance_stream = AsyncExitStack()
     with model_errors():
         answer = await instance_stream.enter_async_context(services.router.stream(invocation))
+    if sampled is not None:  # the body as the client sent it, and the instance's answer before its framing
+        answer = services.capture.recorded(sampled, invocation, answer, body=sent)
     note_endpoint(request, EndpointName, answer.variant)
     headers = {
         "X-Amzn-SageMaker-Content-Type": answer.content_type,

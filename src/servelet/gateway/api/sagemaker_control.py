@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import AfterValidator, BaseModel, Field, ValidationError
 from pydantic.alias_generators import to_pascal
 
+from ... import objects
 from ...control.loader_environment import refuse_loader_environment
 from ...control.plane import ControlPlane
 from ...control.resources import (
@@ -112,7 +113,7 @@ I = TypeVar("I", bound=BaseModel)
 
 
 def request_input(shape: type[I], body: dict) -> I:
-    """An operation's input. A member servelet does not read (VpcConfig, DataCaptureConfig, ...) is refused with a
+    """An operation's input. A member servelet does not read (VpcConfig, KmsKeyId, ...) is refused with a
     ValidationException naming it: dropped, it would look honoured. The resources themselves ignore unknown
     fields, so the store reads records that older versions wrote."""
     return shape.model_validate(body, extra="forbid")
@@ -141,6 +142,10 @@ class CreateEndpointInput(Resource):
 
 class VariantProperty(Resource):
     variant_property_type: Literal["DesiredInstanceCount", "DesiredWeight", "DataCaptureConfig"]
+
+
+# What RetainAllVariantProperties keeps from the endpoint as it runs, unless ExcludeRetainedVariantProperties names it.
+RETAINED_VARIANT_PROPERTIES = frozenset({"DesiredInstanceCount", "DesiredWeight", "DataCaptureConfig"})
 
 
 class UpdateEndpointInput(Resource):
@@ -337,8 +342,19 @@ async def create_endpoint_config(plane: ControlPlane, body: dict) -> dict:
     spec = request_input(EndpointConfigSpec, body)
     if spec.async_inference_config is not None:  # kept as sent, so its members are checked here
         request_input(AsyncInferenceConfig, spec.async_inference_config)
+    if spec.data_capture_config is not None:
+        capture_destination_allowed(spec.data_capture_config.destination_s3_uri)
     spec = await plane.create_endpoint_config(spec)
     return {"EndpointConfigArn": arn("endpoint-config", spec.endpoint_config_name)}
+
+
+def capture_destination_allowed(uri: str) -> None:
+    """With auth on, a file:// destination must be in SERVELET_FILE_ROOTS, as async and transform outputs."""
+    if uri.startswith("file://"):
+        try:
+            objects.check_confined(uri, uri.removeprefix("file://"))
+        except objects.ObjectStoreError as exc:
+            raise invalid(f"DataCaptureConfig.DestinationS3Uri: {exc}") from None
 
 
 def serverless_wire(variants: list[dict]) -> None:
@@ -389,6 +405,8 @@ def endpoint_wire(record: EndpointRecord) -> dict:
     described = wire(record, "creation_time", "last_modified_time")
     described["EndpointArn"] = arn("endpoint", record.endpoint_name)
     described.pop("EndpointConfig", None)  # the record's own copy (resources.EndpointRecord), not SageMaker's
+    if record.data_capture is not None:
+        described["DataCaptureConfig"] = record.data_capture.summary()
     return described
 
 
@@ -425,7 +443,7 @@ async def update_endpoint(plane: ControlPlane, body: dict) -> dict:
     args = request_input(UpdateEndpointInput, body)
     retained = set()
     if args.retain_all_variant_properties:
-        retained = {"DesiredInstanceCount", "DesiredWeight"} - {p.variant_property_type for p in args.exclude_retained_variant_properties}
+        retained = RETAINED_VARIANT_PROPERTIES - {p.variant_property_type for p in args.exclude_retained_variant_properties}
     record = await plane.update_endpoint(
         args.endpoint_name, args.endpoint_config_name, args.deployment_config, retained, args.retain_deployment_config
     )
