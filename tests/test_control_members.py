@@ -49,11 +49,6 @@ REFUSED = {
     "VpcConfig on CreateModel": (
         "create_model", {"ModelName": "m", "PrimaryContainer": CONTAINER, "VpcConfig": VPC}, "VpcConfig",
     ),
-    "ShadowProductionVariants": (
-        "create_endpoint_config",
-        {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "ShadowProductionVariants": [VARIANT | {"VariantName": "s"}]},
-        "ShadowProductionVariants",
-    ),
     "VpcConfig on CreateEndpointConfig": (
         "create_endpoint_config", {"EndpointConfigName": "c", "ProductionVariants": [VARIANT], "VpcConfig": VPC}, "VpcConfig",
     ),

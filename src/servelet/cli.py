@@ -354,8 +354,10 @@ def describe_endpoint(
     for label, value in fields:
         say(f"{label + ':':<10}{value}")
     say("Variants:")
-    for v in described.get("ProductionVariants", []):
-        say(f"  {v['VariantName']}: model {models.get(v['VariantName'], '-')}")
+    shadows = described.get("ShadowProductionVariants", [])
+    for v in described.get("ProductionVariants", []) + shadows:
+        role = " (shadow: gets copies of the requests, answers none)" if v in shadows else ""
+        say(f"  {v['VariantName']}{role}: model {models.get(v['VariantName'], '-')}")
         say(f"    weight {number(v.get('CurrentWeight', 0))} (desired {number(v.get('DesiredWeight', 0))}), "
             f"{capacity_words(v, 'instances {current} ready of {desired}')}")
         if v["VariantName"] in scaling:
@@ -412,7 +414,7 @@ def variant_models(client: Client, config_name: str) -> dict[str, str]:
     except ServeletError:
         return {}
     shown = {}
-    for variant in config.get("ProductionVariants", []):
+    for variant in config.get("ProductionVariants", []) + config.get("ShadowProductionVariants", []):
         model = variant["ModelName"]
         try:
             uri = client.control("DescribeModel", ModelName=model).get("PrimaryContainer", {}).get("ModelDataUrl")

@@ -198,7 +198,7 @@ class Deployer:
     def _plan_update(
         self, record: EndpointRecord, config_name: str, plans: list[VariantPlan], retain_variant_properties: set[str]
     ) -> None:
-        kept = {v.variant_name: v for v in record.production_variants}
+        kept = {v.variant_name: v for v in record.every_variant}
         for plan in plans:  # RetainAllVariantProperties: same-named variants keep their weight and count
             if plan.name in kept and "DesiredWeight" in retain_variant_properties:
                 plan.weight = kept[plan.name].desired_weight
@@ -207,7 +207,7 @@ class Deployer:
         record.endpoint_status = EndpointStatus.UPDATING
         record.failure_reason = None
         record.pending_deployment_summary = PendingDeployment(
-            endpoint_config_name=config_name, production_variants=variant_states(plans, "Creating", "starting the new fleet")
+            endpoint_config_name=config_name, **summaries(plans, "Creating", "starting the new fleet")
         )
 
     async def _update(self, name: str, config: EndpointConfigSpec, plans: list[VariantPlan], policy: Policy) -> None:
@@ -218,7 +218,7 @@ class Deployer:
                 failure = await self.fleet.wait_instances_ready(green.instances(), self.start_timeout)
                 if failure:
                     raise Rollback(f"the new fleet (endpoint config {config.endpoint_config_name!r}) did not start: {failure}")
-                for share in policy.shares(len(green.instances())):
+                for share in policy.shares(sum(len(v.instances) for v in green.variants)):  # shadows take no traffic
                     endpoint.green_share = share
                     await self._note(name, "ActivatingTraffic", f"the new fleet takes {share:.0%} of the traffic")
                     await self._watch(green, policy, policy.wait_s)
@@ -263,9 +263,12 @@ class Deployer:
             record.endpoint_config_name = config.endpoint_config_name
             record.async_inference_config = config.async_inference_config
             record.endpoint_config = config
-            record.production_variants = variant_states(
-                [VariantPlan(v.name, v.model_uri, len(v.instances), v.weight, serverless=v.serverless) for v in green.variants]
-            )
+            running = summaries([
+                VariantPlan(v.name, v.model_uri, len(v.instances), v.weight, serverless=v.serverless, shadow=v.shadow)
+                for v in green.every_variant
+            ])
+            record.production_variants = running["production_variants"]
+            record.shadow_production_variants = running["shadow_production_variants"]
             await self._in_service(record, policy, failure_reason=None)
         log.info("endpoint %s: InService on %s", name, config.endpoint_config_name)
 
@@ -300,7 +303,7 @@ class Deployer:
         async with self.records.change(name) as record:
             if record is None or record.pending_deployment_summary is None:
                 return
-            for variant in record.pending_deployment_summary.production_variants:
+            for variant in record.pending_deployment_summary.every_variant:
                 variant.variant_status = [VariantStep(status=status, status_message=message)]
             await self.records.save(record)
 
@@ -317,8 +320,9 @@ class Deployer:
     def _change(self, name: str, record: EndpointRecord, desired: list[DesiredWeightAndCapacity]) -> dict[str, int]:
         """Check `desired` and apply it to the record and the running variants; the instance counts to change."""
         endpoint = self.fleet.get(name)
-        states = {v.variant_name: v for v in record.production_variants}
-        unknown = [d.variant_name for d in desired if d.variant_name not in states or not endpoint.blue.find(d.variant_name)]
+        states = {v.variant_name: v for v in record.every_variant}  # a shadow's weight and count change alike
+        unknown = [d.variant_name for d in desired
+                   if d.variant_name not in states or not endpoint.blue.find_any(d.variant_name)]
         if unknown:
             raise ResourceInvalid(
                 f"The variant(s) {', '.join(map(repr, unknown))} are not on endpoint {arn('endpoint', name)!r} "
@@ -327,7 +331,7 @@ class Deployer:
         names = [d.variant_name for d in desired]
         if len(set(names)) != len(names):
             raise ResourceInvalid("DesiredWeightsAndCapacities: each variant may appear once")
-        counted = [endpoint.blue.find(d.variant_name) for d in desired if d.desired_instance_count is not None]
+        counted = [endpoint.blue.find_any(d.variant_name) for d in desired if d.desired_instance_count is not None]
         serverless = next((v for v in counted if v.serverless is not None), None)
         if serverless is not None:
             raise ResourceInvalid(
@@ -335,14 +339,16 @@ class Deployer:
                 f"ProvisionedConcurrency, or zero, up to MaxConcurrency {serverless.serverless.max_concurrency}), so it "
                 "takes no DesiredInstanceCount; send DesiredWeight alone, or change its ServerlessConfig through UpdateEndpoint"
             )
-        weights = {n: s.desired_weight for n, s in states.items()} | {
-            d.variant_name: d.desired_weight for d in desired if d.desired_weight is not None
+        production = {v.variant_name for v in record.production_variants}  # a shadow's weight is its share of copies
+        weights = {n: s.desired_weight for n, s in states.items() if n in production} | {
+            d.variant_name: d.desired_weight for d in desired
+            if d.desired_weight is not None and d.variant_name in production
         }
         if sum(weights.values()) <= 0:
             raise ResourceInvalid("DesiredWeight: the variants' weights would sum to 0, so no variant would get traffic")
         counts = {}
         for d in desired:
-            state, variant = states[d.variant_name], endpoint.blue.find(d.variant_name)
+            state, variant = states[d.variant_name], endpoint.blue.find_any(d.variant_name)
             if d.desired_weight is not None:
                 variant.weight = state.desired_weight = state.current_weight = d.desired_weight
             if d.desired_instance_count is not None:
@@ -361,16 +367,17 @@ class Deployer:
         failure = await self.fleet.wait_instances_ready(added, self.start_timeout) if added else None
         if failure:  # keep the instances that did start
             for variant in counts:
-                live = self.fleet.get(name).blue.find(variant)
+                live = self.fleet.get(name).blue.find_any(variant)
                 await self.fleet.scale(name, variant, len(live.ready_instances()), self.start_timeout, DRAIN_TIMEOUT_S)
         async with self.records.change(name) as record:
             if record is None:
                 return
             if failure:
                 record.failure_reason = f"could not add instances: {failure}"
-                for state in record.production_variants:
+                blue = self.fleet.get(name).blue
+                for state in record.every_variant:
                     if state.variant_name in counts:
-                        state.desired_instance_count = len(self.fleet.get(name).blue.find(state.variant_name).instances)
+                        state.desired_instance_count = len(blue.find_any(state.variant_name).instances)
             record.endpoint_status = EndpointStatus.IN_SERVICE
             await self.records.save(record)
 
@@ -406,6 +413,15 @@ class Deployer:
     async def close(self) -> None:
         for name in list(self._tasks):
             await self.cancel(name)
+
+
+def summaries(plans: list[VariantPlan], status: str | None = None, message: str | None = None) -> dict:
+    """`production_variants` and `shadow_production_variants` (None without a shadow) as DescribeEndpoint shows them."""
+    shadows = variant_states([p for p in plans if p.shadow], status, message)
+    return {
+        "production_variants": variant_states([p for p in plans if not p.shadow], status, message),
+        "shadow_production_variants": shadows or None,
+    }
 
 
 def variant_states(plans: list[VariantPlan], status: str | None = None, message: str | None = None) -> list[VariantState]:

@@ -57,6 +57,7 @@ class VariantPlan:
     serverless: ServerlessConfig | None = None
     start_timeout: float | None = None  # ContainerStartupHealthCheckTimeoutInSeconds; None: the fleet's
     routing: str = LEAST_OUTSTANDING  # RoutingConfig.RoutingStrategy
+    shadow: bool = False  # a ShadowProductionVariant: gets copies of requests (control/shadows.py), answers none
 
 
 class Outcomes:
@@ -118,6 +119,8 @@ class Variant:
     scaled_to_zero: bool = False  # it was, once: its starts are worth a snapshot template
     starts: deque[StartRecord] = field(default_factory=lambda: deque(maxlen=STARTS_KEPT))  # the last ones
     routing: str = LEAST_OUTSTANDING  # RoutingConfig.RoutingStrategy
+    shadow: bool = False  # a shadow variant: no request is routed to it, copies are sent (control/shadows.py)
+    copy_credit: float = 0.0  # a shadow's share of requests, accumulated: one copy per whole unit
     _next: int = 0
 
     def wants_template(self) -> bool:
@@ -150,24 +153,35 @@ class Variant:
 
 @dataclass
 class Deployment:
-    """One fleet of an endpoint: the variants of one endpoint config, and how its requests went."""
+    """One fleet of an endpoint: the variants of one endpoint config (requests go to `variants`, copies of them to
+    `shadows`), and how its requests went."""
 
     variants: list[Variant]
     config_name: str | None = None
     outcomes: Outcomes = field(default_factory=Outcomes)
+    shadows: list[Variant] = field(default_factory=list)
+
+    @property
+    def every_variant(self) -> list[Variant]:
+        return self.variants + self.shadows
 
     def instances(self) -> list[Instance]:
-        return [i for v in self.variants for i in v.instances]
+        return [i for v in self.every_variant for i in v.instances]
 
     def ready(self) -> bool:
         return any(v.ready_instances() for v in self.variants)
 
     def busy(self) -> int:
-        """Requests its instances are answering now."""
-        return sum(sum(v.in_flight.values()) for v in self.variants)
+        """Requests its instances are answering now (shadow copies too: a retired fleet lets them end)."""
+        return sum(sum(v.in_flight.values()) for v in self.every_variant)
 
     def find(self, name: str) -> Variant | None:
+        """The production variant of that name (the one requests may be pinned to)."""
         return next((v for v in self.variants if v.name == name), None)
+
+    def find_any(self, name: str) -> Variant | None:
+        """The variant of that name, production or shadow (what instance counts and weights change)."""
+        return next((v for v in self.every_variant if v.name == name), None)
 
     def pick_variant(self) -> Variant:
         """By weight among variants with a ready instance (all variants while none is ready)."""
@@ -187,12 +201,13 @@ class Endpoint:
 
     @property
     def variants(self) -> list[Variant]:
-        """Every variant running, blue then green."""
-        return self.blue.variants + (self.green.variants if self.green else [])
+        """Every variant running, blue then green, shadows included."""
+        return self.blue.every_variant + (self.green.every_variant if self.green else [])
 
     @property
     def ready(self) -> bool:
-        return any(v.ready_instances() for v in self.variants)
+        """Whether a production variant can answer (a shadow answers no client)."""
+        return any(d.ready() for d in (self.blue, self.green) if d is not None)
 
     def serving(self) -> list[Deployment]:
         """The deployments that may take traffic, the one to prefer first."""
@@ -209,6 +224,12 @@ class Endpoint:
         if variant_name:
             order = [self.green, self.blue] if self.green is not None and self.green_share > 0 else [self.blue]
             found = [(d, d.find(variant_name)) for d in order if d.find(variant_name)]
+            if not found and any(d.find_any(variant_name) for d in order):
+                production = ", ".join(sorted({v.name for d in order for v in d.variants}))
+                raise VariantNotFound(
+                    f"variant {variant_name!r} of endpoint {self.name!r} is a shadow variant: it gets copies of the "
+                    f"requests and answers none; target the production variant ({production}) or none"
+                )
             if not found:
                 raise VariantNotFound(
                     f"variant {variant_name!r} is not on endpoint {self.name!r} "
@@ -222,7 +243,7 @@ class Endpoint:
     def facts(self) -> dict:
         """The model facts of the first ready instance (name, context length, chat template); with none ready (a
         serverless variant at zero), those last seen, so a request that will start one renders its prompt alike."""
-        for v in self.variants:
+        for v in (v for v in self.variants if not v.shadow):  # a prompt is rendered for the variant that answers
             for i in v.ready_instances():
                 self._facts = i.facts
                 return i.facts
@@ -284,9 +305,9 @@ class Fleet:
         the background, and an instance that dies after it was ready is replaced)."""
         self._serials.pop(name, None)
         await self._materialize(plans)
-        endpoint = Endpoint(name, Deployment(self._variants(name, plans), config_name))
+        endpoint = Endpoint(name, self._deployment(name, plans, config_name))
         self.endpoints[name] = endpoint
-        await self._prepare_templates(endpoint.blue.variants)
+        await self._prepare_templates(endpoint.blue.every_variant)
         await self._start_all(endpoint, endpoint.blue.instances(), start_timeout)
         return endpoint
 
@@ -296,21 +317,23 @@ class Fleet:
         """Start an update's new fleet beside the endpoint's current one; it takes no traffic until told."""
         endpoint = self.get(name)
         await self._materialize(plans)
-        endpoint.green, endpoint.green_share = Deployment(self._variants(name, plans), config_name), 0.0
-        await self._prepare_templates(endpoint.green.variants)
+        endpoint.green, endpoint.green_share = self._deployment(name, plans, config_name), 0.0
+        await self._prepare_templates(endpoint.green.every_variant)
         await self._start_all(endpoint, endpoint.green.instances(), start_timeout)
         return endpoint.green
 
-    def _variants(self, name: str, plans: list["VariantPlan"]) -> list[Variant]:
+    def _deployment(self, name: str, plans: list["VariantPlan"], config_name: str | None) -> Deployment:
         variants = []
         for plan in plans:
             variant = Variant(
                 plan.name, plan.model_uri, plan.weight, env=plan.env, serverless=plan.serverless,
-                start_timeout=plan.start_timeout, routing=plan.routing,
+                start_timeout=plan.start_timeout, routing=plan.routing, shadow=plan.shadow,
             )
             variant.instances = [self._instance(name, variant) for _ in range(plan.instances)]
             variants.append(variant)
-        return variants
+        return Deployment(
+            [v for v in variants if not v.shadow], config_name, shadows=[v for v in variants if v.shadow]
+        )
 
     def _instance(self, endpoint: str, variant: Variant) -> Instance:
         # Numbered per endpoint and variant name, so that a green variant named like a blue one gets its own socket.
@@ -475,10 +498,10 @@ class Fleet:
         self._release_models()
 
     async def scale(self, name: str, variant_name: str, count: int, start_timeout: float, drain_timeout: float) -> list[Instance]:
-        """Add instances to a blue variant, or remove some (they take no new requests, finish theirs, then stop).
-        Returns the instances added."""
+        """Add instances to a blue variant (production or shadow), or remove some (they take no new requests, finish
+        theirs, then stop). Returns the instances added."""
         endpoint = self.get(name)
-        variant = endpoint.blue.find(variant_name)
+        variant = endpoint.blue.find_any(variant_name)
         if variant is None:
             raise VariantNotFound(f"variant {variant_name!r} is not on endpoint {name!r}")
         if count >= len(variant.instances):

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from ..errors import ResourceExists, ResourceInUse, ResourceInvalid, ResourceMissing
 from ..sizing import serverless_memory_problems
 from .autoscaler import Autoscaler, ScalingReport
-from .deployer import Deployer, Policy, variant_states
+from .deployer import Deployer, Policy, summaries
 from .endpoints import Fleet, VariantPlan
 from .records import EndpointRecords
 from .resources import (
@@ -97,7 +97,7 @@ class ControlPlane:
     def _configs_in_service_using(self, model_name: str) -> list[str]:
         in_service = {e.endpoint_config_name for e in self.store.list_endpoints()}
         return [c.endpoint_config_name for c in self.store.list_endpoint_configs()
-                if c.endpoint_config_name in in_service and any(v.model_name == model_name for v in c.production_variants)]
+                if c.endpoint_config_name in in_service and any(v.model_name == model_name for v in c.every_variant)]
 
     # -- endpoint configs -----------------------------------------------------------------------------------
     async def create_endpoint_config(self, spec: EndpointConfigSpec) -> EndpointConfigSpec:
@@ -105,6 +105,12 @@ class ControlPlane:
         missing = [name for name, model in models.items() if model is None]
         if missing:
             raise ResourceInvalid(f"Could not find model(s) {', '.join(map(repr, missing))}: create them first")
+        multi_model = [name for name, model in models.items() if model.primary_container.mode == "MultiModel"]
+        if spec.shadow_production_variants and multi_model:
+            raise ResourceInvalid(
+                f"ShadowProductionVariants: model {multi_model[0]!r} is a multi-model endpoint's (Mode MultiModel), "
+                "which a shadow test cannot copy requests for (SageMaker refuses it too)"
+            )
         await self._refuse_oversized(spec, models)
         try:
             await asyncio.to_thread(self.store.add_endpoint_config, spec)
@@ -114,7 +120,7 @@ class ControlPlane:
         return spec
 
     def _models_of(self, spec: EndpointConfigSpec) -> dict[str, ModelSpec | None]:
-        return {v.model_name: self.store.get_model(v.model_name) for v in spec.production_variants}
+        return {v.model_name: self.store.get_model(v.model_name) for v in spec.every_variant}
 
     async def _refuse_oversized(self, spec: EndpointConfigSpec, models: dict[str, ModelSpec | None]) -> None:
         """A serverless variant whose model cannot fit in its MemorySizeInMB is refused now, with the figures, on
@@ -152,7 +158,7 @@ class ControlPlane:
         Policy.of(deployment)  # an alarm servelet cannot evaluate is refused now, not at the first update
         plans = await asyncio.to_thread(self.plans, config)
         record = EndpointRecord(
-            endpoint_name=name, endpoint_config_name=config_name, production_variants=variant_states(plans),
+            endpoint_name=name, endpoint_config_name=config_name, **summaries(plans),
             async_inference_config=config.async_inference_config, endpoint_config=config,
             last_deployment_config=deployment,
         )
@@ -278,9 +284,10 @@ class ControlPlane:
         """What to run for `config`; with `record`, the weights and instance counts it was changed to since.
         Public for the deployer, which plans an update's new fleet as creation and restore plan theirs. It reads the
         store: call it in a thread."""
-        changed = {v.variant_name: v for v in record.production_variants} if record else {}
+        changed = {v.variant_name: v for v in record.every_variant} if record else {}
+        shadows = {v.variant_name for v in config.shadow_production_variants or ()}
         plans = []
-        for variant in config.production_variants:
+        for variant in config.every_variant:
             model = self.store.get_model(variant.model_name)
             if model is None:
                 raise ResourceInvalid(
@@ -294,6 +301,7 @@ class ControlPlane:
                 env=model.instance_environment(),
                 start_timeout=variant.container_startup_health_check_timeout_in_seconds,
                 **({"routing": variant.routing_config.routing_strategy} if variant.routing_config else {}),
+                shadow=variant.variant_name in shadows,
             ))
             if variant.variant_name in changed:
                 plans[-1].weight = changed[variant.variant_name].desired_weight
@@ -397,8 +405,8 @@ class ControlPlane:
     def _with_live_counts(self, record: EndpointRecord) -> EndpointRecord:
         endpoint = self.fleet.endpoints.get(record.endpoint_name)
         record = record.model_copy(deep=True)
-        blue = {v.name: v for v in endpoint.blue.variants} if endpoint else {}
-        for variant in record.production_variants:
+        blue = {v.name: v for v in endpoint.blue.every_variant} if endpoint else {}
+        for variant in record.every_variant:
             running = blue.get(variant.variant_name)
             variant.current_instance_count = len(running.ready_instances()) if running else 0
             variant.last_instance_starts = [
@@ -408,8 +416,8 @@ class ControlPlane:
         pending = record.pending_deployment_summary
         if pending is not None:
             green = endpoint.green if endpoint else None
-            live = {v.name: len(v.ready_instances()) for v in green.variants} if green else {}
-            for variant in pending.production_variants:
+            live = {v.name: len(v.ready_instances()) for v in green.every_variant} if green else {}
+            for variant in pending.every_variant:
                 variant.current_instance_count = live.get(variant.variant_name, 0)
             # DesiredServerlessConfig: what the update moves each variant to (None: it will run instances).
             moving_to = {v.variant_name: v.current_serverless_config for v in pending.production_variants}

@@ -1,6 +1,7 @@
 """Routing an invocation: endpoint → deployment (blue or green, by the update's traffic share) → variant (by
 weight, or pinned) → ready instance, and forwarding to it. Each forwarded request is counted in flight while it
-runs (so a fleet can drain before it stops) and its outcome is recorded for the update alarms."""
+runs (so a fleet can drain before it stops) and its outcome is recorded for the update alarms. A real-time request
+(`invoke`, `stream`: every API family's) is also copied to the deployment's shadow variant, if any (shadows.py)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from .catalog import CATALOG_HINT
 from .endpoints import Deployment, EndpointNotFound, Fleet, Variant, VariantNotFound
 from .instances import Instance
 from .invocation import Answer, ChunkStream, Invocation
+from .shadows import ShadowCopies, VariantReport
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -41,10 +43,13 @@ class Route:
     instance: Instance
 
     @contextmanager
-    def serving(self, meter: CostMeter | None = None, endpoint: str = "") -> Iterator[dict]:
+    def serving(
+        self, meter: CostMeter | None = None, endpoint: str = "", report: VariantReport | None = None
+    ) -> Iterator[dict]:
         """Count the request in flight on its instance; record its outcome and latency (until `first_byte`
-        is set, for streams) for the alarms. Only the fleet's own errors count as failures; a request the client
-        abandoned is no outcome. A serverless variant's request is billed to `endpoint` on `meter`, whatever its outcome."""
+        is set, for streams) for the alarms and on `report`. Only the fleet's own errors count as failures; a request
+        the client abandoned is no outcome. A serverless variant's request is billed to `endpoint` on `meter`,
+        whatever its outcome."""
         in_flight = self.variant.in_flight
         in_flight[self.instance.name] += 1
         started = self.variant.last_request = time.monotonic()
@@ -73,6 +78,8 @@ class Route:
                 latency = timing.get("first_byte", ended) - started
                 self.deployment.outcomes.record(failed, latency)
                 self.variant.served.record(failed, latency)
+                if report is not None:
+                    report.answered(endpoint, self.variant.name, latency)
 
 
 class Cold(Exception):
@@ -85,7 +92,7 @@ class Cold(Exception):
 class Router:
     def __init__(
         self, fleet: Fleet, invocation_timeout: float | None = None, serverless: ServerlessScaler | None = None,
-        meter: CostMeter | None = None, max_in_flight_per_endpoint: int | None = None,
+        meter: CostMeter | None = None, max_in_flight_per_endpoint: int | None = None, max_shadow_copies: int = 32,
     ):
         self.fleet = fleet
         self.admission = Admission(max_in_flight_per_endpoint)  # real-time requests only: async jobs have slots
@@ -93,6 +100,9 @@ class Router:
         self.serverless = serverless  # starts instances of serverless variants at zero
         self.meter = meter  # bills serverless invocations
         self.catalog: Catalog | None = None  # deploys a catalog id on its first invocation (set by the gateway)
+        # Copies real-time requests to shadow variants, at most `max_shadow_copies` in flight per shadow; its report
+        # (set by the gateway) also takes every forwarded request's latency per variant.
+        self.shadows = ShadowCopies(max_shadow_copies, invocation_timeout)
 
     def route(self, invocation: Invocation) -> Route:
         """The deployment, variant and instance that will serve `invocation`; NotFound / Unavailable / Throttled
@@ -132,7 +142,7 @@ class Router:
     async def invoke(self, invocation: Invocation) -> Answer:
         route = await self._resolve(invocation)
         instance = route.instance
-        with self.admission.admit(invocation.endpoint), route.serving(self.meter, invocation.endpoint):
+        with self.admission.admit(invocation.endpoint), self._serving(route, invocation):
             try:
                 async with asyncio.timeout(invocation.timeout or self.invocation_timeout):
                     response = await instance.client.post(invocation.body, invocation.instance_headers())
@@ -155,7 +165,7 @@ class Router:
         """Open a streamed answer; errors before the first byte raise here, so routes can still answer 4xx/5xx."""
         route = await self._resolve(invocation)
         instance = route.instance
-        with self.admission.admit(invocation.endpoint), route.serving(self.meter, invocation.endpoint) as timing:
+        with self.admission.admit(invocation.endpoint), self._serving(route, invocation) as timing:
             try:
                 async with AsyncExitStack() as stack:
                     opening = instance.client.open_stream(invocation.body, invocation.instance_headers())
@@ -197,6 +207,14 @@ class Router:
                     )
             except httpx.TransportError as exc:
                 raise _instance_failed(instance, exc) from None
+
+    @contextmanager
+    def _serving(self, route: Route, invocation: Invocation) -> Iterator[dict]:
+        """A real-time request admitted: copied to the shadow variant if its deployment has one, then served."""
+        if route.deployment.shadows:
+            self.shadows.send(invocation.endpoint, route.deployment, route.variant, invocation)
+        with route.serving(self.meter, invocation.endpoint, self.shadows.report) as timing:
+            yield timing
 
     def _timed_out(self, instance: Instance, invocation: Invocation) -> ModelTimedOut:
         """The call is abandoned (the instance sees its client leave, so a generation stops); the instance stays
