@@ -264,3 +264,19 @@ def gateway(tmp_path_factory, model_path):
     running = start_gateway(tmp_path_factory.mktemp("gateway"))
     yield running
     stop_process(running.process)
+
+
+ECHO_HANDLER = '''
+def model_fn(model_dir):
+    return None
+
+def transform_fn(model, body, content_type, accept):
+    return body, content_type
+'''
+
+
+def echo_model(folder: Path) -> str:
+    """A handler model (`code/inference.py`) answering each body as it came: no weights, quick to start."""
+    (folder / "code").mkdir(parents=True, exist_ok=True)
+    (folder / "code" / "inference.py").write_text(ECHO_HANDLER)
+    return str(folder)

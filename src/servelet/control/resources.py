@@ -770,7 +770,7 @@ class TransformJobSpec(Resource):
     transform_output: TransformOutput
     transform_resources: TransformResources = Field(default_factory=TransformResources)
     data_processing: dict | None = None  # kept as sent; `filters` reads it
-    tags: list[dict] | None = Field(None, description="Accepted for compatibility; servelet keeps no tags.")
+    tags: list[dict] | None = Field(None, description="Where older versions kept Tags; the store's tags table has them now.")
     # The job's state: the server's, never the user's (`from_request` drops any sent).
     transform_job_status: TransformJobStatus = TransformJobStatus.IN_PROGRESS
     failure_reason: str | None = None

@@ -24,8 +24,9 @@ from sqlalchemy.pool import StaticPool
 
 from .resources import (
     CatalogEntry, EndpointConfigSpec, EndpointRecord, EndpointStatus, ModelSpec, ScalableTarget, TransformJobSpec,
-    TransformJobStatus, UsageDay, now,
+    TransformJobStatus, UsageDay, arn, now,
 )
+from .tags import TooManyTags
 
 DATABASE_FILE = "servelet.db"
 # How long a writer waits for another process's write lock on a SQLite file before giving up.
@@ -79,6 +80,16 @@ usage = Table(
     Column("cache_gb_seconds", Float, nullable=False, server_default="0"),
     Column("restored_gb", Float, nullable=False, server_default="0"),
 )
+# Tags on SageMaker resources (control/tags.py), by the resource's ARN; a resource's tags go with it (`_delete`).
+tags = Table(
+    "tags",
+    metadata,
+    Column("resource", String(256), primary_key=True),
+    Column("key", String(128), primary_key=True),
+    Column("value", String(256), nullable=False),
+)
+# The tables of the resources that take tags, by the kind their ARNs name.
+TAGGED_TABLES = {"model": models, "endpoint-config": endpoint_configs, "endpoint": endpoints, "transform-job": transform_jobs}
 # What a usage row adds up, named as UsageDay's fields.
 USAGE_FIGURES = ("gb_seconds", "requests", "cache_gb_seconds", "restored_gb")
 
@@ -253,6 +264,44 @@ class Store:
         with self.engine.begin() as connection:
             return connection.execute(scaling_targets.delete().where(scaling_targets.c.endpoint == endpoint)).rowcount
 
+    # Tags
+
+    def resource_arn(self, kind: str, name: str) -> str | None:
+        """The ARN of the resource of `kind` named `name` in any case (ARNs carry names in lower case); None if none."""
+        table = TAGGED_TABLES[kind]
+        with self.engine.connect() as connection:
+            found = connection.execute(select(table.c.name).where(table.c.name == name)).scalar_one_or_none()
+            if found is None:
+                lowered = select(table.c.name).where(func.lower(table.c.name) == name.lower()).limit(1)
+                found = connection.execute(lowered).scalar_one_or_none()
+        return None if found is None else arn(kind, found)
+
+    def add_tags(self, resource: str, added: dict[str, str], most: int) -> None:
+        """Add or replace tags in one transaction; TooManyTags (and nothing changed) past `most` in all. Written
+        first, then counted: a SQLite writer that read first could deadlock upgrading its lock."""
+        if not added:
+            return
+        statement = upsert(self.engine, tags)
+        statement = statement.on_conflict_do_update(
+            index_elements=[tags.c.resource, tags.c.key], set_={"value": statement.excluded.value}
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement, [{"resource": resource, "key": k, "value": v} for k, v in added.items()])
+            count = connection.execute(select(func.count()).where(tags.c.resource == resource)).scalar_one()
+            if count > most:
+                raise TooManyTags(resource, count)  # rolls the transaction back
+
+    def list_tags(self, resource: str) -> dict[str, str]:
+        """The resource's tags, by key in order."""
+        query = select(tags.c.key, tags.c.value).where(tags.c.resource == resource).order_by(tags.c.key)
+        with self.engine.connect() as connection:
+            return {row.key: row.value for row in connection.execute(query)}
+
+    def delete_tags(self, resource: str, keys: list[str]) -> None:
+        """Remove these keys' tags; a key the resource has no tag for is no error."""
+        with self.engine.begin() as connection:
+            connection.execute(tags.delete().where(tags.c.resource == resource, tags.c.key.in_(keys)))
+
     # Usage (the cost meter)
 
     def add_usage(self, days: list[UsageDay]) -> None:
@@ -310,8 +359,13 @@ class Store:
             return [spec_type.model_validate(spec) for spec in connection.execute(query).scalars()]
 
     def _delete(self, table: Table, name: str) -> bool:
+        """The row, and the resource's tags in the same transaction."""
+        kind = next((kind for kind, tagged in TAGGED_TABLES.items() if tagged is table), None)
         with self.engine.begin() as connection:
-            return connection.execute(table.delete().where(table.c.name == name)).rowcount > 0
+            deleted = connection.execute(table.delete().where(table.c.name == name)).rowcount > 0
+            if kind is not None:
+                connection.execute(tags.delete().where(tags.c.resource == arn(kind, name)))
+            return deleted
 
 
 def _endpoint_columns(record: EndpointRecord) -> dict[str, Any]:
