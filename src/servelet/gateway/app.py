@@ -34,6 +34,7 @@ from ..settings import GatewaySettings, database_url
 from . import metrics
 from .api import autoscaling
 from .api import sagemaker_transform  # noqa: F401 - registers the batch transform operations
+from .api import sagemaker_tags  # noqa: F401 - registers AddTags, ListTags, DeleteTags and Tags on the Create operations
 from .api import openai, qa, sagemaker, sagemaker_async, sagemaker_control, tgi, websocket
 from .auth.errors import render_refusal
 from .auth.rules import need_for
