@@ -96,3 +96,17 @@ def test_a_transform_job_may_not_read_outside_the_roots(setup):
         TransformResources={"InstanceType": "ml.m5.large", "InstanceCount": 1},
     ))
     assert "SERVELET_FILE_ROOTS" in message
+
+
+def test_a_data_capture_destination_outside_the_roots_is_refused_naming_the_setting(setup):
+    sagemaker = client(setup, "sagemaker")
+    sagemaker.create_model(ModelName="captured", PrimaryContainer={"ModelDataUrl": str(setup["model"])})
+    variant = [{"VariantName": "AllTraffic", "ModelName": "captured", "InitialInstanceCount": 1}]
+
+    def create(name: str, destination: str):
+        capture = {"InitialSamplingPercentage": 100, "DestinationS3Uri": destination, "CaptureOptions": [{"CaptureMode": "Input"}]}
+        return sagemaker.create_endpoint_config(EndpointConfigName=name, ProductionVariants=variant, DataCaptureConfig=capture)
+
+    message = refusal(lambda: create("capture-outside", f"file://{setup['outside']}/capture"))
+    assert message.startswith("DataCaptureConfig.DestinationS3Uri:") and "SERVELET_FILE_ROOTS" in message, message
+    create("capture-inside", f"file://{setup['allowed']}/capture")
