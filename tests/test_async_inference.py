@@ -145,9 +145,10 @@ def test_a_failing_input_lands_at_its_failure_location_and_tells_the_error_webho
     path, told = webhook.about(accepted["InferenceId"])[0]
     assert path == "/error" and told["invocationStatus"] == "Failed" and "empty" in told["failureReason"]
 
-    missing = runtime(gateway).invoke_endpoint_async(EndpointName=answering, InputLocation=f"s3://{bucket}/in/nothing.json")
-    assert wait_for(lambda: s3_text(s3_server, missing["FailureLocation"]) is not None, 60)
-    assert "could not be read" in json.loads(s3_text(s3_server, missing["FailureLocation"]))["ErrorMessage"]
+    # An input that is not there is refused at once, rather than accepted to fail.
+    with pytest.raises(ClientError) as missing:
+        runtime(gateway).invoke_endpoint_async(EndpointName=answering, InputLocation=f"s3://{bucket}/in/nothing.json")
+    assert "no object there" in missing.value.response["Error"]["Message"]
 
 
 def test_bad_requests_are_refused_naming_what_is_wrong(gateway, answering):

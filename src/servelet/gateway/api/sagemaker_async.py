@@ -12,33 +12,74 @@ import asyncio
 import re
 import time
 
+from botocore.exceptions import BotoCoreError
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse
 
 from ... import objects
 from ...control.async_queue import Job, JobStatus, new_inference_id
-from ...errors import BadRequest, NotFound
+from ...errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
 from ..errors import error_format
 from ..metrics import ASYNC_ENQUEUE_SECONDS
 from ..services import Services, note_endpoint, read_body, services
 from .sagemaker import ACCOUNT, ENDPOINT_NAME, render_sagemaker_error
 
-INLINE_BODY_BYTES = 128_000
+INLINE_BODY_BYTES = 128_000  # SageMaker's, fixed: botocore clients (and `servelet invoke --async`) rely on it
 TTL_SECONDS = (60, 21_600)  # RequestTTLSeconds: SageMaker's range; its default is the most
 INVOCATION_TIMEOUT_SECONDS = (1, 3_600)
 DEFAULT_INVOCATION_TIMEOUT_S = 900
 # SageMaker's pattern for InferenceId: printable, no white space, at most 64 characters.
-INFERENCE_ID = re.compile(r"^[!-~]{1,64}$")
+INFERENCE_ID = re.compile(r"[!-~]{1,64}")
+INFERENCE_ID_RULE = "1 to 64 printable ASCII characters, no spaces"
+# SageMaker's rule for ContentType, Accept and CustomAttributes: ASCII, at most 1024 characters (also what the
+# headers to the instance can carry).
+ASCII_HEADER = re.compile(r"[ -~]{0,1024}")
+ASCII_HEADERS = ("X-Amzn-SageMaker-Content-Type", "Content-Type", "X-Amzn-SageMaker-Accept", "X-Amzn-SageMaker-Custom-Attributes")
+SECONDS = re.compile(r"[0-9]{1,9}")  # whole seconds, in ASCII digits: int() reads others too, and slowly past 4300
+SHOWN_CHARACTERS = 200  # of a value quoted in a refusal
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._/-]{1,1024}$")
 
 router = APIRouter(tags=["SageMaker runtime"], dependencies=[Depends(error_format("sagemaker", render_sagemaker_error))])
+
+PRINTABLE_ASCII = {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$"}
+# What /openapi.json says of the route (it reads its headers and body itself), so that the fuzz run sends them too.
+DOCUMENTED_REQUEST = {
+    "parameters": [
+        {"name": name, "in": "header", "required": False, "schema": schema, "description": description}
+        for name, schema, description in [
+            ("X-Amzn-SageMaker-InputLocation", {"type": "string", "maxLength": 1024},
+             "The input's location (s3://BUCKET/KEY or file:///PATH; with auth on, inside SERVELET_FILE_ROOTS), "
+             "or none and the input as the body."),
+            ("X-Amzn-SageMaker-RequestTTLSeconds", {"type": "integer", "minimum": TTL_SECONDS[0], "maximum": TTL_SECONDS[1]},
+             f"How long the job may wait to start (default {TTL_SECONDS[1]})."),
+            ("X-Amzn-SageMaker-InvocationTimeoutSeconds",
+             {"type": "integer", "minimum": INVOCATION_TIMEOUT_SECONDS[0], "maximum": INVOCATION_TIMEOUT_SECONDS[1]},
+             f"How long the model may take (default {DEFAULT_INVOCATION_TIMEOUT_S})."),
+            ("X-Amzn-SageMaker-Inference-Id", {"type": "string", "pattern": "^[!-~]{1,64}$"},
+             "The job's id (a new one if none); the same id again is the same job."),
+            ("X-Amzn-SageMaker-Content-Type", PRINTABLE_ASCII, "The input's content type (else Content-Type's)."),
+            ("X-Amzn-SageMaker-Accept", PRINTABLE_ASCII, "The output's content type."),
+            ("X-Amzn-SageMaker-Custom-Attributes", PRINTABLE_ASCII, "Handed to the model as they are."),
+            ("X-Amzn-SageMaker-S3OutputPathExtension", {"type": "string", "pattern": SAFE_PATH.pattern},
+             "A folder under the endpoint's S3OutputPath."),
+            ("X-Amzn-SageMaker-Filename", {"type": "string", "pattern": SAFE_NAME.pattern},
+             "The output's name (else <InferenceId>.out)."),
+        ]
+    ],
+    "requestBody": {
+        "required": False,
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "description": f"The input itself, up to {INLINE_BODY_BYTES:,} bytes, when no InputLocation names it.",
+    },
+}
 
 
 @router.post(
     "/endpoints/{EndpointName}/async-invocations",
     summary="InvokeEndpointAsync: queue the request; its answer is written to the endpoint's output location",
     status_code=202,
+    openapi_extra=DOCUMENTED_REQUEST,
 )
 async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_NAME, services: Services = Depends(services)):
     # An endpoint restored after a restart that still fetches its model takes jobs: the queue keeps them until
@@ -57,17 +98,26 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
     note_endpoint(request, EndpointName)
     headers = request.headers
     inference_id = headers.get("x-amzn-sagemaker-inference-id") or new_inference_id()
-    if not INFERENCE_ID.match(inference_id):
-        raise BadRequest(f"X-Amzn-SageMaker-Inference-Id {inference_id!r}: 1 to 64 printable characters, no spaces")
+    if not INFERENCE_ID.fullmatch(inference_id):
+        raise BadRequest(f"X-Amzn-SageMaker-Inference-Id {shown(inference_id)}: {INFERENCE_ID_RULE}")
+    for name in ASCII_HEADERS:
+        if not ASCII_HEADER.fullmatch(value := headers.get(name, "")):
+            raise BadRequest(f"{name} {shown(value)}: at most 1024 printable ASCII characters")
+    expires_in = _seconds(headers, "X-Amzn-SageMaker-RequestTTLSeconds", TTL_SECONDS, TTL_SECONDS[1])
+    invocation_timeout = _seconds(headers, "X-Amzn-SageMaker-InvocationTimeoutSeconds", INVOCATION_TIMEOUT_SECONDS,
+                                  DEFAULT_INVOCATION_TIMEOUT_S)
     input_location = headers.get("x-amzn-sagemaker-inputlocation")
-    body = await read_body(request, INLINE_BODY_BYTES)
+    try:
+        body = await read_body(request, INLINE_BODY_BYTES)
+    except PayloadTooLarge:
+        raise PayloadTooLarge(
+            f"the request body is over {INLINE_BODY_BYTES} bytes, the most an async request carries (SageMaker's "
+            "limit): put the input in the object store and name it in X-Amzn-SageMaker-InputLocation"
+        ) from None
     if input_location:
-        try:
-            objects.parse(input_location)
-        except objects.ObjectStoreError as exc:
-            raise BadRequest(f"X-Amzn-SageMaker-InputLocation: {exc}") from None
         if body:
             raise BadRequest("send the input either at X-Amzn-SageMaker-InputLocation or as the body, not both")
+        await _check_input(input_location)
     elif not body:
         raise BadRequest(
             "no input: name it in X-Amzn-SageMaker-InputLocation (s3:// or file://), or send it as the body "
@@ -82,9 +132,7 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
     created = time.time()
     job = Job(
         inference_id=inference_id, endpoint=EndpointName, status=JobStatus.PENDING.value, created=created,
-        expires=created + _seconds(headers, "x-amzn-sagemaker-requestttlseconds", TTL_SECONDS, TTL_SECONDS[1]),
-        invocation_timeout=_seconds(headers, "x-amzn-sagemaker-invocationtimeoutseconds", INVOCATION_TIMEOUT_SECONDS,
-                                    DEFAULT_INVOCATION_TIMEOUT_S),
+        expires=created + expires_in, invocation_timeout=invocation_timeout,
         input_location=input_location or None, inline_body=None if input_location else body,
         content_type=headers.get("x-amzn-sagemaker-content-type") or headers.get("content-type") or "application/json",
         accept=headers.get("x-amzn-sagemaker-accept"), custom_attributes=headers.get("x-amzn-sagemaker-custom-attributes"),
@@ -103,13 +151,32 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
     )
 
 
+def shown(value: str) -> str:
+    """A header's value as a refusal quotes it: a huge one cut short."""
+    return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "...")
+
+
+async def _check_input(uri: str) -> None:
+    """Refuse now an input location that names nothing this server may read, rather than fail the job later."""
+    try:
+        found = await objects.exists(uri)
+    except objects.ObjectStoreError as exc:
+        raise BadRequest(f"X-Amzn-SageMaker-InputLocation: {exc}") from None
+    except OSError as exc:  # a path the system refuses to look up (too long, ...)
+        raise BadRequest(f"X-Amzn-SageMaker-InputLocation {shown(uri)}: {exc.strerror or exc}") from None
+    except BotoCoreError as exc:
+        raise Unavailable(f"X-Amzn-SageMaker-InputLocation {shown(uri)}: the object store did not answer: {exc}") from None
+    if not found:
+        raise BadRequest(f"X-Amzn-SageMaker-InputLocation {shown(uri)}: no object there (upload the input first)")
+
+
 def _output_folder(path: str, headers) -> str:
     """The endpoint's output path, extended by X-Amzn-SageMaker-S3OutputPathExtension when sent."""
     extension = (headers.get("x-amzn-sagemaker-s3outputpathextension") or "").strip("/")
     if not extension:
         return path
     if ".." in extension.split("/") or not SAFE_PATH.match(extension):
-        raise BadRequest(f"X-Amzn-SageMaker-S3OutputPathExtension {extension!r}: letters, digits, '-', '_', '.', '/' only, no '..'")
+        raise BadRequest(f"X-Amzn-SageMaker-S3OutputPathExtension {shown(extension)}: letters, digits, '-', '_', '.', '/' only, no '..'")
     return objects.join(path, extension)
 
 
@@ -119,7 +186,7 @@ def _output_name(headers, inference_id: str) -> str:
     if name is None:
         return f"{inference_id}.out"
     if not SAFE_NAME.match(name) or name in (".", ".."):
-        raise BadRequest(f"X-Amzn-SageMaker-Filename {name!r}: letters, digits, '-', '_', '.' only")
+        raise BadRequest(f"X-Amzn-SageMaker-Filename {shown(name)}: letters, digits, '-', '_', '.' only")
     return name
 
 
@@ -128,8 +195,8 @@ def _seconds(headers, name: str, bounds: tuple[int, int], default: int) -> int:
     if value is None:
         return default
     low, high = bounds
-    if not value.isdigit() or not low <= int(value) <= high:
-        raise BadRequest(f"{name}: {value!r} is not a whole number of seconds from {low} to {high}")
+    if not SECONDS.fullmatch(value) or not low <= int(value) <= high:
+        raise BadRequest(f"{name}: {shown(value)} is not a whole number of seconds from {low} to {high}")
     return int(value)
 
 
@@ -141,6 +208,8 @@ async def describe_async_invocation(
     InferenceId: str = Path(..., description="The InferenceId InvokeEndpointAsync answered."),
     services: Services = Depends(services),
 ):
+    if not INFERENCE_ID.fullmatch(InferenceId):  # no job can have it
+        raise BadRequest(f"InferenceId {shown(InferenceId)}: {INFERENCE_ID_RULE}")
     job = await asyncio.to_thread(services.jobs.get, InferenceId)
     if job is None:
         raise NotFound(f"no async invocation has InferenceId {InferenceId!r}")

@@ -71,4 +71,6 @@ def need_for(method: str, path: str, headers: Headers, query: QueryParams) -> Ne
         return Need("invoke", endpoint=query.get("endpoint", DEFAULT_ENDPOINT))
     if path == "/ws":
         return Need("invoke_some")  # each message's endpoint is checked as it comes (api/websocket.py)
+    if path.startswith(("/endpoints/", "/async-invocations/")):
+        return Need("any", "sagemaker")  # no such route, refused in the family its path names
     return Need("any")  # /, /docs, /openapi.json and whatever is added later
