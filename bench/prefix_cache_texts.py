@@ -44,7 +44,7 @@ def facts(rng: random.Random) -> Iterator[Fact]:
     """An endless stream of facts about the people, towns, firms and customs of one made-up region."""
     towns = [name(rng) for _ in range(6)]
     while True:
-        town, other, person, firm = rng.choice(towns), rng.choice(towns), f"{name(rng)} {name(rng)}", name(rng)
+        (town, other), person, firm = rng.sample(towns, 2), f"{name(rng)} {name(rng)}", name(rng)
         year, number = rng.randint(1620, 1990), rng.randint(3, 95)
         kind = rng.randrange(8)
         if kind == 0:
@@ -53,7 +53,7 @@ def facts(rng: random.Random) -> Iterator[Fact]:
                        f"Where was {person} born?")
         elif kind == 1:
             yield Fact(f"The {firm} works, founded by {person} in {year}, still make {rng.choice(PRODUCTS)} by hand "
-                       f"in a {rng.choice(COLOURS)} brick hall near the harbour of {town}.",
+                       f"in a brick hall painted {rng.choice(COLOURS)} near the harbour of {town}.",
                        f"What does the {firm} works make?")
         elif kind == 2:
             yield Fact(f"{town} lies where the {name(rng)} river meets the {name(rng)} river, {number} kilometres "
@@ -135,8 +135,9 @@ def conversations(seed: str, clients: int, turns: int, system_tokens: int, user_
     for client in range(clients):
         rng = random.Random(f"{seed}/conversation/{client}")
         stream = facts(rng)
-        notes, _ = filled(stream, system_tokens, count)
-        system = f"You are a travel guide for the {name(rng)} valley. Answer briefly, using these notes.\n\n{notes}"
+        header = f"You are a travel guide for the {name(rng)} valley. Answer briefly, using these notes."
+        notes, _ = filled(stream, system_tokens - count(header), count)
+        system = f"{header}\n\n{notes}"
         messages = [user_message(GREETINGS[turn % len(GREETINGS)], stream, rng.randint(*user_tokens), user_tokens[1], count)
                     for turn in range(turns)]
         made.append(Conversation(system, tuple(messages)))
