@@ -222,3 +222,13 @@ def test_a_file_write_waits_for_the_disk_only_when_told(tmp_path, monkeypatch, f
     assert (tmp_path / "out" / "job.out").read_bytes() == b"answer"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["job.out"]
     assert len(synced) == (2 if flushed else 0)  # the file, then its folder (the new name)
+
+
+def test_files_written_together_each_hear_of_their_own_failure(tmp_path):
+    """The async worker writes its jobs' answers in one thread call (objects.write_files): one that fails fails alone."""
+    (tmp_path / "taken").write_text("a file where a folder should be")
+    writes = [(objects.parse(f"file://{tmp_path}/{name}"), name.encode()) for name in ("a.out", "taken/b.out", "new/c.out")]
+    results = objects.write_files(writes)
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], ObjectStoreError)
+    assert (tmp_path / "a.out").read_bytes() == b"a.out" and (tmp_path / "new" / "c.out").read_bytes() == b"new/c.out"

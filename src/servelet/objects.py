@@ -198,6 +198,20 @@ async def write_bytes(uri: str, data: bytes, content_type: str | None = None) ->
     await asyncio.to_thread(_write_whole, parse(uri), data, content_type)
 
 
+def write_files(writes: list[tuple[FileLocation, bytes]]) -> list[Exception | None]:
+    """Blocking: each (file, bytes) written as `write_bytes` writes it, one after another; per write, None or what
+    it raised. Small files written together in one thread call cost the event loop one hop instead of one each
+    (async_worker.py groups its jobs' answers)."""
+    results: list[Exception | None] = []
+    for location, data in writes:
+        try:
+            _write_whole(location, data, None)
+            results.append(None)
+        except Exception as exc:  # noqa: BLE001 - each write's caller hears of its own failure
+            results.append(exc)
+    return results
+
+
 def _write_whole(location: Location, data: bytes, content_type: str | None) -> None:
     writer = _open_writer(location, content_type)
     try:
@@ -289,10 +303,16 @@ class FileWriter:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        try:
+            fd, partial = self._create_partial()
+        except FileNotFoundError:  # its folder is missing: made once, not checked before every write
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, partial = self._create_partial()
         self.partial = Path(partial)
         self.file: BinaryIO = os.fdopen(fd, "wb")
+
+    def _create_partial(self) -> tuple[int, str]:
+        return tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".partial")
 
     def write(self, chunk: bytes) -> None:
         self.file.write(chunk)

@@ -308,7 +308,7 @@ class GroupCommit(Generic[Item, Result]):
     """Calls made at the same moment go to the store in one transaction: `commit` takes a list of items and
     returns one result per item, in a thread. Each caller waits for the commit that holds its item (so a 202
     still means "stored"), and while one commit runs the next callers gather for the following one. A caller
-    alone waits for nobody. Used for accepting jobs and for ending them, on the queue's writing thread."""
+    alone waits for nobody. Used for accepting jobs and for ending them, the way the queue writes (`_run`)."""
 
     def __init__(self, queue: JobQueue, commit: Callable[[list[Item]], list[Result]]):
         self.queue = queue
@@ -328,8 +328,7 @@ class GroupCommit(Generic[Item, Result]):
             while self._pending:
                 batch, self._pending = self._pending, []
                 try:
-                    items = [item for item, _ in batch]
-                    results = await self.queue.write(self.commit, items)
+                    results = await self._run([item for item, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - every caller of the batch hears of it
                     for _, waiting in batch:
                         if not waiting.done():
@@ -340,3 +339,6 @@ class GroupCommit(Generic[Item, Result]):
                         waiting.set_result(result)
         finally:
             self._committer = None
+
+    async def _run(self, items: list[Item]) -> list[Result]:
+        return await self.queue.write(self.commit, items)
