@@ -101,7 +101,7 @@ class Router:
         self.meter = meter  # bills serverless invocations
         self.catalog: Catalog | None = None  # deploys a catalog id on its first invocation (set by the gateway)
         # Copies real-time requests to shadow variants, at most `max_shadow_copies` in flight per shadow; its report
-        # (set by the gateway) also takes every forwarded request's latency per variant.
+        # (set by the gateway) also takes the production variant's latency in a shadow test.
         self.shadows = ShadowCopies(max_shadow_copies, invocation_timeout)
 
     def route(self, invocation: Invocation) -> Route:
@@ -210,10 +210,14 @@ class Router:
 
     @contextmanager
     def _serving(self, route: Route, invocation: Invocation) -> Iterator[dict]:
-        """A real-time request admitted: copied to the shadow variant if its deployment has one, then served."""
+        """A real-time request admitted: copied to the shadow variant if its deployment has one, then served. In a
+        shadow test the production variant's latency is reported beside the shadow's (only there: a transform job's
+        own fleet entry, one per job, would leave a series per job)."""
+        report = None
         if route.deployment.shadows:
             self.shadows.send(invocation.endpoint, route.deployment, route.variant, invocation)
-        with route.serving(self.meter, invocation.endpoint, self.shadows.report) as timing:
+            report = self.shadows.report
+        with route.serving(self.meter, invocation.endpoint, report) as timing:
             yield timing
 
     def _timed_out(self, instance: Instance, invocation: Invocation) -> ModelTimedOut:
