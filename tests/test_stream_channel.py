@@ -122,6 +122,32 @@ async def test_a_closed_channel_ends_its_streams_and_the_next_call_opens_another
     await channel.aclose()
 
 
+async def test_calls_made_together_leave_in_one_message(instance):
+    """The requests of one event-loop turn go to the instance as one WebSocket message: a message each cost the
+    gateway a write and websockets' framing per call."""
+    channel = StreamChannel(instance.address)
+    async with channel.open_stream("/invocations", stream_body("Hello", 1), JSON, 60) as first:
+        await first.aread()
+    sent: list[bytes] = []
+    send = first.connection.send
+
+    async def counted(message, **options):
+        sent.append(message)
+        await send(message, **options)
+
+    first.connection.send = counted
+
+    async def one(word: str) -> int:
+        async with channel.open_stream("/invocations", stream_body(word, 2), JSON, 60) as answer:
+            return len([line async for line in iter_json_lines(answer.aiter_raw())])
+
+    try:
+        assert await asyncio.gather(*(one(word) for word in ("apple", "river", "tiger"))) == [2, 2, 2]
+    finally:
+        await channel.aclose()
+    assert [[kind for _, kind, _ in frames(message)] for message in sent] == [[REQUEST] * 3]
+
+
 TWICE = request_frame(1, "/invocations", JSON, LONG) * 2  # one stream id opened twice
 
 

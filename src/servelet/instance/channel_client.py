@@ -2,7 +2,9 @@
 
 One WebSocket per instance, opened by the first streamed call and again by the first call after it closed. One
 reader task takes each message apart and hands every frame to its stream's answer, so a step's tokens wake the
-gateway once and its streams' writes to their clients follow one another in the next loop turn.
+gateway once and its streams' writes to their clients follow one another in the next loop turn. The other way, the
+requests (and cancels) of a loop turn leave together in one message: a message each cost the gateway a write and
+websockets' framing per call (docs/benchmarks.md, the async queue).
 
 Errors are httpx's transport errors, as on a connection of its own (stream.py), so callers handle both alike.
 """
@@ -21,8 +23,8 @@ from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from .channel import (
-    ABORT, BODY, CANCEL, END, MAX_ANSWER_MESSAGE_BYTES, PATH, START, ChannelProtocolError, frame, frames, parse_start,
-    request_frame,
+    ABORT, BODY, CANCEL, END, MAX_ANSWER_MESSAGE_BYTES, MAX_MESSAGE_BYTES, PATH, START, ChannelProtocolError, frame,
+    frames, messages, parse_start, request_frame,
 )
 from .stream import QueuedAnswer, check_headers
 
@@ -114,6 +116,8 @@ class StreamChannel:
         self._answers: dict[int, ChannelAnswer] = {}
         self._stream_ids = itertools.cycle(range(1, 2**32))  # a frame head holds 32 bits
         self._background: set[asyncio.Task] = set()
+        self._outbox: list[tuple[ClientConnection, int, bytes]] = []  # frames to send: (connection, stream id, frame)
+        self._sending = False
         self.unsupported = False
 
     async def _connect(self) -> ClientConnection:
@@ -184,22 +188,37 @@ class StreamChannel:
         stream_id = next(self._stream_ids)
         answer = self._answers[stream_id] = ChannelAnswer(connection, timeout)
         try:
-            try:
-                await connection.send(request_frame(stream_id, path, headers, body))
-            except ConnectionClosed as exc:
-                raise httpx.WriteError(f"the channel to the instance closed: {exc}") from None
-            await answer.read_head()
+            self._post(connection, stream_id, request_frame(stream_id, path, headers, body))
+            await answer.read_head()  # a request that could not be sent fails its answer (httpx.WriteError)
             yield answer
         finally:
             del self._answers[stream_id]
             if not answer.complete and answer.error is None:
-                self._spawn(self._cancel(connection, stream_id))
+                self._post(connection, stream_id, frame(stream_id, CANCEL))
 
-    async def _cancel(self, connection: ClientConnection, stream_id: int) -> None:
+    def _post(self, connection: ClientConnection, stream_id: int, data: bytes) -> None:
+        """Queue a frame; one task sends what a loop turn queued, in order, as few messages as the instance takes."""
+        self._outbox.append((connection, stream_id, data))
+        if not self._sending:
+            self._sending = True
+            self._spawn(self._send_outbox())
+
+    async def _send_outbox(self) -> None:
         try:
-            await connection.send(frame(stream_id, CANCEL))
-        except ConnectionClosed:
-            pass  # the instance took the closed channel as a disconnect of every stream on it
+            while self._outbox:
+                connection = self._outbox[0][0]
+                queued = [item for item in self._outbox if item[0] is connection]  # another: a channel opened since
+                self._outbox = [item for item in self._outbox if item[0] is not connection]
+                try:
+                    for message in messages([data for _, _, data in queued], MAX_MESSAGE_BYTES):
+                        await connection.send(message)
+                except Exception as exc:  # noqa: BLE001 - closed or broken: each call whose frame did not go hears
+                    error = httpx.WriteError(f"the channel to the instance closed: {exc}")
+                    for _, stream_id, _ in queued:
+                        if (answer := self._answers.get(stream_id)) is not None and answer.connection is connection:
+                            answer.fail(error)
+        finally:
+            self._sending = False
 
     async def aclose(self) -> None:
         if self._connection is not None:
