@@ -12,6 +12,7 @@ The builds live in servelet's cache (`~/.cache/servelet/bench/`), never in the r
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -66,6 +67,8 @@ def ensure_binary(flavour: str = "stock") -> Path:
             amx_off = "+amx." not in bindings_version  # as the installed bindings were built
         flags = [f"-DCMAKE_C_FLAGS={llama_build.NO_AMX_COMPILE_FLAGS}",
                  f"-DCMAKE_CXX_FLAGS={llama_build.NO_AMX_COMPILE_FLAGS}"] if amx_off else []
+        # A build stopped half-way left a CMake cache naming its own, deleted, source folder: start afresh.
+        shutil.rmtree(binary.parent.parent, ignore_errors=True)
         _build(source / "vendor" / "llama.cpp", binary.parent.parent, flags)
     return binary
 

@@ -21,7 +21,7 @@ repeat; the targets read their median over the repeats. The CPU and the llama.cp
 saved with the figures.
 
     python bench/prefix_cache.py [--repeats 5] [--parts qa,chat] [--qa-systems cache-on,cache-off,llama-server]
-                                 [--seed S] [--json PATH]
+                                 [--seed S] [--size NAME=VALUE ...] [--json PATH]
     python bench/prefix_cache.py --quick     # tiny sizes, one repeat: checks that the script works
 """
 
@@ -37,7 +37,7 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import httpx
@@ -337,6 +337,8 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
                         help=f"document QA's systems, cache-on among them ({', '.join(QA_SYSTEMS)})")
     parser.add_argument("--seed", default="issue-17", help="seeds the texts (each repeat its own) and the QA order")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat: checks that the script works")
+    parser.add_argument("--size", action="append", default=[], metavar="NAME=VALUE",
+                        help="change one size, e.g. documents=2 or user_tokens=50,100 (names: the Sizes fields)")
     parser.add_argument("--json", type=Path, help="also write the setup and every run as JSON here")
     options = parser.parse_args(argv)
     options.parts = [p.strip() for p in options.parts.split(",") if p.strip()]
@@ -349,13 +351,31 @@ def parse_options(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--repeats: at least 1")
     if options.quick and "--repeats" not in (argv or sys.argv[1:]):
         options.repeats = 1
+    try:
+        options.sizes = sized(QUICK if options.quick else Sizes(), options.size)
+    except ValueError as exc:
+        parser.error(f"--size: {exc}")
     return options
+
+
+def sized(sizes: Sizes, changes: list[str]) -> Sizes:
+    """`sizes` with each NAME=VALUE of `changes` applied (positive integers; user_tokens takes LOW,HIGH)."""
+    names = {f.name for f in fields(Sizes)}
+    for change in changes:
+        name, _, value = change.partition("=")
+        if name not in names:
+            raise ValueError(f"{name!r} is not a size; choose from {', '.join(sorted(names))}")
+        numbers = tuple(int(v) for v in value.split(","))
+        if len(numbers) != (2 if name == "user_tokens" else 1) or min(numbers) < 1:
+            raise ValueError(f"{change!r}: positive integers, LOW,HIGH for user_tokens")
+        sizes = replace(sizes, **{name: numbers if name == "user_tokens" else numbers[0]})
+    return sizes
 
 
 def main(argv: list[str] | None = None) -> None:
     options = parse_options(argv)
     signal.signal(signal.SIGTERM, engine_bench.exit_on_sigterm)  # servers stopped
-    sizes = QUICK if options.quick else Sizes()
+    sizes = options.sizes
     model = resolve_model(engine_bench.MODEL_URI)
     vocab = Llama(str(model), vocab_only=True, verbose=False)
 
