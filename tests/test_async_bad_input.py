@@ -2,7 +2,8 @@
 only generates from their schemas: numbers that are not numbers, input locations that are no URL, outside the
 file roots or not there, an inline body too big or beside an input location, odd InferenceIds, bytes that are not
 UTF-8. Each is refused at once with a 4xx in the SageMaker runtime's error shape whose message names what is wrong,
-never a 5xx or a hang; the route serves a good request afterwards.
+never a 5xx or a hang; the route serves a good request afterwards. The real-time route checks the headers handed
+to the model as the async one does.
 
 One gateway with auth on and one file root, running no model but an async endpoint of an echo handler.
 """
@@ -137,6 +138,15 @@ def test_an_inference_id_sagemaker_would_refuse_is_refused_naming_the_rule(http,
 @pytest.mark.parametrize("value", [b"text/\xff", b"a" * 1025], ids=["not-ascii", "1025"])
 def test_content_types_and_attributes_that_are_not_ascii_or_too_long_are_refused(http, header, value):
     refused(http.post(INVOKE, content=b"{}", headers={header: value}), header, "ASCII")
+
+
+@pytest.mark.parametrize("header", ["Content-Type", "Accept", "X-Amzn-SageMaker-Custom-Attributes"])
+def test_a_real_time_request_with_a_header_no_answer_could_carry_is_refused_and_the_instance_serves_on(http, header):
+    # The echo model answers with the type it was sent, as the SageMaker toolkit's handlers answer with Accept's:
+    # a byte past ASCII there once broke the instance's channel and took the instance out for everyone.
+    refused(http.post("/endpoints/echo/invocations", content=b"{}", headers={header: b"text/\xff"}), header, "ASCII")
+    served = http.post("/endpoints/echo/invocations", content=b'{"y": 2}', headers={"Content-Type": "application/json"})
+    assert served.status_code == 200 and served.json() == {"y": 2}, served.text
 
 
 @pytest.mark.parametrize(("path", "says"), [

@@ -9,6 +9,7 @@ An endpoint's DataCaptureConfig captures these routes' invocations (`capture/`),
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, contextmanager
@@ -27,6 +28,23 @@ from ..services import Services, note_endpoint, read_body, services
 
 # What our account is called in SageMaker-shaped messages; there is no AWS account behind a servelet gateway.
 ACCOUNT = "local"
+# SageMaker's rule for the headers handed to the model (ContentType, Accept, CustomAttributes): ASCII, at most 1024
+# characters. A model answers with the type it was asked for, and an answer's header can carry no other.
+MODEL_HEADERS = ("Content-Type", "X-Amzn-SageMaker-Content-Type", "Accept", "X-Amzn-SageMaker-Accept",
+                 "X-Amzn-SageMaker-Custom-Attributes")
+PRINTABLE_ASCII = re.compile(r"[ -~]{0,1024}")
+SHOWN_CHARACTERS = 200  # of a value quoted in a refusal
+
+
+def shown(value: str) -> str:
+    """A header's value as a refusal quotes it: a huge one cut short."""
+    return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "...")
+
+
+def check_model_headers(headers) -> None:
+    for name in MODEL_HEADERS:
+        if not PRINTABLE_ASCII.fullmatch(value := headers.get(name, "")):
+            raise BadRequest(f"{name} {shown(value)}: at most 1024 printable ASCII characters")
 
 # -- errors botocore maps to exception classes ------------------------------------------------------
 # The codes are the service model's error shapes (`ThrottlingException` is not one: boto3 raises a plain
@@ -100,6 +118,7 @@ async def read_invocation(request: Request, services: Services, endpoint: str, a
         raise BadRequest(f"Endpoint {endpoint} of account {ACCOUNT} not found. (endpoints here: {known}; {CATALOG_HINT})")
     note_endpoint(request, endpoint)
     headers = request.headers
+    check_model_headers(headers)
     return Invocation(
         endpoint=endpoint,
         body=await read_body(request, services.settings.max_payload_bytes),

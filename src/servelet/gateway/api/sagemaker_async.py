@@ -22,7 +22,7 @@ from ...errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
 from ..errors import error_format
 from ..metrics import ASYNC_ENQUEUE_SECONDS
 from ..services import Services, note_endpoint, read_body, services
-from .sagemaker import ACCOUNT, ENDPOINT_NAME, render_sagemaker_error
+from .sagemaker import ACCOUNT, ENDPOINT_NAME, check_model_headers, render_sagemaker_error, shown
 
 INLINE_BODY_BYTES = 128_000  # SageMaker's, fixed: botocore clients (and `servelet invoke --async`) rely on it
 TTL_SECONDS = (60, 21_600)  # RequestTTLSeconds: SageMaker's range; its default is the most
@@ -31,18 +31,13 @@ DEFAULT_INVOCATION_TIMEOUT_S = 900
 # SageMaker's pattern for InferenceId: printable, no white space, at most 64 characters.
 INFERENCE_ID = re.compile(r"[!-~]{1,64}")
 INFERENCE_ID_RULE = "1 to 64 printable ASCII characters, no spaces"
-# SageMaker's rule for ContentType, Accept and CustomAttributes: ASCII, at most 1024 characters (also what the
-# headers to the instance can carry).
-ASCII_HEADER = re.compile(r"[ -~]{0,1024}")
-ASCII_HEADERS = ("X-Amzn-SageMaker-Content-Type", "Content-Type", "X-Amzn-SageMaker-Accept", "X-Amzn-SageMaker-Custom-Attributes")
 SECONDS = re.compile(r"[0-9]{1,9}")  # whole seconds, in ASCII digits: int() reads others too, and slowly past 4300
-SHOWN_CHARACTERS = 200  # of a value quoted in a refusal
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")
 SAFE_PATH = re.compile(r"^[A-Za-z0-9._/-]{1,1024}$")
 
 router = APIRouter(tags=["SageMaker runtime"], dependencies=[Depends(error_format("sagemaker", render_sagemaker_error))])
 
-PRINTABLE_ASCII = {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$"}
+ASCII_SCHEMA = {"type": "string", "maxLength": 1024, "pattern": "^[ -~]*$"}
 # What /openapi.json says of the route (it reads its headers and body itself), so that the fuzz run sends them too.
 DOCUMENTED_REQUEST = {
     "parameters": [
@@ -58,9 +53,9 @@ DOCUMENTED_REQUEST = {
              f"How long the model may take (default {DEFAULT_INVOCATION_TIMEOUT_S})."),
             ("X-Amzn-SageMaker-Inference-Id", {"type": "string", "pattern": "^[!-~]{1,64}$"},
              "The job's id (a new one if none); the same id again is the same job."),
-            ("X-Amzn-SageMaker-Content-Type", PRINTABLE_ASCII, "The input's content type (else Content-Type's)."),
-            ("X-Amzn-SageMaker-Accept", PRINTABLE_ASCII, "The output's content type."),
-            ("X-Amzn-SageMaker-Custom-Attributes", PRINTABLE_ASCII, "Handed to the model as they are."),
+            ("X-Amzn-SageMaker-Content-Type", ASCII_SCHEMA, "The input's content type (else Content-Type's)."),
+            ("X-Amzn-SageMaker-Accept", ASCII_SCHEMA, "The output's content type."),
+            ("X-Amzn-SageMaker-Custom-Attributes", ASCII_SCHEMA, "Handed to the model as they are."),
             ("X-Amzn-SageMaker-S3OutputPathExtension", {"type": "string", "pattern": SAFE_PATH.pattern},
              "A folder under the endpoint's S3OutputPath."),
             ("X-Amzn-SageMaker-Filename", {"type": "string", "pattern": SAFE_NAME.pattern},
@@ -100,9 +95,7 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
     inference_id = headers.get("x-amzn-sagemaker-inference-id") or new_inference_id()
     if not INFERENCE_ID.fullmatch(inference_id):
         raise BadRequest(f"X-Amzn-SageMaker-Inference-Id {shown(inference_id)}: {INFERENCE_ID_RULE}")
-    for name in ASCII_HEADERS:
-        if not ASCII_HEADER.fullmatch(value := headers.get(name, "")):
-            raise BadRequest(f"{name} {shown(value)}: at most 1024 printable ASCII characters")
+    check_model_headers(headers)
     expires_in = _seconds(headers, "X-Amzn-SageMaker-RequestTTLSeconds", TTL_SECONDS, TTL_SECONDS[1])
     invocation_timeout = _seconds(headers, "X-Amzn-SageMaker-InvocationTimeoutSeconds", INVOCATION_TIMEOUT_SECONDS,
                                   DEFAULT_INVOCATION_TIMEOUT_S)
@@ -149,11 +142,6 @@ async def invoke_endpoint_async(request: Request, EndpointName: str = ENDPOINT_N
         | ({"FailureLocation": job.failure_location} if job.failure_location else {}),
         status_code=202, headers=locations,
     )
-
-
-def shown(value: str) -> str:
-    """A header's value as a refusal quotes it: a huge one cut short."""
-    return repr(value if len(value) <= SHOWN_CHARACTERS else value[:SHOWN_CHARACTERS] + "...")
 
 
 async def _check_input(uri: str) -> None:
@@ -218,16 +206,16 @@ async def describe_async_invocation(
 
 def describe(job: Job) -> dict:
     """A job as the status route and `servelet jobs` show it."""
-    shown = {
+    described = {
         "InferenceId": job.inference_id, "EndpointName": job.endpoint, "Status": job.status,
         "CreationTime": job.created, "Attempts": job.attempts, "OutputLocation": job.output_location,
     }
     if job.input_location:
-        shown["InputLocation"] = job.input_location
+        described["InputLocation"] = job.input_location
     if job.failure_location:
-        shown["FailureLocation"] = job.failure_location
+        described["FailureLocation"] = job.failure_location
     if job.ended:
-        shown["EndTime"] = job.ended
+        described["EndTime"] = job.ended
     if job.failure_reason:
-        shown["FailureReason"] = job.failure_reason
-    return shown
+        described["FailureReason"] = job.failure_reason
+    return described
