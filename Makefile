@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache bench-prompt-lookup install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache bench-prompt-lookup
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -61,6 +61,9 @@ bench-load: install
 
 bench-prefix-cache: install
 	$(BIN)/python bench/prefix_cache.py
+
+bench-prompt-lookup: install
+	$(BIN)/python bench/prompt_lookup.py
 
 bench-chaos: install
 	$(BIN)/python bench/load.py --chaos --seconds 120 --store sqlite

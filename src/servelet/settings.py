@@ -88,6 +88,14 @@ class InstanceSettings(BaseSettings):
         "the same way (rounded up to whole sequences of SERVELET_MAX_MODEL_LEN); 0 or off: no prefix cache. Not with "
         "SERVELET_KV_CACHE_TOKENS (a shared pool) yet.",
     )
+    prompt_lookup: int = Field(
+        8, ge=0, le=32, description="llama.cpp models: the most draft tokens a greedy sequence proposes per step by "
+        "prompt lookup (speculative decoding from its own prompt and output, verified in the same step); 0: off.",
+    )
+    prompt_lookup_max_batch: int = Field(
+        1, ge=1, description="Speculate only while at most this many sequences decode: with more, draft rows cost "
+        "llama.cpp a pass of their own over the weights (docs/engine.md).",
+    )
     threads: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535, validation_alias=AliasChoices("SERVELET_PORT", "SAGEMAKER_BIND_TO_PORT"))
@@ -149,6 +157,8 @@ class InstanceSettings(BaseSettings):
             max_decode_stall=self.max_decode_stall,
             kv_cache_tokens=self.kv_cache_tokens,
             prefix_cache_tokens=self.prefix_cache,
+            prompt_lookup=self.prompt_lookup,
+            prompt_lookup_max_batch=self.prompt_lookup_max_batch,
             threads=self.threads,
         )
 

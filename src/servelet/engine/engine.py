@@ -49,6 +49,8 @@ class EngineConfig:
     # Tokens of finished sequences kept for prompts that start the same way, in whole sequences of max_model_len
     # cells (extra sequence ids of the context); 0: off. Per-sequence cells only: a unified pool has no cache yet.
     prefix_cache_tokens: int = 16384
+    prompt_lookup: int = 8  # most draft tokens a greedy sequence proposes per step from its own context; 0: off
+    prompt_lookup_max_batch: int = 1  # speculate only while at most this many sequences decode
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
 
     @property
@@ -219,6 +221,8 @@ class Engine:
             "cancelled": self.scheduler.counters.cancelled,
             "tokens_generated": self.scheduler.counters.tokens_generated,
             "prompt_tokens": self.scheduler.counters.prompt_tokens,
+            "draft_tokens": self.scheduler.counters.draft_tokens,
+            "accepted_draft_tokens": self.scheduler.counters.accepted_draft_tokens,
         } | self.prefix_cache_figures()
 
     def prefix_cache_figures(self) -> dict:
@@ -285,6 +289,8 @@ class Engine:
                 prefill_chunk=config.prefill_chunk,
                 max_prefill_wait=config.max_prefill_wait,
                 max_decode_stall=config.max_decode_stall,
+                prompt_lookup=config.prompt_lookup,
+                prompt_lookup_max_batch=config.prompt_lookup_max_batch,
             ),
         )
 

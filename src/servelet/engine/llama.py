@@ -122,8 +122,9 @@ class TokenBatch:
     def clear(self) -> None:
         self.size = 0
 
-    def add(self, tokens, start_pos: int, seq_id: int, want_last_logits: bool) -> int:
-        """Append a run of tokens of one sequence; returns the batch index of the run's last token."""
+    def add(self, tokens, start_pos: int, seq_id: int, want_last_logits: bool, logits_rows: int = 1) -> int:
+        """Append a run of tokens of one sequence; returns the batch index of the run's last token. Logits are kept
+        for its last `logits_rows` tokens when `want_last_logits` (a speculated run checks each of its drafts)."""
         n = len(tokens)
         i = self.size
         if i + n > self.capacity:
@@ -133,7 +134,7 @@ class TokenBatch:
         self.seq_id[i : i + n] = seq_id
         self.logits[i : i + n] = 0
         if want_last_logits:
-            self.logits[i + n - 1] = 1
+            self.logits[i + n - logits_rows : i + n] = 1
         self.size = i + n
         return i + n - 1
 
@@ -313,6 +314,10 @@ class LlamaModel:
             return True
         self.forget(target)
         return False
+
+    def trim_kv(self, seq_id: int, keep: int) -> None:
+        """Drop a sequence's cells from position `keep` on (drafts its verification rejected)."""
+        C.llama_memory_seq_rm(self._memory, seq_id, keep, -1)
 
     def kv_first_position(self, seq_id: int) -> int:
         """The oldest position a sequence still holds in every layer: sliding-window layers drop what falls out of

@@ -31,6 +31,8 @@ class SchedulerLimits:
     prefill_chunk: int  # prompt tokens fed per step, across all prefilling sequences
     max_prefill_wait: float  # seconds after which a waiting prompt is prefilled before shorter ones
     max_decode_stall: float  # seconds running streams may go without a token while prompts are prefilled
+    prompt_lookup: int = 0  # most draft tokens a greedy sequence proposes per step (speculative decoding); 0: off
+    prompt_lookup_max_batch: int = 1  # speculate only while at most this many sequences decode (see _drafts)
 
 
 @dataclass
@@ -41,6 +43,8 @@ class SchedulerCounters:
     prompt_tokens: int = 0
     finished: int = 0
     cancelled: int = 0  # left because their client did (servelet_cancelled_requests)
+    draft_tokens: int = 0  # proposed by prompt lookup
+    accepted_draft_tokens: int = 0
 
 
 class Scheduler:
@@ -250,8 +254,8 @@ class Scheduler:
             stall = bool(prefilling) and now - self._decoded_at < self.limits.max_decode_stall
             if not decoding or not stall:
                 self._decoded_at = now
-            plan = [] if stall else [(s, 1) for s in decoding]
-            budget = min(self.limits.prefill_chunk, self.model.batch.capacity - len(plan))
+            plan = [] if stall else [(s, 1 + len(s.draft)) for s in self._drafts(decoding)]
+            budget = min(self.limits.prefill_chunk, self.model.batch.capacity - sum(n for _, n in plan))
             for s in prefilling:
                 if budget <= 0:
                     break
@@ -265,6 +269,27 @@ class Scheduler:
                 return sorted(plan, key=lambda entry: entry[0].slot)
             self._preempt_youngest()
 
+    def _drafts(self, decoding: list[Sequence]) -> list[Sequence]:
+        """Propose this step's draft tokens (prompt lookup) for greedy sequences, or none.
+
+        With per-sequence cells llama.cpp runs a step's rows in micro-batches of equal length per sequence, so one
+        sequence's draft rows cost a pass of their own over the weights unless it decodes alone: speculation runs
+        only while at most `prompt_lookup_max_batch` sequences decode (docs/engine.md has the step-time figures)."""
+        limits = self.limits
+        speculate = limits.prompt_lookup > 0 and len(decoding) <= limits.prompt_lookup_max_batch
+        room = self.model.batch.capacity - len(decoding)
+        for seq in decoding:
+            seq.draft = []
+            if not speculate or seq.sampler is not None or room <= 0:
+                continue
+            left = seq.max_new_tokens - len(seq.generated) - 1  # the token after the drafts always comes
+            cells = self.model.kv_cells_per_seq - seq.n_cached - 1
+            limit = min(seq.draft_room(), limits.prompt_lookup, left, cells, room)
+            if limit > 0:
+                seq.draft = seq.propose(limit)
+                room -= len(seq.draft)
+        return decoding
+
     def step(self) -> None:
         self.drop_cancelled()
         self._admit()
@@ -273,13 +298,22 @@ class Scheduler:
         plan = self._plan()
         batch = self.model.batch
         batch.clear()
-        outputs: list[tuple[Sequence, int]] = []  # sequences sampling this step, with their batch index
+        outputs: list[tuple[Sequence, int]] = []  # sequences sampling one token this step, with their batch index
+        rows: list[int] = []  # their logits rows
+        drafted: list[tuple[Sequence, int]] = []  # sequences verifying drafts, with their first logits row
+        row = 0
         for seq, n in plan:
-            tokens = seq.next_tokens(n)
-            samples = n == seq.pending
-            index = batch.add(tokens, seq.n_cached, seq.slot, samples)
-            if samples:
+            draft = seq.draft if seq.phase is Phase.DECODE else []
+            tokens = seq.next_tokens(n - len(draft)) + draft
+            samples = n - len(draft) == seq.pending
+            index = batch.add(tokens, seq.n_cached, seq.slot, samples, logits_rows=1 + len(draft))
+            if draft:
+                drafted.append((seq, row))
+                row += 1 + len(draft)
+            elif samples:
                 outputs.append((seq, index))
+                rows.append(row)
+                row += 1
         rc = self.model.decode()
         self.counters.steps += 1
         if rc == 1:  # no KV slot even so (fragmentation): make room and retry next step
@@ -294,7 +328,43 @@ class Scheduler:
             seq.n_cached += n
             self.kv_free -= n
         self.counters.prompt_tokens += sum(n for s, n in plan if s.phase is Phase.PREFILL)
-        self._sample(outputs)
+        logits = self.model.logits_rows(row) if row else None
+        if outputs:
+            # Without drafts the sampled rows are the logits rows, in order: no copy of the 262k-wide rows.
+            self._sample(outputs, logits if row == len(outputs) else logits[rows])
+        for seq, first in drafted:
+            self._verify(seq, logits[first : first + 1 + len(seq.draft)])
+
+    def _verify(self, seq: Sequence, rows: np.ndarray) -> None:
+        """Keep the drafts the model itself would have chosen, and its own token after them; forget the rest.
+
+        Row j holds the logits after the sequence's last token and drafts 0..j-1, so greedy decoding would have
+        picked argmax(row j) next: drafts are accepted while they equal it. The output is the same tokens greedy
+        decoding without drafts gives (up to the rounding of a different batch shape)."""
+        draft, seq.draft = seq.draft, []
+        chosen = rows.argmax(axis=1)
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == chosen[accepted]:
+            accepted += 1
+        rejected = len(draft) - accepted
+        if rejected:
+            seq.n_cached -= rejected
+            self.kv_free += rejected
+            self.model.trim_kv(seq.slot, seq.n_cached)
+        seq.draft_tokens += len(draft)
+        seq.accepted_draft_tokens += accepted
+        self.counters.draft_tokens += len(draft)
+        self.counters.accepted_draft_tokens += accepted
+        seq.follow_acceptance(accepted, self.limits.prompt_lookup)
+        logprobs = self._greedy_logprobs(rows[: accepted + 1], chosen[: accepted + 1]) if seq.want_logprobs else None
+        now = time.perf_counter()
+        for j in range(accepted + 1):
+            if self._emit(seq, int(chosen[j]), None if logprobs is None else float(logprobs[j]), now):
+                return
+
+    def _greedy_logprobs(self, rows: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+        peaks = rows[np.arange(len(chosen)), chosen]
+        return peaks - self._log_normalisers(rows, peaks)
 
     def _log_normalisers(self, rows: np.ndarray, peaks: np.ndarray) -> np.ndarray:
         """log(sum(exp(row))) per row, `peaks` being each row's largest logit (the vocabulary has 262k entries).
@@ -312,10 +382,8 @@ class Scheduler:
             out[i] = peaks[i] + np.log(self._scratch.sum())
         return out
 
-    def _sample(self, outputs: list[tuple[Sequence, int]]) -> None:
-        if not outputs:
-            return
-        logits = self.model.logits_rows(len(outputs))
+    def _sample(self, outputs: list[tuple[Sequence, int]], logits: np.ndarray) -> None:
+        """One token for each of `outputs` from its row of `logits`."""
         greedy_rows = [r for r, (s, _) in enumerate(outputs) if s.sampler is None]
         chosen = np.empty(len(outputs), dtype=np.int64)
         if len(greedy_rows) == len(outputs):  # the common case: no copy of the logits
@@ -341,16 +409,20 @@ class Scheduler:
                 logprobs[r] = float(picked[k] - log_norm[k])
         now = time.perf_counter()
         for r, (seq, _) in enumerate(outputs):
-            token = int(chosen[r])
-            if seq.phase is Phase.PREFILL:
-                seq.phase = Phase.DECODE
-                if not seq.first_token_at:
-                    seq.first_token_at = now
-                    seq.prefill_seconds = now - seq.admitted
-            piece = self.model.piece(token, seq.params.skip_special_tokens)
-            event, end = seq.accept(token, piece, logprobs.get(r), self.model.is_end_of_generation(token))
-            self.counters.tokens_generated += 1
-            if end is None:
-                seq.sink.put(event)
-            else:
-                self._finish(seq, end, last=event)
+            self._emit(seq, int(chosen[r]), logprobs.get(r), now)
+
+    def _emit(self, seq: Sequence, token: int, logprob: float | None, now: float) -> bool:
+        """Give a sequence its next token; True when that ended it."""
+        if seq.phase is Phase.PREFILL:
+            seq.phase = Phase.DECODE
+            if not seq.first_token_at:
+                seq.first_token_at = now
+                seq.prefill_seconds = now - seq.admitted
+        piece = self.model.piece(token, seq.params.skip_special_tokens)
+        event, end = seq.accept(token, piece, logprob, self.model.is_end_of_generation(token))
+        self.counters.tokens_generated += 1
+        if end is None:
+            seq.sink.put(event)
+            return False
+        self._finish(seq, end, last=event)
+        return True

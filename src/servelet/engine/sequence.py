@@ -7,7 +7,11 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .params import GenerationParams
+
+DRAFT_PAUSE_TOKENS = 16  # a sequence whose drafts keep missing stops proposing for this many tokens
 
 
 class Phase(enum.Enum):
@@ -43,6 +47,8 @@ class GenerationStats:
     tokens_per_second: float
     preemptions: int
     cached_tokens: int = 0  # prompt tokens whose KV cells came from the prefix cache, not a prefill
+    draft_tokens: int = 0  # tokens prompt lookup proposed (speculative decoding)
+    accepted_draft_tokens: int = 0  # ... that the model's own choice confirmed
 
 
 @dataclass(frozen=True)
@@ -105,6 +111,11 @@ class Sequence:
     prefill_seconds: float = 0.0
     cached_tokens: int = 0  # prompt tokens reused from another sequence's KV cells (prefix caching)
     prompt_blocks: list[bytes] | None = None  # the prompt's block hashes, once looked up (engine/prefix_cache.py)
+    draft: list[int] = field(default_factory=list)  # this step's proposed tokens (prompt lookup), verified after it
+    draft_limit: int = 4  # how many to propose next: follows what was accepted (0: paused)
+    drafts_resume_at: int = 0  # generated tokens after which a paused sequence proposes again
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
     def __post_init__(self):
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -126,6 +137,34 @@ class Sequence:
         if self.n_cached <= n_prompt:
             return self.prompt_tokens[: self.n_cached]
         return self.prompt_tokens + self.generated[: self.n_cached - n_prompt]
+
+    def propose(self, limit: int, longest_ngram: int = 3) -> list[int]:
+        """Prompt lookup: the tokens that followed the latest earlier occurrence of the sequence's last n tokens (n from
+        `longest_ngram` down to 1) in its prompt and output, at most `limit` of them. No draft model: answers that
+        copy from their context (extractive QA, code edits, summaries quoting a document) are proposed correctly."""
+        history = np.asarray(self.prompt_tokens + self.generated, dtype=np.int32)
+        for n in range(min(longest_ngram, len(history) - 1), 0, -1):
+            starts = np.lib.stride_tricks.sliding_window_view(history[:-1], n)
+            found = np.flatnonzero((starts == history[-n:]).all(axis=1))
+            if found.size:
+                follow = int(found[-1]) + n
+                return history[follow : follow + limit].tolist()
+        return []
+
+    def draft_room(self) -> int:
+        if not self.draft_limit and len(self.generated) >= self.drafts_resume_at:
+            self.draft_limit = 1
+        return self.draft_limit
+
+    def follow_acceptance(self, accepted: int, most: int) -> None:
+        """Propose two more than were accepted last time; after misses, fewer, then none for a while (draft rows
+        that are rejected still cost their share of a step)."""
+        if accepted:
+            self.draft_limit = min(accepted + 2, most)
+        else:
+            self.draft_limit //= 2
+            if not self.draft_limit:
+                self.drafts_resume_at = len(self.generated) + DRAFT_PAUSE_TOKENS
 
     @property
     def pending(self) -> int:
@@ -179,4 +218,6 @@ class Sequence:
             tokens_per_second=(n_gen - 1) / decode_time if n_gen > 1 and decode_time > 0 else 0.0,
             preemptions=self.preemptions,
             cached_tokens=self.cached_tokens,
+            draft_tokens=self.draft_tokens,
+            accepted_draft_tokens=self.accepted_draft_tokens,
         )

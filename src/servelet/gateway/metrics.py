@@ -123,12 +123,15 @@ MODEL_CACHE_COUNTERS = {
     "model_load_seconds": "Seconds spent loading target models",
 }
 
-# A llama.cpp instance's prefix cache (engine/prefix_cache.py) in its /ping: counters, then gauges, per instance.
+# A llama.cpp instance's prefix cache (engine/prefix_cache.py) and prompt lookup in its /ping: counters, then
+# gauges, per instance.
 PREFIX_CACHE_COUNTERS = {
     "prefix_cache_lookups": "Prompts of at least one block looked up in the prefix cache (hit rate: hits / lookups)",
     "prefix_cache_hits": "Prompts that reused KV cells of an earlier or running sequence",
     "prefix_cache_cached_tokens": "Prompt tokens reused from the prefix cache instead of prefilled",
     "prefix_cache_evictions": "Prefix cache entries dropped, least recently used first, to keep newer ones",
+    "draft_tokens": "Tokens prompt lookup proposed (speculative decoding; acceptance rate: accepted / proposed)",
+    "accepted_draft_tokens": "Proposed tokens the model's own choice confirmed",
 }
 PREFIX_CACHE_GAUGES = {
     "prefix_cache_held_tokens": "Tokens whose KV cells the prefix cache holds now",

@@ -196,6 +196,8 @@ def details(prompt: str, end: Finished) -> dict:
         "inputs": prompt,
         "prompt_tokens": s.prompt_tokens,
         "cached_tokens": s.cached_tokens,  # of prompt_tokens, reused from the prefix cache rather than prefilled
+        "draft_tokens": s.draft_tokens,  # proposed by prompt lookup (speculative decoding) ...
+        "accepted_draft_tokens": s.accepted_draft_tokens,  # ... and confirmed by the model
         "time_to_first_token": round(s.time_to_first_token, 6),
         "tokens_per_second": round(s.tokens_per_second, 3),  # LMI's name for the generated tokens' rate
         "prompt_tokens_per_second": round(s.prompt_tokens_per_second, 3),
