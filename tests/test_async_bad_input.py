@@ -39,7 +39,7 @@ def setup(tmp_path_factory) -> dict:
             aws_access_key_id=admin["access_key_id"], aws_secret_access_key=admin["secret_access_key"],
         )
         create_async_endpoint(sagemaker, "echo", echo_model(root / "echo"), f"file://{allowed}/out")
-        yield {"gateway": gateway, "allowed": allowed, "invoker": invoker}
+        yield {"gateway": gateway, "allowed": allowed, "invoker": invoker, "root": root, "sagemaker": sagemaker}
     finally:
         stop_process(gateway.process)
 
@@ -147,6 +147,32 @@ def test_a_real_time_request_with_a_header_no_answer_could_carry_is_refused_and_
     refused(http.post("/endpoints/echo/invocations", content=b"{}", headers={header: b"text/\xff"}), header, "ASCII")
     served = http.post("/endpoints/echo/invocations", content=b'{"y": 2}', headers={"Content-Type": "application/json"})
     assert served.status_code == 200 and served.json() == {"y": 2}, served.text
+
+
+LATIN_ANSWER = '''
+def model_fn(model_dir):
+    return None
+
+def transform_fn(model, body, content_type, accept):
+    return body, "text/plain; charset=caf\\u00e9"
+'''
+
+
+def test_a_model_answering_with_a_latin_1_content_type_serves_it_and_breaks_no_other_answer(http, setup):
+    """Its answer's head once broke the channel to the instance: every answer on it failed, and the instance went."""
+    (model := setup["root"] / "latin" / "code").mkdir(parents=True)
+    (model / "inference.py").write_text(LATIN_ANSWER)
+    sagemaker = setup["sagemaker"]
+    sagemaker.create_model(ModelName="latin", PrimaryContainer={"ModelDataUrl": str(model.parent)})
+    sagemaker.create_endpoint_config(EndpointConfigName="latin", ProductionVariants=[
+        {"VariantName": "AllTraffic", "ModelName": "latin", "InitialInstanceCount": 1}])
+    sagemaker.create_endpoint(EndpointName="latin", EndpointConfigName="latin")
+    sagemaker.get_waiter("endpoint_in_service").wait(EndpointName="latin", WaiterConfig={"Delay": 1, "MaxAttempts": 120})
+    for _ in range(2):
+        answer = http.post("/endpoints/latin/invocations", content=b"hello", headers={"Content-Type": "text/plain"})
+        assert answer.status_code == 200, answer.text
+        assert answer.content == b"hello"
+        assert {name.lower(): value for name, value in answer.headers.raw}[b"content-type"].endswith(b"caf\xe9")
 
 
 @pytest.mark.parametrize(("path", "says"), [

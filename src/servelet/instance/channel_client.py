@@ -57,8 +57,10 @@ class ChannelAnswer(QueuedAnswer):
         if kind == BODY:
             self._chunks.append(payload)
         elif kind == START:
+            # Latin-1, as HTTP/1.1 carries headers (the instance's server writes them so): a model answering with a
+            # Content-Type past ASCII fails no other answer on the channel.
             self.status_code, headers = parse_start(payload)
-            self.headers = httpx.Headers(headers)
+            self.headers = httpx.Headers(headers, encoding="latin-1")
             self._started = True
         elif kind == END:
             self.complete = True
