@@ -34,13 +34,13 @@ def document(topic: str, repeats: int = 3) -> str:
 
 def config(prefix_cache_tokens: int) -> EngineConfig:
     return EngineConfig(
-        max_batch_size=4, max_model_len=1024, threads=2, max_decode_stall=0, prefix_cache_tokens=prefix_cache_tokens
+        max_batch_size=4, max_model_len=1536, threads=2, max_decode_stall=0, prefix_cache_tokens=prefix_cache_tokens
     )
 
 
 @pytest.fixture(scope="module")
 def cached(model_path):
-    engine = Engine(model_path, config(2048))  # two sequences of 1,024 cells
+    engine = Engine(model_path, config(3072))  # two sequences of 1,536 cells
     yield engine
     engine.close()
 
@@ -93,20 +93,24 @@ def test_a_sliding_window_must_still_hold_the_positions_before_the_prefix():
 
 # -- the engine ------------------------------------------------------------------------------------------------
 async def test_questions_about_one_document_reuse_its_cells_and_answer_as_a_fresh_prefill_does(cached, fresh):
-    doc = document("rivers")
+    doc = document("rivers", repeats=11)  # over 1,000 tokens
+    doc_tokens = len(cached.tokenize(ask(doc, "")))
+    assert doc_tokens >= 1000
     before = cached.occupancy()
     for question in QUESTIONS:
         prompt = ask(doc, question)
         expected = await fresh.generate(prompt, GREEDY)
+        prefilled = cached.occupancy()["prompt_tokens"]
         answer = await cached.generate(prompt, GREEDY)
         assert answer.text == expected.text, question
         assert expected.stats.cached_tokens == 0
-    doc_tokens = len(cached.tokenize(ask(doc, "")))
-    assert answer.stats.cached_tokens >= doc_tokens - 2 * BLOCK_TOKENS  # the whole document, up to the question
+    # the last question prefilled only what follows the document (the engine's own count of prompt tokens fed)
+    assert answer.stats.cached_tokens >= doc_tokens - 2 * BLOCK_TOKENS
+    assert cached.occupancy()["prompt_tokens"] - prefilled == answer.stats.prompt_tokens - answer.stats.cached_tokens
     after = cached.occupancy()
     assert after["prefix_cache_hits"] - before["prefix_cache_hits"] == len(QUESTIONS) - 1
     assert after["prefix_cache_lookups"] - before["prefix_cache_lookups"] == len(QUESTIONS)
-    assert after["prefix_cache_held_tokens"] > 0 and after["prefix_cache_capacity_tokens"] == 2048
+    assert after["prefix_cache_held_tokens"] > 0 and after["prefix_cache_capacity_tokens"] == 3072
     assert "prefix_cache_hits" not in fresh.occupancy()
 
 

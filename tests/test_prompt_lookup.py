@@ -9,6 +9,7 @@ import pytest
 
 from servelet.engine import Engine, EngineConfig, FinishReason, GenerationParams
 from servelet.engine.sequence import Sequence
+from servelet.gateway.questions import MAX_ANSWER_TOKENS, prompt_for
 
 CONTEXT = (
     "Transformers provides thousands of pretrained models to perform tasks on different modalities such as text, "
@@ -62,10 +63,13 @@ def test_a_draft_is_what_followed_the_latest_match_of_the_last_tokens():
     assert sequence([5, 6, 7, 5], [6]).propose(1) == [7]
 
 
-async def test_greedy_answers_are_the_same_with_drafts_and_the_drafts_are_counted(speculating, plain):
-    for question in QUESTIONS:
-        expected = await plain.generate(ask(question), GREEDY)
-        answer = await speculating.generate(ask(question), GREEDY)
+async def test_qa_answers_are_the_same_with_drafts_and_the_drafts_are_counted(speculating, plain):
+    """The prompts and parameters the QA routes send (servelet.gateway.questions)."""
+    for question in QUESTIONS[:2]:
+        prompt, spans = prompt_for(question, CONTEXT)
+        params = GenerationParams(max_new_tokens=MAX_ANSWER_TOKENS, stop=["\n"], literal_spans=spans)
+        expected = await plain.generate(prompt, params)
+        answer = await speculating.generate(prompt, params)
         assert answer.text == expected.text, question
         assert answer.stats.generated_tokens == expected.stats.generated_tokens
         assert expected.stats.draft_tokens == 0
