@@ -7,6 +7,7 @@
   Target: >= 1.6x without drafts.
 - **Ordinary text, 16 streams**: bench/engine.py's prompts, 128 new tokens each, end of text ignored, all at once.
   Aggregate generated tokens/s. Target: >= 0.97x without drafts.
+- **Ordinary text, one stream** (no target; what a lone chat costs or gains): 4 of those prompts one at a time.
 
 One engine in this process (2 threads, prefix cache off so that the prefill is the same for both); the two modes
 take turns within each repeat, in an order that alternates, and each repeat gives a paired ratio. The switch is the
@@ -81,6 +82,15 @@ async def extractive(engine: Engine) -> dict:
     }
 
 
+async def lone(engine: Engine) -> dict:
+    params = GenerationParams(max_new_tokens=128, ignore_eos=True)
+    started = time.perf_counter()
+    tokens = 0
+    for prompt in PROMPTS[:4]:
+        tokens += (await engine.generate(prompt, params)).stats.generated_tokens
+    return {"tokens_per_second": tokens / (time.perf_counter() - started), "generated_tokens": tokens}
+
+
 async def streams(engine: Engine, n: int) -> dict:
     params = GenerationParams(max_new_tokens=128, ignore_eos=True)
     started = time.perf_counter()
@@ -95,7 +105,9 @@ def set_drafts(engine: Engine, drafts: int) -> None:
 
 
 async def run(engine: Engine, repeats: int, n_streams: int) -> dict:
-    runs: dict[str, dict[str, list[dict]]] = {"extractive": {"on": [], "off": []}, "streams": {"on": [], "off": []}}
+    runs: dict[str, dict[str, list[dict]]] = {
+        name: {"on": [], "off": []} for name in ("extractive", "streams", "lone")
+    }
     for repeat in range(repeats):
         for mode in (("on", "off") if repeat % 2 == 0 else ("off", "on")):
             set_drafts(engine, DRAFTS if mode == "on" else 0)
@@ -103,6 +115,8 @@ async def run(engine: Engine, repeats: int, n_streams: int) -> dict:
             runs["extractive"][mode].append(await extractive(engine) | drafts_since(engine, before))
             before = engine.occupancy()
             runs["streams"][mode].append(await streams(engine, n_streams) | drafts_since(engine, before))
+            before = engine.occupancy()
+            runs["lone"][mode].append(await lone(engine) | drafts_since(engine, before))
         print(
             f"repeat {repeat + 1}: extractive decode on/off "
             f"{runs['extractive']['on'][-1]['decode_tokens_per_second']:.1f} / "
@@ -132,12 +146,16 @@ def report(runs: dict, n_streams: int) -> dict:
         ("extractive", "decode_tokens_per_second", 1.6),
         ("extractive", "end_to_end_tokens_per_second", None),
         ("streams", "tokens_per_second", 0.97),
+        ("lone", "tokens_per_second", None),
     ):
         on, off = runs[name]["on"], runs[name]["off"]
         ratio, ratios = paired(on, off, key)
         proposed = sum(r["draft_tokens"] for r in on)
         accepted = sum(r["accepted_draft_tokens"] for r in on)
-        label = {"extractive": "extractive answers, one stream", "streams": f"ordinary text, {n_streams} streams"}[name]
+        label = {
+            "extractive": "extractive answers, one stream", "streams": f"ordinary text, {n_streams} streams",
+            "lone": "ordinary text, one stream",
+        }[name]
         verdict = "—" if target is None else f">= {target}x: {'met' if ratio >= target else 'not met'}"
         lines.append(
             f"| {label}: {key.replace('_', ' ')} | {statistics.median(r[key] for r in on):.1f} | "
