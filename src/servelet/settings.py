@@ -221,6 +221,10 @@ class GatewaySettings(BaseSettings):
         512, ge=1, description="Real-time requests one endpoint may have in flight in the gateway (streams until their "
         "end); past it, 429 with Retry-After (boto3: ThrottlingException).",
     )
+    shadow_max_in_flight: int = Field(
+        32, ge=1, le=4096, description="Copies of requests one shadow variant may have in flight; past it a copy is "
+        "dropped and counted (servelet_shadow_copies_dropped_total), never queued.",
+    )
     max_header_bytes: int = Field(
         16 * 1024, ge=1024, le=1024**2, description="Largest request line and headers together; past it, 431.",
     )

@@ -89,7 +89,9 @@ def create_gateway(settings: GatewaySettings, fleet: Fleet | None = None) -> Fas
         allow_loader_environment=settings.allow_loader_environment,
     )
     meter = CostMeter(store, fleet.serverless_templates_held)
-    router = Router(fleet, settings.invocation_timeout, plane.serverless, meter, settings.max_in_flight_per_endpoint)
+    router = Router(fleet, settings.invocation_timeout, plane.serverless, meter, settings.max_in_flight_per_endpoint,
+                    settings.shadow_max_in_flight)
+    router.shadows.report = metrics.VariantMetrics()
     router.catalog = Catalog(plane)
     jobs = JobQueue(store)
     plane.transforms = TransformRunner(store, fleet, router, settings.instance_start_timeout)

@@ -70,7 +70,7 @@ ASYNC_ENQUEUE_SECONDS = Histogram(
 )
 VARIANT_LATENCY = Histogram(
     "servelet_variant_latency_seconds",
-    "Time from forwarding a request to a variant's answer (a stream: to its start), shadow variants' copies included",
+    "Time from forwarding a request to a variant's answer (a stream: to its start), for both variants of a shadow test",
     ["endpoint", "variant"], buckets=LATENCY_BUCKETS, registry=REGISTRY,
 )
 SHADOW_COPIES_DROPPED = Counter(
@@ -161,12 +161,18 @@ class FleetCollector:
         in_flight = GaugeMetricFamily(
             "servelet_gateway_in_flight", "Real-time requests in flight in the gateway (bounded per endpoint)", labels=["endpoint"]
         )
+        copies = GaugeMetricFamily(
+            "servelet_shadow_copies_in_flight", "Copies of requests a shadow variant is answering (bounded by "
+            "SERVELET_SHADOW_MAX_IN_FLIGHT)", labels=["endpoint", "variant"],
+        )
         endpoints = self.fleet.endpoints.values() if self.fleet is not None else ()
         for endpoint in endpoints:
             if self.admission is not None:
                 in_flight.add_metric([endpoint.name], self.admission.in_flight.get(endpoint.name, 0))
             for variant in endpoint.variants:
                 ready.add_metric([endpoint.name, variant.name], len(variant.ready_instances()))
+                if variant.shadow:
+                    copies.add_metric([endpoint.name, variant.name], variant.busy())
                 for instance in variant.instances:
                     labels = [endpoint.name, variant.name, instance.name]
                     running.add_metric(labels, instance.occupancy.get("running", 0))
@@ -187,8 +193,8 @@ class FleetCollector:
         )
         templates.add_metric([], len(snapshots.ready_keys()) if snapshots is not None else 0)
         template_memory.add_metric([], snapshots.memory_mb() * 1024**2 if snapshots is not None else 0)
-        yield from (running, waiting, ready, loaded, *cache.values(), *prefix.values(), cancelled, in_flight, templates,
-                    template_memory)
+        yield from (running, waiting, ready, loaded, *cache.values(), *prefix.values(), cancelled, in_flight, copies,
+                    templates, template_memory)
 
 
 _fleet_collector = FleetCollector()
@@ -270,48 +276,6 @@ REGISTRY.register(_meter_collector)
 
 def watch_meter(meter) -> None:
     _meter_collector.meter = meter
-
-
-class CaptureCollector:
-    """Data capture's counts since the gateway started (capture/writer.py), read at scrape time. Its endpoint labels
-    are endpoints with a DataCaptureConfig, never a name a client made up."""
-
-    def __init__(self) -> None:
-        self.writer = None
-
-    def collect(self):
-        written = CounterMetricFamily(
-            "servelet_data_capture_records", "Captured invocations written to their destination", labels=["endpoint"]
-        )
-        dropped = CounterMetricFamily(
-            "servelet_data_capture_dropped", "Captured invocations dropped (reason: buffer_full, too_large, "
-            "write_error); their requests were answered all the same", labels=["endpoint", "reason"],
-        )
-        errors = CounterMetricFamily(
-            "servelet_data_capture_write_errors", "Capture files that could not be written (each logged)", labels=["endpoint"]
-        )
-        buffered = GaugeMetricFamily(
-            "servelet_data_capture_buffered_bytes", "Captured invocations in memory until written "
-            "(bounded by SERVELET_DATA_CAPTURE_BUFFER_BYTES)",
-        )
-        writer = self.writer
-        if writer is not None:
-            for endpoint, count in list(writer.written.items()):
-                written.add_metric([endpoint], count)
-            for (endpoint, reason), count in list(writer.dropped.items()):
-                dropped.add_metric([endpoint, reason], count)
-            for endpoint, count in list(writer.write_errors.items()):
-                errors.add_metric([endpoint], count)
-        buffered.add_metric([], writer.held_bytes if writer is not None else 0)
-        yield from (written, dropped, errors, buffered)
-
-
-_capture_collector = CaptureCollector()
-REGISTRY.register(_capture_collector)
-
-
-def watch_capture(writer) -> None:
-    _capture_collector.writer = writer
 
 
 class CaptureCollector:
