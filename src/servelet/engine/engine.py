@@ -19,6 +19,7 @@ from .errors import REBUILD_WITHOUT_AMX, EngineStopped, InvalidConfig, InvalidRe
 from .generation import Generation
 from .llama import ContextShape, LlamaModel, amx_compiled
 from .params import GenerationParams, allowed_new_tokens
+from .copy_constraint import CopyConstraint, tokens_within
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler, SchedulerLimits
 from .sequence import Finished, Sequence
@@ -135,9 +136,11 @@ class Engine:
         if not tokens or (isinstance(prompt, str) and not prompt):
             raise InvalidRequest("inputs must not be empty")
         max_new = allowed_new_tokens(len(tokens), params, self.max_model_len, self.config.max_tokens_per_request)
+        constraint = self._copy_constraint(prompt, tokens, params) if params.answer_span is not None else None
         loop = asyncio.get_running_loop()
         sink = EventSink(loop, self._outbox)
         seq = Sequence(next(self._ids), tokens, params, max_new, logprobs or params.details, sink)
+        seq.constraint = constraint
         with self._wake:
             limit = self.config.max_batch_size + self.config.max_waiting
             if self._in_engine >= limit:
@@ -187,6 +190,19 @@ class Engine:
                     return
             time.sleep(0.001)
         raise RuntimeError(f"warm_up: the engine did not settle within {WARM_UP_WAIT_S:.0f} s")
+
+    def _copy_constraint(self, prompt: str | list[int], tokens: list[int], params: GenerationParams) -> CopyConstraint:
+        span = params.answer_span
+        if not isinstance(prompt, str):
+            raise InvalidRequest("answer_span: give the prompt as text (its character range is what is copied from)")
+        if span[1] > len(prompt):
+            raise InvalidRequest(f"answer_span: [{span[0]}, {span[1]}) runs past the prompt's {len(prompt)} characters")
+        if params.sampling or params.penalised:
+            raise InvalidRequest("answer_span: the answer is copied greedily; leave temperature, sampling and penalties out")
+        covered = tokens_within(prompt, span, self.model.text_pieces(tokens, prompt))
+        if covered is None:
+            raise InvalidRequest("answer_span: the prompt's tokens do not spell its text, so the span cannot be found")
+        return CopyConstraint(tokens[covered[0] : covered[1]], self.model.answer_end_tokens())
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text)

@@ -280,6 +280,21 @@ class LlamaModel:
             return self._render(token, special=True)
         return self._render(token, special=False)
 
+    def answer_end_tokens(self) -> list[int]:
+        """Tokens that end an answer copied from a context: end of text, end of turn, line breaks."""
+        ends = [C.llama_vocab_eos(self._vocab), C.llama_vocab_eot(self._vocab)]
+        for text in ("\n", "\n\n"):
+            tokens = self.tokenize(text, add_special=False, parse_special=False)
+            ends += tokens if len(tokens) == 1 else []
+        return [t for t in ends if t >= 0]
+
+    def text_pieces(self, tokens: list[int], text: str) -> list[bytes]:
+        """Each token's bytes as they appear in `text` (markup as written; a BOS the tokenizer added: none)."""
+        pieces = [self._render(t, special=True) for t in tokens]
+        if tokens and self.add_bos and not text.startswith(self.bos_text):
+            pieces[0] = b""
+        return pieces
+
     def _render(self, token: int, special: bool) -> bytes:
         n = C.llama_token_to_piece(self._vocab, token, self._piece_buf, len(self._piece_buf), 0, special)
         if n < 0:

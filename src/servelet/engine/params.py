@@ -46,6 +46,11 @@ class GenerationParams(BaseModel):
         "like <start_of_turn> in them is not parsed as special tokens (servelet's gateway sets them for chat messages "
         "and QA questions and contexts).",
     )
+    answer_span: Span | None = Field(
+        None, description="[start, end) character range of the prompt (a QA context) the answer must be copied from: "
+        "each generated token continues a run of that range's own tokens, or ends the answer (end of text, end of "
+        "turn, a line break); log-probs are then among the allowed tokens. Greedy decoding only.",
+    )
     skip_special_tokens: bool = Field(
         True, description="Leave special tokens (control tokens, markers like <start_of_image>) out of the text, as "
         "vLLM does; false shows them.",
@@ -60,6 +65,13 @@ class GenerationParams(BaseModel):
     @classmethod
     def _ordered_spans(cls, value: list[Span]) -> list[Span]:
         return check_spans(value)
+
+    @field_validator("answer_span")
+    @classmethod
+    def _a_span(cls, value: Span | None) -> Span | None:
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"answer_span: [{value[0]}, {value[1]}) is empty or negative")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -280,7 +280,7 @@ class Scheduler:
         room = self.model.batch.capacity - len(decoding)
         for seq in decoding:
             seq.draft = []
-            if not speculate or seq.sampler is not None or room <= 0:
+            if not speculate or seq.sampler is not None or seq.constraint is not None or room <= 0:
                 continue
             left = seq.max_new_tokens - len(seq.generated) - 1  # the token after the drafts always comes
             cells = self.model.kv_cells_per_seq - seq.n_cached - 1
@@ -391,10 +391,13 @@ class Scheduler:
         elif greedy_rows:
             # One vectorised argmax over the greedy rows; per-sequence sampler chains cost more.
             chosen[greedy_rows] = logits[greedy_rows].argmax(axis=1)
+        constrained = {}  # row -> the pick's log-probability among the tokens its constraint allows
         for r, (seq, index) in enumerate(outputs):
             if seq.sampler is not None:
                 chosen[r] = self.model.sample_with(seq.sampler, index)
-        logprob_rows = [r for r, (s, _) in enumerate(outputs) if s.want_logprobs]
+            elif seq.constraint is not None:
+                chosen[r], constrained[r] = seq.constraint.pick(logits[r])
+        logprob_rows = [r for r, (s, _) in enumerate(outputs) if s.want_logprobs and s.constraint is None]
         logprobs = {}
         if logprob_rows:
             rows = logits if len(logprob_rows) == len(outputs) else logits[logprob_rows]
@@ -407,6 +410,7 @@ class Scheduler:
             log_norm = self._log_normalisers(rows, peaks)
             for k, r in enumerate(logprob_rows):
                 logprobs[r] = float(picked[k] - log_norm[k])
+        logprobs |= {r: lp for r, lp in constrained.items() if outputs[r][0].want_logprobs}
         now = time.perf_counter()
         for r, (seq, _) in enumerate(outputs):
             self._emit(seq, int(chosen[r]), logprobs.get(r), now)
@@ -418,6 +422,8 @@ class Scheduler:
             if not seq.first_token_at:
                 seq.first_token_at = now
                 seq.prefill_seconds = now - seq.admitted
+        if seq.constraint is not None:
+            seq.constraint.advance(token)
         piece = self.model.piece(token, seq.params.skip_special_tokens)
         event, end = seq.accept(token, piece, logprob, self.model.is_end_of_generation(token))
         self.counters.tokens_generated += 1

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .copy_constraint import CopyConstraint
 from .params import GenerationParams
 
 DRAFT_PAUSE_TOKENS = 16  # a sequence whose drafts keep missing stops proposing for this many tokens
@@ -111,6 +112,7 @@ class Sequence:
     prefill_seconds: float = 0.0
     cached_tokens: int = 0  # prompt tokens reused from another sequence's KV cells (prefix caching)
     prompt_blocks: list[bytes] | None = None  # the prompt's block hashes, once looked up (engine/prefix_cache.py)
+    constraint: CopyConstraint | None = None  # answer_span: only tokens that copy a run of the context
     draft: list[int] = field(default_factory=list)  # this step's proposed tokens (prompt lookup), verified after it
     draft_limit: int = 4  # how many to propose next: follows what was accepted (0: paused)
     drafts_resume_at: int = 0  # generated tokens after which a paused sequence proposes again
