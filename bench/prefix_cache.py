@@ -181,6 +181,7 @@ def document_qa(model: Path, sizes: Sizes, options: argparse.Namespace, count) -
     systems = options.qa_systems
     runs: dict[str, list[QARun]] = {system: [] for system in systems}
     same_answers: list[int] = []  # per repeat: cache-on's answers identical to cache-off's (greedy)
+    differing: list[dict] = []  # the others, to read: the question and both answers
     with ExitStack() as stack:
         urls, clients = {}, {}
         for system in systems:
@@ -202,10 +203,13 @@ def document_qa(model: Path, sizes: Sizes, options: argparse.Namespace, count) -
                 print(f"  {system:<13} TTFT p50 {run.ttft_p50_s:6.3f} s  p90 {run.ttft_p90_s:6.3f} s  "
                       f"{run.tokens_per_s:6.1f} tok/s  prompt tokens cached: {cached}", flush=True)
             if "cache-off" in texts:
-                same_answers.append(sum(a == b for a, b in zip(texts["cache-on"], texts["cache-off"])))
+                pairs = list(zip(prompts, texts["cache-on"], texts["cache-off"]))
+                same_answers.append(sum(on == off for _, on, off in pairs))
+                differing += [{"repeat": repeat, "question": prompt.rsplit("\n\n", 1)[-1], "cache-on": on, "cache-off": off}
+                              for prompt, on, off in pairs if on != off]
                 print(f"  cache-on's greedy answers identical to cache-off's: {same_answers[-1]} of {len(prompts)}")
         cache = prefix_cache_figures(urls["cache-on"])
-    return {"runs": runs, "same_answers": same_answers, "prefix_cache": cache}
+    return {"runs": runs, "same_answers": same_answers, "differing_answers": differing, "prefix_cache": cache}
 
 
 def qa_report(qa: dict) -> dict:
@@ -390,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
     if "qa" in options.parts:
         qa = document_qa(model, sizes, options, count)
         report["qa"] = {"runs": {s: [asdict(r) for r in rs] for s, rs in qa["runs"].items()},
-                        "same_answers": qa["same_answers"], "prefix_cache": qa["prefix_cache"]}
+                        "same_answers": qa["same_answers"], "differing_answers": qa["differing_answers"],
+                        "prefix_cache": qa["prefix_cache"]}
     if "chat" in options.parts:
         chat = multi_turn_chat(model, sizes, options, count)
         report["chat"] = {"runs": {s: [asdict(r) for r in rs] for s, rs in chat["runs"].items()},
