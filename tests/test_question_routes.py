@@ -23,6 +23,48 @@ def assert_span(answer: dict, context: str) -> None:
     assert 0 <= answer["score"] <= 1
 
 
+# Our users' harder questions (issue 18), each with the context it was asked about.
+HARDER = [
+    (
+        "What are the frameworks backing transformers?",
+        "Transformers provides thousands of pretrained models to perform tasks on different modalities such as text, "
+        "vision, and audio. Transformers is backed by the three most popular deep learning libraries, Jax, PyTorch "
+        "and TensorFlow, with a seamless integration between them.",
+        "Jax, PyTorch and TensorFlow",
+    ),
+    (
+        "What are the pillars for well architected framework?",
+        "The AWS Well-Architected Framework describes key concepts, design principles, and architectural best "
+        "practices for designing and running workloads in the cloud. Its six pillars are operational excellence, "
+        "security, reliability, performance efficiency, cost optimization, and sustainability.",
+        "operational excellence, security, reliability, performance efficiency, cost optimization, and sustainability",
+    ),
+    (
+        "What is the foundation for ChatGPT?",
+        "ChatGPT is a chatbot developed by OpenAI. It is built on top of the GPT large language model (LLM), which "
+        "predicts the next word based on the words before it, and was fine-tuned with reinforcement learning from "
+        "human feedback.",
+        "the GPT large language model",
+    ),
+]
+
+
+@pytest.mark.parametrize("question, context, expected", HARDER, ids=["frameworks", "pillars", "chatgpt"])
+def test_harder_questions_are_answered_with_a_span_holding_the_answer(http, question, context, expected):
+    """Constrained span decoding: the model may only copy runs of the context, so it cannot paraphrase or answer
+    nothing (it did both before)."""
+    answer = http.post("/question", json={"question": question, "context": context})
+    assert answer.status_code == 200, answer.text
+    assert_span(answer.json(), context)
+    assert expected.lower() in answer.json()["answer"].lower()
+
+
+def test_a_clearly_stated_answer_scores_higher_than_a_guess(http):
+    clear = http.post("/question", json=CAR).json()
+    guess = http.post("/question", json={"question": "What is the name of my dog?", "context": CAR["context"]}).json()
+    assert clear["score"] > guess["score"]
+
+
 def test_get_question_answers_from_the_context(http):
     answer = http.get("/question", params=CAR)
     assert answer.status_code == 200, answer.text

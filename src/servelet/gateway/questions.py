@@ -1,9 +1,14 @@
 """Extractive question answering on a generative model: the answer is a span of the context.
 
-A few-shot prompt asks the model to copy the answer from the context; the generated words are then located in
-the context (exactly, else the closest word span), so `start`/`end` are real offsets and `answer` is
-`context[start:end]`. `score` is the model's own confidence: the geometric-mean probability of the generated
-answer tokens, times how closely the span matches what it wrote.
+A few-shot prompt asks the model to copy the answer from the context, and the engine holds it to that: with
+`answer_span` every generated token continues a run of the context's own tokens or ends the answer (constrained span
+decoding, engine/copy_constraint.py), so the answer is a span by construction; it is then located in the context
+the client sent, so `start`/`end` are real offsets and `answer` is `context[start:end]`. `score` is the probability
+the model gives that span under the constraint: the product of its picks' probabilities among the allowed tokens,
+the end of the answer included (an answer cut by the token limit has no end in it). An answer the model ends at
+once is "no answer": `answer` "", offsets 0, and the score is the probability of ending at once. A runtime that
+cannot constrain (vLLM, transformers) writes freely; the closest word span is then taken and the score is scaled by
+how closely it matches.
 
 An endpoint whose model is an extractive one (task question-answering) finds the span itself: the pair is
 forwarded to it and its answer returned as it is.
@@ -99,14 +104,16 @@ def _trim(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
-def _confidence(tokens: list[Token]) -> float:
-    logprobs = [t.logprob for t in tokens if t.logprob is not None and t.text.strip()]
-    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+def _probability(tokens: list[Token]) -> float:
+    """The answer's probability: the product of its tokens' (the end's too), as the engine scored them."""
+    logprobs = [t.logprob for t in tokens if t.logprob is not None]
+    return math.exp(sum(logprobs)) if logprobs else 0.0
 
 
 def _answer(context: str, completion: Completion, tokens: list[Token]) -> QuestionAnswer:
     start, end, quality = locate(completion.text, context)
-    score = min(1.0, max(0.0, _confidence(tokens) * quality))
+    probability = _probability(tokens)
+    score = min(1.0, max(0.0, probability if not completion.text.strip() else probability * quality))
     return QuestionAnswer(score=round(score, 6), start=start, end=end, answer=context[start:end])
 
 
@@ -121,7 +128,9 @@ async def stream_answer(
     prompt, spans = prompt_for(question, context)
     # Within the endpoint's own SERVELET_MAX_TOKENS_PER_REQUEST: a lower one would refuse a number the client never sent.
     tokens = min(MAX_ANSWER_TOKENS, textgen.facts(endpoint).get("max_tokens_per_request") or MAX_ANSWER_TOKENS)
-    parameters = {"max_new_tokens": tokens, "stop": ["\n"], "temperature": 0, "literal_spans": spans}
+    parameters = {
+        "max_new_tokens": tokens, "stop": ["\n"], "temperature": 0, "literal_spans": spans, "answer_span": spans[0],
+    }
     tokens: list[Token] = []
     async for item in textgen.stream(endpoint, prompt, parameters):
         if isinstance(item, Token):
