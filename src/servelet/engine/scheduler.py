@@ -4,7 +4,9 @@ A step holds one token for each decoding sequence plus up to `prefill_chunk` pro
 sequences being prefilled (shortest remaining prompt first, so most requests see their first token
 early; a prompt that waited too long, or was preempted, goes first). While prompts are being prefilled,
 decoding sequences may sit out steps for up to `max_decode_stall` seconds. Sequences join and leave
-between steps.
+between steps: a newcomer first looks for its prompt's prefix in cells already computed (prefix_cache.py), and a
+leaving sequence's cells are kept there. A greedy sequence decoding alone may feed draft tokens after its last one
+(prompt lookup) and keep those the step's logits confirm.
 """
 
 from __future__ import annotations
