@@ -10,7 +10,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.servelet-installed
 
-.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache bench-prompt-lookup install-vllm test-vllm bench-vllm clean
+.PHONY: install serve test bench bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache bench-prompt-lookup bench-qa install-vllm test-vllm bench-vllm clean
 
 LLAMA_BUILD := install/llama_build.py install/patches/*.patch
 
@@ -30,7 +30,7 @@ serve: install
 test: install
 	$(BIN)/pytest
 
-bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache bench-prompt-lookup
+bench: bench-engine bench-gateway bench-artifacts bench-cold-start bench-async-queue bench-async-crash bench-queue-queries bench-transform bench-load bench-chaos bench-prefix-cache bench-prompt-lookup bench-qa
 
 bench-engine: install
 	$(BIN)/python bench/engine.py
@@ -64,6 +64,9 @@ bench-prefix-cache: install
 
 bench-prompt-lookup: install
 	$(BIN)/python bench/prompt_lookup.py
+
+bench-qa: install
+	$(BIN)/python bench/qa.py
 
 bench-chaos: install
 	$(BIN)/python bench/load.py --chaos --seconds 120 --store sqlite
