@@ -10,12 +10,17 @@ One gateway with auth on and one file root, running no model but an async endpoi
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+
 import boto3
 import httpx
 import pytest
 from botocore.config import Config
-from conftest import create_async_endpoint, create_key, echo_model, start_gateway, stop_process, wait_for
+from conftest import SERVELET, create_async_endpoint, create_key, echo_model, start_gateway, stop_process, wait_for
 from error_shapes import message, problem
+from postgres import new_database
 
 TIMEOUT = 60  # seconds for any one answer: past it the gateway hangs, which is a failure too
 INVOKE = "/endpoints/echo/async-invocations"
@@ -52,10 +57,10 @@ def http(setup):
 
 
 @pytest.fixture(autouse=True)
-def stays_up(request):
+def stays_up(setup):
     """After each test the gateway still answers: no bad input takes it down."""
     yield
-    gateway = request.getfixturevalue("setup")["gateway"]
+    gateway = setup["gateway"]
     assert httpx.get(f"{gateway.base_url}/health", timeout=TIMEOUT).status_code == 200, gateway.log()[-3000:]
 
 
@@ -196,3 +201,21 @@ def test_a_good_request_still_serves_after_the_bad_ones(http, setup):
     assert wait_for(output.exists, 60)
     assert output.read_text() == '{"x": 1}'
     assert http.get("/async-invocations/good-one").json()["Status"] == "Completed"
+
+
+def test_an_endpoint_limited_key_asking_for_an_id_holding_nul_is_refused_on_postgresql(postgres, tmp_path):
+    """Such a key's job is looked up in the store to learn its endpoint: a NUL in the id failed PostgreSQL's query
+    (a plain 500). An id no job can have is now never looked up. A gateway of its own, on PostgreSQL."""
+    _, url = new_database(postgres)
+    env = {"SERVELET_DATABASE_URL": url, "SERVELET_AUTH": "true"}
+    done = subprocess.run([SERVELET, "keys", "create", "limited", "--scope", "invoke:endpoint/echo", "--json"],
+                          env=os.environ | env | {"SERVELET_DATA_DIR": str(tmp_path / "data")},
+                          capture_output=True, text=True, timeout=120, check=True)
+    limited = {"Authorization": f"Bearer {json.loads(done.stdout)['key']}"}
+    gateway = start_gateway(tmp_path, env=env, args=["--instances", "0"], ready=None)
+    try:
+        for path in ("/async-invocations/%00", "/async-invocations/a%00b", "/async-invocations/never-queued"):
+            answer = httpx.get(f"{gateway.base_url}{path}", headers=limited, timeout=TIMEOUT)
+            refused(answer, "may not invoke")
+    finally:
+        stop_process(gateway.process)

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from ... import objects
 from ...control.async_queue import Job, JobStatus, new_inference_id
 from ...errors import BadRequest, NotFound, PayloadTooLarge, Unavailable
+from ..auth.rules import INFERENCE_ID
 from ..errors import error_format
 from ..metrics import ASYNC_ENQUEUE_SECONDS
 from ..services import Services, note_endpoint, read_body, services
@@ -28,8 +29,8 @@ INLINE_BODY_BYTES = 128_000  # SageMaker's, fixed: botocore clients (and `servel
 TTL_SECONDS = (60, 21_600)  # RequestTTLSeconds: SageMaker's range; its default is the most
 INVOCATION_TIMEOUT_SECONDS = (1, 3_600)
 DEFAULT_INVOCATION_TIMEOUT_S = 900
-# SageMaker's pattern for InferenceId: printable, no white space, at most 64 characters.
-INFERENCE_ID = re.compile(r"[!-~]{1,64}")
+# SageMaker's pattern for InferenceId (INFERENCE_ID, which the auth rules read too): printable, no white space, at
+# most 64 characters.
 INFERENCE_ID_RULE = "1 to 64 printable ASCII characters, no spaces"
 SECONDS = re.compile(r"[0-9]{1,9}")  # whole seconds, in ASCII digits: int() reads others too, and slowly past 4300
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,255}$")

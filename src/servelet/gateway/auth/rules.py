@@ -23,6 +23,9 @@ Family = Literal["sagemaker", "aws-json", "openai", "tgi", "plain"]
 OPEN_PATHS = ("/ping", "/health")  # liveness for load balancers and `servelet` itself: no data, no names of keys
 RUNTIME_PATH = re.compile(r"^/endpoints/([^/]+)/(invocations|invocations-response-stream|async-invocations)$")
 JOB_PATH = re.compile(r"^/async-invocations/([^/]+)$")
+# What an InferenceId may hold (gateway/api/sagemaker_async.py): an id past it names no job, and is never looked up (a
+# NUL in it would fail PostgreSQL's query).
+INFERENCE_ID = re.compile(r"[!-~]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,7 @@ def need_for(method: str, path: str, headers: Headers, query: QueryParams) -> Ne
     if path == "/invocations":
         return Need("invoke", "sagemaker", endpoint=DEFAULT_ENDPOINT)
     if match := JOB_PATH.match(path):
-        return Need("invoke", "sagemaker", job=match[1])
+        return Need("invoke", "sagemaker", job=match[1] if INFERENCE_ID.fullmatch(match[1]) else None)
     if path.startswith("/v1/"):
         if method == "POST":
             return Need("invoke", "openai", body_field="model", json_only=True)
