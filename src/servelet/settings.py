@@ -85,8 +85,8 @@ class InstanceSettings(BaseSettings):
     kv_cache_tokens: int | None = Field(None, ge=256, description="Shared KV pool size; unset = per-sequence.")
     prefix_cache: int = Field(
         16384, ge=0, description="llama.cpp models: tokens of finished sequences' KV cells kept for prompts that start "
-        "the same way (rounded up to whole sequences of SERVELET_MAX_MODEL_LEN); 0 or off: no prefix cache. Not with "
-        "SERVELET_KV_CACHE_TOKENS (a shared pool) yet.",
+        "the same way (rounded up to whole sequences of SERVELET_MAX_MODEL_LEN, at most SERVELET_MAX_BATCH_SIZE of "
+        "them); 0 or off: no prefix cache. Not with SERVELET_KV_CACHE_TOKENS (a shared pool) yet.",
     )
     prompt_lookup: int = Field(
         8, ge=0, le=32, description="llama.cpp models: the most draft tokens a greedy sequence proposes per step by "

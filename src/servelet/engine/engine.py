@@ -48,7 +48,9 @@ class EngineConfig:
     # cells shared by all sequences, which may then outgrow it; the youngest is preempted and recomputed.
     kv_cache_tokens: int | None = None
     # Tokens of finished sequences kept for prompts that start the same way, in whole sequences of max_model_len
-    # cells (extra sequence ids of the context); 0: off. Per-sequence cells only: a unified pool has no cache yet.
+    # cells (extra sequence ids of the context), at most max_batch_size of them (a short max_model_len would
+    # otherwise ask for hundreds, each with llama.cpp's minimum of 256 cells); 0: off. Per-sequence cells only: a
+    # unified pool has no cache yet.
     prefix_cache_tokens: int = 16384
     prompt_lookup: int = 8  # most draft tokens a greedy sequence proposes per step from its own context; 0: off
     prompt_lookup_max_batch: int = 1  # speculate only while at most this many sequences decode
@@ -59,7 +61,7 @@ class EngineConfig:
         if self.kv_cache_tokens is not None or self.prefix_cache_tokens <= 0:
             return 0
         wanted = -(-self.prefix_cache_tokens // self.max_model_len)
-        return max(0, min(wanted, MAX_SEQUENCES - self.max_batch_size))
+        return max(0, min(wanted, self.max_batch_size, MAX_SEQUENCES - self.max_batch_size))
 
 
 class Outbox:
