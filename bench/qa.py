@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{options.label}: {len(items)} questions through POST /question", flush=True)
     with gateway() as url:
         alone = asyncio.run(ask_all(url, items, 1))
+        print(f"1 client: {len(alone)} answers, {sum(one.seconds for one in alone):.0f} s", flush=True)
         together = None if options.quick else asyncio.run(ask_all(url, items, options.clients))
     figures = {"label": options.label, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "machine": facts, "accuracy": accuracy(alone), "latency": {"1": latency(alone)}}
