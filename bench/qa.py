@@ -196,12 +196,13 @@ def main(argv: list[str] | None = None) -> None:
     facts = machine()
     print(describe_machine(facts), flush=True)
     print(f"{options.label}: {len(items)} questions through POST /question", flush=True)
+    load_at_start = round(os.getloadavg()[0], 2)  # a shared machine's other work, beside the figures
     with gateway() as url:
         alone = asyncio.run(ask_all(url, items, 1))
         print(f"1 client: {len(alone)} answers, {sum(one.seconds for one in alone):.0f} s", flush=True)
         together = None if options.quick else asyncio.run(ask_all(url, items, options.clients))
     figures = {"label": options.label, "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "machine": facts, "accuracy": accuracy(alone), "latency": {"1": latency(alone)}}
+               "machine": facts, "load_average_1m": {"start": load_at_start, "end": round(os.getloadavg()[0], 2)}, "accuracy": accuracy(alone), "latency": {"1": latency(alone)}}
     if together is not None:
         figures["latency"][str(options.clients)] = latency(together)
         figures["accuracy_concurrent"] = accuracy(together)
