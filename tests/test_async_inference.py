@@ -62,10 +62,11 @@ def gateway(tmp_path_factory, model_path, s3_server):
 
 
 def create_async_endpoint(gateway, name: str, output: str, failure: str | None = None, webhook: Webhook | None = None,
-                          per_instance: int = 4) -> str:
+                          per_instance: int = 4, kms_key_id: str | None = None) -> str:
     sagemaker = boto("sagemaker", gateway.base_url)
     sagemaker.create_model(ModelName=name, PrimaryContainer={"ModelDataUrl": DEFAULT_MODEL_URI})
     output_config = {"S3OutputPath": output} | ({"S3FailurePath": failure} if failure else {})
+    output_config |= {"KmsKeyId": kms_key_id} if kms_key_id else {}
     if webhook is not None:
         output_config["NotificationConfig"] = {"SuccessTopic": f"{webhook.url}/success", "ErrorTopic": f"{webhook.url}/error"}
     sagemaker.create_endpoint_config(
@@ -98,7 +99,17 @@ def bucket(s3_server):
 
 @pytest.fixture(scope="module")
 def answering(gateway, bucket, webhook):
-    return create_async_endpoint(gateway, "answering", f"s3://{bucket}/out", f"s3://{bucket}/failed", webhook)
+    return create_async_endpoint(gateway, "answering", f"s3://{bucket}/out", f"s3://{bucket}/failed", webhook,
+                                 kms_key_id=KMS_KEY)
+
+
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/servelet-tests"
+
+
+def encryption(s3_server, uri: str) -> tuple[str | None, str | None]:
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    head = s3_server.client().head_object(Bucket=bucket, Key=key)
+    return head.get("ServerSideEncryption"), head.get("SSEKMSKeyId")
 
 
 def test_an_async_invocation_lands_at_its_output_location_and_tells_the_webhook(gateway, s3_server, bucket, webhook, answering):
@@ -126,6 +137,8 @@ def test_a_body_sent_with_the_request_is_the_input(gateway, s3_server, answering
     )
     assert accepted["InferenceId"] == "inline-1"
     assert wait_for(lambda: s3_text(s3_server, accepted["OutputLocation"]) is not None, 120)
+    # The endpoint's KmsKeyId: S3 encrypts the output with it (SSE-KMS), as SageMaker asks S3 to.
+    assert encryption(s3_server, accepted["OutputLocation"]) == ("aws:kms", KMS_KEY)
     # The same InferenceId again is the same job, not a second one.
     again = runtime(gateway).invoke_endpoint_async(
         EndpointName=answering, Body=json.dumps(PROMPT).encode(), ContentType="application/json", InferenceId="inline-1",
@@ -139,6 +152,7 @@ def test_a_failing_input_lands_at_its_failure_location_and_tells_the_error_webho
     failure = accepted["FailureLocation"]
     assert wait_for(lambda: s3_text(s3_server, failure) is not None, 120)
     assert "empty" in json.loads(s3_text(s3_server, failure))["ErrorMessage"]
+    assert encryption(s3_server, failure) == ("aws:kms", KMS_KEY)
     assert s3_text(s3_server, accepted["OutputLocation"]) is None
 
     assert wait_for(lambda: webhook.about(accepted["InferenceId"]), 30)

@@ -3,7 +3,7 @@ ContainerStartupHealthCheckTimeoutInSeconds is honoured as the variant's instanc
 how a request picks an instance, CreateEndpoint's DeploymentConfig as the one later updates may retain.
 
 They used to be dropped, so a VpcConfig or a KmsKeyId looked honoured and was not (DataCaptureConfig is honoured now:
-test_data_capture.py).
+test_data_capture.py; an output's KmsKeyId has S3 encrypt it, and is refused for a file:// output).
 """
 
 from __future__ import annotations
@@ -86,6 +86,30 @@ def test_a_member_inside_the_async_inference_config_that_servelet_does_not_read_
                                                         "Content-Type": "application/x-amz-json-1.1"})
     assert answer.status_code == 400
     assert "OutputConfig.Encrypt: servelet does not support this member" in answer.json()["message"], answer.text
+
+
+@pytest.mark.parametrize("where", ["AsyncInferenceConfig", "DataCaptureConfig", "TransformOutput"])
+def test_a_kms_key_for_a_file_output_is_refused_naming_it(sagemaker, tmp_path, where):
+    """S3 encrypts s3:// outputs with a KmsKeyId (SSE-KMS: tests/test_objects.py, test_async_inference.py); a file is
+    written as it is, so a key for one would look honoured and not be."""
+    out, key = f"file://{tmp_path}/out", "alias/k"
+    call, params = {
+        "AsyncInferenceConfig": ("create_endpoint_config", {"EndpointConfigName": "kms-a", "ProductionVariants": [VARIANT],
+                                 "AsyncInferenceConfig": {"OutputConfig": {"S3OutputPath": out, "KmsKeyId": key}}}),
+        "DataCaptureConfig": ("create_endpoint_config", {"EndpointConfigName": "kms-d", "ProductionVariants": [VARIANT],
+                              "DataCaptureConfig": {"InitialSamplingPercentage": 10, "DestinationS3Uri": out,
+                                                    "KmsKeyId": key, "CaptureOptions": [{"CaptureMode": "Input"}]}}),
+        "TransformOutput": ("create_transform_job", {
+            "TransformJobName": "kms-t", "ModelName": "m",
+            "TransformInput": {"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix", "S3Uri": "s3://b/in/"}}},
+            "TransformOutput": {"S3OutputPath": out, "KmsKeyId": key},
+            "TransformResources": {"InstanceType": "ml.m5.large", "InstanceCount": 1}}),
+    }[where]
+    with pytest.raises(botocore.exceptions.ClientError) as refused:
+        getattr(sagemaker, call)(**params)
+    error = refused.value.response["Error"]
+    assert error["Code"] == "ValidationException" and "KmsKeyId" in error["Message"], error["Message"]
+    assert "file://" in error["Message"]
 
 
 def test_members_servelet_reads_still_pass(sagemaker):

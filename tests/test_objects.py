@@ -150,6 +150,17 @@ async def test_s3_small_payload_is_one_put_and_large_one_multipart(s3_env, bucke
     assert client.head_object(Bucket=bucket, Key="large")["ContentType"] == "application/x-npy"
 
 
+async def test_a_kms_key_has_s3_encrypt_the_object_and_a_file_refuses_one(s3_env, bucket, tmp_path):
+    key = "arn:aws:kms:us-east-1:123456789012:key/k"
+    await objects.write_bytes(f"s3://{bucket}/small", b"x", kms_key_id=key)
+    await objects.write_chunks(f"s3://{bucket}/large", Payload(LARGE_BYTES).chunks(), kms_key_id=key)
+    for name in ("small", "large"):
+        head = s3_env.client().head_object(Bucket=bucket, Key=name)
+        assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", key)
+    with pytest.raises(ObjectStoreError, match="not encrypted with a KMS key"):
+        await objects.write_bytes(f"file://{tmp_path}/out", b"x", kms_key_id=key)
+
+
 async def test_s3_missing_bucket_is_named(s3_env):
     uri = "s3://no-such-bucket-here/key"
     with pytest.raises(ObjectStoreError, match="bucket 'no-such-bucket-here' does not exist") as raised:

@@ -174,11 +174,14 @@ async def read_chunks(uri: str, chunk_bytes: int = CHUNK_BYTES) -> AsyncIterator
         reader.close()
 
 
-async def write_chunks(uri: str, chunks: AsyncIterator[bytes], content_type: str | None = None) -> int:
+async def write_chunks(
+    uri: str, chunks: AsyncIterator[bytes], content_type: str | None = None, kms_key_id: str | None = None
+) -> int:
     """Store the chunks as the object at `uri`, all or nothing: a failure midway (ours or the iterator's) leaves the
-    previous object, if any, as it was. Returns the number of bytes written."""
+    previous object, if any, as it was; with `kms_key_id`, S3 encrypts it with that KMS key (SSE-KMS). Returns the
+    number of bytes written."""
     location = parse(uri)
-    writer = await asyncio.to_thread(_open_writer, location, content_type)
+    writer = await asyncio.to_thread(_open_writer, location, content_type, kms_key_id)
     written = 0
     try:
         with translated_errors(location):
@@ -193,9 +196,9 @@ async def write_chunks(uri: str, chunks: AsyncIterator[bytes], content_type: str
     return written
 
 
-async def write_bytes(uri: str, data: bytes, content_type: str | None = None) -> None:
+async def write_bytes(uri: str, data: bytes, content_type: str | None = None, kms_key_id: str | None = None) -> None:
     """`write_chunks` for bytes at hand, in one thread hop rather than one per step (an async job's small answer)."""
-    await asyncio.to_thread(_write_whole, parse(uri), data, content_type)
+    await asyncio.to_thread(_write_whole, parse(uri), data, content_type, kms_key_id)
 
 
 def write_files(writes: list[tuple[FileLocation, bytes]]) -> list[Exception | None]:
@@ -212,8 +215,8 @@ def write_files(writes: list[tuple[FileLocation, bytes]]) -> list[Exception | No
     return results
 
 
-def _write_whole(location: Location, data: bytes, content_type: str | None) -> None:
-    writer = _open_writer(location, content_type)
+def _write_whole(location: Location, data: bytes, content_type: str | None, kms_key_id: str | None = None) -> None:
+    writer = _open_writer(location, content_type, kms_key_id)
     try:
         with translated_errors(location):
             writer.write(data)
@@ -258,10 +261,12 @@ def _open_reader(location: Location) -> Reader:
         return open(location.path, "rb")
 
 
-def _open_writer(location: Location, content_type: str | None) -> Writer:
+def _open_writer(location: Location, content_type: str | None, kms_key_id: str | None = None) -> Writer:
     with translated_errors(location):
         if isinstance(location, S3Location):
-            return S3Writer(s3(), location, content_type)
+            return S3Writer(s3(), location, content_type, kms_key_id)
+        if kms_key_id:
+            raise ObjectStoreError(f"{location}: a file is not encrypted with a KMS key; only s3:// objects are (SSE-KMS)")
         return FileWriter(location.path)
 
 
@@ -347,9 +352,11 @@ class S3Writer:
     PART_BYTES have arrived, so at most one part (plus a chunk) is in memory. S3 shows the object only when the
     upload completes; `abort` drops the parts already sent."""
 
-    def __init__(self, client, location: S3Location, content_type: str | None):
+    def __init__(self, client, location: S3Location, content_type: str | None, kms_key_id: str | None = None):
         self.client, self.location = client, location
         self.extra = {"ContentType": content_type} if content_type else {}
+        if kms_key_id:  # S3 encrypts the object with the key (SSE-KMS), as SageMaker asks it to for a KmsKeyId
+            self.extra |= {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key_id}
         self.buffer = bytearray()
         self.upload_id: str | None = None
         self.parts: list[dict] = []

@@ -98,6 +98,7 @@ class DataCapture:
         self.writer.add(CapturedInvocation(
             endpoint=sampled.endpoint, variant=answer.variant, destination=config.destination_s3_uri,
             time=sampled.time, encodings=sampled.capturing.encodings, inference_id=invocation.inference_id,
+            kms_key_id=config.kms_key_id,
             input=Payload(invocation.body if body is None else body, invocation.content_type) if "Input" in modes else None,
             output=Payload(bytes(output), answer.content_type) if "Output" in modes else None,
         ))

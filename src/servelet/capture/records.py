@@ -55,6 +55,7 @@ class CapturedInvocation:
     input: Payload | None = None
     output: Payload | None = None
     inference_id: str | None = None
+    kms_key_id: str | None = None  # the config's: S3 encrypts the capture files with it (SSE-KMS)
     event_id: str = field(default_factory=lambda: str(uuid.uuid4()))
 
     @property

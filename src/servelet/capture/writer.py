@@ -95,7 +95,7 @@ class CaptureWriter:
     async def _write(self, destination: str, where: str, events: list[CapturedInvocation]) -> None:
         uri = objects.join(destination, f"{where}/{file_name(events[0].time)}")
         data = await asyncio.to_thread(_lines, events)  # base64 and JSON of megabytes: off the event loop
-        await objects.write_bytes(uri, data, CONTENT_TYPE)
+        await objects.write_bytes(uri, data, CONTENT_TYPE, events[0].kms_key_id)
         self.written[events[0].endpoint] += len(events)
 
 

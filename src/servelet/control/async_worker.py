@@ -189,7 +189,7 @@ class AsyncWorker(ControlLoop):
         if job.input_location is None:
             async with slot, asyncio.timeout(job.invocation_timeout):
                 answer = await self.router.invoke(invocation)
-            await self._write_answer(job.output_location, answer.body, answer.content_type)
+            await self._write_answer(job.output_location, answer.body, answer.content_type, self._kms_key(job))
             return
         size = await objects.size(job.input_location)
         if size > self.max_input_bytes:
@@ -199,15 +199,20 @@ class AsyncWorker(ControlLoop):
             )
         async with slot, asyncio.timeout(job.invocation_timeout):
             async with self.router.upload(invocation, objects.read_chunks(job.input_location), size) as answer:
-                await objects.write_chunks(job.output_location, answer.chunks, answer.content_type)
+                await objects.write_chunks(job.output_location, answer.chunks, answer.content_type, self._kms_key(job))
 
-    async def _write_answer(self, uri: str, body: bytes, content_type: str) -> None:
+    def _kms_key(self, job: Job) -> str | None:
+        """The endpoint's KmsKeyId: S3 encrypts its outputs and failures with it (file:// outputs take none)."""
+        config = self.known.get(job.endpoint)
+        return config.output_config.kms_key_id if config else None
+
+    async def _write_answer(self, uri: str, body: bytes, content_type: str, kms_key_id: str | None) -> None:
         location = objects.parse(uri)
         if isinstance(location, objects.FileLocation) and len(body) <= GROUPED_WRITE_BYTES:
             if (error := await self._write_files((location, body))) is not None:
                 raise error
             return
-        await objects.write_bytes(uri, body, content_type)  # S3: each PUT in a thread of its own, side by side
+        await objects.write_bytes(uri, body, content_type, kms_key_id)  # S3: each PUT in a thread of its own
 
     async def _fail(self, job: Job, reason: str, error: GatewayError | None = None) -> None:
         """Record the failure, and write it to the failure location when the endpoint has one."""
@@ -215,7 +220,7 @@ class AsyncWorker(ControlLoop):
             body = json.dumps({"InferenceId": job.inference_id, "ErrorMessage": reason}
                               | ({"OriginalStatusCode": error.original_status} if isinstance(error, ModelFailed) else {}))
             try:
-                await objects.write_bytes(job.failure_location, body.encode(), "application/json")
+                await objects.write_bytes(job.failure_location, body.encode(), "application/json", self._kms_key(job))
             except objects.ObjectStoreError as exc:
                 reason += f" (and the failure location could not be written: {exc})"
         if await self._finish(job, JobStatus.FAILED, reason):

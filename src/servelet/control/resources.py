@@ -202,6 +202,16 @@ def _object_uri(value: str | None) -> str | None:
     return value.rstrip("/") if value else value
 
 
+KMS_KEY_RULE = "the KMS key S3 encrypts the outputs with (SSE-KMS); s3:// outputs only: a file:// path is not encrypted"
+
+
+def _kms_only_for_s3(kms_key_id: str | None, *locations: str | None) -> None:
+    """A KmsKeyId is honoured by S3 (SSE-KMS); a file is written as it is, so a key for one is refused, not ignored."""
+    if kms_key_id and any(location and location.startswith("file://") for location in locations):
+        raise ValueError(f"KmsKeyId: servelet cannot encrypt file:// outputs with a KMS key ({KMS_KEY_RULE}); leave it out "
+                         "or write to s3://")
+
+
 def _webhook(value: str | None) -> str | None:
     if value is not None and not value.startswith(("http://", "https://")):
         raise ValueError(
@@ -225,9 +235,14 @@ class AsyncOutputConfig(Resource):
     s3_output_path: str = Field(alias="S3OutputPath")
     s3_failure_path: str | None = Field(None, alias="S3FailurePath")
     notification_config: AsyncNotificationConfig | None = None
-    kms_key_id: str | None = Field(None, description="Accepted for compatibility; nothing is encrypted by servelet.")
+    kms_key_id: str | None = Field(None, description=KMS_KEY_RULE + ".")
 
     _locations = field_validator("s3_output_path", "s3_failure_path")(lambda v: _object_uri(v))
+
+    @model_validator(mode="after")
+    def _kms(self):
+        _kms_only_for_s3(self.kms_key_id, self.s3_output_path, self.s3_failure_path)
+        return self
 
 
 class AsyncClientConfig(Resource):
@@ -291,11 +306,16 @@ class DataCaptureConfig(Resource):
         alias="DestinationS3Uri", max_length=512,
         description="s3://BUCKET/PREFIX or file:///ABSOLUTE/PATH; records go under ENDPOINT/VARIANT/yyyy/mm/dd/hh/.",
     )
-    kms_key_id: str | None = Field(None, description="Accepted for compatibility; nothing is encrypted by servelet.")
+    kms_key_id: str | None = Field(None, description=KMS_KEY_RULE + ".")
     capture_options: list[CaptureOption] = Field(min_length=1, max_length=2)
     capture_content_type_header: CaptureContentTypeHeader | None = None
 
     _location = field_validator("destination_s3_uri")(lambda v: _object_uri(v))
+
+    @model_validator(mode="after")
+    def _kms(self):
+        _kms_only_for_s3(self.kms_key_id, self.destination_s3_uri)
+        return self
 
     @field_validator("capture_options")
     @classmethod
@@ -728,10 +748,15 @@ class TransformOutput(Resource):
     s3_output_path: str = Field(alias="S3OutputPath")
     accept: str | None = None
     assemble_with: str = "None"
-    kms_key_id: str | None = Field(None, description="Accepted for compatibility; nothing is encrypted by servelet.")
+    kms_key_id: str | None = Field(None, description=KMS_KEY_RULE + ".")
 
     _location = field_validator("s3_output_path")(lambda v: _object_uri(v))
     _assemble = field_validator("assemble_with")(lambda v: _setting(transform_choices.assemble_with, v))
+
+    @model_validator(mode="after")
+    def _kms(self):
+        _kms_only_for_s3(self.kms_key_id, self.s3_output_path)
+        return self
 
 
 class TransformResources(Resource):

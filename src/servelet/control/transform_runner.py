@@ -53,6 +53,7 @@ class JobPlan:
     accept: str | None
     assemble_with: str
     processing: DataProcessing
+    kms_key_id: str | None = None  # S3 encrypts the outputs (and their parts) with it
 
     @classmethod
     def of(cls, spec: TransformJobSpec) -> JobPlan:
@@ -74,6 +75,7 @@ class JobPlan:
             accept=output.accept,
             assemble_with=output.assemble_with or "None",
             processing=DataProcessing.parse(spec.data_processing),
+            kms_key_id=output.kms_key_id,
         )
 
     def parts_prefix(self, file: int) -> str:
@@ -221,10 +223,12 @@ class TransformRunner:
                 raise RecordsFailed(f"the InputFilter does not apply: {bad[0]}")
             answer = await self._invoke(plan, endpoint, batch.body)
             output = self._process_outputs(plan, batch, answer, originals)
-            await objects.write_bytes(objects.join(plan.parts_prefix(file), _part_name(batch)), output)
+            await objects.write_bytes(objects.join(plan.parts_prefix(file), _part_name(batch)), output,
+                                      kms_key_id=plan.kms_key_id)
             await self._count(spec, done=batch.count)
         except RecordsFailed as exc:
-            await objects.write_bytes(objects.join(plan.parts_prefix(file), _part_name(batch)), b"")
+            await objects.write_bytes(objects.join(plan.parts_prefix(file), _part_name(batch)), b"",
+                                      kms_key_id=plan.kms_key_id)
             await self._count(spec, failed=batch.count, failure=(file, batch.first, str(exc)))
         finally:
             _forget(originals, batch)
@@ -284,7 +288,7 @@ class TransformRunner:
                 if answer:  # an empty part stands for a batch whose records failed
                     yield assembler.assemble(answer)
 
-        await objects.write_chunks(output_uri(plan.output_path, source), assembled())
+        await objects.write_chunks(output_uri(plan.output_path, source), assembled(), kms_key_id=plan.kms_key_id)
         for part in parts:
             await objects.delete(part.uri)
 
