@@ -80,8 +80,9 @@ def runtime(gateway):
     return boto("sagemaker-runtime", gateway.base_url, retries={"max_attempts": 1})
 
 
+KMS_KEY = "arn:aws:kms:us-east-1:123456789012:key/capture"
 EVERYTHING = {
-    "EnableCapture": True, "KmsKeyId": "alias/capture",
+    "EnableCapture": True,
     "CaptureContentTypeHeader": {"CsvContentTypes": ["text/csv"], "JsonContentTypes": ["application/json"]},
 }
 
@@ -95,7 +96,7 @@ def endpoints(sagemaker, root, bucket, tmp_path_factory):
     configs = {
         "full": capture(f"file://{root}", 100, "Input", "Output", **EVERYTHING),
         "quiet": capture(f"file://{root}", 0, "Input"),
-        "to-s3": capture(f"s3://{bucket}/capture/", 100, "Output"),
+        "to-s3": capture(f"s3://{bucket}/capture/", 100, "Output", KmsKeyId=KMS_KEY),
         "unwritable": capture("file:///dev/null/capture"),
     }
     for name, data_capture in configs.items():
@@ -136,7 +137,7 @@ def test_describe_shows_the_config_as_sent_and_the_endpoints_summary(sagemaker, 
     assert described == endpoints["full"] | {"DestinationS3Uri": f"file://{root}"}
     assert sagemaker.describe_endpoint(EndpointName="full")["DataCaptureConfig"] == {
         "EnableCapture": True, "CaptureStatus": "Started", "CurrentSamplingPercentage": 100,
-        "DestinationS3Uri": f"file://{root}", "KmsKeyId": "alias/capture",
+        "DestinationS3Uri": f"file://{root}",
     }
 
 
@@ -198,6 +199,8 @@ def test_capture_to_s3_holds_only_the_output_base64_without_a_content_type_heade
     key, record = found()[0]
     assert CAPTURE_FILE.match(key.rsplit("/", 1)[1]), key
     assert list(record["captureData"]) == ["endpointOutput"]
+    head = client.head_object(Bucket=bucket, Key=key)  # the config's KmsKeyId: S3 encrypts the file with it
+    assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", KMS_KEY)
     assert record["captureData"]["endpointOutput"]["encoding"] == "BASE64"
     assert base64.b64decode(record["captureData"]["endpointOutput"]["data"]) == answer
 
