@@ -73,7 +73,9 @@ class QAClients:
     async def _run(self, prompts: list[str], new_tokens: int) -> list[Answer]:
         todo = list(enumerate(prompts))
         answers: list[Answer | None] = [None] * len(prompts)
-        limits = httpx.Limits(max_connections=self.clients)
+        # A connection per request: llama-server (cpp-httplib) closes a keep-alive connection idle for 5 s, and one
+        # taken from the pool after such a wait failed as "Server disconnected" (localhost connects cost ~0.1 ms).
+        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=self.base_url, timeout=engine_bench.REQUEST_TIMEOUT, limits=limits) as http:
 
             async def client() -> None:
