@@ -18,8 +18,8 @@ from ..prompt_spans import tokenize_segments
 from .errors import REBUILD_WITHOUT_AMX, EngineStopped, InvalidConfig, InvalidRequest, Overloaded
 from .generation import Generation
 from .llama import ContextShape, LlamaModel, amx_compiled
-from .params import GenerationParams, allowed_new_tokens
 from .copy_constraint import CopyConstraint, tokens_within
+from .params import GenerationParams, allowed_new_tokens
 from .prefix_cache import PrefixCache
 from .scheduler import Scheduler, SchedulerLimits
 from .sequence import Finished, Sequence
@@ -204,7 +204,7 @@ class Engine:
         covered = tokens_within(prompt, span, self.model.text_pieces(tokens, prompt))
         if covered is None:
             raise InvalidRequest("answer_span: the prompt's tokens do not spell its text, so the span cannot be found")
-        return CopyConstraint(tokens[covered[0] : covered[1]], self.model.answer_end_tokens())
+        return CopyConstraint(tokens[covered[0] : covered[1]], self.model.answer_end_tokens)
 
     def tokenize(self, text: str) -> list[int]:
         return self.model.tokenize(text)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import importlib.metadata
 import logging
 import re
@@ -280,8 +281,9 @@ class LlamaModel:
             return self._render(token, special=True)
         return self._render(token, special=False)
 
+    @functools.cached_property
     def answer_end_tokens(self) -> list[int]:
-        """Tokens that end an answer copied from a context: end of text, end of turn, line breaks."""
+        """Tokens that end an answer copied from a context: end of text, end of turn, line breaks (found once)."""
         ends = [C.llama_vocab_eos(self._vocab), C.llama_vocab_eot(self._vocab)]
         for text in ("\n", "\n\n"):
             tokens = self.tokenize(text, add_special=False, parse_special=False)

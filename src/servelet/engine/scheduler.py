@@ -276,7 +276,7 @@ class Scheduler:
 
         With per-sequence cells llama.cpp runs a step's rows in micro-batches of equal length per sequence, so one
         sequence's draft rows cost a pass of their own over the weights unless it decodes alone: speculation runs
-        only while at most `prompt_lookup_max_batch` sequences decode (docs/engine.md has the step-time figures)."""
+        only while at most `prompt_lookup_max_batch` sequences decode (docs/engine.md, "Prompt lookup")."""
         limits = self.limits
         speculate = limits.prompt_lookup > 0 and len(decoding) <= limits.prompt_lookup_max_batch
         room = self.model.batch.capacity - len(decoding)
